@@ -1,0 +1,134 @@
+"""The `kd-pipeline` flow: data → teacher → students (scratch + KD) → compression → encryption
+(at rest + homomorphic) → audit → gates → registry → report."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Param
+from prefect import flow, get_run_logger
+
+from kdsec import registry, stages
+from kdsec.config import PipelineConfig, config_from_dict, load_config
+from kdsec.gates import evaluate_gates
+from kdsec.summary import build_summary, gate_metrics
+from tasks.stages import (at_rest_task, audit_task, compress_task, distill_task, he_task, prepare_data_task,
+                          register_task, report_task, track_data_task, track_model_task, track_stage_task,
+                          train_scratch_task, train_teacher_task)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _teacher(config: PipelineConfig, bundle, cache_dir: Path) -> tuple[stages.TrainedModel, str]:
+    """The cached teacher and whether the cache was hit; retrained when the cached entry's
+    checkpoint has gone missing."""
+    key = stages.teacher_cache_key(bundle.fingerprint, config.teacher, config.seed)
+    checkpoint = cache_dir / "teachers" / key / "teacher.safetensors"
+    state = train_teacher_task(config, bundle, checkpoint, return_state=True)
+    teacher = state.result()
+    if not Path(teacher.checkpoint).is_file():
+        return train_teacher_task.with_options(refresh_cache=True)(config, bundle, checkpoint), "miss"
+    return teacher, "hit" if state.name == "Cached" else "miss"
+
+
+@flow(name="kd-pipeline", log_prints=True)
+def kd_pipeline(config: dict | None = None, config_path: str | None = None,
+                overrides: list[str] | None = None) -> dict:
+    """Run the whole pipeline; return the summary (also written to ``summary.json``).
+
+    Pass a resolved config mapping (as the CLI does), or a config path plus dotted overrides
+    (as a deployment does).
+    """
+    cfg = config_from_dict(config) if config is not None else load_config(config_path, overrides or [])
+    logger = get_run_logger()
+    experiment_id = registry.configure(cfg.tracking.experiment)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    parent = registry.start_parent_run(experiment_id, f"kd-pipeline-{stamp}",
+                                       {"kdsec.config_digest": cfg.digest(), "kdsec.dataset": cfg.data.name})
+    out_dir = Path(cfg.tracking.output_dir) / f"{stamp}-{parent[:8]}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient()
+    succeeded = False
+    try:
+        (out_dir / "config.yaml").write_text(cfg.to_yaml())
+        client.log_artifact(parent, str(out_dir / "config.yaml"))
+        client.log_batch(parent, params=[Param(key, str(value)[:500])
+                                         for key, value in _flatten(cfg.model_dump(mode="json")).items()])
+
+        bundle = prepare_data_task(cfg)
+        logger.info("data %s: %s, fingerprint %s", bundle.name, bundle.sizes(), bundle.fingerprint)
+        track_data_task(parent, bundle, bundle.save(out_dir / "splits.npz"))
+
+        teacher, cache = _teacher(cfg, bundle, Path(cfg.tracking.cache_dir))
+        logger.info("teacher (cache %s): test accuracy %.4f", cache, teacher.test_accuracy)
+        track_model_task(parent, teacher, cache)
+        scratch = train_scratch_task(cfg, bundle, out_dir / "scratch_student.safetensors")
+        track_model_task(parent, scratch)
+        student = distill_task(cfg, bundle, teacher, out_dir / "kd_student.safetensors")
+        track_model_task(parent, student)
+        logger.info("students: scratch %.4f, distilled %.4f", scratch.test_accuracy, student.test_accuracy)
+
+        variants = compress_task(cfg, bundle, student, out_dir)
+        candidate = stages.select_candidate(variants, teacher.test_accuracy, cfg.gates, cfg.compress.selection)
+        track_stage_task(parent, "compress",
+                         {f"{v.name}.{k}": float(val) for v in variants
+                          for k, val in v.as_dict().items() if isinstance(val, (int, float))},
+                         {"variants": [v.as_dict() for v in variants], "candidate": candidate.name},
+                         [Path(v.checkpoint) for v in variants[1:]])
+        logger.info("candidate: %s (%.4f, %d bytes)", candidate.name, candidate.test_accuracy, candidate.size_bytes)
+
+        at_rest = at_rest_task(cfg, candidate, out_dir)
+        track_stage_task(parent, "encrypt-at-rest",
+                         {"encrypted_bytes": at_rest.encrypted_bytes, "roundtrip_exact": at_rest.roundtrip_exact,
+                          "tamper_rejected": at_rest.tamper_rejected,
+                          "wrong_key_rejected": at_rest.wrong_key_rejected},
+                         {"key_source": at_rest.key_source, "key_fingerprint": at_rest.key_fingerprint},
+                         [Path(at_rest.encrypted_path)])
+        he = he_task(cfg, bundle, candidate)
+        track_stage_task(parent, "homomorphic",
+                         {k: float(v) for k, v in he.__dict__.items() if isinstance(v, (int, float))},
+                         {"coeff_mod_bit_sizes": list(he.coeff_mod_bit_sizes)})
+        logger.info("HE: agreement %.4f, %.2f ms/sample", he.agreement, he.ms_per_sample)
+
+        audits = audit_task(cfg, bundle, {"teacher": teacher.load(), "scratch_student": scratch.load(),
+                                          "kd_student": student.load(), "candidate": stages.load_variant(candidate)})
+        by_role = {audit.role: audit for audit in audits}
+        track_stage_task(parent, "audit",
+                         {f"{a.role}.{name}": value for a in audits for name, value in
+                          (("membership_auc", a.membership.auc), ("membership_tpr_at_low_fpr",
+                           a.membership.tpr_at_low_fpr), ("ece", a.calibration.ece),
+                           ("worst_class_gap", a.per_class.worst_class_gap))},
+                         {"models": list(by_role)})
+
+        metrics = gate_metrics(teacher, candidate, by_role["candidate"], he, at_rest)
+        verdicts = evaluate_gates(metrics, cfg.gates)
+        for name, value in metrics.items():
+            client.log_metric(parent, name, float(value))
+        for verdict in verdicts:
+            client.set_tag(parent, f"gate.{verdict.name}", verdict.verdict)
+        registration = register_task(cfg, parent, bundle, candidate, verdicts,
+                                     {"data.fingerprint": bundle.fingerprint, "candidate.variant": candidate.name,
+                                      "config.digest": cfg.digest()})
+
+        summary = build_summary(
+            run_id=parent, config_digest=cfg.digest(), code_version=stages.code_version("."), bundle=bundle,
+            models=[teacher, scratch, student], teacher_cache=cache, variants=variants, candidate=candidate,
+            selection=cfg.compress.selection, at_rest=at_rest, he=he, audits=audits, verdicts=verdicts,
+            registry=registration, output_dir=out_dir)
+        summary = report_task(parent, summary, out_dir)
+        client.set_tag(parent, "gates", summary["verdict"])
+        succeeded = True
+        return summary
+    finally:
+        registry.finish_run(parent, succeeded)

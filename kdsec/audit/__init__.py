@@ -1,0 +1,1 @@
+"""Audits of a trained model: membership leakage, calibration, per-class behaviour; the report."""

@@ -1,0 +1,86 @@
+"""The audit report: Markdown and one self-contained HTML file (plots inlined), from the summary."""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
+
+_ENV = Environment(loader=PackageLoader("kdsec.audit", "templates"), autoescape=select_autoescape(["html"]),
+                   trim_blocks=True, lstrip_blocks=True)
+
+
+@dataclass(frozen=True)
+class Report:
+    markdown: Path
+    html: Path
+    plots: dict[str, Path]
+
+
+def _roc_plot(summary: dict) -> plt.Figure:
+    figure, axis = plt.subplots(figsize=(5, 4.5))
+    for role, audit in summary["audit"].items():
+        membership = audit["membership"]
+        axis.plot(membership["roc_fpr"], membership["roc_tpr"], label=f"{role} (AUC {membership['auc']:.3f})")
+    axis.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="chance")
+    axis.set(xlabel="false-positive rate", ylabel="true-positive rate", title="Membership inference ROC (loss attack)")
+    axis.legend(fontsize=8)
+    return figure
+
+
+def _reliability_plot(summary: dict) -> plt.Figure:
+    figure, axis = plt.subplots(figsize=(5, 4.5))
+    for role in ("teacher", "candidate"):
+        bins = summary["audit"][role]["calibration"]
+        points = [(c, a) for c, a in zip(bins["bin_confidence"], bins["bin_accuracy"]) if c == c]
+        axis.plot(*zip(*points), "o-", label=f"{role} (ECE {bins['ece']:.3f})")
+    axis.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfect calibration")
+    axis.set(xlabel="confidence", ylabel="accuracy", title="Reliability diagram (test split)")
+    axis.legend(fontsize=8)
+    return figure
+
+
+def _size_plot(summary: dict) -> plt.Figure:
+    figure, axis = plt.subplots(figsize=(5, 4.5))
+    for variant in summary["variants"]:
+        chosen = variant["name"] == summary["candidate"]["variant"]
+        axis.scatter(variant["size_bytes"] / 1024, variant["test_accuracy"] * 100, s=80 if chosen else 40,
+                     marker="*" if chosen else "o")
+        axis.annotate(variant["name"] + (" (candidate)" if chosen else ""),
+                      (variant["size_bytes"] / 1024, variant["test_accuracy"] * 100), fontsize=8,
+                      xytext=(4, 4), textcoords="offset points")
+    teacher = summary["models"]["teacher"]["test_accuracy"] * 100
+    axis.axhline(teacher, color="grey", linestyle=":", label=f"teacher {teacher:.1f}%")
+    axis.set(xlabel="serialized size (KiB)", ylabel="test accuracy (%)", title="Accuracy vs size")
+    axis.legend(fontsize=8)
+    return figure
+
+
+PLOTS = {"roc": _roc_plot, "reliability": _reliability_plot, "accuracy_vs_size": _size_plot}
+
+
+def render_report(summary: dict, out_dir: Path) -> Report:
+    """Write ``report.md`` (+ PNG plots beside it) and a self-contained ``report.html``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots, inline = {}, {}
+    for name, draw in PLOTS.items():
+        figure = draw(summary)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=110)
+        plt.close(figure)
+        plots[name] = out_dir / f"{name}.png"
+        plots[name].write_bytes(buffer.getvalue())
+        inline[name] = base64.b64encode(buffer.getvalue()).decode()
+    markdown = out_dir / "report.md"
+    markdown.write_text(_ENV.get_template("report.md.j2").render(s=summary, plots=plots))
+    html = out_dir / "report.html"
+    html.write_text(_ENV.get_template("report.html.j2").render(s=summary, images=inline))
+    return Report(markdown=markdown, html=html, plots=plots)

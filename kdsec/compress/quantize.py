@@ -1,0 +1,81 @@
+"""Int8 dynamic quantization of Linear layers, stored as safetensors (int8 weights + scales).
+
+PyTorch's dynamic quantization packs weights in objects that only pickle can serialize; we
+store the int8 values, scale and zero point of each layer in safetensors instead and rebuild
+the exact same quantized model on load.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from kdsec.errors import IntegrityError
+from kdsec.models.registry import ModelSpec, build_model
+
+# torch.ao.quantization's eager API warns that it is deprecated in favour of torchao; its dynamic
+# Linear path is still the one that runs int8 GEMMs on CPU with no extra dependency.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
+    from torch.ao.quantization import quantize_dynamic
+
+
+def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (on CPU) whose Linear layers run with int8 weights and dynamically
+    quantized activations."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model.cpu().eval(), {nn.Linear}, dtype=torch.qint8, inplace=False)
+
+
+def _quantized_layers(model: nn.Module) -> dict[str, DynamicQuantLinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, DynamicQuantLinear)}
+
+
+def save_int8(quantized: nn.Module, spec: ModelSpec, path: Path) -> Path:
+    tensors: dict[str, torch.Tensor] = {}
+    qparams: dict[str, list[float]] = {}
+    for name, layer in _quantized_layers(quantized).items():
+        weight, bias = layer._weight_bias()
+        tensors[f"{name}.weight_int8"] = weight.int_repr().contiguous()
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.detach().contiguous()
+        qparams[name] = [float(weight.q_scale()), int(weight.q_zero_point())]
+    # Layers that stayed float (e.g. convolutions) are kept as they are.
+    quantized_names = set(qparams)
+    for name, tensor in quantized.state_dict().items():
+        owner = name.rsplit(".", 1)[0]
+        if isinstance(tensor, torch.Tensor) and not tensor.is_quantized and not any(
+            owner == q or owner.startswith(q + ".") for q in quantized_names):
+            tensors[name] = tensor.detach().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"kdsec.spec": spec.to_json(), "kdsec.int8": json.dumps(qparams)})
+    return path
+
+
+def load_int8(path: Path) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the dynamically quantized model bit-exactly from ``save_int8`` output."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            spec = ModelSpec.from_json(metadata["kdsec.spec"])
+            qparams = json.loads(metadata["kdsec.int8"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (KeyError, OSError, ValueError) as exc:
+        raise IntegrityError(f"'{path}' is not a kdsec int8 checkpoint ({exc})") from None
+    float_model = build_model(spec)
+    float_state = {key: value for key, value in tensors.items() if not key.endswith(("weight_int8",))}
+    float_model.load_state_dict(float_state, strict=False)
+    quantized = quantize_dynamic_int8(float_model)
+    for name, layer in _quantized_layers(quantized).items():
+        scale, zero_point = qparams[name]
+        weight = torch._make_per_tensor_quantized_tensor(tensors[f"{name}.weight_int8"], scale, int(zero_point))
+        layer.set_weight_bias(weight, tensors.get(f"{name}.bias"))
+    return quantized.eval(), spec

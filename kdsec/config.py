@@ -1,0 +1,188 @@
+"""Typed configuration of the whole pipeline.
+
+Every section is a frozen pydantic model that forbids unknown keys, so a typo in YAML or in a
+``--set`` override is an error naming the key, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdsec.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
+class DataConfig(Section):
+    name: str = "digits"
+    root: str = "data"
+    seed: int = 0
+    val_fraction: Fraction = 0.1
+    test_fraction: Fraction = 0.2
+    holdout_fraction: Fraction = 0.2
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataConfig:
+        used = self.val_fraction + self.test_fraction + self.holdout_fraction
+        if used >= 0.9:
+            raise ValueError(
+                f"val_fraction + test_fraction + holdout_fraction = {used:.2f} leaves under 10% "
+                "for training; lower them"
+            )
+        return self
+
+
+class TrainConfig(Section):
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    patience: PositiveInt = 5
+    grad_clip: PositiveFloat = 5.0
+    augment: Literal["none", "shift", "crop_flip"] = "none"
+
+
+class TeacherConfig(Section):
+    arch: str = "teacher_cnn"
+    channels: list[PositiveInt] = [32, 64]
+    fc: PositiveInt = 128
+    train: TrainConfig = TrainConfig(epochs=60, patience=20, lr=3e-3, augment="shift")
+
+
+class StudentConfig(Section):
+    arch: str = "he_mlp"
+    hidden: list[PositiveInt] = [32]
+    train: TrainConfig = TrainConfig(epochs=100, patience=20, lr=3e-3)
+
+
+class DistillConfig(Section):
+    loss: str = "hinton_kd"
+    temperature: PositiveFloat = 4.0
+    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
+
+
+class CompressConfig(Section):
+    sparsity: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    finetune_epochs: Annotated[int, Field(ge=0)] = 10
+    quantize: bool = True
+    latency_repeats: PositiveInt = 30
+    selection: Literal["smallest_passing", "most_accurate"] = "smallest_passing"
+
+
+class HEConfig(Section):
+    poly_modulus_degree: Literal[4096, 8192, 16384, 32768] = 8192
+    scale_bits: Annotated[int, Field(ge=20, le=50)] = 30
+    outer_bits: Annotated[int, Field(ge=30, le=60)] = 50
+    max_samples: Annotated[int, Field(ge=0)] = 0
+
+
+class EncryptConfig(Section):
+    key_env: str = "KDSEC_MODEL_KEY"
+    key_file: str = ".kdsec/keys/model.key"
+    he: HEConfig = HEConfig()
+
+
+class AuditConfig(Section):
+    low_fpr: Fraction = 0.01
+
+
+class GatesConfig(Section):
+    min_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
+    max_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.03
+    max_auc: Annotated[float, Field(ge=0.0, le=1.0)] = 0.6
+    max_tpr: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    min_he_agreement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.99
+
+
+class TrackingConfig(Section):
+    experiment: str = "kdsec"
+    registered_model: str = "kdsec-student"
+    alias: str = "champion"
+    output_dir: str = "outputs"
+    cache_dir: str = ".kdsec/cache"
+
+
+class PipelineConfig(Section):
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
+    compress: CompressConfig = CompressConfig()
+    encrypt: EncryptConfig = EncryptConfig()
+    audit: AuditConfig = AuditConfig()
+    gates: GatesConfig = GatesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    seed: int = 0
+
+    def digest(self) -> str:
+        """A short, stable hash of the resolved config."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{key}' (check the spelling; see configs/default.yaml)"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"config key '{key}': {message} (got {first.get('input')!r})"
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' must look like dotted.key=value")
+    dotted, raw = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[: depth + 1])}' is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load a YAML config (safe loader), apply ``dotted.key=value`` overrides, validate."""
+    config_path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not config_path.is_file():
+        raise ConfigError(f"config file '{config_path}' not found (pass --config PATH to an existing YAML file)")
+    try:
+        tree = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file '{config_path}' is not valid YAML{where}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file '{config_path}' must hold a mapping of sections, not {type(tree).__name__}")
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> PipelineConfig:
+    """Validate a plain mapping (e.g. parsed JSON from a Prefect parameter) into a config."""
+    try:
+        return PipelineConfig.model_validate(json.loads(json.dumps(tree)))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None

@@ -1,0 +1,1 @@
+"""Protection of the shipped model: AES-256-GCM at rest and CKKS homomorphic inference."""

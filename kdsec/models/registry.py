@@ -1,0 +1,74 @@
+"""The architecture registry and safetensors checkpoints that name their architecture."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdsec.errors import IntegrityError
+from kdsec.registry_util import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model architecture", "teacher.arch / student.arch")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model before loading its weights."""
+
+    arch: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        raw = json.loads(text)
+        return cls(arch=raw["arch"], input_shape=tuple(raw["input_shape"]), num_classes=raw["num_classes"],
+                   options=raw.get("options", {}))
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    return MODELS.get(spec.arch)(input_shape=spec.input_shape, num_classes=spec.num_classes, **spec.options)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters)."""
+    total = nonzero = 0
+    for parameter in model.parameters():
+        total += parameter.numel()
+        nonzero += int((parameter != 0).sum())
+    return total, nonzero
+
+
+def save_checkpoint(model: nn.Module, spec: ModelSpec, path: Path) -> Path:
+    """Save weights as safetensors with the architecture spec in the header metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(path), metadata={"kdsec.spec": spec.to_json()})
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the architecture named in the checkpoint and load its weights (no pickle)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        spec = ModelSpec.from_json(metadata["kdsec.spec"])
+        state = load_file(str(path))
+    except (KeyError, OSError, ValueError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"checkpoint '{path}' is not a kdsec safetensors checkpoint ({exc})") from None
+    model = build_model(spec)
+    model.load_state_dict(state)
+    model.eval()
+    return model, spec

@@ -1,0 +1,116 @@
+"""MLflow: tracking location, stage runs, model logging, registration and alias promotion."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+import kdsec
+from kdsec.gates import GateVerdict, all_passed
+
+PACKAGE_DIR = Path(kdsec.__file__).resolve().parent
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else a SQLite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def configure(experiment: str) -> str:
+    """Point MLflow at the tracking store and experiment; return the experiment id."""
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.set_experiment(experiment).experiment_id
+
+
+def start_parent_run(experiment_id: str, name: str, tags: dict[str, str]) -> str:
+    """Create the pipeline's parent run. It is not made the thread's active run, so stage runs
+    can nest under it from any worker thread."""
+    return MlflowClient().create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+def finish_run(run_id: str, succeeded: bool) -> None:
+    MlflowClient().set_terminated(run_id, "FINISHED" if succeeded else "FAILED")
+
+
+def log_dataset(run_id: str, dataset, context: str) -> None:
+    from mlflow.entities import DatasetInput, InputTag
+
+    tag = InputTag(key="mlflow.data.context", value=context)
+    MlflowClient().log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
+
+
+@contextmanager
+def stage_run(parent_run_id: str, stage: str) -> Iterator[mlflow.ActiveRun]:
+    """A nested run for one pipeline stage, under the pipeline's parent run (any thread)."""
+    with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id) as run:
+        yield run
+
+
+def log_dict_artifact(payload: dict, name: str, run_id: str) -> None:
+    MlflowClient().log_text(run_id, json.dumps(payload, indent=2, default=str), name)
+
+
+def log_student_model(checkpoint: Path, checkpoint_format: str, input_scale: float, class_names: list[str]) -> str:
+    """Log the candidate, in the active run, as a pyfunc model that predicts labels from raw
+    pixels; return its URI."""
+    from kdsec.serving import StudentModel
+
+    with tempfile.TemporaryDirectory() as scratch:
+        serving = Path(scratch) / "serving.json"
+        serving.write_text(json.dumps({"format": checkpoint_format, "input_scale": input_scale,
+                                       "class_names": class_names}))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=StudentModel(),
+            artifacts={"checkpoint": str(checkpoint), "serving": str(serving)},
+            code_paths=[str(PACKAGE_DIR)],
+            pip_requirements=_pip_requirements(),
+        )
+    return info.model_uri
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in
+            ("torch", "numpy", "pandas", "safetensors", "pydantic", "pyyaml", "scikit-learn", "scipy", "rich",
+             "mlflow")]
+
+
+def champion_version(model_name: str, alias: str) -> str | None:
+    try:
+        return MlflowClient().get_model_version_by_alias(model_name, alias).version
+    except MlflowException:
+        return None
+
+
+def register_candidate(model_uri: str, model_name: str, verdicts: list[GateVerdict], run_id: str,
+                       extra_tags: dict[str, str]) -> str:
+    """Register a new version carrying every gate's verdict as tags; return the version."""
+    client = MlflowClient()
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    tags = {f"gate.{verdict.name}": verdict.verdict for verdict in verdicts}
+    tags["gates"] = "pass" if all_passed(verdicts) else "fail"
+    tags.update(extra_tags)
+    version = client.create_model_version(model_name, model_uri, run_id=run_id, tags=tags)
+    return version.version
+
+
+def promote(model_name: str, version: str, alias: str, verdicts: list[GateVerdict]) -> bool:
+    """Move ``alias`` to ``version`` only when every gate passed; otherwise leave it where it is."""
+    if not all_passed(verdicts):
+        return False
+    MlflowClient().set_registered_model_alias(model_name, alias, version)
+    return True

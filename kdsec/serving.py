@@ -1,0 +1,41 @@
+"""The MLflow pyfunc wrapper a user loads with ``mlflow.pyfunc.load_model``.
+
+It takes what scikit-learn's digits give — rows of raw pixel values (0–16), as a numpy array
+or a DataFrame — and returns class labels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+
+
+class StudentModel(mlflow.pyfunc.PythonModel):
+    """Loads a float or int8 safetensors checkpoint; predicts class labels."""
+
+    def load_context(self, context) -> None:
+        from kdsec.compress.quantize import load_int8
+        from kdsec.models import load_checkpoint
+
+        info = json.loads(Path(context.artifacts["serving"]).read_text())
+        checkpoint = Path(context.artifacts["checkpoint"])
+        self.model, self.spec = (load_int8 if info["format"] == "int8" else load_checkpoint)(checkpoint)
+        self.model.eval()
+        self.input_scale = float(info["input_scale"])
+        self.class_names = list(info["class_names"])
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
+        features = math.prod(self.spec.input_shape)
+        values = values.reshape(len(values), -1)
+        if values.shape[1] != features:
+            raise ValueError(f"expected {features} pixel values per row, got {values.shape[1]}")
+        inputs = torch.as_tensor(values.astype(np.float32) * self.input_scale).reshape(-1, *self.spec.input_shape)
+        with torch.inference_mode():
+            return self.model(inputs).argmax(1).numpy()

@@ -1,0 +1,208 @@
+"""The pipeline's stages as plain functions: typed inputs in, typed results out, files on disk.
+
+Prefect tasks in ``tasks/`` wrap these with retries, caching and tracking; a notebook can call
+them directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdsec.audit.membership import MembershipResult, loss_threshold_attack
+from kdsec.audit.trust import Calibration, PerClass, calibration, per_class
+from kdsec.compress import (VariantMetrics, global_magnitude_prune, load_int8, measure_variant,
+                            quantize_dynamic_int8, save_int8)
+from kdsec.config import CompressConfig, GatesConfig, PipelineConfig, TeacherConfig, TrainConfig
+from kdsec.crypto.at_rest import AtRestResult, load_or_create_key, protect_and_verify
+from kdsec.crypto.he import HEResult, encrypted_inference
+from kdsec.data import DataBundle
+from kdsec.distill import OfflineDistiller
+from kdsec.models import ModelSpec, build_model, count_parameters, load_checkpoint, save_checkpoint
+from kdsec.train import evaluate, fit, predict_logits, seed_everything
+
+CODE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    role: str
+    checkpoint: str
+    spec_json: str
+    test_accuracy: float
+    val_accuracy: float
+    best_epoch: int
+    epochs_run: int
+    params: int
+    train_seconds: float
+    history: list[dict[str, float]] = field(repr=False, default_factory=list)
+
+    def load(self):
+        return load_checkpoint(Path(self.checkpoint))[0]
+
+
+def code_version(*relative: str) -> str:
+    """Hash of the named source files/folders of kdsec: part of cache keys, so code changes retrain."""
+    digest = hashlib.sha256()
+    for name in relative:
+        path = CODE_DIR / name
+        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def teacher_cache_key(fingerprint: str, config: TeacherConfig, seed: int) -> str:
+    """Same data + same teacher config + same training code -> same teacher."""
+    code = code_version("models", "train.py", "data")
+    payload = f"{fingerprint}|{config.model_dump_json()}|{seed}|{code}"
+    return "teacher-" + hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _train(role: str, spec: ModelSpec, bundle: DataBundle, train: TrainConfig, seed: int, checkpoint: Path,
+           objective=None) -> TrainedModel:
+    seed_everything(seed)
+    model = build_model(spec)
+    started = time.perf_counter()
+    kwargs = {"objective": objective} if objective is not None else {}
+    result = fit(model, bundle.x_train, bundle.y_train, bundle.x_val, bundle.y_val, train, seed=seed,
+                 label=role, **kwargs)
+    seconds = time.perf_counter() - started
+    save_checkpoint(model, spec, checkpoint)
+    return TrainedModel(
+        role=role, checkpoint=str(checkpoint), spec_json=spec.to_json(),
+        test_accuracy=evaluate(model, bundle.x_test, bundle.y_test)[1],
+        val_accuracy=result.best_val_accuracy, best_epoch=result.best_epoch, epochs_run=result.epochs_run,
+        params=count_parameters(model)[0], train_seconds=seconds, history=result.history,
+    )
+
+
+def teacher_spec(config: PipelineConfig, bundle: DataBundle) -> ModelSpec:
+    return ModelSpec(config.teacher.arch, bundle.input_shape, bundle.num_classes,
+                     {"channels": list(config.teacher.channels), "fc": config.teacher.fc})
+
+
+def student_spec(config: PipelineConfig, bundle: DataBundle) -> ModelSpec:
+    return ModelSpec(config.student.arch, bundle.input_shape, bundle.num_classes,
+                     {"hidden": list(config.student.hidden)})
+
+
+def train_teacher(config: PipelineConfig, bundle: DataBundle, checkpoint: Path) -> TrainedModel:
+    return _train("teacher", teacher_spec(config, bundle), bundle, config.teacher.train, config.seed, checkpoint)
+
+
+def train_scratch_student(config: PipelineConfig, bundle: DataBundle, checkpoint: Path) -> TrainedModel:
+    """The student architecture trained on hard labels alone: the baseline KD must beat."""
+    return _train("scratch_student", student_spec(config, bundle), bundle, config.student.train, config.seed,
+                  checkpoint)
+
+
+def distill_student(config: PipelineConfig, bundle: DataBundle, teacher: TrainedModel,
+                    checkpoint: Path) -> TrainedModel:
+    distiller = OfflineDistiller(teacher.load(), bundle.x_train, config.distill)
+    return _train("kd_student", student_spec(config, bundle), bundle, config.student.train, config.seed,
+                  checkpoint, objective=distiller.objective)
+
+
+def compress_student(config: CompressConfig, bundle: DataBundle, student: TrainedModel, finetune: TrainConfig,
+                     seed: int, out_dir: Path) -> list[VariantMetrics]:
+    """Dense, globally pruned (fine-tuned), and pruned + int8 variants, each measured."""
+    dense, spec = load_checkpoint(Path(student.checkpoint))
+    variants = [measure_variant("dense", dense, Path(student.checkpoint), bundle.x_test, bundle.y_test,
+                                config.latency_repeats)]
+    source = dense
+    if config.sparsity > 0:
+        pruned, _ = load_checkpoint(Path(student.checkpoint))
+        tune = finetune.model_copy(update={"epochs": config.finetune_epochs,
+                                           "patience": max(config.finetune_epochs, 1), "lr": finetune.lr / 3})
+
+        def finetune_masked(model) -> None:
+            if config.finetune_epochs:
+                seed_everything(seed)
+                fit(model, bundle.x_train, bundle.y_train, bundle.x_val, bundle.y_val, tune, seed=seed,
+                    label="prune-finetune")
+
+        global_magnitude_prune(pruned, config.sparsity, finetune_masked)
+        name = f"pruned{round(config.sparsity * 100)}"
+        path = save_checkpoint(pruned, spec, out_dir / f"{name}.safetensors")
+        variants.append(measure_variant(name, pruned, path, bundle.x_test, bundle.y_test, config.latency_repeats))
+        source = pruned
+    if config.quantize:
+        name = f"{variants[-1].name}_int8" if len(variants) > 1 else "int8"
+        path = save_int8(quantize_dynamic_int8(source), spec, out_dir / f"{name}.safetensors")
+        reloaded, _ = load_int8(path)  # measure what ships: the model rebuilt from the file
+        variants.append(measure_variant(name, reloaded, path, bundle.x_test, bundle.y_test, config.latency_repeats))
+    return variants
+
+
+def load_variant(variant: VariantMetrics):
+    path = Path(variant.checkpoint)
+    return (load_int8(path) if variant.name.endswith("int8") else load_checkpoint(path))[0]
+
+
+def variant_format(variant: VariantMetrics) -> str:
+    return "int8" if variant.name.endswith("int8") else "float"
+
+
+SELECTION_RULES = {
+    "smallest_passing": "the smallest variant (bytes on disk) whose test accuracy passes the accuracy gate; "
+                        "the dense student if none does",
+    "most_accurate": "the variant with the highest test accuracy; ties go to the smaller one",
+}
+
+
+def select_candidate(variants: list[VariantMetrics], teacher_accuracy: float, gates: GatesConfig,
+                     rule: str) -> VariantMetrics:
+    if rule == "most_accurate":
+        return max(variants, key=lambda v: (v.test_accuracy, -v.size_bytes))
+    floor = max(gates.min_accuracy, teacher_accuracy - gates.max_drop)
+    passing = [v for v in variants if v.test_accuracy >= floor]
+    return min(passing, key=lambda v: (v.size_bytes, -v.test_accuracy)) if passing else variants[0]
+
+
+def protect_at_rest(config: PipelineConfig, candidate: VariantMetrics, out_dir: Path) -> AtRestResult:
+    key = load_or_create_key(config.encrypt.key_env, config.encrypt.key_file)
+    source = Path(candidate.checkpoint)
+    return protect_and_verify(source, out_dir / f"{source.name}.enc", key,
+                              associated_data=config.tracking.registered_model.encode())
+
+
+def homomorphic_inference(config: PipelineConfig, bundle: DataBundle, candidate: VariantMetrics) -> HEResult:
+    inputs = bundle.x_test
+    if config.encrypt.he.max_samples:
+        inputs = inputs[: config.encrypt.he.max_samples]
+    return encrypted_inference(load_variant(candidate), inputs, config.encrypt.he)[1]
+
+
+@dataclass(frozen=True)
+class ModelAudit:
+    role: str
+    test_accuracy: float
+    membership: MembershipResult
+    calibration: Calibration
+    per_class: PerClass
+
+
+def audit_model(role: str, model, bundle: DataBundle, low_fpr: float, seed: int) -> ModelAudit:
+    """Membership (members = training split, non-members = audit holdout), calibration and
+    per-class accuracy of one model."""
+    logits = predict_logits(model.cpu(), bundle.x_test)
+    return ModelAudit(
+        role=role,
+        test_accuracy=float((logits.argmax(1) == bundle.y_test).mean()),
+        membership=loss_threshold_attack(model, bundle.x_train, bundle.y_train, bundle.x_holdout,
+                                         bundle.y_holdout, low_fpr=low_fpr, seed=seed),
+        calibration=calibration(logits, bundle.y_test),
+        per_class=per_class(logits.argmax(1), bundle.y_test, bundle.class_names),
+    )
+
+
+def data_summary(bundle: DataBundle) -> dict:
+    return {"name": bundle.name, "fingerprint": bundle.fingerprint, "splits": bundle.sizes(),
+            "input_shape": list(bundle.input_shape), "classes": bundle.num_classes}
+
+
+def variant_table(variants: list[VariantMetrics]) -> list[dict]:
+    return [variant.as_dict() for variant in variants]
+

@@ -1,0 +1,78 @@
+"""``summary.json``: every headline metric and every gate's value, threshold and verdict.
+
+The schema is documented in the README ("summary.json"); ``SCHEMA_VERSION`` changes with it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from kdsec.compress import VariantMetrics
+from kdsec.crypto.at_rest import AtRestResult
+from kdsec.crypto.he import HEResult
+from kdsec.data import DataBundle
+from kdsec.gates import GateVerdict
+from kdsec.stages import SELECTION_RULES, ModelAudit, TrainedModel
+
+SCHEMA_VERSION = 1
+
+
+def gate_metrics(teacher: TrainedModel, candidate: VariantMetrics, candidate_audit: ModelAudit, he: HEResult,
+                 at_rest: AtRestResult) -> dict[str, float]:
+    """The flat metric names that gates refer to (see kdsec.gates.GATE_CHECKS)."""
+    return {
+        "candidate.test_accuracy": candidate.test_accuracy,
+        "candidate.accuracy_drop_vs_teacher": teacher.test_accuracy - candidate.test_accuracy,
+        "candidate.membership_auc": candidate_audit.membership.auc,
+        "candidate.membership_tpr_at_low_fpr": candidate_audit.membership.tpr_at_low_fpr,
+        "he.agreement": he.agreement,
+        "at_rest.roundtrip_exact": float(at_rest.roundtrip_exact),
+        "at_rest.tamper_rejected": float(at_rest.tamper_rejected),
+        "at_rest.wrong_key_rejected": float(at_rest.wrong_key_rejected),
+    }
+
+
+def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle: DataBundle,
+                  models: list[TrainedModel], teacher_cache: str, variants: list[VariantMetrics],
+                  candidate: VariantMetrics, selection: str, at_rest: AtRestResult, he: HEResult,
+                  audits: list[ModelAudit], verdicts: list[GateVerdict], registry: dict,
+                  output_dir: Path) -> dict:
+    by_role = {model.role: model for model in models}
+    failed = [verdict.name for verdict in verdicts if not verdict.passed]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "config_digest": config_digest,
+        "code_version": code_version,
+        "verdict": "fail" if failed else "pass",
+        "promoted": bool(registry.get("promoted")),
+        "failed_gates": failed,
+        "data": {"name": bundle.name, "fingerprint": bundle.fingerprint, "splits": bundle.sizes(),
+                 "input_shape": list(bundle.input_shape), "classes": bundle.num_classes},
+        "models": {model.role: {"test_accuracy": model.test_accuracy, "val_accuracy": model.val_accuracy,
+                                "params": model.params, "best_epoch": model.best_epoch,
+                                "epochs_run": model.epochs_run, "train_seconds": model.train_seconds,
+                                "checkpoint": model.checkpoint} for model in models},
+        "teacher_cache": teacher_cache,
+        "distillation_gain": by_role["kd_student"].test_accuracy - by_role["scratch_student"].test_accuracy,
+        "variants": [variant.as_dict() for variant in variants],
+        "candidate": {"variant": candidate.name, "rule": SELECTION_RULES[selection],
+                      "test_accuracy": candidate.test_accuracy, "size_bytes": candidate.size_bytes},
+        "at_rest": asdict(at_rest),
+        "he": {**asdict(he), "coeff_mod_bit_sizes": list(he.coeff_mod_bit_sizes)},
+        "audit": {audit.role: asdict(audit) for audit in audits},
+        "gates": {verdict.name: {"verdict": verdict.verdict, "checks": [asdict(check) for check in verdict.checks]}
+                  for verdict in verdicts},
+        "registry": registry,
+        "output_dir": str(output_dir),
+    }
+
+
+def write_summary(summary: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(summary, indent=2, default=str))
+    partial.replace(path)
+    return path

@@ -1,0 +1,119 @@
+"""One training / evaluation loop for teachers, students and fine-tuning."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kdsec.config import TrainConfig
+from kdsec.data.augment import AUGMENTATIONS
+from kdsec.device import select_device
+from kdsec.errors import TrainingError
+from kdsec.progress import progress
+
+# objective(model, inputs, targets, batch_indices) -> (loss, named loss terms)
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+def cross_entropy_objective(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                            batch_indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    loss = F.cross_entropy(model(inputs), targets)
+    return loss, {"ce": float(loss.detach())}
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    epochs_run: int
+    best_val_accuracy: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+        config: TrainConfig, objective: Objective = cross_entropy_objective, seed: int = 0,
+        label: str = "train") -> FitResult:
+    """Train with Adam (cosine schedule) and early stopping on validation loss; leave the best
+    weights in ``model``. The objective sees batch indices, so per-sample targets such as stored
+    teacher logits stay aligned."""
+    device = select_device()
+    model.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.as_tensor(x_train, device=device)
+    targets = torch.as_tensor(y_train, device=device)
+    augment = AUGMENTATIONS[config.augment]
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    best_state = copy.deepcopy(model.state_dict())
+    best_loss, best_accuracy, best_epoch, stale = math.inf, 0.0, 0, 0
+    history: list[dict[str, float]] = []
+    with progress(label, config.epochs) as advance:
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            order = torch.randperm(len(targets), generator=generator).to(device)
+            totals: dict[str, float] = {}
+            batches = 0
+            for start in range(0, len(order), config.batch_size):
+                batch = order[start : start + config.batch_size]
+                loss, terms = objective(model, augment(inputs[batch], generator), targets[batch], batch)
+                if not math.isfinite(loss.item()):
+                    raise TrainingError(
+                        f"{label}: loss became {float(loss)} at epoch {epoch}; lower the learning rate "
+                        f"(currently {config.lr}) or the temperature"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                for name, value in terms.items():
+                    totals[name] = totals.get(name, 0.0) + value
+                batches += 1
+            schedule.step()
+            val_loss, val_accuracy = evaluate(model, x_val, y_val)
+            record = {"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_accuracy,
+                      **{name: total / batches for name, total in totals.items()}}
+            history.append(record)
+            advance(f"val_loss={val_loss:.4f} val_acc={val_accuracy:.4f}")
+            if val_loss < best_loss:
+                best_loss, best_accuracy, best_epoch, stale = val_loss, val_accuracy, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(best_epoch=best_epoch, epochs_run=len(history), best_val_accuracy=best_accuracy,
+                     history=history)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, inputs: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Logits for ``inputs`` on the model's device, as a float32 numpy array."""
+    model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
+    chunks = [model(torch.as_tensor(inputs[i : i + batch_size], device=device)).float().cpu()
+              for i in range(0, len(inputs), batch_size)]
+    return torch.cat(chunks).numpy()
+
+
+def evaluate(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy)."""
+    logits = torch.as_tensor(predict_logits(model, inputs))
+    targets = torch.as_tensor(labels)
+    return float(F.cross_entropy(logits, targets)), float((logits.argmax(1) == targets).float().mean())
+
+
+def accuracy(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> float:
+    return evaluate(model, inputs, labels)[1]

@@ -1,0 +1,150 @@
+"""Thin Prefect tasks around kdsec's stages: retries on I/O, caching of the teacher, tracking.
+
+Training tasks are pure (no tracking inside) so that a cached result is identical to a fresh
+one; ``track_*`` tasks log to MLflow and retry on transient failures of the tracking server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+import numpy as np
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+
+from kdsec import registry, stages
+from kdsec.audit.report import render_report
+from kdsec.compress import VariantMetrics
+from kdsec.config import PipelineConfig
+from kdsec.data import DataBundle, prepare_data
+from kdsec.gates import GateVerdict
+from kdsec.summary import write_summary
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
+
+
+@task(name="prepare-data", cache_policy=NO_CACHE)
+def prepare_data_task(config: PipelineConfig) -> DataBundle:
+    return prepare_data(config.data)
+
+
+def _teacher_key(context: TaskRunContext, parameters: dict) -> str:
+    config: PipelineConfig = parameters["config"]
+    return stages.teacher_cache_key(parameters["bundle"].fingerprint, config.teacher, config.seed)
+
+
+@task(name="train-teacher", cache_key_fn=_teacher_key, persist_result=True)
+def train_teacher_task(config: PipelineConfig, bundle: DataBundle, checkpoint: Path) -> stages.TrainedModel:
+    return stages.train_teacher(config, bundle, checkpoint)
+
+
+@task(name="train-scratch-student", cache_policy=NO_CACHE)
+def train_scratch_task(config: PipelineConfig, bundle: DataBundle, checkpoint: Path) -> stages.TrainedModel:
+    return stages.train_scratch_student(config, bundle, checkpoint)
+
+
+@task(name="distill-student", cache_policy=NO_CACHE)
+def distill_task(config: PipelineConfig, bundle: DataBundle, teacher: stages.TrainedModel,
+                 checkpoint: Path) -> stages.TrainedModel:
+    return stages.distill_student(config, bundle, teacher, checkpoint)
+
+
+@task(name="compress", cache_policy=NO_CACHE)
+def compress_task(config: PipelineConfig, bundle: DataBundle, student: stages.TrainedModel,
+                  out_dir: Path) -> list[VariantMetrics]:
+    return stages.compress_student(config.compress, bundle, student, config.student.train, config.seed, out_dir)
+
+
+@task(name="encrypt-at-rest", cache_policy=NO_CACHE, **IO_RETRIES)
+def at_rest_task(config: PipelineConfig, candidate: VariantMetrics, out_dir: Path):
+    return stages.protect_at_rest(config, candidate, out_dir)
+
+
+@task(name="homomorphic-inference", cache_policy=NO_CACHE)
+def he_task(config: PipelineConfig, bundle: DataBundle, candidate: VariantMetrics):
+    return stages.homomorphic_inference(config, bundle, candidate)
+
+
+@task(name="audit", cache_policy=NO_CACHE)
+def audit_task(config: PipelineConfig, bundle: DataBundle, models: dict) -> list[stages.ModelAudit]:
+    return [stages.audit_model(role, model, bundle, config.audit.low_fpr, config.seed)
+            for role, model in models.items()]
+
+
+# --- tracking -------------------------------------------------------------------------------
+
+
+@task(name="track-data", cache_policy=NO_CACHE, **IO_RETRIES)
+def track_data_task(parent_run_id: str, bundle: DataBundle, data_file: Path) -> None:
+    dataset = mlflow.data.from_numpy(features=bundle.x_train.reshape(len(bundle.x_train), -1),
+                                     targets=bundle.y_train, name=f"{bundle.name}-train",
+                                     digest=bundle.fingerprint, source=str(data_file))
+    sizes = {f"split.{name}": count for name, count in bundle.sizes().items()}
+    with registry.stage_run(parent_run_id, "data"):
+        mlflow.log_input(dataset, context="training")
+        mlflow.log_params({"data.fingerprint": bundle.fingerprint, **sizes})
+        mlflow.log_artifact(str(data_file))
+    registry.log_dataset(parent_run_id, dataset, context="training")
+    client = MlflowClient()
+    client.set_tag(parent_run_id, "data.fingerprint", bundle.fingerprint)
+    for key, value in sizes.items():
+        client.log_metric(parent_run_id, key, float(value))
+
+
+@task(name="track-model", cache_policy=NO_CACHE, **IO_RETRIES)
+def track_model_task(parent_run_id: str, model: stages.TrainedModel, cache: str = "miss") -> None:
+    with registry.stage_run(parent_run_id, model.role):
+        mlflow.set_tag("kdsec.cache", cache)
+        for record in model.history:
+            mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
+        mlflow.log_metrics({"test_accuracy": model.test_accuracy, "best_val_accuracy": model.val_accuracy,
+                            "params": model.params, "train_seconds": model.train_seconds})
+        mlflow.log_artifact(model.checkpoint, artifact_path="checkpoints")
+
+
+@task(name="track-stage", cache_policy=NO_CACHE, **IO_RETRIES)
+def track_stage_task(parent_run_id: str, stage: str, metrics: dict[str, float], payload: dict,
+                     files: list[Path] = ()) -> None:
+    with registry.stage_run(parent_run_id, stage) as run:
+        mlflow.log_metrics({key: float(value) for key, value in metrics.items() if np.isfinite(value)})
+        registry.log_dict_artifact(payload, f"{stage}.json", run.info.run_id)
+        for path in files:
+            mlflow.log_artifact(str(path))
+
+
+@task(name="register-and-promote", cache_policy=NO_CACHE, **IO_RETRIES)
+def register_task(config: PipelineConfig, parent_run_id: str, bundle: DataBundle, candidate: VariantMetrics,
+                  verdicts: list[GateVerdict], extra_tags: dict[str, str]) -> dict:
+    """Log the candidate as a pyfunc model, register a version with its gate tags, and move the
+    alias only if every gate passed. The previous champion is recorded for the report."""
+    tracking = config.tracking
+    previous = registry.champion_version(tracking.registered_model, tracking.alias)
+    with registry.stage_run(parent_run_id, "register") as run:
+        model_uri = registry.log_student_model(Path(candidate.checkpoint), stages.variant_format(candidate),
+                                               bundle.input_scale, bundle.class_names)
+        version = registry.register_candidate(model_uri, tracking.registered_model, verdicts,
+                                              run.info.run_id, extra_tags)
+    promoted = registry.promote(tracking.registered_model, version, tracking.alias, verdicts)
+    return {"model": tracking.registered_model, "version": version, "model_uri": model_uri,
+            "alias": tracking.alias, "promoted": promoted, "previous_champion": previous,
+            "champion": version if promoted else previous}
+
+
+@task(name="publish-report", cache_policy=NO_CACHE, **IO_RETRIES)
+def report_task(parent_run_id: str, summary: dict, out_dir: Path) -> dict:
+    report = render_report(summary, out_dir)
+    summary = {**summary, "report": {"markdown": str(report.markdown), "html": str(report.html)}}
+    summary_path = write_summary(summary, out_dir / "summary.json")
+    client = MlflowClient()
+    client.log_artifact(parent_run_id, str(summary_path))
+    for path in (report.markdown, report.html, *report.plots.values()):
+        client.log_artifact(parent_run_id, str(path), artifact_path="report")
+    create_markdown_artifact(key="kd-audit-report", markdown=report.markdown.read_text(),
+                             description=f"kdsec audit report ({summary['verdict']})")
+    create_table_artifact(key="kd-gates", table=[
+        {"gate": name, "verdict": gate["verdict"]} for name, gate in summary["gates"].items()])
+    return {**summary, "summary_path": str(summary_path)}
