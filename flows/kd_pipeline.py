@@ -79,7 +79,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
         track_model_task(parent, student)
         logger.info("students: scratch %.4f, distilled %.4f", scratch.test_accuracy, student.test_accuracy)
 
-        variants = compress_task(cfg, bundle, student, out_dir)
+        variants = compress_task(cfg, bundle, student, teacher, out_dir)
         candidate = stages.select_candidate(variants, teacher.test_accuracy, cfg.gates, cfg.compress.selection)
         track_stage_task(parent, "compress",
                          {f"{v.name}.{k}": float(val) for v in variants

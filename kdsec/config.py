@@ -77,7 +77,7 @@ class DistillConfig(Section):
 
 class CompressConfig(Section):
     sparsity: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
-    finetune_epochs: Annotated[int, Field(ge=0)] = 10
+    finetune_epochs: Annotated[int, Field(ge=0)] = 20
     quantize: bool = True
     latency_repeats: PositiveInt = 30
     selection: Literal["smallest_passing", "most_accurate"] = "smallest_passing"

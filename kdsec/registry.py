@@ -61,15 +61,13 @@ def log_dict_artifact(payload: dict, name: str, run_id: str) -> None:
 def log_student_model(checkpoint: Path, checkpoint_format: str, input_scale: float, class_names: list[str]) -> str:
     """Log the candidate, in the active run, as a pyfunc model that predicts labels from raw
     pixels; return its URI."""
-    from kdsec.serving import StudentModel
-
     with tempfile.TemporaryDirectory() as scratch:
         serving = Path(scratch) / "serving.json"
         serving.write_text(json.dumps({"format": checkpoint_format, "input_scale": input_scale,
                                        "class_names": class_names}))
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=StudentModel(),
+            python_model=str(PACKAGE_DIR / "serving_model.py"),
             artifacts={"checkpoint": str(checkpoint), "serving": str(serving)},
             code_paths=[str(PACKAGE_DIR)],
             pip_requirements=_pip_requirements(),

@@ -30,7 +30,7 @@ class StudentModel(mlflow.pyfunc.PythonModel):
         self.input_scale = float(info["input_scale"])
         self.class_names = list(info["class_names"])
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
         features = math.prod(self.spec.input_shape)
         values = values.reshape(len(values), -1)

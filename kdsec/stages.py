@@ -21,7 +21,7 @@ from kdsec.crypto.he import HEResult, encrypted_inference
 from kdsec.data import DataBundle
 from kdsec.distill import OfflineDistiller
 from kdsec.models import ModelSpec, build_model, count_parameters, load_checkpoint, save_checkpoint
-from kdsec.train import evaluate, fit, predict_logits, seed_everything
+from kdsec.train import Objective, cross_entropy_objective, evaluate, fit, predict_logits, seed_everything
 
 CODE_DIR = Path(__file__).resolve().parent
 
@@ -106,8 +106,9 @@ def distill_student(config: PipelineConfig, bundle: DataBundle, teacher: Trained
 
 
 def compress_student(config: CompressConfig, bundle: DataBundle, student: TrainedModel, finetune: TrainConfig,
-                     seed: int, out_dir: Path) -> list[VariantMetrics]:
-    """Dense, globally pruned (fine-tuned), and pruned + int8 variants, each measured."""
+                     seed: int, out_dir: Path, objective: Objective = cross_entropy_objective) -> list[VariantMetrics]:
+    """Dense, globally pruned (fine-tuned with ``objective``, e.g. the distiller's, so the
+    pruned student keeps learning from the teacher), and pruned + int8 variants, each measured."""
     dense, spec = load_checkpoint(Path(student.checkpoint))
     variants = [measure_variant("dense", dense, Path(student.checkpoint), bundle.x_test, bundle.y_test,
                                 config.latency_repeats)]
@@ -120,8 +121,8 @@ def compress_student(config: CompressConfig, bundle: DataBundle, student: Traine
         def finetune_masked(model) -> None:
             if config.finetune_epochs:
                 seed_everything(seed)
-                fit(model, bundle.x_train, bundle.y_train, bundle.x_val, bundle.y_val, tune, seed=seed,
-                    label="prune-finetune")
+                fit(model, bundle.x_train, bundle.y_train, bundle.x_val, bundle.y_val, tune, objective,
+                    seed=seed, label="prune-finetune")
 
         global_magnitude_prune(pruned, config.sparsity, finetune_masked)
         name = f"pruned{round(config.sparsity * 100)}"

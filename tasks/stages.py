@@ -21,6 +21,7 @@ from kdsec.audit.report import render_report
 from kdsec.compress import VariantMetrics
 from kdsec.config import PipelineConfig
 from kdsec.data import DataBundle, prepare_data
+from kdsec.distill import OfflineDistiller
 from kdsec.gates import GateVerdict
 from kdsec.summary import write_summary
 
@@ -55,8 +56,10 @@ def distill_task(config: PipelineConfig, bundle: DataBundle, teacher: stages.Tra
 
 @task(name="compress", cache_policy=NO_CACHE)
 def compress_task(config: PipelineConfig, bundle: DataBundle, student: stages.TrainedModel,
-                  out_dir: Path) -> list[VariantMetrics]:
-    return stages.compress_student(config.compress, bundle, student, config.student.train, config.seed, out_dir)
+                  teacher: stages.TrainedModel, out_dir: Path) -> list[VariantMetrics]:
+    distiller = OfflineDistiller(teacher.load(), bundle.x_train, config.distill)
+    return stages.compress_student(config.compress, bundle, student, config.student.train, config.seed, out_dir,
+                                   distiller.objective)
 
 
 @task(name="encrypt-at-rest", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -82,7 +85,7 @@ def audit_task(config: PipelineConfig, bundle: DataBundle, models: dict) -> list
 def track_data_task(parent_run_id: str, bundle: DataBundle, data_file: Path) -> None:
     dataset = mlflow.data.from_numpy(features=bundle.x_train.reshape(len(bundle.x_train), -1),
                                      targets=bundle.y_train, name=f"{bundle.name}-train",
-                                     digest=bundle.fingerprint, source=str(data_file))
+                                     digest=bundle.fingerprint)
     sizes = {f"split.{name}": count for name, count in bundle.sizes().items()}
     with registry.stage_run(parent_run_id, "data"):
         mlflow.log_input(dataset, context="training")

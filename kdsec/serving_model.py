@@ -1,0 +1,7 @@
+"""MLflow "models from code" entry: logged instead of a pickled object, so loading runs this file."""
+
+import mlflow.models
+
+from kdsec.serving import StudentModel
+
+mlflow.models.set_model(StudentModel())
