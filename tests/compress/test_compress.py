@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+
+from kdsec.compress import (global_magnitude_prune, load_int8, measure_variant, prunable_parameters,
+                            quantize_dynamic_int8, save_int8)
+from kdsec.config import TrainConfig
+from kdsec.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from kdsec.train import accuracy, fit
+
+SPEC = ModelSpec("he_mlp", (1, 8, 8), 10, {"hidden": [32]})
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    fit(model, digits.x_train, digits.y_train, digits.x_val, digits.y_val, TrainConfig(epochs=30, lr=3e-3))
+    return model
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.8])
+def test_pruning_reaches_exactly_the_requested_sparsity_and_is_permanent(trained, digits, tmp_path, sparsity):
+    model, _ = _copy(trained, tmp_path)
+    finetune = TrainConfig(epochs=3, lr=1e-3)
+    global_magnitude_prune(model, sparsity, lambda m: fit(m, digits.x_train, digits.y_train, digits.x_val,
+                                                          digits.y_val, finetune))
+    weights = [module.weight for module, _ in prunable_parameters(model)]
+    total = sum(w.numel() for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    assert zeros == round(sparsity * total)
+    state = model.state_dict()
+    assert not any(key.endswith(("weight_orig", "weight_mask")) for key in state)
+    reloaded, _ = load_checkpoint(save_checkpoint(model, SPEC, tmp_path / "pruned.safetensors"))
+    assert sum(int((m.weight == 0).sum()) for m, _ in prunable_parameters(reloaded)) == zeros
+
+
+def test_int8_round_trips_bit_exactly_and_is_smaller(trained, digits, tmp_path):
+    quantized = quantize_dynamic_int8(_copy(trained, tmp_path)[0])
+    path = save_int8(quantized, SPEC, tmp_path / "int8.safetensors")
+    reloaded, spec = load_int8(path)
+    assert spec == SPEC
+    with torch.inference_mode():
+        inputs = torch.as_tensor(digits.x_test)
+        assert torch.equal(quantized(inputs), reloaded(inputs))
+    dense_path = save_checkpoint(trained, SPEC, tmp_path / "dense.safetensors")
+    assert path.stat().st_size < 0.35 * dense_path.stat().st_size
+    assert accuracy(reloaded, digits.x_test, digits.y_test) >= accuracy(trained, digits.x_test, digits.y_test) - 0.02
+
+
+def test_measure_variant_reports_what_is_on_disk(trained, digits, tmp_path):
+    path = save_checkpoint(trained, SPEC, tmp_path / "dense.safetensors")
+    metrics = measure_variant("dense", trained, path, digits.x_test, digits.y_test, repeats=3)
+    assert metrics.params == sum(p.numel() for p in trained.parameters()) == 64 * 32 + 32 + 32 * 10 + 10
+    assert metrics.size_bytes == path.stat().st_size
+    assert metrics.latency_ms > 0
+    assert metrics.test_accuracy == pytest.approx(accuracy(trained, digits.x_test, digits.y_test))
+
+
+def _copy(model, tmp_path):
+    return load_checkpoint(save_checkpoint(model, SPEC, tmp_path / "copy.safetensors"))

@@ -1,0 +1,43 @@
+import math
+
+from kdsec.config import GatesConfig
+from kdsec.gates import all_passed, evaluate_gates
+
+GOOD = {
+    "candidate.test_accuracy": 0.97, "candidate.accuracy_drop_vs_teacher": 0.01,
+    "candidate.membership_auc": 0.52, "candidate.membership_tpr_at_low_fpr": 0.01,
+    "he.agreement": 1.0, "at_rest.roundtrip_exact": 1.0, "at_rest.tamper_rejected": 1.0,
+    "at_rest.wrong_key_rejected": 1.0,
+}
+
+
+def test_all_gates_pass_on_good_metrics():
+    verdicts = evaluate_gates(GOOD, GatesConfig())
+    assert [v.name for v in verdicts] == ["accuracy", "membership", "he", "at_rest"]
+    assert all_passed(verdicts)
+
+
+def test_each_gate_fails_alone_and_names_itself():
+    breaking = {
+        "accuracy": {"candidate.accuracy_drop_vs_teacher": 0.05},
+        "membership": {"candidate.membership_auc": 0.7},
+        "he": {"he.agreement": 0.9},
+        "at_rest": {"at_rest.tamper_rejected": 0.0},
+    }
+    for gate, change in breaking.items():
+        verdicts = evaluate_gates({**GOOD, **change}, GatesConfig())
+        assert [v.name for v in verdicts if not v.passed] == [gate]
+
+
+def test_missing_or_nan_metric_fails():
+    metrics = dict(GOOD)
+    del metrics["he.agreement"]
+    metrics["candidate.membership_auc"] = math.nan
+    failed = {v.name for v in evaluate_gates(metrics, GatesConfig()) if not v.passed}
+    assert failed == {"he", "membership"}
+
+
+def test_thresholds_come_from_config():
+    verdicts = evaluate_gates(GOOD, GatesConfig(min_accuracy=0.99))
+    accuracy = next(v for v in verdicts if v.name == "accuracy")
+    assert not accuracy.passed and accuracy.checks[0].threshold == 0.99
