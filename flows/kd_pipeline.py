@@ -51,6 +51,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
     (as a deployment does).
     """
     cfg = config_from_dict(config) if config is not None else load_config(config_path, overrides or [])
+    stages.preflight(cfg)
     logger = get_run_logger()
     experiment_id = registry.configure(cfg.tracking.experiment)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")

@@ -38,8 +38,11 @@ def run(
     overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="dotted.key=value, repeatable")] = None,
 ) -> None:
     """Run the kd-pipeline flow: data → teacher → KD student → compress → encrypt → audit → gates → registry."""
+    from kdsec.stages import preflight
+
     try:
         resolved = load_config(config, overrides or [])
+        preflight(resolved)
     except KdsecError as exc:
         raise _fail(str(exc)) from None
     # kdsec logs epoch progress through the "kdsec" logger; let Prefect show it with its own.

@@ -78,6 +78,20 @@ def _train(role: str, spec: ModelSpec, bundle: DataBundle, train: TrainConfig, s
     )
 
 
+def preflight(config: PipelineConfig) -> None:
+    """Fail in seconds, not after training, on what a config names but cannot be had: unknown
+    registry names, a malformed or exposed encryption key."""
+    from kdsec.data import DATASETS
+    from kdsec.distill import LOSSES
+    from kdsec.models import MODELS
+
+    DATASETS.get(config.data.name)
+    MODELS.get(config.teacher.arch)
+    MODELS.get(config.student.arch)
+    LOSSES.get(config.distill.loss)
+    load_or_create_key(config.encrypt.key_env, config.encrypt.key_file)
+
+
 def teacher_spec(config: PipelineConfig, bundle: DataBundle) -> ModelSpec:
     return ModelSpec(config.teacher.arch, bundle.input_shape, bundle.num_classes,
                      {"channels": list(config.teacher.channels), "fc": config.teacher.fc})
