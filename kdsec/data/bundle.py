@@ -1,0 +1,93 @@
+"""Deterministic, stratified, fingerprinted splits of a dataset."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from kdsec.config import DataConfig
+from kdsec.data.registry import DATASETS
+
+SPLITS = ("train", "val", "test", "holdout")
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """The splits of one dataset. ``holdout`` never trains anything: it is the audit's non-members."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    x_holdout: np.ndarray
+    y_holdout: np.ndarray
+    class_names: list[str]
+    input_scale: float
+    fingerprint: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+    def sizes(self) -> dict[str, int]:
+        return {name: int(len(self.split(name)[1])) for name in SPLITS}
+
+    def save(self, path: Path) -> Path:
+        """Write the splits as a plain ``.npz`` (no pickle) so the data can be inspected later."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f"{kind}_{name}": getattr(self, f"{kind}_{name}") for name in SPLITS for kind in "xy"}
+        np.savez_compressed(path, **arrays)
+        return path
+
+
+def _fingerprint(inputs: np.ndarray, labels: np.ndarray, config: DataConfig) -> str:
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(inputs).tobytes())
+    digest.update(np.ascontiguousarray(labels).tobytes())
+    split_spec = f"{config.name}|{config.seed}|{config.val_fraction}|{config.test_fraction}|{config.holdout_fraction}"
+    digest.update(split_spec.encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare_data(config: DataConfig) -> DataBundle:
+    """Load ``config.name`` and split it stratified by class, reproducibly from ``config.seed``."""
+    raw = DATASETS.get(config.name)(config)
+    indices = np.arange(len(raw.labels))
+    rest, test = train_test_split(
+        indices, test_size=config.test_fraction, stratify=raw.labels, random_state=config.seed
+    )
+    holdout_share = config.holdout_fraction / (1.0 - config.test_fraction)
+    rest, holdout = train_test_split(
+        rest, test_size=holdout_share, stratify=raw.labels[rest], random_state=config.seed + 1
+    )
+    val_share = config.val_fraction / (1.0 - config.test_fraction - config.holdout_fraction)
+    train, val = train_test_split(
+        rest, test_size=val_share, stratify=raw.labels[rest], random_state=config.seed + 2
+    )
+    parts = {"train": train, "val": val, "test": test, "holdout": holdout}
+    arrays = {}
+    for name, idx in parts.items():
+        idx = np.sort(idx)
+        arrays[f"x_{name}"] = raw.inputs[idx]
+        arrays[f"y_{name}"] = raw.labels[idx]
+    return DataBundle(
+        name=config.name,
+        class_names=raw.class_names,
+        input_scale=raw.input_scale,
+        fingerprint=_fingerprint(raw.inputs, raw.labels, config),
+        **arrays,
+    )

@@ -1,0 +1,25 @@
+"""The dataset registry: a loader turns a DataConfig into raw arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from kdsec.config import DataConfig
+from kdsec.registry_util import Registry
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """All labelled examples of a dataset, already scaled to model input (float32, N×C×H×W)."""
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    # How to turn what a user sends to a served model into ``inputs`` (see kdsec.serving).
+    input_scale: float
+
+
+DATASETS: Registry[Callable[[DataConfig], RawDataset]] = Registry("dataset", "data.name")
