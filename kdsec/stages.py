@@ -211,13 +211,3 @@ def audit_model(role: str, model, bundle: DataBundle, low_fpr: float, seed: int)
         calibration=calibration(logits, bundle.y_test),
         per_class=per_class(logits.argmax(1), bundle.y_test, bundle.class_names),
     )
-
-
-def data_summary(bundle: DataBundle) -> dict:
-    return {"name": bundle.name, "fingerprint": bundle.fingerprint, "splits": bundle.sizes(),
-            "input_shape": list(bundle.input_shape), "classes": bundle.num_classes}
-
-
-def variant_table(variants: list[VariantMetrics]) -> list[dict]:
-    return [variant.as_dict() for variant in variants]
-
