@@ -9,6 +9,8 @@ ARGS ?=
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_ENABLE_TELEMETRY := false
+# A first start of the temporary Prefect server (database migrations) can pass the 20 s default.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 .PHONY: run test bench sync uv clean mlflow-ui prefect-ui
 

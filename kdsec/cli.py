@@ -47,6 +47,9 @@ def run(
         raise _fail(str(exc)) from None
     # kdsec logs epoch progress through the "kdsec" logger; let Prefect show it with its own.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "kdsec")
+    # The first start of the temporary Prefect server migrates its database; on a busy 2-core
+    # machine that can exceed Prefect's 20 s default.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     logging.getLogger("kdsec").setLevel(logging.INFO)
     # The CLI is the one place in kdsec that reaches the orchestration layer, lazily, so that
     # importing the library never imports Prefect.
