@@ -38,7 +38,7 @@ def in_store(store, monkeypatch):
 
 
 def _flow(*extra: str) -> dict:
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):
         return kd_pipeline(config=load_config(None, [*SMALL_OVERRIDES, *extra]).model_dump(mode="json"))
 
 
