@@ -151,13 +151,13 @@ def compress_student(config: CompressConfig, bundle: DataBundle, student: Traine
     return variants
 
 
-def load_variant(variant: VariantMetrics):
-    path = Path(variant.checkpoint)
-    return (load_int8(path) if variant.name.endswith("int8") else load_checkpoint(path))[0]
-
-
 def variant_format(variant: VariantMetrics) -> str:
     return "int8" if variant.name.endswith("int8") else "float"
+
+
+def load_variant(variant: VariantMetrics):
+    path = Path(variant.checkpoint)
+    return (load_int8(path) if variant_format(variant) == "int8" else load_checkpoint(path))[0]
 
 
 SELECTION_RULES = {

@@ -71,7 +71,7 @@ def load_int8(path: Path) -> tuple[nn.Module, ModelSpec]:
     except (KeyError, OSError, ValueError) as exc:
         raise IntegrityError(f"'{path}' is not a kdsec int8 checkpoint ({exc})") from None
     float_model = build_model(spec)
-    float_state = {key: value for key, value in tensors.items() if not key.endswith(("weight_int8",))}
+    float_state = {key: value for key, value in tensors.items() if not key.endswith("weight_int8")}
     float_model.load_state_dict(float_state, strict=False)
     quantized = quantize_dynamic_int8(float_model)
     for name, layer in _quantized_layers(quantized).items():
