@@ -84,10 +84,14 @@ class CompressConfig(Section):
 
 
 class HEConfig(Section):
-    poly_modulus_degree: Literal[4096, 8192, 16384, 32768] = 8192
-    scale_bits: Annotated[int, Field(ge=20, le=50)] = 30
-    outer_bits: Annotated[int, Field(ge=30, le=60)] = 50
-    max_samples: Annotated[int, Field(ge=0)] = 0
+    # "auto": the smallest ring that holds the layout's depth at 128-bit security.
+    poly_modulus_degree: Literal["auto", 4096, 8192, 16384, 32768] = "auto"
+    scale_bits: Annotated[int, Field(ge=20, le=50)] = 30  # precision of every rescaled value
+    integer_bits: Annotated[int, Field(ge=4, le=30)] = 14  # headroom: |values| < 2^integer_bits
+    modes: Annotated[list[Literal["encrypted_input", "encrypted_model"]], Field(min_length=1)] = [
+        "encrypted_input", "encrypted_model"]
+    max_samples: Annotated[int, Field(ge=0)] = 0  # 0 = the whole test split
+    latency_samples: Annotated[int, Field(ge=0)] = 16  # single-sample path runs timed (0 = skip)
 
 
 class EncryptConfig(Section):
