@@ -96,11 +96,14 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
                           "wrong_key_rejected": at_rest.wrong_key_rejected},
                          {"key_source": at_rest.key_source, "key_fingerprint": at_rest.key_fingerprint},
                          [Path(at_rest.encrypted_path)])
-        he = he_task(cfg, bundle, candidate)
+        he = he_task(cfg, bundle, candidate, out_dir / "he")
         track_stage_task(parent, "homomorphic",
-                         {k: float(v) for k, v in he.__dict__.items() if isinstance(v, (int, float))},
-                         {"coeff_mod_bit_sizes": list(he.coeff_mod_bit_sizes)})
-        logger.info("HE: agreement %.4f, %.2f ms/sample", he.agreement, he.ms_per_sample)
+                         {f"{run.mode}.{run.path}.{key}": float(value) for run in he.runs
+                          for key, value in run.as_dict().items() if isinstance(value, (int, float))},
+                         he.as_dict(), sorted((out_dir / "he").glob("*")))
+        for run in he.runs:
+            logger.info("HE %s (%s): agreement %.4f, %.2f ms/sample", run.mode, run.path, run.agreement,
+                        run.ms_per_sample)
 
         audits = audit_task(cfg, bundle, {"teacher": teacher.load(), "scratch_student": scratch.load(),
                                           "kd_student": student.load(), "candidate": stages.load_variant(candidate)})

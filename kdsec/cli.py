@@ -83,7 +83,9 @@ def _print_summary(summary: dict) -> None:
         f" · candidate [b]{summary['candidate']['variant']}[/] {summary['candidate']['test_accuracy']:.4f}"
         f" (teacher cache: {summary['teacher_cache']})")
     he = summary["he"]
-    console.print(f"HE: agreement {he['agreement']:.4f}, {he['ms_per_sample']:.2f} ms/sample on {he['samples']} samples")
+    for run in he["runs"]:
+        console.print(f"HE {run['mode']} ({run['path']}): agreement {run['agreement']:.4f}, "
+                      f"{run['ms_per_sample']:.2f} ms/sample on {run['samples']} samples")
     registry = summary["registry"]
     if summary["promoted"]:
         console.print(f"[green]promoted[/]: {registry['model']} version {registry['version']} is now "

@@ -183,11 +183,12 @@ def protect_at_rest(config: PipelineConfig, candidate: VariantMetrics, out_dir: 
                               associated_data=config.tracking.registered_model.encode())
 
 
-def homomorphic_inference(config: PipelineConfig, bundle: DataBundle, candidate: VariantMetrics) -> HEResult:
+def homomorphic_inference(config: PipelineConfig, bundle: DataBundle, candidate: VariantMetrics,
+                          package_dir: Path | None = None) -> HEResult:
     inputs = bundle.x_test
     if config.encrypt.he.max_samples:
         inputs = inputs[: config.encrypt.he.max_samples]
-    return encrypted_inference(load_variant(candidate), inputs, config.encrypt.he)[1]
+    return encrypted_inference(load_variant(candidate), inputs, config.encrypt.he, package_dir)
 
 
 @dataclass(frozen=True)

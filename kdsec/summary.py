@@ -16,7 +16,7 @@ from kdsec.data import DataBundle
 from kdsec.gates import GateVerdict
 from kdsec.stages import SELECTION_RULES, ModelAudit, TrainedModel
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def gate_metrics(teacher: TrainedModel, candidate: VariantMetrics, candidate_audit: ModelAudit, he: HEResult,
@@ -61,7 +61,7 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
         "candidate": {"variant": candidate.name, "rule": SELECTION_RULES[selection],
                       "test_accuracy": candidate.test_accuracy, "size_bytes": candidate.size_bytes},
         "at_rest": asdict(at_rest),
-        "he": {**asdict(he), "coeff_mod_bit_sizes": list(he.coeff_mod_bit_sizes)},
+        "he": he.as_dict(),
         "audit": {audit.role: asdict(audit) for audit in audits},
         "gates": {verdict.name: {"verdict": verdict.verdict, "checks": [asdict(check) for check in verdict.checks]}
                   for verdict in verdicts},

@@ -68,8 +68,8 @@ def at_rest_task(config: PipelineConfig, candidate: VariantMetrics, out_dir: Pat
 
 
 @task(name="homomorphic-inference", cache_policy=NO_CACHE)
-def he_task(config: PipelineConfig, bundle: DataBundle, candidate: VariantMetrics):
-    return stages.homomorphic_inference(config, bundle, candidate)
+def he_task(config: PipelineConfig, bundle: DataBundle, candidate: VariantMetrics, package_dir: Path):
+    return stages.homomorphic_inference(config, bundle, candidate, package_dir)
 
 
 @task(name="audit", cache_policy=NO_CACHE)

@@ -23,9 +23,11 @@ Encryption parameters come from the layout's multiplicative depth (``plan_params
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,9 +38,6 @@ from kdsec.config import HEConfig
 from kdsec.crypto.seal import HEParams, KeyHolder, PublicContext, pack, plan_params, scratch, unpack
 from kdsec.errors import ConfigError, KdsecError
 from kdsec.models.students import Square
-
-Mode = Literal["encrypted_input", "encrypted_model"]
-
 
 @dataclass(frozen=True)
 class LinearOp:
@@ -445,7 +444,7 @@ def _chunks(count: int, size: int):
 
 
 def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, path: str = "batched",
-                        wire: bool = True) -> tuple[np.ndarray, HERun]:
+                        wire: bool = True, package_dir: Path | None = None) -> tuple[np.ndarray, HERun]:
     """Client encrypts ``inputs`` → host (public context only) evaluates → client decrypts.
     With ``wire``, ciphertexts and context cross as bytes, as they would over a network."""
     if path == "batched":
@@ -456,6 +455,8 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
         params = _params(config, GridPlan.depth(ops), plan.slots)
         holder = KeyHolder(params, plan.steps)
     context_bytes = holder.public_context()
+    if package_dir is not None and path == "batched":
+        _write(package_dir / "encrypted_input.public_context.bin", context_bytes)
     public = PublicContext.deserialize(context_bytes) if wire else holder.public
     server = BatchedServer(public, ops) if path == "batched" else SingleServer(public, ops)
     batch = params.slots if path == "batched" else 1
@@ -485,7 +486,7 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
 
 
 def run_encrypted_model(ops: list[Op], inputs: np.ndarray, config: HEConfig,
-                        wire: bool = True) -> tuple[np.ndarray, HERun]:
+                        wire: bool = True, package_dir: Path | None = None) -> tuple[np.ndarray, HERun]:
     """Owner encrypts the weights → host evaluates on its plaintext inputs → owner decrypts."""
     steps = encrypted_model_steps(ops)
     params = _params(config, encrypted_model_depth(ops), _block(ops))
@@ -493,6 +494,9 @@ def run_encrypted_model(ops: list[Op], inputs: np.ndarray, config: HEConfig,
     model = EncryptedModel.encrypt(holder, ops)
     context_bytes = holder.public_context()
     weights = model.serialize()
+    if package_dir is not None:
+        _write(package_dir / "encrypted_model.public_context.bin", context_bytes)
+        _write(package_dir / "encrypted_model.weights.bin", weights)
     if wire:  # the host rebuilds everything from bytes: it never touches the key holder's objects
         public = PublicContext.deserialize(context_bytes)
         host_model = EncryptedModel.deserialize(public, weights)
@@ -514,6 +518,13 @@ def run_encrypted_model(ops: list[Op], inputs: np.ndarray, config: HEConfig,
     elapsed = time.perf_counter() - started
     return _summarize("encrypted_model", "batched", ops, inputs, np.concatenate(logits), elapsed, server_seconds,
                       0, bytes_out, len(context_bytes), len(context_bytes) + len(weights), params, public)
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
 
 
 def _summarize(mode, path, ops, inputs, logits, elapsed, server_seconds, bytes_in, bytes_out, context_bytes,
@@ -556,24 +567,35 @@ class HEResult:
 
 
 def encrypted_inference(model: nn.Module, inputs: np.ndarray, config: HEConfig,
-                        modes: tuple[str, ...] | None = None, latency_samples: int | None = None) -> HEResult:
+                        package_dir: Path | None = None) -> HEResult:
     """Run each configured mode on ``inputs`` (the single-sample path on the first
-    ``latency_samples``) and compare with plaintext and with the deployed model itself."""
+    ``config.latency_samples``), compare with plaintext and with the deployed model itself, and
+    write the host packages (public contexts, encrypted weights, ``he_package.json``) to ``package_dir``."""
     ops = he_ops(model)
     with torch.inference_mode():
         predictions = model.cpu().eval()(torch.as_tensor(inputs)).argmax(1).numpy()
-    modes = tuple(config.modes) if modes is None else modes
-    latency = config.latency_samples if latency_samples is None else latency_samples
     runs = []
-    for mode in modes:
+    for mode in config.modes:
         if mode == "encrypted_input":
-            jobs = [("batched", inputs)] + ([("single", inputs[:latency])] if latency else [])
-            results = [(run_encrypted_input(ops, data, config, path), data) for path, data in jobs]
-        elif mode == "encrypted_model":
-            results = [(run_encrypted_model(ops, inputs, config), inputs)]
+            jobs = [("batched", inputs)] + ([("single", inputs[: config.latency_samples])]
+                                            if config.latency_samples else [])
+            results = [(run_encrypted_input(ops, data, config, path, package_dir=package_dir), data)
+                       for path, data in jobs]
         else:
-            raise ConfigError(f"unknown HE mode '{mode}' (choose from: encrypted_input, encrypted_model)")
+            results = [(run_encrypted_model(ops, inputs, config, package_dir=package_dir), inputs)]
         for (logits, run), data in results:
             agreement = float((logits.argmax(1) == predictions[: len(data)]).mean())
             runs.append(HERun(**{**asdict(run), "agreement_with_model": agreement}))
-    return HEResult(runs)
+    result = HEResult(runs)
+    if package_dir is not None:
+        files = {path.name: {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
+                 for path in sorted(package_dir.glob("*.bin"))}
+        (package_dir / "he_package.json").write_text(json.dumps({
+            "structure": _structure(ops), "grid": asdict(GridPlan.for_ops(ops)),
+            "encrypted_model_rotation_steps": list(encrypted_model_steps(ops)),
+            "runs": [{k: v for k, v in run.as_dict().items() if k in (
+                "mode", "path", "poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits")} for run in runs],
+            "files": files,
+            "note": "public contexts and ciphertexts only: the secret key stayed with the key holder",
+        }, indent=2))
+    return result

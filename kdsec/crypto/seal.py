@@ -16,6 +16,7 @@ import json
 import os
 import struct
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,6 +166,7 @@ class PublicContext:
         self.encoder = seal.CKKSEncoder(self.context)
         self.evaluator = seal.Evaluator(self.context)
         self.encryptor = seal.Encryptor(self.context, public_key)
+        self.counts: Counter[str] = Counter()  # homomorphic operations performed, by kind
 
     has_secret_key = False
 
@@ -216,18 +218,21 @@ class PublicContext:
 
     def multiply_plain(self, ciphertext, values):
         """Product with plaintext ``values`` (scalar or vector) at the scale Δ; not rescaled."""
+        self.counts["multiply_plain"] += 1
         out = seal.Ciphertext()
         self.evaluator.multiply_plain(ciphertext, self.encode(values, ciphertext.parms_id()), out)
         return out
 
     def multiply(self, left, right):
         """Ciphertext product, relinearized; not rescaled."""
+        self.counts["multiply"] += 1
         out = seal.Ciphertext()
         self.evaluator.multiply(left, right, out)
         self.evaluator.relinearize_inplace(out, self.relin_keys)
         return out
 
     def square(self, ciphertext):
+        self.counts["square"] += 1
         out = seal.Ciphertext()
         self.evaluator.square(ciphertext, out)
         self.evaluator.relinearize_inplace(out, self.relin_keys)
@@ -257,6 +262,7 @@ class PublicContext:
     def rotate(self, ciphertext, step: int):
         if self.galois_keys is None or step not in self.rotation_steps:
             raise IntegrityError(f"no rotation key for step {step}: the key holder must generate the plan's keys")
+        self.counts["rotate"] += 1
         out = seal.Ciphertext()
         self.evaluator.rotate_vector(ciphertext, step, self.galois_keys, out)
         return out
