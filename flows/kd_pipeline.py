@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -89,13 +90,14 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
                          [Path(v.checkpoint) for v in variants[1:]])
         logger.info("candidate: %s (%.4f, %d bytes)", candidate.name, candidate.test_accuracy, candidate.size_bytes)
 
-        at_rest = at_rest_task(cfg, candidate, out_dir)
+        at_rest = at_rest_task(cfg, candidate, out_dir / "package", parent,
+                               {"input_scale": bundle.input_scale, "class_names": list(bundle.class_names),
+                                "data_fingerprint": bundle.fingerprint, "test_accuracy": candidate.test_accuracy})
         track_stage_task(parent, "encrypt-at-rest",
-                         {"encrypted_bytes": at_rest.encrypted_bytes, "roundtrip_exact": at_rest.roundtrip_exact,
-                          "tamper_rejected": at_rest.tamper_rejected,
-                          "wrong_key_rejected": at_rest.wrong_key_rejected},
-                         {"key_source": at_rest.key_source, "key_fingerprint": at_rest.key_fingerprint},
-                         [Path(at_rest.encrypted_path)])
+                         {key: float(value) for key, value in asdict(at_rest).items()
+                          if isinstance(value, (bool, int, float))},
+                         {key: value for key, value in asdict(at_rest).items() if isinstance(value, str)},
+                         sorted((out_dir / "package").iterdir()))
         he = he_task(cfg, bundle, candidate, out_dir / "he")
         track_stage_task(parent, "homomorphic",
                          {f"{run.mode}.{run.path}.{key}": float(value) for run in he.runs
@@ -123,6 +125,8 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
             client.set_tag(parent, f"gate.{verdict.name}", verdict.verdict)
         registration = register_task(cfg, parent, bundle, candidate, verdicts,
                                      {"data.fingerprint": bundle.fingerprint, "candidate.variant": candidate.name,
+                                      "package.version": parent, "package.kek_id": at_rest.kek_id,
+                                      "package.signer": at_rest.signer_key_id,
                                       "config.digest": cfg.digest()})
 
         summary = build_summary(

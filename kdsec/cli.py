@@ -98,6 +98,162 @@ def _print_summary(summary: dict) -> None:
     console.print(f"summary: {summary['summary_path']}")
 
 
+# --- protected packages -------------------------------------------------------------------------
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="config whose encrypt.* keys to use")]
+KeyFileOption = Annotated[Optional[Path], typer.Option("--key-file", help="KEK file (default: encrypt.key_file)")]
+KeyEnvOption = Annotated[Optional[str], typer.Option("--key-env", help="env var holding the KEK (default: encrypt.key_env)")]
+PublicKeyOption = Annotated[Optional[Path], typer.Option(
+    "--public-key", help="trusted Ed25519 public key (PEM); default: the .pub of encrypt.signing_key_file")]
+
+
+def _encrypt_config(config: Optional[Path]):
+    return load_config(config, []).encrypt
+
+
+def _provider(config: Optional[Path], key_env: Optional[str], key_file: Optional[Path], create: bool = False):
+    from kdsec.crypto.keys import local_key_provider
+
+    encrypt = _encrypt_config(config)
+    # An explicit --key-file wins over the configured env var; an explicit --key-env over both.
+    env = key_env if key_env is not None else (None if key_file is not None else encrypt.key_env)
+    return local_key_provider(env, key_file or encrypt.key_file, create=create)
+
+
+def _trusted_key(config: Optional[Path], public_key: Optional[Path]):
+    from kdsec.crypto.keys import load_or_create_signer, load_public_key, public_key_path
+
+    if public_key is not None:
+        return load_public_key(public_key)
+    encrypt = _encrypt_config(config)
+    if os.environ.get(encrypt.signing_key_env):
+        return load_or_create_signer(encrypt.signing_key_env, encrypt.signing_key_file).public
+    pub = public_key_path(Path(encrypt.signing_key_file))
+    if pub.exists():
+        return load_public_key(pub)
+    raise KdsecError(f"no trusted public key: pass --public-key PATH (the signer's .pub), or set "
+                     f"${encrypt.signing_key_env} / create {encrypt.signing_key_file}")
+
+
+@app.command()
+def encrypt(
+    checkpoint: Annotated[Path, typer.Argument(help="a kdsec safetensors checkpoint (float or int8)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="package folder to create (must not exist)")],
+    name: Annotated[Optional[str], typer.Option(help="model name bound into the package")] = None,
+    version: Annotated[str, typer.Option(help="model version bound into the package")] = "1",
+    config: ConfigOption = None, key_file: KeyFileOption = None, key_env: KeyEnvOption = None,
+) -> None:
+    """Seal a checkpoint into a signed, envelope-encrypted package."""
+    import json as json_module
+
+    from kdsec.compress import load_weights
+    from kdsec.crypto.keys import load_or_create_signer
+    from kdsec.crypto.package import create_package
+
+    try:
+        encrypt_cfg = load_config(config, [])
+        if not checkpoint.is_file():
+            raise KdsecError(f"checkpoint '{checkpoint}' not found")
+        _, spec, weight_format = load_weights(checkpoint)  # refuse anything that is not a kdsec checkpoint
+        provider = _provider(config, key_env, key_file, create=True)
+        signer = load_or_create_signer(encrypt_cfg.encrypt.signing_key_env, encrypt_cfg.encrypt.signing_key_file)
+        card = {"format": weight_format, "spec": json_module.loads(spec.to_json()), "source": checkpoint.name}
+        info = create_package(out, {"weights.safetensors": checkpoint.read_bytes()},
+                              {"model.json": json_module.dumps(card, indent=2, sort_keys=True).encode()},
+                              name=name or encrypt_cfg.tracking.registered_model, version=version,
+                              provider=provider, signer=signer)
+    except KdsecError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"[green]sealed[/] {checkpoint} → {info.path} (model {info.model} v{info.version}, "
+                  f"KEK {', '.join(info.kek_ids)}, signer {info.signer_key_id})")
+
+
+@app.command()
+def verify(
+    package: Annotated[Path, typer.Argument(help="package folder")],
+    public_key: PublicKeyOption = None, config: ConfigOption = None, key_file: KeyFileOption = None,
+    key_env: KeyEnvOption = None,
+    check_key: Annotated[bool, typer.Option(help="also unwrap and decrypt in memory with the KEK")] = True,
+) -> None:
+    """Check the signature and every digest (and, with the KEK, that everything decrypts)."""
+    from kdsec.crypto.package import open_package, verify_package
+
+    try:
+        trusted = _trusted_key(config, public_key)
+        payload = verify_package(package, trusted)
+        console.print(f"[green]signature ok[/]: {payload['model']['name']} v{payload['model']['version']}, "
+                      f"signed by {payload['signer']['key_id']}; {len(payload['files'])} files match their SHA-256")
+        if check_key:
+            files = open_package(package, _provider(config, key_env, key_file), trusted)
+            console.print(f"[green]decrypts ok[/]: {', '.join(sorted(files))}")
+    except KdsecError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def decrypt(
+    package: Annotated[Path, typer.Argument(help="package folder")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="where to write the decrypted weights (0600)")],
+    public_key: PublicKeyOption = None, config: ConfigOption = None, key_file: KeyFileOption = None,
+    key_env: KeyEnvOption = None,
+) -> None:
+    """Verify, then write the decrypted weights; nothing is written unless every check passes."""
+    from kdsec.crypto.package import decrypt_package_to
+
+    try:
+        path = decrypt_package_to(package, _provider(config, key_env, key_file), _trusted_key(config, public_key),
+                                  "weights.safetensors", out)
+    except KdsecError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"[green]decrypted[/] {package} → {path}")
+
+
+@app.command("rotate-key")
+def rotate_key(
+    package: Annotated[Path, typer.Argument(help="package folder")],
+    new_key_file: Annotated[Optional[Path], typer.Option(help="the new KEK file (see: kdsec keygen)")] = None,
+    new_key_env: Annotated[Optional[str], typer.Option(help="env var holding the new KEK")] = None,
+    public_key: PublicKeyOption = None, config: ConfigOption = None, key_file: KeyFileOption = None,
+    key_env: KeyEnvOption = None,
+) -> None:
+    """Re-wrap the package's data keys under a new KEK and re-sign; encrypted weights are untouched."""
+    from kdsec.crypto.keys import load_or_create_signer, local_key_provider
+    from kdsec.crypto.package import rotate_package_key
+
+    try:
+        if (new_key_file is None) == (new_key_env is None):
+            raise KdsecError("give exactly one of --new-key-file or --new-key-env")
+        if new_key_env is not None and not os.environ.get(new_key_env):
+            raise KdsecError(f"${new_key_env} is not set")
+        new = (local_key_provider(new_key_env, "", create=False) if new_key_env
+               else local_key_provider(None, new_key_file, create=False))
+        encrypt_cfg = _encrypt_config(config)
+        signer = load_or_create_signer(encrypt_cfg.signing_key_env, encrypt_cfg.signing_key_file)
+        info = rotate_package_key(package, _provider(config, key_env, key_file), new, signer,
+                                  _trusted_key(config, public_key))
+    except KdsecError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"[green]rotated[/] {info.path}: data keys now wrapped by {', '.join(info.kek_ids)}; re-signed by "
+                  f"{info.signer_key_id}")
+
+
+@app.command()
+def keygen(
+    out: Annotated[Path, typer.Option("--out", "-o", help="key file to create (0600; never overwritten)")],
+    kind: Annotated[str, typer.Option(help="kek (32-byte AES key) or signing (Ed25519, writes .pub too)")] = "kek",
+) -> None:
+    """Create a new key file."""
+    from kdsec.crypto.keys import generate_key_file
+
+    try:
+        if kind not in ("kek", "signing"):
+            raise KdsecError(f"--kind must be 'kek' or 'signing', not '{kind}'")
+        path = generate_key_file(out, kind)
+    except KdsecError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"[green]created[/] {kind} key {path}")
+
+
 @app.command("show-config")
 def show_config(
     config: Annotated[Optional[Path], typer.Option("--config", "-c")] = None,

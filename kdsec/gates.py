@@ -48,6 +48,8 @@ GATE_CHECKS = (
     GateCheck("at_rest", "at_rest.roundtrip_exact", "at_rest_required", ">="),
     GateCheck("at_rest", "at_rest.tamper_rejected", "at_rest_required", ">="),
     GateCheck("at_rest", "at_rest.wrong_key_rejected", "at_rest_required", ">="),
+    GateCheck("at_rest", "at_rest.manifest_tamper_rejected", "at_rest_required", ">="),
+    GateCheck("at_rest", "at_rest.unsigned_rejected", "at_rest_required", ">="),
 )
 
 

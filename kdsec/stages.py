@@ -7,16 +7,18 @@ them directly.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdsec.audit.membership import MembershipResult, loss_threshold_attack
 from kdsec.audit.trust import Calibration, PerClass, calibration, per_class
-from kdsec.compress import (VariantMetrics, global_magnitude_prune, load_int8, measure_variant,
-                            quantize_dynamic_int8, save_int8)
+from kdsec.compress import (VariantMetrics, global_magnitude_prune, load_int8, load_weights, measure_variant,
+                            quantize_dynamic_int8, save_int8, weights_format)
 from kdsec.config import CompressConfig, GatesConfig, PipelineConfig, TeacherConfig, TrainConfig
-from kdsec.crypto.at_rest import AtRestResult, load_or_create_key, protect_and_verify
+from kdsec.crypto.keys import load_or_create_signer, local_key_provider
+from kdsec.crypto.package import AtRestResult, protect_and_verify
 from kdsec.crypto.he import HEResult, encrypted_inference
 from kdsec.data import DataBundle
 from kdsec.distill import OfflineDistiller
@@ -89,7 +91,8 @@ def preflight(config: PipelineConfig) -> None:
     MODELS.get(config.teacher.arch)
     MODELS.get(config.student.arch)
     LOSSES.get(config.distill.loss)
-    load_or_create_key(config.encrypt.key_env, config.encrypt.key_file)
+    local_key_provider(config.encrypt.key_env, config.encrypt.key_file)
+    load_or_create_signer(config.encrypt.signing_key_env, config.encrypt.signing_key_file)
 
 
 def teacher_spec(config: PipelineConfig, bundle: DataBundle) -> ModelSpec:
@@ -152,12 +155,11 @@ def compress_student(config: CompressConfig, bundle: DataBundle, student: Traine
 
 
 def variant_format(variant: VariantMetrics) -> str:
-    return "int8" if variant.name.endswith("int8") else "float"
+    return weights_format(Path(variant.checkpoint))
 
 
 def load_variant(variant: VariantMetrics):
-    path = Path(variant.checkpoint)
-    return (load_int8(path) if variant_format(variant) == "int8" else load_checkpoint(path))[0]
+    return load_weights(Path(variant.checkpoint))[0]
 
 
 SELECTION_RULES = {
@@ -176,11 +178,17 @@ def select_candidate(variants: list[VariantMetrics], teacher_accuracy: float, ga
     return min(passing, key=lambda v: (v.size_bytes, -v.test_accuracy)) if passing else variants[0]
 
 
-def protect_at_rest(config: PipelineConfig, candidate: VariantMetrics, out_dir: Path) -> AtRestResult:
-    key = load_or_create_key(config.encrypt.key_env, config.encrypt.key_file)
-    source = Path(candidate.checkpoint)
-    return protect_and_verify(source, out_dir / f"{source.name}.enc", key,
-                              associated_data=config.tracking.registered_model.encode())
+def protect_at_rest(config: PipelineConfig, candidate: VariantMetrics, destination: Path, version: str,
+                    metadata: dict) -> AtRestResult:
+    """The candidate as a signed, envelope-encrypted package (weights sealed, metadata signed)."""
+    encrypt = config.encrypt
+    provider = local_key_provider(encrypt.key_env, encrypt.key_file)
+    signer = load_or_create_signer(encrypt.signing_key_env, encrypt.signing_key_file)
+    model_card = {**metadata, "variant": candidate.name, "format": variant_format(candidate)}
+    return protect_and_verify(destination, {"weights.safetensors": Path(candidate.checkpoint).read_bytes()},
+                              {"model.json": json.dumps(model_card, indent=2, sort_keys=True).encode()},
+                              name=config.tracking.registered_model, version=version, provider=provider,
+                              signer=signer, key_source=provider.key.source)
 
 
 def homomorphic_inference(config: PipelineConfig, bundle: DataBundle, candidate: VariantMetrics,

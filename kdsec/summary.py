@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from kdsec.compress import VariantMetrics
-from kdsec.crypto.at_rest import AtRestResult
+from kdsec.crypto.package import AtRestResult
 from kdsec.crypto.he import HEResult
 from kdsec.data import DataBundle
 from kdsec.gates import GateVerdict
@@ -31,6 +31,8 @@ def gate_metrics(teacher: TrainedModel, candidate: VariantMetrics, candidate_aud
         "at_rest.roundtrip_exact": float(at_rest.roundtrip_exact),
         "at_rest.tamper_rejected": float(at_rest.tamper_rejected),
         "at_rest.wrong_key_rejected": float(at_rest.wrong_key_rejected),
+        "at_rest.manifest_tamper_rejected": float(at_rest.manifest_tamper_rejected),
+        "at_rest.unsigned_rejected": float(at_rest.unsigned_rejected),
     }
 
 

@@ -62,9 +62,10 @@ def compress_task(config: PipelineConfig, bundle: DataBundle, student: stages.Tr
                                    distiller.objective)
 
 
-@task(name="encrypt-at-rest", cache_policy=NO_CACHE, **IO_RETRIES)
-def at_rest_task(config: PipelineConfig, candidate: VariantMetrics, out_dir: Path):
-    return stages.protect_at_rest(config, candidate, out_dir)
+@task(name="encrypt-at-rest", cache_policy=NO_CACHE)
+def at_rest_task(config: PipelineConfig, candidate: VariantMetrics, destination: Path, version: str,
+                 metadata: dict):
+    return stages.protect_at_rest(config, candidate, destination, version, metadata)
 
 
 @task(name="homomorphic-inference", cache_policy=NO_CACHE)

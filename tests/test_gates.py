@@ -7,7 +7,7 @@ GOOD = {
     "candidate.test_accuracy": 0.97, "candidate.accuracy_drop_vs_teacher": 0.01,
     "candidate.membership_auc": 0.52, "candidate.membership_tpr_at_low_fpr": 0.01,
     "he.agreement": 1.0, "at_rest.roundtrip_exact": 1.0, "at_rest.tamper_rejected": 1.0,
-    "at_rest.wrong_key_rejected": 1.0,
+    "at_rest.wrong_key_rejected": 1.0, "at_rest.manifest_tamper_rejected": 1.0, "at_rest.unsigned_rejected": 1.0,
 }
 
 

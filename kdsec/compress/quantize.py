@@ -12,12 +12,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from kdsec.errors import IntegrityError
-from kdsec.models.registry import ModelSpec, build_model
+from kdsec.models.registry import ModelSpec, build_model, load_checkpoint
 
 # torch.ao.quantization's eager API warns that it is deprecated in favour of torchao; its dynamic
 # Linear path is still the one that runs int8 GEMMs on CPU with no extra dependency.
@@ -68,7 +68,7 @@ def load_int8(path: Path) -> tuple[nn.Module, ModelSpec]:
             spec = ModelSpec.from_json(metadata["kdsec.spec"])
             qparams = json.loads(metadata["kdsec.int8"])
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (KeyError, OSError, ValueError) as exc:
+    except (KeyError, OSError, ValueError, SafetensorError) as exc:
         raise IntegrityError(f"'{path}' is not a kdsec int8 checkpoint ({exc})") from None
     float_model = build_model(spec)
     float_state = {key: value for key, value in tensors.items() if not key.endswith("weight_int8")}
@@ -79,3 +79,22 @@ def load_int8(path: Path) -> tuple[nn.Module, ModelSpec]:
         weight = torch._make_per_tensor_quantized_tensor(tensors[f"{name}.weight_int8"], scale, int(zero_point))
         layer.set_weight_bias(weight, tensors.get(f"{name}.bias"))
     return quantized.eval(), spec
+
+
+def weights_format(path: Path) -> str:
+    """'int8' for a ``save_int8`` file, 'float' for a plain checkpoint (read from the file's metadata)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise IntegrityError(f"'{path}' is not a safetensors checkpoint ({exc})") from None
+    if "kdsec.spec" not in metadata:
+        raise IntegrityError(f"'{path}' is not a kdsec checkpoint (no kdsec.spec metadata)")
+    return "int8" if "kdsec.int8" in metadata else "float"
+
+
+def load_weights(path: Path) -> tuple[nn.Module, ModelSpec, str]:
+    """Any kdsec checkpoint, float or int8, with its spec and format."""
+    weight_format = weights_format(path)
+    model, spec = load_int8(path) if weight_format == "int8" else load_checkpoint(path)
+    return model, spec, weight_format

@@ -36,7 +36,7 @@ from torch import nn
 from kdsec.compress.quantize import DynamicQuantLinear
 from kdsec.config import HEConfig
 from kdsec.crypto.seal import HEParams, KeyHolder, PublicContext, pack, plan_params, scratch, unpack
-from kdsec.errors import ConfigError, KdsecError
+from kdsec.errors import KdsecError
 from kdsec.models.students import Square
 
 @dataclass(frozen=True)

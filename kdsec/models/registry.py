@@ -59,14 +59,14 @@ def save_checkpoint(model: nn.Module, spec: ModelSpec, path: Path) -> Path:
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, ModelSpec]:
     """Rebuild the architecture named in the checkpoint and load its weights (no pickle)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         spec = ModelSpec.from_json(metadata["kdsec.spec"])
         state = load_file(str(path))
-    except (KeyError, OSError, ValueError, json.JSONDecodeError) as exc:
+    except (KeyError, OSError, ValueError, SafetensorError) as exc:
         raise IntegrityError(f"checkpoint '{path}' is not a kdsec safetensors checkpoint ({exc})") from None
     model = build_model(spec)
     model.load_state_dict(state)
