@@ -28,6 +28,7 @@ from kdsec.errors import ConfigError, IntegrityError
 # Largest total coefficient-modulus bits per ring degree at 128-bit security (HE standard, as SEAL enforces).
 MAX_MODULUS_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 BUNDLE_MAGIC = b"KDSECHE1"
+PUBLIC_ROLES = ["public_key", "relin_keys", "galois_keys"]
 
 
 @dataclass(frozen=True)
@@ -173,18 +174,17 @@ class PublicContext:
     # -- serialization ------------------------------------------------------------------------
     def serialize(self) -> bytes:
         store = scratch()
-        blobs = [store.dump(self.public_key), store.dump(self.relin_keys)]
-        if self.galois_keys is not None:
-            blobs.append(store.dump(self.galois_keys))
-        return pack({"kind": "public-context", "params": self.params.as_dict(),
+        roles = ["public_key", "relin_keys"] + (["galois_keys"] if self.galois_keys is not None else [])
+        blobs = [store.dump(getattr(self, role)) for role in roles]
+        return pack({"kind": "public-context", "params": self.params.as_dict(), "roles": roles,
                      "rotation_steps": list(self.rotation_steps)}, blobs)
 
     @classmethod
     def deserialize(cls, data: bytes) -> PublicContext:
         header, blobs = unpack(data, "public-context")
-        if len(blobs) not in (2, 3):
+        if header.get("roles") not in (PUBLIC_ROLES[:2], PUBLIC_ROLES) or len(blobs) != len(header["roles"]):
             raise IntegrityError("a kdsec public context holds a public key, relinearization keys and optionally "
-                                 "rotation keys, nothing else (a secret key is never accepted)")
+                                 f"rotation keys, nothing else (got {header.get('roles')}; a secret key is never accepted)")
         raw = header["params"]
         params = HEParams(raw["poly_modulus_degree"], tuple(raw["coeff_mod_bit_sizes"]), raw["scale_bits"])
         context = _context(params)

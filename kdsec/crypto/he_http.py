@@ -1,0 +1,176 @@
+"""Encrypted-input inference over HTTP: a host that holds the plaintext model and only public
+contexts, and the client (key holder) that talks to it.
+
+Endpoints (bodies are kdsec HE bundles, see ``kdsec.crypto.seal.pack``)::
+
+    GET  /plan                  layer shapes, depth and rotation steps per path (no weights)
+    POST /sessions              body: a public context → {"session": id}
+    POST /infer/<id>?path=P     body: ciphertexts → ciphertexts (P: batched | single)
+
+The host never receives, stores or could use a secret key: ``PublicContext.deserialize``
+accepts only a public key, relinearization keys and rotation keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+
+from kdsec.config import HEConfig
+from kdsec.crypto.he import BatchedServer, GridPlan, SingleServer, he_ops
+from kdsec.crypto.seal import KeyHolder, PublicContext, plan_params
+from kdsec.errors import KdsecError
+
+MAX_BODY = 512 * 1024 * 1024
+
+
+class HEHost:
+    def __init__(self, ops) -> None:
+        self.ops = ops
+        self.grid = GridPlan.for_ops(ops)
+        self.sessions: dict[str, PublicContext] = {}
+        self.lock = threading.Lock()
+
+    def plan(self) -> dict:
+        return {"structure": [["linear", *op.weight.shape] if hasattr(op, "weight") else ["square"] for op in self.ops],
+                "inputs": int(self.ops[0].weight.shape[1]), "outputs": int(self.ops[-1].weight.shape[0]),
+                "batched": {"depth": BatchedServer.depth(self.ops), "min_slots": 1, "rotation_steps": []},
+                "single": {"depth": GridPlan.depth(self.ops), "min_slots": self.grid.slots,
+                           "rotation_steps": list(self.grid.steps),
+                           "output_slots": self.grid.output_slots(self.ops).tolist(),
+                           "rows": self.grid.rows, "cols": self.grid.cols}}
+
+    def open_session(self, body: bytes) -> str:
+        public = PublicContext.deserialize(body)
+        session = secrets.token_hex(8)
+        with self.lock:
+            self.sessions[session] = public
+        return session
+
+    def infer(self, session: str, path: str, body: bytes) -> bytes:
+        public = self.sessions.get(session)
+        if public is None:
+            raise KdsecError(f"unknown session '{session}'")
+        needed = self.plan()[path]["depth"]
+        if public.params.depth < needed:
+            raise KdsecError(f"the {path} path needs depth {needed}; this context has {public.params.depth}")
+        server = BatchedServer(public, self.ops) if path == "batched" else SingleServer(public, self.ops)
+        return public.dump_ciphertexts(server.infer(public.load_ciphertexts(body)))
+
+
+def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1") -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # request lines would go to stderr; keep the console quiet
+            pass
+
+        def _reply(self, status: int, body: bytes, content_type: str = "application/octet-stream") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _error(self, status: int, message: str) -> None:
+            self._reply(status, json.dumps({"error": message}).encode(), "application/json")
+
+        def do_GET(self) -> None:
+            if urlparse(self.path).path == "/plan":
+                self._reply(200, json.dumps(host.plan()).encode(), "application/json")
+            else:
+                self._error(404, "not found")
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", 0))
+            if length <= 0 or length > MAX_BODY:
+                return self._error(413, "missing or oversized body")
+            body = self.rfile.read(length)
+            url = urlparse(self.path)
+            try:
+                if url.path == "/sessions":
+                    return self._reply(200, json.dumps({"session": host.open_session(body)}).encode(),
+                                       "application/json")
+                if url.path.startswith("/infer/"):
+                    path = parse_qs(url.query).get("path", ["batched"])[0]
+                    if path not in ("batched", "single"):
+                        return self._error(400, f"unknown path '{path}'")
+                    return self._reply(200, host.infer(url.path.rsplit("/", 1)[1], path, body))
+            except KdsecError as exc:
+                return self._error(400, str(exc))
+            self._error(404, "not found")
+
+    return ThreadingHTTPServer((address, port), Handler)
+
+
+class HEHttpClient:
+    """The key holder's side: fetch the plan, send a public context, encrypt, post, decrypt."""
+
+    def __init__(self, url: str, config: HEConfig = HEConfig(), path: str = "batched") -> None:
+        self.url, self.path = url.rstrip("/"), path
+        self.plan = json.loads(self._request("GET", "/plan"))
+        step = self.plan[path]
+        params = plan_params(step["depth"], config.scale_bits, config.integer_bits, config.poly_modulus_degree,
+                             step["min_slots"])
+        self.holder = KeyHolder(params, tuple(step["rotation_steps"]))
+        self.session = json.loads(self._request("POST", "/sessions", self.holder.public_context()))["session"]
+
+    def _request(self, method: str, route: str, body: bytes | None = None) -> bytes:
+        request = urllib.request.Request(self.url + route, data=body, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return response.read()
+        except urllib.error.HTTPError as exc:
+            raise KdsecError(f"HE host refused {route}: {json.loads(exc.read()).get('error', exc.reason)}") from None
+
+    def predict_logits(self, inputs: np.ndarray) -> np.ndarray:
+        features = inputs.reshape(len(inputs), -1).astype(np.float64)
+        if self.path == "batched":
+            if len(features) > self.holder.params.slots:
+                raise ValueError(f"{len(features)} samples exceed {self.holder.params.slots} slots")
+            sent = [self.holder.encrypt(column) for column in features.T]
+            reply = self._infer(sent)
+            return np.stack([self.holder.decrypt(ct)[: len(features)] for ct in reply], axis=1)
+        single = self.plan["single"]
+        rows = []
+        for sample in features:
+            grid = np.zeros((single["rows"], single["cols"]))
+            grid[:, : len(sample)] = sample
+            (reply,) = self._infer([self.holder.encrypt(grid.reshape(-1))])
+            rows.append(self.holder.decrypt(reply)[single["output_slots"]])
+        return np.stack(rows)
+
+    def _infer(self, ciphertexts: list) -> list:
+        body = self.holder.public.dump_ciphertexts(ciphertexts)
+        return self.holder.public.load_ciphertexts(self._request("POST", f"/infer/{self.session}?path={self.path}", body))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from kdsec.compress import load_weights
+
+    parser = argparse.ArgumentParser(description="Serve encrypted-input inference for a kdsec HE student.")
+    parser.add_argument("--model", required=True, type=Path, help="a kdsec checkpoint (float or int8)")
+    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    try:
+        server = make_server(HEHost(he_ops(load_weights(args.model)[0])), args.port, args.host)
+    except KdsecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"kdsec HE host listening on http://{args.host}:{server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
