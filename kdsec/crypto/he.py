@@ -135,11 +135,22 @@ class BatchedServer:
     def depth(ops: list[Op]) -> int:
         return len(ops)
 
+    @staticmethod
+    def required_inputs(ops: list[Op]) -> list[int]:
+        """Input features some kept weight reads; the client encrypts and sends only these (this
+        tells the client which features a pruned model ignores, nothing about the weights)."""
+        return np.flatnonzero(_live_inputs(ops)[0]).tolist()
+
     def infer(self, features: list) -> list:
-        """``features``: one ciphertext per input feature. A value is a ciphertext, a plain
-        constant the host already knows (every weight feeding it was pruned), or None (nothing
-        downstream reads it)."""
-        values: list = list(features)
+        """``features``: one ciphertext per required input (``required_inputs``). A value is a
+        ciphertext, a plain constant the host already knows (every weight feeding it was pruned),
+        or None (nothing downstream reads it)."""
+        values: list = [None] * self.ops[0].weight.shape[1]
+        required = self.required_inputs(self.ops)
+        if len(features) != len(required):
+            raise KdsecError(f"expected {len(required)} encrypted input features, got {len(features)}")
+        for index, ciphertext in zip(required, features):
+            values[index] = ciphertext
         for index, op in enumerate(self.ops):
             if isinstance(op, SquareOp):
                 values = [self._square(value) for value in values]
@@ -152,7 +163,7 @@ class BatchedServer:
     def _square(self, value):
         if value is None or isinstance(value, float):
             return value if value is None else value * value
-        return self.public.square(value)
+        return self.public.square(value, relinearize=False)
 
     def _neuron(self, values: list, row: np.ndarray, bias: float):
         total, constant = None, bias
@@ -166,7 +177,7 @@ class BatchedServer:
             total = term if total is None else self.public.add_inplace(total, term)
         if total is None:
             return constant
-        return self.public.add_plain(self.public.rescale(total), constant)
+        return self.public.add_plain(self.public.rescale(self.public.relinearize(total)), constant)
 
 
 # --- encrypted input, single sample ------------------------------------------------------------
@@ -465,7 +476,7 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
     for chunk in _chunks(len(inputs), batch):
         features = inputs[chunk].reshape(chunk.stop - chunk.start, -1).astype(np.float64)
         if path == "batched":
-            encrypted = [holder.encrypt(column) for column in features.T]
+            encrypted = [holder.encrypt(features[:, index]) for index in BatchedServer.required_inputs(ops)]
         else:
             encrypted = [holder.encrypt(plan.encode_input(features[0]))]
         payload = holder.public.dump_ciphertexts(encrypted) if wire else None

@@ -43,7 +43,8 @@ class HEHost:
     def plan(self) -> dict:
         return {"structure": [["linear", *op.weight.shape] if hasattr(op, "weight") else ["square"] for op in self.ops],
                 "inputs": int(self.ops[0].weight.shape[1]), "outputs": int(self.ops[-1].weight.shape[0]),
-                "batched": {"depth": BatchedServer.depth(self.ops), "min_slots": 1, "rotation_steps": []},
+                "batched": {"depth": BatchedServer.depth(self.ops), "min_slots": 1, "rotation_steps": [],
+                            "required_inputs": BatchedServer.required_inputs(self.ops)},
                 "single": {"depth": GridPlan.depth(self.ops), "min_slots": self.grid.slots,
                            "rotation_steps": list(self.grid.steps),
                            "output_slots": self.grid.output_slots(self.ops).tolist(),
@@ -135,7 +136,7 @@ class HEHttpClient:
         if self.path == "batched":
             if len(features) > self.holder.params.slots:
                 raise ValueError(f"{len(features)} samples exceed {self.holder.params.slots} slots")
-            sent = [self.holder.encrypt(column) for column in features.T]
+            sent = [self.holder.encrypt(features[:, index]) for index in self.plan["batched"]["required_inputs"]]
             reply = self._infer(sent)
             return np.stack([self.holder.decrypt(ct)[: len(features)] for ct in reply], axis=1)
         single = self.plan["single"]

@@ -228,15 +228,23 @@ class PublicContext:
         self.counts["multiply"] += 1
         out = seal.Ciphertext()
         self.evaluator.multiply(left, right, out)
-        self.evaluator.relinearize_inplace(out, self.relin_keys)
-        return out
+        return self.relinearize(out)
 
-    def square(self, ciphertext):
+    def square(self, ciphertext, relinearize: bool = True):
+        """x², rescaled. Without ``relinearize`` the result keeps three components: a weighted sum
+        of many such squares is then relinearized once (see ``relinearize``), not once per term."""
         self.counts["square"] += 1
         out = seal.Ciphertext()
         self.evaluator.square(ciphertext, out)
-        self.evaluator.relinearize_inplace(out, self.relin_keys)
+        if relinearize:
+            self.relinearize(out)
         return self.rescale(out)
+
+    def relinearize(self, ciphertext):
+        if ciphertext.size() > 2:
+            self.counts["relinearize"] += 1
+            self.evaluator.relinearize_inplace(ciphertext, self.relin_keys)
+        return ciphertext
 
     def rescale(self, ciphertext):
         """Drop one prime; snap the scale back to Δ (as TenSEAL does: relative error ~1e-4)."""

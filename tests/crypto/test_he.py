@@ -81,12 +81,15 @@ def test_pruned_weights_and_dead_neurons_skip_their_operations(digits):
         holder = KeyHolder(plan_params(BatchedServer.depth(ops), 30, 14))
         server = BatchedServer(holder.public, ops)
         inputs = digits.x_test[:16]
-        outputs = server.infer([holder.encrypt(column) for column in inputs.reshape(16, -1).T])
+        features = inputs.reshape(16, -1)
+        outputs = server.infer([holder.encrypt(features[:, i]) for i in BatchedServer.required_inputs(ops)])
         logits = np.stack([holder.decrypt(ct)[:16] for ct in outputs], axis=1)
         assert (logits.argmax(1) == plaintext_forward(ops, inputs).argmax(1)).all()
         counts[name] = dict(holder.public.counts)
     assert counts["pruned"]["multiply_plain"] <= 0.21 * counts["dense"]["multiply_plain"]
     assert counts["pruned"]["square"] <= 30 and counts["dense"]["square"] == 32
+    # squares stay unrelinearized; each output neuron relinearizes its sum once
+    assert counts["dense"]["relinearize"] == 10
 
 
 def test_single_sample_grid_plan_uses_few_rotations(student):
