@@ -12,7 +12,7 @@ export MLFLOW_ENABLE_TELEMETRY := false
 # A first start of the temporary Prefect server (database migrations) can pass the 20 s default.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: run test bench sync uv clean mlflow-ui prefect-ui
+.PHONY: run test bench bench-he sync uv clean mlflow-ui prefect-ui
 
 uv:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -28,6 +28,9 @@ test: sync
 
 bench: sync
 	$(UV) run --frozen python benchmarks/run_pipeline.py
+
+bench-he: sync
+	$(UV) run --frozen python benchmarks/he_inference.py
 
 mlflow-ui: sync
 	$(UV) run --frozen mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
