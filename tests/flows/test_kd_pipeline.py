@@ -73,6 +73,23 @@ def test_passing_run_promotes_champion(in_store):
     assert {"data", "teacher", "scratch_student", "kd_student", "compress", "encrypt-at-rest", "homomorphic",
             "audit", "register"} <= {run.info.run_name for run in children}
     assert {"summary.json", "config.yaml", "report"} <= {a.path for a in client.list_artifacts(summary["run_id"])}
+    by_name = {run.info.run_name: run for run in children}
+    assert {"manifest.json", "model.json", "weights.safetensors.enc"} <= {
+        a.path for a in client.list_artifacts(by_name["encrypt-at-rest"].info.run_id)}
+    assert {"he_package.json", "encrypted_model.weights.bin", "encrypted_model.public_context.bin",
+            "encrypted_input.public_context.bin"} <= {a.path for a in client.list_artifacts(by_name["homomorphic"].info.run_id)}
+    assert {(r["mode"], r["path"]) for r in summary["he"]["runs"]} == {
+        ("encrypted_input", "batched"), ("encrypted_input", "single"), ("encrypted_model", "batched")}
+    assert not summary["he"]["host_had_secret_key"]
+    # The package in the run folder opens with the project's keys and holds the candidate's exact bytes.
+    from kdsec.crypto.keys import load_or_create_signer, local_key_provider
+    from kdsec.crypto.package import open_package
+    package = open_package(Path(summary["at_rest"]["package_path"]),
+                           local_key_provider("KDSEC_MODEL_KEY", ".kdsec/keys/model.key", create=False),
+                           load_or_create_signer("KDSEC_SIGNING_KEY", ".kdsec/keys/signing.pem").public)
+    candidate = next(v for v in summary["variants"] if v["name"] == summary["candidate"]["variant"])
+    assert package["weights.safetensors"] == Path(candidate["checkpoint"]).read_bytes()
+    assert version.tags["package.kek_id"] == summary["at_rest"]["kek_id"]
     assert parent.inputs.dataset_inputs[0].dataset.digest == summary["data"]["fingerprint"]
 
     # The registered model predicts labels from raw 0-16 pixels, as numpy or DataFrame.
