@@ -102,7 +102,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
         track_stage_task(parent, "homomorphic",
                          {f"{run.mode}.{run.path}.{key}": float(value) for run in he.runs
                           for key, value in run.as_dict().items() if isinstance(value, (int, float))},
-                         he.as_dict(), sorted((out_dir / "he").glob("*")))
+                         he.as_dict(), sorted((out_dir / "he").glob("*")) if (out_dir / "he").is_dir() else [])
         for run in he.runs:
             logger.info("HE %s (%s): agreement %.4f, %.2f ms/sample", run.mode, run.path, run.agreement,
                         run.ms_per_sample)

@@ -92,6 +92,7 @@ class HEConfig(Section):
         "encrypted_input", "encrypted_model"]
     max_samples: Annotated[int, Field(ge=0)] = 0  # 0 = the whole test split
     latency_samples: Annotated[int, Field(ge=0)] = 16  # single-sample path runs timed (0 = skip)
+    log_packages: bool = True  # log host packages (public contexts, encrypted weights ~35 MB) to MLflow
 
 
 class EncryptConfig(Section):

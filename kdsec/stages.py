@@ -196,7 +196,8 @@ def homomorphic_inference(config: PipelineConfig, bundle: DataBundle, candidate:
     inputs = bundle.x_test
     if config.encrypt.he.max_samples:
         inputs = inputs[: config.encrypt.he.max_samples]
-    return encrypted_inference(load_variant(candidate), inputs, config.encrypt.he, package_dir)
+    return encrypted_inference(load_variant(candidate), inputs, config.encrypt.he,
+                               package_dir if config.encrypt.he.log_packages else None)
 
 
 @dataclass(frozen=True)
