@@ -330,7 +330,7 @@ class EncryptedModel:
                 rows += [np.tile(np.eye(block)[0] * op.bias[k], copies) for k in range(out_dim)]
                 levels = [level] * out_dim + [level + 1] * out_dim
             level += 1
-            tensors.append([_encrypt_at(public, values, public.parms_id_at(at)) for values, at in zip(rows, levels)])
+            tensors.append([_encrypt_at(holder, values, public.parms_id_at(at)) for values, at in zip(rows, levels)])
             linear_index += 1
         return cls(public, _structure(ops), tensors, block)
 
@@ -359,8 +359,9 @@ def _structure(ops: list[Op]) -> list:
     return [["linear", *op.weight.shape] if isinstance(op, LinearOp) else ["square"] for op in ops]
 
 
-def _encrypt_at(public: PublicContext, values: np.ndarray, parms_id):
-    ciphertext = public.encrypt(values)
+def _encrypt_at(holder: KeyHolder, values: np.ndarray, parms_id):
+    ciphertext = holder.encrypt(values)
+    public = holder.public
     public.evaluator.mod_switch_to_inplace(ciphertext, parms_id)
     return ciphertext
 
