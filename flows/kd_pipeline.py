@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import time
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from kdsec.gates import evaluate_gates
 from kdsec.summary import build_summary, gate_metrics
 from tasks.stages import (at_rest_task, audit_task, compress_task, distill_task, he_task, prepare_data_task,
                           register_task, report_task, track_data_task, track_model_task, track_stage_task,
-                          train_scratch_task, train_teacher_task)
+                          train_reference_task, train_scratch_task, train_teacher_task)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -41,6 +42,24 @@ def _teacher(config: PipelineConfig, bundle, cache_dir: Path) -> tuple[stages.Tr
     if not Path(teacher.checkpoint).is_file():
         return train_teacher_task.with_options(refresh_cache=True)(config, bundle, checkpoint), "miss"
     return teacher, "hit" if state.name == "Cached" else "miss"
+
+
+def _references(config: PipelineConfig, bundle, cache_dir: Path) -> dict[str, list[str]]:
+    """K reference models per architecture, trained as parallel tasks and cached like the
+    teacher (same data + architecture + training config + code → same models)."""
+    futures = {}
+    for group, (spec, train) in stages.reference_plan(config, bundle).items():
+        for index in range(config.audit.reference_models):
+            key = stages.reference_cache_key(bundle.fingerprint, spec, train, index, config.seed)
+            checkpoint = cache_dir / "references" / key / "model.safetensors"
+            futures[group, index] = (train_reference_task.submit(config, bundle, group, index, checkpoint), checkpoint)
+    references: dict[str, list[str]] = {}
+    for (group, index), (future, checkpoint) in futures.items():
+        path = future.result()
+        if not Path(path).is_file():  # a cache entry whose file is gone: train again
+            path = train_reference_task.with_options(refresh_cache=True)(config, bundle, group, index, checkpoint)
+        references.setdefault(group, []).append(path)
+    return references
 
 
 @flow(name="kd-pipeline", log_prints=True)
@@ -107,15 +126,27 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
             logger.info("HE %s (%s): agreement %.4f, %.2f ms/sample", run.mode, run.path, run.agreement,
                         run.ms_per_sample)
 
-        audits = audit_task(cfg, bundle, {"teacher": teacher.load(), "scratch_student": scratch.load(),
-                                          "kd_student": student.load(), "candidate": stages.load_variant(candidate)})
+        audit_started = time.perf_counter()
+        references = _references(cfg, bundle, Path(cfg.tracking.cache_dir))
+        models = {"teacher": teacher.load(), "scratch_student": scratch.load(), "kd_student": student.load()}
+        models.update({f"variant:{v.name}": stages.load_variant(v) for v in variants if v.name != "dense"})
+        audits = audit_task(cfg, bundle, models, references)
+        candidate_role = "kd_student" if candidate.name == "dense" else f"variant:{candidate.name}"
+        audits.append(replace(next(a for a in audits if a.role == candidate_role), role="candidate"))
+        audit_seconds = time.perf_counter() - audit_started
         by_role = {audit.role: audit for audit in audits}
         track_stage_task(parent, "audit",
-                         {f"{a.role}.{name}": value for a in audits for name, value in
-                          (("membership_auc", a.membership.auc), ("membership_tpr_at_low_fpr",
-                           a.membership.tpr_at_low_fpr), ("ece", a.calibration.ece),
-                           ("worst_class_gap", a.per_class.worst_class_gap))},
-                         {"models": list(by_role)})
+                         {**{f"{a.role}.{name}.{metric}": getattr(result, metric) for a in audits
+                             for name, result in a.attacks.items()
+                             for metric in ("auc", "tpr_at_low_fpr", "tpr_at_0_1_fpr", "balanced_accuracy")},
+                          **{f"{a.role}.ece": a.calibration.ece for a in audits},
+                          **{f"{a.role}.worst_class_gap": a.per_class.worst_class_gap for a in audits},
+                          "audit_seconds": audit_seconds,
+                          "audit_to_teacher_train_ratio": audit_seconds / max(teacher.train_seconds, 1e-9)},
+                         {"models": list(by_role), "reference_models": cfg.audit.reference_models})
+        logger.info("audit: %.1f s (%.2f× teacher training); candidate strongest attack %s AUC %.3f TPR@%.3g %.3f",
+                    audit_seconds, audit_seconds / max(teacher.train_seconds, 1e-9), by_role["candidate"].membership.attack,
+                    by_role["candidate"].membership.auc, cfg.audit.low_fpr, by_role["candidate"].membership.tpr_at_low_fpr)
 
         metrics = gate_metrics(teacher, candidate, by_role["candidate"], he, at_rest)
         verdicts = evaluate_gates(metrics, cfg.gates)
@@ -133,7 +164,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
             run_id=parent, config_digest=cfg.digest(), code_version=stages.code_version("."), bundle=bundle,
             models=[teacher, scratch, student], teacher_cache=cache, variants=variants, candidate=candidate,
             selection=cfg.compress.selection, at_rest=at_rest, he=he, audits=audits, verdicts=verdicts,
-            registry=registration, output_dir=out_dir)
+            registry=registration, output_dir=out_dir, audit_seconds=audit_seconds)
         summary = report_task(parent, summary, out_dir)
         client.set_tag(parent, "gates", summary["verdict"])
         succeeded = True

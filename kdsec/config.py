@@ -105,6 +105,10 @@ class EncryptConfig(Section):
 
 class AuditConfig(Section):
     low_fpr: Fraction = 0.01
+    reference_models: Annotated[int, Field(ge=0, le=64)] = 8  # K for RMIA/LiRA; 0 = LOSS attack only
+    rmia_a: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3  # offline RMIA interpolation (Zarifzadeh et al.)
+    rmia_gamma: Annotated[float, Field(gt=0.0)] = 1.0  # likelihood-ratio margin against population samples
+    bootstrap: Annotated[int, Field(ge=0, le=5000)] = 200  # resamples for 95% confidence intervals
 
 
 class GatesConfig(Section):

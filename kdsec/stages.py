@@ -12,7 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdsec.audit.membership import MembershipResult, loss_threshold_attack
+from kdsec.audit.membership import MembershipResult, per_sample_loss, score_attack
+from kdsec.audit.reference import (audit_samples, lira_scores, reference_masks, rmia_scores, signals,
+                                  train_reference)
 from kdsec.audit.trust import Calibration, PerClass, calibration, per_class
 from kdsec.compress import (VariantMetrics, global_magnitude_prune, load_int8, load_weights, measure_variant,
                             quantize_dynamic_int8, save_int8, weights_format)
@@ -204,20 +206,62 @@ def homomorphic_inference(config: PipelineConfig, bundle: DataBundle, candidate:
 class ModelAudit:
     role: str
     test_accuracy: float
-    membership: MembershipResult
+    membership: MembershipResult  # the strongest attack (highest TPR at low FPR, then AUC)
     calibration: Calibration
     per_class: PerClass
+    attacks: dict[str, MembershipResult] = field(default_factory=dict)
 
 
-def audit_model(role: str, model, bundle: DataBundle, low_fpr: float, seed: int) -> ModelAudit:
-    """Membership (members = training split, non-members = audit holdout), calibration and
-    per-class accuracy of one model."""
+def reference_group(role: str) -> str:
+    """Which reference models an audited model is compared with: its own architecture's."""
+    return "teacher" if role == "teacher" else "student"
+
+
+def reference_cache_key(fingerprint: str, spec: ModelSpec, train: TrainConfig, index: int, seed: int) -> str:
+    code = code_version("models", "train.py", "data", "audit/reference.py")
+    payload = f"{fingerprint}|{spec.to_json()}|{train.model_dump_json()}|{index}|{seed}|{code}"
+    return "reference-" + hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def reference_plan(config: PipelineConfig, bundle: DataBundle) -> dict[str, tuple[ModelSpec, TrainConfig]]:
+    return {"teacher": (teacher_spec(config, bundle), config.teacher.train),
+            "student": (student_spec(config, bundle), config.student.train)}
+
+
+def train_reference_model(config: PipelineConfig, bundle: DataBundle, group: str, index: int,
+                          checkpoint: Path) -> str:
+    spec, train = reference_plan(config, bundle)[group]
+    samples = audit_samples(bundle, config.seed)
+    masks = reference_masks(config.audit.reference_models, len(samples.y_population), config.seed)
+    return str(train_reference(spec, train, samples.x_population, samples.y_population, masks[index],
+                               config.seed * 1000 + index, checkpoint))
+
+
+def audit_model(role: str, model, bundle: DataBundle, config: PipelineConfig,
+                references: list[str] | None = None) -> ModelAudit:
+    """Membership (LOSS, and RMIA + LiRA when reference models are given; members = training
+    subset, non-members = audit holdout), calibration and per-class accuracy of one model."""
+    audit = config.audit
+    samples = audit_samples(bundle, config.seed)
     logits = predict_logits(model.cpu(), bundle.x_test)
+    common = {"bootstrap": audit.bootstrap, "seed": config.seed, "member_labels": samples.y_members,
+              "non_member_labels": samples.y_non_members, "class_names": bundle.class_names}
+    attacks = {"loss": score_attack(-per_sample_loss(model, samples.x_members, samples.y_members),
+                                    -per_sample_loss(model, samples.x_non_members, samples.y_non_members),
+                                    audit.low_fpr, "loss", **common)}
+    if references:
+        target = signals(model, samples)
+        reference = signals([load_checkpoint(Path(path))[0] for path in references], samples)
+        masks = reference_masks(audit.reference_models, len(samples.y_population), config.seed)
+        attacks["rmia"] = score_attack(*rmia_scores(target, reference, masks, audit.rmia_a, audit.rmia_gamma),
+                                       audit.low_fpr, "rmia", **common)
+        attacks["lira"] = score_attack(*lira_scores(target, reference), audit.low_fpr, "lira", **common)
+    strongest = max(attacks.values(), key=lambda result: (result.tpr_at_low_fpr, result.auc))
     return ModelAudit(
         role=role,
         test_accuracy=float((logits.argmax(1) == bundle.y_test).mean()),
-        membership=loss_threshold_attack(model, bundle.x_train, bundle.y_train, bundle.x_holdout,
-                                         bundle.y_holdout, low_fpr=low_fpr, seed=seed),
+        membership=strongest,
         calibration=calibration(logits, bundle.y_test),
         per_class=per_class(logits.argmax(1), bundle.y_test, bundle.class_names),
+        attacks=attacks,
     )

@@ -16,7 +16,7 @@ from kdsec.data import DataBundle
 from kdsec.gates import GateVerdict
 from kdsec.stages import SELECTION_RULES, ModelAudit, TrainedModel
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def gate_metrics(teacher: TrainedModel, candidate: VariantMetrics, candidate_audit: ModelAudit, he: HEResult,
@@ -40,7 +40,7 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
                   models: list[TrainedModel], teacher_cache: str, variants: list[VariantMetrics],
                   candidate: VariantMetrics, selection: str, at_rest: AtRestResult, he: HEResult,
                   audits: list[ModelAudit], verdicts: list[GateVerdict], registry: dict,
-                  output_dir: Path) -> dict:
+                  output_dir: Path, audit_seconds: float = float("nan")) -> dict:
     by_role = {model.role: model for model in models}
     failed = [verdict.name for verdict in verdicts if not verdict.passed]
     return {
@@ -65,11 +65,22 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
         "at_rest": asdict(at_rest),
         "he": he.as_dict(),
         "audit": {audit.role: asdict(audit) for audit in audits},
+        "audit_timing": {"seconds": audit_seconds, "teacher_train_seconds": by_role["teacher"].train_seconds,
+                         "ratio_to_teacher_training": audit_seconds / max(by_role["teacher"].train_seconds, 1e-9)},
         "gates": {verdict.name: {"verdict": verdict.verdict, "checks": [asdict(check) for check in verdict.checks]}
                   for verdict in verdicts},
         "registry": registry,
         "output_dir": str(output_dir),
     }
+
+
+def audit_document(summary: dict) -> dict:
+    """``audit.json``: the review team's machine-readable audit, from the same data as the report."""
+    return {"schema_version": SCHEMA_VERSION, "run_id": summary["run_id"], "verdict": summary["verdict"],
+            "lineage": {"data": summary["data"], "config_digest": summary["config_digest"],
+                        "code_version": summary["code_version"]},
+            "gates": summary["gates"], "models": summary["audit"], "timing": summary["audit_timing"],
+            "candidate": summary["candidate"], "at_rest": summary["at_rest"], "he": summary["he"]}
 
 
 def write_summary(summary: dict, path: Path) -> Path:

@@ -23,7 +23,7 @@ from kdsec.config import PipelineConfig
 from kdsec.data import DataBundle, prepare_data
 from kdsec.distill import OfflineDistiller
 from kdsec.gates import GateVerdict
-from kdsec.summary import write_summary
+from kdsec.summary import audit_document, write_summary
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
 
@@ -73,9 +73,22 @@ def he_task(config: PipelineConfig, bundle: DataBundle, candidate: VariantMetric
     return stages.homomorphic_inference(config, bundle, candidate, package_dir)
 
 
+def _reference_key(context: TaskRunContext, parameters: dict) -> str:
+    config: PipelineConfig = parameters["config"]
+    spec, train = stages.reference_plan(config, parameters["bundle"])[parameters["group"]]
+    return stages.reference_cache_key(parameters["bundle"].fingerprint, spec, train, parameters["index"], config.seed)
+
+
+@task(name="train-reference", cache_key_fn=_reference_key, persist_result=True)
+def train_reference_task(config: PipelineConfig, bundle: DataBundle, group: str, index: int,
+                         checkpoint: Path) -> str:
+    return stages.train_reference_model(config, bundle, group, index, checkpoint)
+
+
 @task(name="audit", cache_policy=NO_CACHE)
-def audit_task(config: PipelineConfig, bundle: DataBundle, models: dict) -> list[stages.ModelAudit]:
-    return [stages.audit_model(role, model, bundle, config.audit.low_fpr, config.seed)
+def audit_task(config: PipelineConfig, bundle: DataBundle, models: dict,
+               references: dict[str, list[str]]) -> list[stages.ModelAudit]:
+    return [stages.audit_model(role, model, bundle, config, references.get(stages.reference_group(role)))
             for role, model in models.items()]
 
 
@@ -143,8 +156,10 @@ def report_task(parent_run_id: str, summary: dict, out_dir: Path) -> dict:
     report = render_report(summary, out_dir)
     summary = {**summary, "report": {"markdown": str(report.markdown), "html": str(report.html)}}
     summary_path = write_summary(summary, out_dir / "summary.json")
+    audit_path = write_summary(audit_document(summary), out_dir / "audit.json")
     client = MlflowClient()
     client.log_artifact(parent_run_id, str(summary_path))
+    client.log_artifact(parent_run_id, str(audit_path), artifact_path="report")
     for path in (report.markdown, report.html, *report.plots.values()):
         client.log_artifact(parent_run_id, str(path), artifact_path="report")
     create_markdown_artifact(key="kd-audit-report", markdown=report.markdown.read_text(),

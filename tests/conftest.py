@@ -28,6 +28,7 @@ SMALL_OVERRIDES = [
     "student.train.epochs=40", "student.train.patience=40",
     "compress.finetune_epochs=5", "compress.latency_repeats=3",
     "encrypt.he.max_samples=128", "encrypt.he.latency_samples=4",
+    "audit.reference_models=2", "audit.bootstrap=20",
     "gates.min_accuracy=0.85", "gates.max_drop=0.1",
 ]
 

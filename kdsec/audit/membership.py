@@ -28,6 +28,11 @@ class MembershipResult:
     non_members: int
     roc_fpr: list[float] = field(repr=False)
     roc_tpr: list[float] = field(repr=False)
+    tpr_at_0_1_fpr: float = float("nan")  # TPR at 0.1% FPR
+    balanced_accuracy: float = float("nan")  # best (TPR + TNR) / 2 over thresholds
+    auc_ci: tuple[float, float] = (float("nan"), float("nan"))  # bootstrap 95% interval
+    tpr_at_low_fpr_ci: tuple[float, float] = (float("nan"), float("nan"))
+    per_class_auc: dict[str, float] = field(default_factory=dict)
 
 
 def per_sample_loss(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -35,23 +40,54 @@ def per_sample_loss(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) ->
     return F.cross_entropy(logits, torch.as_tensor(labels), reduction="none").numpy()
 
 
-def score_attack(member_scores: np.ndarray, non_member_scores: np.ndarray, low_fpr: float,
-                 attack: str) -> MembershipResult:
-    """AUC and TPR at ``low_fpr`` of a score where higher means 'member'."""
+def _tpr_at(fpr: np.ndarray, tpr: np.ndarray, at: float) -> float:
+    return float(tpr[fpr <= at].max())
+
+
+def score_attack(member_scores: np.ndarray, non_member_scores: np.ndarray, low_fpr: float, attack: str,
+                 bootstrap: int = 0, seed: int = 0, member_labels: np.ndarray | None = None,
+                 non_member_labels: np.ndarray | None = None,
+                 class_names: list[str] | None = None) -> MembershipResult:
+    """AUC, TPR at ``low_fpr`` and 0.1% FPR, balanced accuracy of a score where higher means
+    'member'; with ``bootstrap`` > 0, 95% intervals from resampling members and non-members;
+    with labels, the AUC of each class."""
     truth = np.r_[np.ones(len(member_scores)), np.zeros(len(non_member_scores))]
     scores = np.r_[member_scores, non_member_scores]
     fpr, tpr, _ = roc_curve(truth, scores)
+    rng = np.random.default_rng(seed)
+    aucs, tprs = [], []
+    for _ in range(bootstrap):
+        members = rng.choice(member_scores, len(member_scores))
+        non_members = rng.choice(non_member_scores, len(non_member_scores))
+        boot_fpr, boot_tpr, _ = roc_curve(truth, np.r_[members, non_members])
+        aucs.append(roc_auc_score(truth, np.r_[members, non_members]))
+        tprs.append(_tpr_at(boot_fpr, boot_tpr, low_fpr))
+    per_class = {}
+    if member_labels is not None and class_names is not None:
+        for index, name in enumerate(class_names):
+            member_mask, non_member_mask = member_labels == index, non_member_labels == index
+            if member_mask.any() and non_member_mask.any():
+                per_class[name] = float(roc_auc_score(
+                    np.r_[np.ones(member_mask.sum()), np.zeros(non_member_mask.sum())],
+                    np.r_[member_scores[member_mask], non_member_scores[non_member_mask]]))
     # Thin the curve for plotting; the metrics use the full one.
     keep = np.unique(np.r_[0, np.linspace(0, len(fpr) - 1, min(len(fpr), 400)).astype(int)])
+    interval = (lambda values: (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))
+                if values else (float("nan"), float("nan")))
     return MembershipResult(
         attack=attack,
         auc=float(roc_auc_score(truth, scores)),
-        tpr_at_low_fpr=float(tpr[fpr <= low_fpr].max()),
+        tpr_at_low_fpr=_tpr_at(fpr, tpr, low_fpr),
         low_fpr=low_fpr,
         members=len(member_scores),
         non_members=len(non_member_scores),
         roc_fpr=fpr[keep].tolist(),
         roc_tpr=tpr[keep].tolist(),
+        tpr_at_0_1_fpr=_tpr_at(fpr, tpr, 0.001),
+        balanced_accuracy=float(((tpr + 1 - fpr) / 2).max()),
+        auc_ci=interval(aucs),
+        tpr_at_low_fpr_ci=interval(tprs),
+        per_class_auc=per_class,
     )
 
 

@@ -25,13 +25,19 @@ class Report:
 
 
 def _roc_plot(summary: dict) -> plt.Figure:
+    """Log-log ROC of each model's strongest attack: the low-FPR corner is where leakage shows."""
     figure, axis = plt.subplots(figsize=(5, 4.5))
     for role, audit in summary["audit"].items():
+        if role == "candidate":
+            continue
         membership = audit["membership"]
-        axis.plot(membership["roc_fpr"], membership["roc_tpr"], label=f"{role} (AUC {membership['auc']:.3f})")
-    axis.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="chance")
-    axis.set(xlabel="false-positive rate", ylabel="true-positive rate", title="Membership inference ROC (loss attack)")
-    axis.legend(fontsize=8)
+        points = [(f, t) for f, t in zip(membership["roc_fpr"], membership["roc_tpr"]) if f > 0 and t > 0]
+        if points:
+            axis.plot(*zip(*points), label=f"{role} ({membership['attack']}, AUC {membership['auc']:.3f})")
+    axis.plot([1e-3, 1], [1e-3, 1], "k--", linewidth=0.8, label="chance")
+    axis.set(xscale="log", yscale="log", xlim=(1e-3, 1), ylim=(1e-3, 1), xlabel="false-positive rate",
+             ylabel="true-positive rate", title="Membership inference ROC (strongest attack, log-log)")
+    axis.legend(fontsize=7)
     return figure
 
 

@@ -57,7 +57,16 @@ def test_passing_run_promotes_champion(in_store):
     assert summary["data"]["splits"] == {"train": 897, "val": 180, "test": 360, "holdout": 360}
     assert summary["models"]["teacher"]["test_accuracy"] > 0.9
     assert summary["he"]["agreement"] >= 0.99 and summary["he"]["samples"] == 128
-    assert {"teacher", "scratch_student", "kd_student", "candidate"} == set(summary["audit"])
+    assert {"teacher", "scratch_student", "kd_student", "candidate"} <= set(summary["audit"])
+    assert {f"variant:{v['name']}" for v in summary["variants"] if v["name"] != "dense"} <= set(summary["audit"])
+    candidate_audit = summary["audit"]["candidate"]
+    assert set(candidate_audit["attacks"]) == {"loss", "rmia", "lira"}
+    strongest = candidate_audit["membership"]
+    assert strongest["tpr_at_low_fpr"] == max(a["tpr_at_low_fpr"] for a in candidate_audit["attacks"].values())
+    assert summary["audit_timing"]["seconds"] > 0
+    audit_json = json.loads((Path(summary["output_dir"]) / "audit.json").read_text())
+    assert audit_json["models"]["candidate"]["membership"]["auc"] == strongest["auc"]
+    assert audit_json["lineage"]["data"]["fingerprint"] == summary["data"]["fingerprint"]
     assert Path(summary["report"]["html"]).read_text().count("data:image/png;base64") == 3
     assert json.loads(Path(summary["summary_path"]).read_text())["run_id"] == summary["run_id"]
 
