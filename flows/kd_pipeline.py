@@ -19,7 +19,7 @@ from kdsec.gates import evaluate_gates
 from kdsec.summary import build_summary, gate_metrics
 from tasks.stages import (at_rest_task, audit_task, compress_task, distill_task, he_task, prepare_data_task,
                           register_task, report_task, track_data_task, track_model_task, track_stage_task,
-                          train_reference_task, train_scratch_task, train_teacher_task)
+                          extraction_task, train_reference_task, train_scratch_task, train_teacher_task)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -45,20 +45,23 @@ def _teacher(config: PipelineConfig, bundle, cache_dir: Path) -> tuple[stages.Tr
 
 
 def _references(config: PipelineConfig, bundle, cache_dir: Path) -> dict[str, list[str]]:
-    """K reference models per architecture, trained as parallel tasks and cached like the
-    teacher (same data + architecture + training config + code → same models)."""
-    futures = {}
+    """K reference models per architecture, trained as parallel tasks (``audit.parallel_references``
+    at a time) and cached like the teacher: same data + architecture + training + code → same models."""
+    jobs = []
     for group, (spec, train) in stages.reference_plan(config, bundle).items():
         for index in range(config.audit.reference_models):
             key = stages.reference_cache_key(bundle.fingerprint, spec, train, index, config.seed)
-            checkpoint = cache_dir / "references" / key / "model.safetensors"
-            futures[group, index] = (train_reference_task.submit(config, bundle, group, index, checkpoint), checkpoint)
+            jobs.append((group, index, cache_dir / "references" / key / "model.safetensors"))
     references: dict[str, list[str]] = {}
-    for (group, index), (future, checkpoint) in futures.items():
-        path = future.result()
-        if not Path(path).is_file():  # a cache entry whose file is gone: train again
-            path = train_reference_task.with_options(refresh_cache=True)(config, bundle, group, index, checkpoint)
-        references.setdefault(group, []).append(path)
+    width = config.audit.parallel_references
+    for start in range(0, len(jobs), width):
+        wave = [(job, train_reference_task.submit(config, bundle, job[0], job[1], job[2]))
+                for job in jobs[start:start + width]]
+        for (group, index, checkpoint), future in wave:
+            path = future.result()
+            if not Path(path).is_file():  # a cache entry whose file is gone: train again
+                path = train_reference_task.with_options(refresh_cache=True)(config, bundle, group, index, checkpoint)
+            references.setdefault(group, []).append(path)
     return references
 
 
@@ -130,8 +133,12 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
         references = _references(cfg, bundle, Path(cfg.tracking.cache_dir))
         models = {"teacher": teacher.load(), "scratch_student": scratch.load(), "kd_student": student.load()}
         models.update({f"variant:{v.name}": stages.load_variant(v) for v in variants if v.name != "dense"})
-        audits = audit_task(cfg, bundle, models, references)
+        # int8 variants have no gradients: FGSM examples are crafted on the float model they came from.
+        surrogates = {role: models[stages.variant_source_role(role)] for role in models
+                      if stages.variant_source_role(role) in models}
+        audits = audit_task(cfg, bundle, models, references, surrogates)
         candidate_role = "kd_student" if candidate.name == "dense" else f"variant:{candidate.name}"
+        extraction = extraction_task(cfg, bundle, models[candidate_role])
         audits.append(replace(next(a for a in audits if a.role == candidate_role), role="candidate"))
         audit_seconds = time.perf_counter() - audit_started
         by_role = {audit.role: audit for audit in audits}
@@ -141,6 +148,8 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
                              for metric in ("auc", "tpr_at_low_fpr", "tpr_at_0_1_fpr", "balanced_accuracy")},
                           **{f"{a.role}.ece": a.calibration.ece for a in audits},
                           **{f"{a.role}.worst_class_gap": a.per_class.worst_class_gap for a in audits},
+                          **{f"extraction.{r.defense}.{m}": getattr(r, m) for r in extraction
+                             for m in ("stolen_accuracy", "fidelity")},
                           "audit_seconds": audit_seconds,
                           "audit_to_teacher_train_ratio": audit_seconds / max(teacher.train_seconds, 1e-9)},
                          {"models": list(by_role), "reference_models": cfg.audit.reference_models})
@@ -148,12 +157,14 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
                     audit_seconds, audit_seconds / max(teacher.train_seconds, 1e-9), by_role["candidate"].membership.attack,
                     by_role["candidate"].membership.auc, cfg.audit.low_fpr, by_role["candidate"].membership.tpr_at_low_fpr)
 
-        metrics = gate_metrics(teacher, candidate, by_role["candidate"], he, at_rest)
+        metrics = gate_metrics(teacher, candidate, by_role["candidate"], he, at_rest, extraction)
         verdicts = evaluate_gates(metrics, cfg.gates)
         for name, value in metrics.items():
             client.log_metric(parent, name, float(value))
         for verdict in verdicts:
             client.set_tag(parent, f"gate.{verdict.name}", verdict.verdict)
+            if verdict.warnings:
+                client.set_tag(parent, f"gate.{verdict.name}.warn", ",".join(verdict.warnings))
         registration = register_task(cfg, parent, bundle, candidate, verdicts,
                                      {"data.fingerprint": bundle.fingerprint, "candidate.variant": candidate.name,
                                       "package.version": parent, "package.kek_id": at_rest.kek_id,
@@ -164,7 +175,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
             run_id=parent, config_digest=cfg.digest(), code_version=stages.code_version("."), bundle=bundle,
             models=[teacher, scratch, student], teacher_cache=cache, variants=variants, candidate=candidate,
             selection=cfg.compress.selection, at_rest=at_rest, he=he, audits=audits, verdicts=verdicts,
-            registry=registration, output_dir=out_dir, audit_seconds=audit_seconds)
+            registry=registration, output_dir=out_dir, audit_seconds=audit_seconds, extraction=extraction)
         summary = report_task(parent, summary, out_dir)
         client.set_tag(parent, "gates", summary["verdict"])
         succeeded = True

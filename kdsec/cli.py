@@ -72,8 +72,9 @@ def _print_summary(summary: dict) -> None:
     for name, gate in summary["gates"].items():
         for check in gate["checks"]:
             value = "missing" if check["value"] is None else f"{check['value']:.4f}"
-            style = "green" if check["passed"] else "bold red"
-            table.add_row(name, f"[{style}]{'pass' if check['passed'] else 'fail'}[/]", check["metric"], value,
+            level = check.get("level", "pass" if check["passed"] else "fail")
+            style = {"pass": "green", "warn": "yellow", "fail": "bold red"}.get(level, "dim")
+            table.add_row(name, f"[{style}]{level}[/]", check["metric"], value,
                           f"{check['direction']} {check['threshold']:.4f}")
     console.print(table)
     models = summary["models"]
@@ -82,6 +83,14 @@ def _print_summary(summary: dict) -> None:
         f"{models['scratch_student']['test_accuracy']:.4f} · KD student {models['kd_student']['test_accuracy']:.4f}"
         f" · candidate [b]{summary['candidate']['variant']}[/] {summary['candidate']['test_accuracy']:.4f}"
         f" (teacher cache: {summary['teacher_cache']})")
+    candidate_audit = summary["audit"]["candidate"]["membership"]
+    console.print(f"audit: strongest membership attack on the candidate: {candidate_audit['attack']} "
+                  f"(AUC {candidate_audit['auc']:.3f}, TPR {candidate_audit['tpr_at_low_fpr']:.3f} at "
+                  f"{candidate_audit['low_fpr']} FPR); {summary['audit_timing']['seconds']:.1f} s, "
+                  f"{summary['audit_timing']['ratio_to_teacher_training']:.2f}× teacher training")
+    for result in summary.get("extraction", []):
+        console.print(f"extraction ({result['defense']}): copy accuracy {result['stolen_accuracy']:.4f}, "
+                      f"fidelity {result['fidelity']:.4f}")
     he = summary["he"]
     for run in he["runs"]:
         console.print(f"HE {run['mode']} ({run['path']}): agreement {run['agreement']:.4f}, "

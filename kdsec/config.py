@@ -106,9 +106,14 @@ class EncryptConfig(Section):
 class AuditConfig(Section):
     low_fpr: Fraction = 0.01
     reference_models: Annotated[int, Field(ge=0, le=64)] = 8  # K for RMIA/LiRA; 0 = LOSS attack only
+    parallel_references: Annotated[int, Field(ge=1, le=64)] = 2  # reference-training tasks run at once
     rmia_a: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3  # offline RMIA interpolation (Zarifzadeh et al.)
     rmia_gamma: Annotated[float, Field(gt=0.0)] = 1.0  # likelihood-ratio margin against population samples
     bootstrap: Annotated[int, Field(ge=0, le=5000)] = 200  # resamples for 95% confidence intervals
+    fgsm_epsilons: list[Annotated[float, Field(ge=0.0, le=1.0)]] = [0.0, 0.05, 0.1, 0.2]  # on [0, 1] inputs
+    extraction_queries: Annotated[int, Field(ge=0)] = 500  # attacker's query budget (0 = skip the attack)
+    extraction_source: Literal["population", "noise"] = "population"  # what the attacker queries with
+    extraction_decimals: Annotated[int, Field(ge=0, le=6)] = 1  # the "rounded probabilities" defense
 
 
 class GatesConfig(Section):
@@ -117,6 +122,23 @@ class GatesConfig(Section):
     max_auc: Annotated[float, Field(ge=0.0, le=1.0)] = 0.6
     max_tpr: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     min_he_agreement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.99
+    # Warn levels: past them the gate still passes but the report and the version tags say "warn".
+    warn_auc: Annotated[float, Field(ge=0.0, le=1.0)] = 0.55
+    warn_tpr: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    # Extraction (fidelity of a knockoff copy of the served top-1 interface) and calibration gates.
+    max_extraction_fidelity: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    warn_extraction_fidelity: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
+    max_ece: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    warn_ece: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+
+    @model_validator(mode="after")
+    def _warn_before_fail(self):
+        for warn, fail in (("warn_auc", "max_auc"), ("warn_tpr", "max_tpr"),
+                           ("warn_extraction_fidelity", "max_extraction_fidelity"), ("warn_ece", "max_ece")):
+            if getattr(self, warn) > getattr(self, fail):
+                raise ValueError(f"gates.{warn} ({getattr(self, warn)}) must not exceed gates.{fail} "
+                                 f"({getattr(self, fail)})")
+        return self
 
 
 class TrackingConfig(Section):

@@ -100,6 +100,7 @@ def register_candidate(model_uri: str, model_name: str, verdicts: list[GateVerdi
         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
             raise
     tags = {f"gate.{verdict.name}": verdict.verdict for verdict in verdicts}
+    tags.update({f"gate.{verdict.name}.warn": ",".join(verdict.warnings) for verdict in verdicts if verdict.warnings})
     tags["gates"] = "pass" if all_passed(verdicts) else "fail"
     tags.update(extra_tags)
     version = client.create_model_version(model_name, model_uri, run_id=run_id, tags=tags)

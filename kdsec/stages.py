@@ -12,10 +12,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from kdsec.audit.membership import MembershipResult, per_sample_loss, score_attack
 from kdsec.audit.reference import (audit_samples, lira_scores, reference_masks, rmia_scores, signals,
                                   train_reference)
-from kdsec.audit.trust import Calibration, PerClass, calibration, per_class
+from kdsec.audit.extraction import ExtractionResult, extraction_attack
+from kdsec.audit.trust import (Calibration, PerClass, Robustness, TemperatureScaling, calibration, fgsm_robustness,
+                               per_class, temperature_scaling)
 from kdsec.compress import (VariantMetrics, global_magnitude_prune, load_int8, load_weights, measure_variant,
                             quantize_dynamic_int8, save_int8, weights_format)
 from kdsec.config import CompressConfig, GatesConfig, PipelineConfig, TeacherConfig, TrainConfig
@@ -210,6 +214,16 @@ class ModelAudit:
     calibration: Calibration
     per_class: PerClass
     attacks: dict[str, MembershipResult] = field(default_factory=dict)
+    temperature: TemperatureScaling | None = None
+    robustness: Robustness | None = None
+
+
+def variant_source_role(role: str) -> str | None:
+    """The audited role an int8 variant was quantized from (``variant:pruned50_int8`` → ``variant:pruned50``)."""
+    if not role.endswith("int8"):
+        return None
+    source = role.removeprefix("variant:").removesuffix("int8").rstrip("_")
+    return f"variant:{source}" if source else "kd_student"
 
 
 def reference_group(role: str) -> str:
@@ -238,9 +252,10 @@ def train_reference_model(config: PipelineConfig, bundle: DataBundle, group: str
 
 
 def audit_model(role: str, model, bundle: DataBundle, config: PipelineConfig,
-                references: list[str] | None = None) -> ModelAudit:
+                references: list[str] | None = None, surrogate=None) -> ModelAudit:
     """Membership (LOSS, and RMIA + LiRA when reference models are given; members = training
-    subset, non-members = audit holdout), calibration and per-class accuracy of one model."""
+    subset, non-members = audit holdout), calibration before/after temperature scaling,
+    per-class accuracy and FGSM robustness (crafted on ``surrogate`` if the model has no gradients)."""
     audit = config.audit
     samples = audit_samples(bundle, config.seed)
     logits = predict_logits(model.cpu(), bundle.x_test)
@@ -264,4 +279,25 @@ def audit_model(role: str, model, bundle: DataBundle, config: PipelineConfig,
         calibration=calibration(logits, bundle.y_test),
         per_class=per_class(logits.argmax(1), bundle.y_test, bundle.class_names),
         attacks=attacks,
+        temperature=temperature_scaling(predict_logits(model.cpu(), bundle.x_val), bundle.y_val, logits,
+                                        bundle.y_test),
+        robustness=fgsm_robustness(model, bundle.x_test, bundle.y_test, list(audit.fgsm_epsilons), surrogate,
+                                   "its float source"),
     )
+
+
+def extraction_audit(config: PipelineConfig, bundle: DataBundle, victim) -> list[ExtractionResult]:
+    """A knockoff attacker with ``audit.extraction_queries`` queries against the candidate;
+    the copy is the student architecture, evaluated on the audit holdout (never queried)."""
+    audit = config.audit
+    if not audit.extraction_queries:
+        return []
+    rng = np.random.default_rng(config.seed)
+    if audit.extraction_source == "population":
+        pool = audit_samples(bundle, config.seed).x_population
+        queries = pool[rng.choice(len(pool), size=min(audit.extraction_queries, len(pool)), replace=False)]
+    else:
+        queries = rng.uniform(0.0, 1.0, size=(audit.extraction_queries, *bundle.input_shape)).astype(np.float32)
+    return extraction_attack(victim, queries, audit.extraction_source, bundle.x_holdout, bundle.y_holdout,
+                             student_spec(config, bundle), config.student.train, audit.extraction_decimals,
+                             config.seed)

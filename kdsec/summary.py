@@ -20,9 +20,12 @@ SCHEMA_VERSION = 3
 
 
 def gate_metrics(teacher: TrainedModel, candidate: VariantMetrics, candidate_audit: ModelAudit, he: HEResult,
-                 at_rest: AtRestResult) -> dict[str, float]:
+                 at_rest: AtRestResult, extraction: list = ()) -> dict[str, float]:
     """The flat metric names that gates refer to (see kdsec.gates.GATE_CHECKS)."""
+    served = [result.fidelity for result in extraction if result.defense == "top1"]
     return {
+        **({"candidate.extraction_fidelity_top1": served[0]} if served else {}),
+        "candidate.ece": candidate_audit.calibration.ece,
         "candidate.test_accuracy": candidate.test_accuracy,
         "candidate.accuracy_drop_vs_teacher": teacher.test_accuracy - candidate.test_accuracy,
         "candidate.membership_auc": candidate_audit.membership.auc,
@@ -40,7 +43,7 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
                   models: list[TrainedModel], teacher_cache: str, variants: list[VariantMetrics],
                   candidate: VariantMetrics, selection: str, at_rest: AtRestResult, he: HEResult,
                   audits: list[ModelAudit], verdicts: list[GateVerdict], registry: dict,
-                  output_dir: Path, audit_seconds: float = float("nan")) -> dict:
+                  output_dir: Path, audit_seconds: float = float("nan"), extraction: list = ()) -> dict:
     by_role = {model.role: model for model in models}
     failed = [verdict.name for verdict in verdicts if not verdict.passed]
     return {
@@ -65,10 +68,12 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
         "at_rest": asdict(at_rest),
         "he": he.as_dict(),
         "audit": {audit.role: asdict(audit) for audit in audits},
+        "extraction": [asdict(result) for result in extraction],
         "audit_timing": {"seconds": audit_seconds, "teacher_train_seconds": by_role["teacher"].train_seconds,
                          "ratio_to_teacher_training": audit_seconds / max(by_role["teacher"].train_seconds, 1e-9)},
-        "gates": {verdict.name: {"verdict": verdict.verdict, "checks": [asdict(check) for check in verdict.checks]}
-                  for verdict in verdicts},
+        "gates": {verdict.name: {"verdict": verdict.verdict, "level": verdict.level, "warnings": verdict.warnings,
+                                 "checks": [asdict(check) for check in verdict.checks]} for verdict in verdicts},
+        "warnings": [metric for verdict in verdicts for metric in verdict.warnings],
         "registry": registry,
         "output_dir": str(output_dir),
     }
@@ -79,7 +84,8 @@ def audit_document(summary: dict) -> dict:
     return {"schema_version": SCHEMA_VERSION, "run_id": summary["run_id"], "verdict": summary["verdict"],
             "lineage": {"data": summary["data"], "config_digest": summary["config_digest"],
                         "code_version": summary["code_version"]},
-            "gates": summary["gates"], "models": summary["audit"], "timing": summary["audit_timing"],
+            "gates": summary["gates"], "models": summary["audit"], "extraction": summary["extraction"],
+            "timing": summary["audit_timing"],
             "candidate": summary["candidate"], "at_rest": summary["at_rest"], "he": summary["he"]}
 
 

@@ -86,10 +86,16 @@ def train_reference_task(config: PipelineConfig, bundle: DataBundle, group: str,
 
 
 @task(name="audit", cache_policy=NO_CACHE)
-def audit_task(config: PipelineConfig, bundle: DataBundle, models: dict,
-               references: dict[str, list[str]]) -> list[stages.ModelAudit]:
-    return [stages.audit_model(role, model, bundle, config, references.get(stages.reference_group(role)))
+def audit_task(config: PipelineConfig, bundle: DataBundle, models: dict, references: dict[str, list[str]],
+               surrogates: dict) -> list[stages.ModelAudit]:
+    return [stages.audit_model(role, model, bundle, config, references.get(stages.reference_group(role)),
+                               surrogates.get(role))
             for role, model in models.items()]
+
+
+@task(name="extraction-attack", cache_policy=NO_CACHE)
+def extraction_task(config: PipelineConfig, bundle: DataBundle, victim):
+    return stages.extraction_audit(config, bundle, victim)
 
 
 # --- tracking -------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ GOOD = {
     "candidate.membership_auc": 0.52, "candidate.membership_tpr_at_low_fpr": 0.01,
     "he.agreement": 1.0, "at_rest.roundtrip_exact": 1.0, "at_rest.tamper_rejected": 1.0,
     "at_rest.wrong_key_rejected": 1.0, "at_rest.manifest_tamper_rejected": 1.0, "at_rest.unsigned_rejected": 1.0,
+    "candidate.extraction_fidelity_top1": 0.9, "candidate.ece": 0.02,
 }
 
 
 def test_all_gates_pass_on_good_metrics():
     verdicts = evaluate_gates(GOOD, GatesConfig())
-    assert [v.name for v in verdicts] == ["accuracy", "membership", "he", "at_rest"]
+    assert [v.name for v in verdicts] == ["accuracy", "membership", "he", "at_rest", "extraction", "calibration"]
     assert all_passed(verdicts)
 
 
@@ -23,6 +24,7 @@ def test_each_gate_fails_alone_and_names_itself():
         "membership": {"candidate.membership_auc": 0.7},
         "he": {"he.agreement": 0.9},
         "at_rest": {"at_rest.tamper_rejected": 0.0},
+        "calibration": {"candidate.ece": math.nan},
     }
     for gate, change in breaking.items():
         verdicts = evaluate_gates({**GOOD, **change}, GatesConfig())
@@ -41,3 +43,29 @@ def test_thresholds_come_from_config():
     verdicts = evaluate_gates(GOOD, GatesConfig(min_accuracy=0.99))
     accuracy = next(v for v in verdicts if v.name == "accuracy")
     assert not accuracy.passed and accuracy.checks[0].threshold == 0.99
+
+
+def test_warn_level_passes_but_is_reported():
+    verdicts = {v.name: v for v in evaluate_gates({**GOOD, "candidate.membership_auc": 0.57,
+                                                    "candidate.extraction_fidelity_top1": 0.97}, GatesConfig())}
+    assert all_passed(verdicts.values())
+    assert verdicts["membership"].level == "warn" and verdicts["membership"].warnings == ["candidate.membership_auc"]
+    assert verdicts["extraction"].level == "warn" and verdicts["accuracy"].level == "pass"
+    failing = {v.name: v for v in evaluate_gates({**GOOD, "candidate.extraction_fidelity_top1": 0.97},
+                                                 GatesConfig(max_extraction_fidelity=0.96, warn_extraction_fidelity=0.9))}
+    assert failing["extraction"].level == "fail"
+
+
+def test_optional_gate_is_skipped_when_its_stage_is_off():
+    metrics = {k: v for k, v in GOOD.items() if k != "candidate.extraction_fidelity_top1"}
+    extraction = next(v for v in evaluate_gates(metrics, GatesConfig()) if v.name == "extraction")
+    assert extraction.passed and extraction.checks[0].level == "skipped"
+
+
+def test_warn_above_fail_is_a_config_error():
+    import pytest
+
+    from kdsec.config import config_from_dict
+    from kdsec.errors import ConfigError
+    with pytest.raises(ConfigError, match="warn_auc"):
+        config_from_dict({"gates": {"warn_auc": 0.7, "max_auc": 0.6}})

@@ -15,6 +15,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 
 _ENV = Environment(loader=PackageLoader("kdsec.audit", "templates"), autoescape=select_autoescape(["html"]),
                    trim_blocks=True, lstrip_blocks=True)
+_ENV.globals["zip"] = zip
 
 
 @dataclass(frozen=True)

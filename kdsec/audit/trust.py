@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,3 +54,63 @@ def per_class(predictions: np.ndarray, labels: np.ndarray, class_names: list[str
     worst = min(scores, key=scores.get)
     return PerClass(accuracy=scores, worst_class=worst,
                     worst_class_gap=float((predictions == labels).mean() - scores[worst]))
+
+
+@dataclass(frozen=True)
+class TemperatureScaling:
+    temperature: float  # fitted on the validation split by minimizing NLL
+    ece_before: float
+    ece_after: float
+    after: Calibration
+
+
+def temperature_scaling(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray,
+                        test_labels: np.ndarray) -> TemperatureScaling:
+    """Fit one temperature T on validation logits (Guo et al. 2017), report test ECE before/after."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    def nll(log_t: float) -> float:
+        scaled = log_softmax(val_logits.astype(np.float64) / np.exp(log_t), axis=1)
+        return float(-scaled[np.arange(len(val_labels)), val_labels].mean())
+
+    temperature = float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+    after = calibration(test_logits / temperature, test_labels)
+    return TemperatureScaling(temperature, calibration(test_logits, test_labels).ece, after.ece, after)
+
+
+@dataclass(frozen=True)
+class Robustness:
+    epsilons: list[float]
+    accuracy: list[float]  # accuracy on FGSM examples at each epsilon (epsilon 0 = clean)
+    source: str  # "white-box", or the surrogate the examples were crafted on (transfer)
+
+
+def fgsm_robustness(model, inputs: np.ndarray, labels: np.ndarray, epsilons: list[float],
+                    surrogate=None, surrogate_name: str = "surrogate") -> Robustness:
+    """Accuracy under the fast gradient sign method on inputs scaled to [0, 1]. A model without
+    gradients (e.g. dynamically quantized int8) is attacked with examples crafted on
+    ``surrogate`` (its float source), which is a transfer attack and says so."""
+    import torch
+    from torch.nn import functional as F
+
+    x = torch.as_tensor(inputs, dtype=torch.float32).requires_grad_(True)
+    y = torch.as_tensor(labels)
+    source = "white-box"
+    loss = F.cross_entropy(model.cpu().eval()(x), y)
+    if loss.requires_grad:
+        with warnings.catch_warnings():  # quantized ops warn that they have no gradient
+            warnings.simplefilter("ignore")
+            loss.backward()
+    if x.grad is None or not x.grad.any():
+        if surrogate is None:
+            raise ValueError("the model has no input gradients (e.g. int8); pass its float source as surrogate")
+        source, x.grad = f"transfer from {surrogate_name}", None
+        F.cross_entropy(surrogate.cpu().eval()(x), y).backward()
+    direction = x.grad.sign()
+    accuracy = []
+    with torch.no_grad():
+        for epsilon in epsilons:
+            adversarial = (x + epsilon * direction).clamp(0.0, 1.0)
+            accuracy.append(float((model(adversarial).argmax(1) == y).float().mean()))
+    return Robustness(list(epsilons), accuracy, source)
