@@ -62,7 +62,8 @@ def run(
     except Exception as exc:  # noqa: BLE001 - the last line a user sees must say what broke
         raise _fail(f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
     _print_summary(summary)
-    raise typer.Exit(EXIT_PROMOTED if summary["promoted"] else EXIT_GATE_FAILED)
+    passed = summary["promoted"] or summary["registry"].get("awaiting_review")
+    raise typer.Exit(EXIT_PROMOTED if passed else EXIT_GATE_FAILED)
 
 
 def _print_summary(summary: dict) -> None:
@@ -99,6 +100,10 @@ def _print_summary(summary: dict) -> None:
     if summary["promoted"]:
         console.print(f"[green]promoted[/]: {registry['model']} version {registry['version']} is now "
                       f"'{registry['alias']}'")
+    elif registry.get("awaiting_review"):
+        console.print(f"[yellow]awaiting review[/]: every gate passed; {registry['model']} version "
+                      f"{registry['version']} is '{registry['candidate_alias']}'. Approve with: kdsec review approve "
+                      f"{registry['version']} --reviewer NAME --comment TEXT")
     else:
         console.print(f"[red]not promoted[/]: gate(s) failed: {', '.join(summary['failed_gates'])}; "
                       f"'{registry['alias']}' stays at version {registry['previous_champion'] or 'none'} "
@@ -261,6 +266,114 @@ def keygen(
     except KdsecError as exc:
         raise _fail(str(exc)) from None
     console.print(f"[green]created[/] {kind} key {path}")
+
+
+# --- team review -------------------------------------------------------------------------------
+
+
+def _tracking(config: Optional[Path]):
+    import mlflow
+
+    from kdsec.registry import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return load_config(config, []).tracking
+
+
+@app.command("review")
+def review_command(
+    decision: Annotated[str, typer.Argument(help="approve or reject")],
+    version: Annotated[str, typer.Argument(help="model version number")],
+    reviewer: Annotated[str, typer.Option(help="who decides (recorded as a version tag)")],
+    comment: Annotated[str, typer.Option(help="why (recorded as a version tag)")] = "",
+    config: ConfigOption = None,
+) -> None:
+    """Record a review decision on a version; approving a version that passed its gates makes it champion."""
+    from kdsec import registry
+
+    try:
+        tracking = _tracking(config)
+        result = registry.review(tracking.registered_model, version, decision, reviewer, comment, tracking.alias,
+                                 tracking.candidate_alias)
+    except KdsecError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"version {result['version']}: [b]{result['status']}[/] by {reviewer}; "
+                  f"'{tracking.alias}' is version {result['champion'] or 'none'}")
+
+
+@app.command("report")
+def report_command(
+    version: Annotated[str, typer.Argument(help="model version (or an alias, e.g. champion)")] = "champion",
+    compare: Annotated[Optional[str], typer.Option(help="another version to compare side by side")] = None,
+    out: Annotated[Path, typer.Option(help="where to put the downloaded reports")] = Path("outputs/reports"),
+    open_browser: Annotated[bool, typer.Option("--open", help="open the HTML report")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Fetch a version's audit report (HTML, Markdown, audit.json); with --compare, a side-by-side table."""
+    from kdsec import registry
+    from kdsec.review import compare_versions, fetch_report
+
+    try:
+        tracking = _tracking(config)
+        name = tracking.registered_model
+
+        def number(text: str) -> str:
+            return text if text.isdigit() else registry.resolve_version(f"models:/{name}@{text}")[1]
+
+        first = number(version)
+        paths = fetch_report(name, first, out)
+        rows = compare_versions(name, first, number(compare), out) if compare else None
+    except KdsecError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"{name} v{first} (run {paths['run_id']}):\n  {paths['html']}\n  {paths['markdown']}\n"
+                  f"  {paths['audit']}")
+    if rows:
+        table = Table(title=f"{name}: v{first} vs v{number(compare)}", title_justify="left")
+        for column in ("metric", f"v{first}", f"v{number(compare)}"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        for label, left, right in rows:
+            cell = (lambda v: "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
+            style = "" if left == right else "[yellow]"
+            table.add_row(label, f"{style}{cell(left)}", f"{style}{cell(right)}")
+        console.print(table)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(paths["html"].resolve().as_uri())
+
+
+@app.command("audit")
+def audit_command(
+    model_uri: Annotated[str, typer.Option("--model-uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")],
+    out: Annotated[Path, typer.Option(help="where audit.json goes")] = Path("outputs"),
+) -> None:
+    """Re-audit one registered version alone (membership with reference models, extraction, trust)."""
+    from kdsec.review import reaudit
+
+    try:
+        result = reaudit(model_uri, out)
+    except KdsecError as exc:
+        raise _fail(str(exc)) from None
+    audit = result["audit"]
+    table = Table(title=f"{result['name']} v{result['version']}: membership", title_justify="left")
+    for column in ("attack", "AUC", "AUC 95% CI", f"TPR @ {audit.membership.low_fpr} FPR", "TPR @ 0.001 FPR"):
+        table.add_column(column, justify="left" if column == "attack" else "right")
+    for name, attack in audit.attacks.items():
+        table.add_row(name + (" (strongest)" if name == audit.membership.attack else ""), f"{attack.auc:.4f}",
+                      f"[{attack.auc_ci[0]:.3f}, {attack.auc_ci[1]:.3f}]", f"{attack.tpr_at_low_fpr:.4f}",
+                      f"{attack.tpr_at_0_1_fpr:.4f}")
+    console.print(table)
+    for extraction in result["extraction"]:
+        console.print(f"extraction ({extraction.defense}): copy accuracy {extraction.stolen_accuracy:.4f}, "
+                      f"fidelity {extraction.fidelity:.4f}")
+    console.print(f"ECE {audit.calibration.ece:.4f} (after temperature {audit.temperature.temperature:.2f}: "
+                  f"{audit.temperature.ece_after:.4f}); FGSM accuracy "
+                  + ", ".join(f"ε={e}: {a:.3f}" for e, a in zip(audit.robustness.epsilons, audit.robustness.accuracy)))
+    failed = [v.name for v in result["verdicts"] if not v.passed]
+    console.print(("[red]failed: " + ", ".join(failed)) if failed else "[green]membership, extraction and "
+                  "calibration gates pass[/]")
+    console.print(f"audit: {result['path']}")
+    raise typer.Exit(EXIT_GATE_FAILED if failed else EXIT_PROMOTED)
 
 
 @app.command("show-config")

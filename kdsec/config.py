@@ -147,6 +147,10 @@ class TrackingConfig(Section):
     alias: str = "champion"
     output_dir: str = "outputs"
     cache_dir: str = ".kdsec/cache"
+    # With approval required, a version that passes every gate gets `candidate_alias` and waits for
+    # `kdsec review approve`, which moves `alias` (champion) to it.
+    require_approval: bool = False
+    candidate_alias: str = "candidate"
 
 
 class PipelineConfig(Section):

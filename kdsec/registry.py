@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import kdsec
+from kdsec.errors import KdsecError
 from kdsec.gates import GateVerdict, all_passed
 
 PACKAGE_DIR = Path(kdsec.__file__).resolve().parent
@@ -113,3 +114,77 @@ def promote(model_name: str, version: str, alias: str, verdicts: list[GateVerdic
         return False
     MlflowClient().set_registered_model_alias(model_name, alias, version)
     return True
+
+
+def mark_candidate(model_name: str, version: str, candidate_alias: str) -> None:
+    """Gates passed but promotion waits for a reviewer: alias ``candidate_alias``, review pending."""
+    client = MlflowClient()
+    client.set_registered_model_alias(model_name, candidate_alias, version)
+    client.set_model_version_tag(model_name, version, "review.status", "pending")
+
+
+def _version(model_name: str, version: str):
+    try:
+        return MlflowClient().get_model_version(model_name, str(version))
+    except MlflowException:
+        raise KdsecError(f"model '{model_name}' has no version {version} in {tracking_uri()}") from None
+
+
+def review(model_name: str, version: str, decision: str, reviewer: str, comment: str, champion_alias: str,
+           candidate_alias: str) -> dict:
+    """Record a reviewer's decision as version tags; approval of a version that passed every gate
+    moves ``champion_alias`` to it. A rejected or approved version loses ``candidate_alias``."""
+    from datetime import datetime, timezone
+
+    if decision not in ("approve", "reject"):
+        raise KdsecError(f"decision must be 'approve' or 'reject', not '{decision}'")
+    if not reviewer.strip():
+        raise KdsecError("--reviewer must name who decided")
+    details = _version(model_name, version)
+    if decision == "approve" and details.tags.get("gates") != "pass":
+        raise KdsecError(f"version {version} did not pass its gates (gates={details.tags.get('gates')}); "
+                         "it cannot be approved into champion")
+    client = MlflowClient()
+    status = "approved" if decision == "approve" else "rejected"
+    for key, value in {"review.status": status, "review.reviewer": reviewer, "review.comment": comment,
+                       "review.time": datetime.now(timezone.utc).isoformat(timespec="seconds")}.items():
+        client.set_model_version_tag(model_name, str(version), key, value)
+    if decision == "approve":
+        client.set_registered_model_alias(model_name, champion_alias, str(version))
+    try:
+        if client.get_model_version_by_alias(model_name, candidate_alias).version == str(version):
+            client.delete_registered_model_alias(model_name, candidate_alias)
+    except MlflowException:
+        pass
+    return {"version": str(version), "status": status, "champion": champion_version(model_name, champion_alias)}
+
+
+def resolve_version(model_uri: str) -> tuple[str, str]:
+    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` → (name, version)."""
+    if not model_uri.startswith("models:/"):
+        raise KdsecError(f"'{model_uri}' is not a registry URI (expected models:/NAME/VERSION or models:/NAME@ALIAS)")
+    rest = model_uri.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        try:
+            return name, MlflowClient().get_model_version_by_alias(name, alias).version
+        except MlflowException:
+            raise KdsecError(f"model '{name}' has no alias '{alias}'") from None
+    name, _, version = rest.partition("/")
+    if not version:
+        raise KdsecError(f"'{model_uri}' names no version (expected models:/NAME/VERSION)")
+    return name, _version(name, version).version
+
+
+def version_pipeline_run(model_name: str, version: str) -> str:
+    """The kd-pipeline parent run that produced a version (its summary, report and config)."""
+    run = MlflowClient().get_run(_version(model_name, version).run_id)
+    return run.data.tags.get("mlflow.parentRunId", run.info.run_id)
+
+
+def download_run_artifact(run_id: str, path: str, destination: Path) -> Path:
+    destination.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(MlflowClient().download_artifacts(run_id, path, str(destination)))
+    except (MlflowException, OSError) as exc:
+        raise KdsecError(f"run {run_id} has no artifact '{path}' ({str(exc).splitlines()[0]})") from None

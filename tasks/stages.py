@@ -151,10 +151,16 @@ def register_task(config: PipelineConfig, parent_run_id: str, bundle: DataBundle
                                                bundle.input_scale, bundle.class_names)
         version = registry.register_candidate(model_uri, tracking.registered_model, verdicts,
                                               run.info.run_id, extra_tags)
-    promoted = registry.promote(tracking.registered_model, version, tracking.alias, verdicts)
+    awaiting_review = tracking.require_approval and all(verdict.passed for verdict in verdicts)
+    if awaiting_review:
+        registry.mark_candidate(tracking.registered_model, version, tracking.candidate_alias)
+        promoted = False
+    else:
+        promoted = registry.promote(tracking.registered_model, version, tracking.alias, verdicts)
     return {"model": tracking.registered_model, "version": version, "model_uri": model_uri,
-            "alias": tracking.alias, "promoted": promoted, "previous_champion": previous,
-            "champion": version if promoted else previous}
+            "alias": tracking.alias, "promoted": promoted, "awaiting_review": awaiting_review,
+            "candidate_alias": tracking.candidate_alias if awaiting_review else None,
+            "previous_champion": previous, "champion": version if promoted else previous}
 
 
 @task(name="publish-report", cache_policy=NO_CACHE, **IO_RETRIES)

@@ -98,3 +98,20 @@ def load_weights(path: Path) -> tuple[nn.Module, ModelSpec, str]:
     weight_format = weights_format(path)
     model, spec = load_int8(path) if weight_format == "int8" else load_checkpoint(path)
     return model, spec, weight_format
+
+
+def dequantized_copy(quantized: nn.Module, spec: ModelSpec) -> nn.Module:
+    """A float model with the int8 weights dequantized: a differentiable stand-in (e.g. to craft
+    adversarial examples for an int8 model, whose ops have no gradients)."""
+    model = build_model(spec)
+    state = {key: value for key, value in quantized.state_dict().items()
+             if isinstance(value, torch.Tensor) and not value.is_quantized}
+    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for name, layer in _quantized_layers(quantized).items():
+            weight, bias = layer._weight_bias()
+            target = model.get_submodule(name)
+            target.weight.copy_(weight.dequantize())
+            if bias is not None:
+                target.bias.copy_(bias)
+    return model.eval()

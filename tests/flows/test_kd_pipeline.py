@@ -150,3 +150,56 @@ def test_cli_errors_exit_1_with_one_line_and_register_nothing(in_store, extra, e
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert len(MlflowClient().search_model_versions("name='kdsec-student'")) == versions
+
+
+def _kdsec(*args: str):
+    from typer.testing import CliRunner
+
+    from kdsec.cli import app
+
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    return result.exit_code, result.output
+
+
+def test_approval_required_waits_for_a_reviewer(in_store):
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("kdsec-student", "champion").version
+    summary = _flow("tracking.require_approval=true")
+    version = str(summary["registry"]["version"])
+    assert summary["verdict"] == "pass" and not summary["promoted"] and summary["registry"]["awaiting_review"]
+    assert client.get_model_version_by_alias("kdsec-student", "candidate").version == version
+    assert client.get_model_version_by_alias("kdsec-student", "champion").version == champion
+    assert client.get_model_version("kdsec-student", version).tags["review.status"] == "pending"
+
+    code, out = _kdsec("review", "approve", version, "--reviewer", "alice", "--comment", "audit read")
+    assert code == 0, out
+    tags = client.get_model_version("kdsec-student", version).tags
+    assert tags["review.status"] == "approved" and tags["review.reviewer"] == "alice"
+    assert client.get_model_version_by_alias("kdsec-student", "champion").version == version
+
+
+def test_a_failed_version_cannot_be_approved(in_store):
+    failed = next(v.version for v in MlflowClient().search_model_versions("name='kdsec-student'")
+                  if v.tags.get("gates") == "fail")
+    code, out = _kdsec("review", "approve", failed, "--reviewer", "bob")
+    assert code == 1 and "did not pass its gates" in out
+    code, out = _kdsec("review", "reject", failed, "--reviewer", "bob", "--comment", "membership too high")
+    assert code == 0 and "rejected" in out
+
+
+def test_report_compares_two_versions_and_reaudit_reproduces_the_audit(in_store):
+    code, out = _kdsec("report", "champion", "--compare", "1", "--out", "reports")
+    assert code == 0, out
+    assert "membership AUC" in out and (in_store / "reports").is_dir()
+    assert list((in_store / "reports").rglob("report.html")) and list((in_store / "reports").rglob("audit.json"))
+
+    champion = MlflowClient().get_model_version_by_alias("kdsec-student", "champion")
+    code, out = _kdsec("audit", "--model-uri", "models:/kdsec-student@champion", "--out", "reaudit")
+    assert code in (0, 2), out
+    document = json.loads(next((in_store / "reaudit").rglob("audit.json")).read_text())
+    run_summary = json.loads(next(p for p in (in_store / "outputs").rglob("summary.json")
+                                  if json.loads(p.read_text())["registry"]["version"] == champion.version)
+                             .read_text())
+    assert document["audit"]["membership"]["auc"] == pytest.approx(
+        run_summary["audit"]["candidate"]["membership"]["auc"])
+    assert MlflowClient().get_model_version("kdsec-student", champion.version).tags["reaudit.attack"]
