@@ -86,7 +86,7 @@ def _pip_requirements() -> list[str]:
 
 def champion_version(model_name: str, alias: str) -> str | None:
     try:
-        return MlflowClient().get_model_version_by_alias(model_name, alias).version
+        return str(MlflowClient().get_model_version_by_alias(model_name, alias).version)
     except MlflowException:
         return None
 
@@ -152,7 +152,7 @@ def review(model_name: str, version: str, decision: str, reviewer: str, comment:
     if decision == "approve":
         client.set_registered_model_alias(model_name, champion_alias, str(version))
     try:
-        if client.get_model_version_by_alias(model_name, candidate_alias).version == str(version):
+        if str(client.get_model_version_by_alias(model_name, candidate_alias).version) == str(version):
             client.delete_registered_model_alias(model_name, candidate_alias)
     except MlflowException:
         pass
@@ -167,13 +167,13 @@ def resolve_version(model_uri: str) -> tuple[str, str]:
     if "@" in rest:
         name, alias = rest.split("@", 1)
         try:
-            return name, MlflowClient().get_model_version_by_alias(name, alias).version
+            return name, str(MlflowClient().get_model_version_by_alias(name, alias).version)
         except MlflowException:
             raise KdsecError(f"model '{name}' has no alias '{alias}'") from None
     name, _, version = rest.partition("/")
     if not version:
         raise KdsecError(f"'{model_uri}' names no version (expected models:/NAME/VERSION)")
-    return name, _version(name, version).version
+    return name, str(_version(name, version).version)
 
 
 def version_pipeline_run(model_name: str, version: str) -> str:

@@ -53,7 +53,7 @@ def _cli(store: Path, *extra: str, env: dict[str, str] | None = None) -> subproc
 def test_passing_run_promotes_champion(in_store):
     summary = _flow()
     assert summary["verdict"] == "pass" and summary["promoted"] and summary["failed_gates"] == []
-    assert set(summary["gates"]) == {"accuracy", "membership", "he", "at_rest"}
+    assert set(summary["gates"]) == {"accuracy", "membership", "he", "at_rest", "extraction", "calibration"}
     assert summary["data"]["splits"] == {"train": 897, "val": 180, "test": 360, "holdout": 360}
     assert summary["models"]["teacher"]["test_accuracy"] > 0.9
     assert summary["he"]["agreement"] >= 0.99 and summary["he"]["samples"] == 128
@@ -163,23 +163,24 @@ def _kdsec(*args: str):
 
 def test_approval_required_waits_for_a_reviewer(in_store):
     client = MlflowClient()
-    champion = client.get_model_version_by_alias("kdsec-student", "champion").version
+    champion = str(client.get_model_version_by_alias("kdsec-student", "champion").version)
     summary = _flow("tracking.require_approval=true")
     version = str(summary["registry"]["version"])
     assert summary["verdict"] == "pass" and not summary["promoted"] and summary["registry"]["awaiting_review"]
-    assert client.get_model_version_by_alias("kdsec-student", "candidate").version == version
-    assert client.get_model_version_by_alias("kdsec-student", "champion").version == champion
+    assert str(client.get_model_version_by_alias("kdsec-student", "candidate").version) == version
+    assert str(client.get_model_version_by_alias("kdsec-student", "champion").version) == champion
     assert client.get_model_version("kdsec-student", version).tags["review.status"] == "pending"
 
     code, out = _kdsec("review", "approve", version, "--reviewer", "alice", "--comment", "audit read")
     assert code == 0, out
     tags = client.get_model_version("kdsec-student", version).tags
     assert tags["review.status"] == "approved" and tags["review.reviewer"] == "alice"
-    assert client.get_model_version_by_alias("kdsec-student", "champion").version == version
+    assert str(client.get_model_version_by_alias("kdsec-student", "champion").version) == version
+    assert not [v for v in client.search_model_versions("name='kdsec-student'") if "candidate" in v.aliases]
 
 
 def test_a_failed_version_cannot_be_approved(in_store):
-    failed = next(v.version for v in MlflowClient().search_model_versions("name='kdsec-student'")
+    failed = next(str(v.version) for v in MlflowClient().search_model_versions("name='kdsec-student'")
                   if v.tags.get("gates") == "fail")
     code, out = _kdsec("review", "approve", failed, "--reviewer", "bob")
     assert code == 1 and "did not pass its gates" in out
@@ -198,8 +199,8 @@ def test_report_compares_two_versions_and_reaudit_reproduces_the_audit(in_store)
     assert code in (0, 2), out
     document = json.loads(next((in_store / "reaudit").rglob("audit.json")).read_text())
     run_summary = json.loads(next(p for p in (in_store / "outputs").rglob("summary.json")
-                                  if json.loads(p.read_text())["registry"]["version"] == champion.version)
+                                  if str(json.loads(p.read_text())["registry"]["version"]) == str(champion.version))
                              .read_text())
     assert document["audit"]["membership"]["auc"] == pytest.approx(
         run_summary["audit"]["candidate"]["membership"]["auc"])
-    assert MlflowClient().get_model_version("kdsec-student", champion.version).tags["reaudit.attack"]
+    assert MlflowClient().get_model_version("kdsec-student", str(champion.version)).tags["reaudit.attack"]
