@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import tenseal as ts
@@ -59,9 +61,6 @@ def main() -> None:
     config = PipelineConfig().model_copy(update={"seed": args.seed})
     bundle = prepare_data(config.data)
     with console.status("training the default teacher and KD student"):
-        import tempfile
-        from pathlib import Path
-
         scratch = Path(tempfile.mkdtemp(prefix="kdsec-he-bench-"))
         teacher = train_teacher(config, bundle, scratch / "teacher.safetensors")
         student = distill_student(config, bundle, teacher, scratch / "student.safetensors")

@@ -44,14 +44,11 @@ def _teacher(config: PipelineConfig, bundle, cache_dir: Path) -> tuple[stages.Tr
     return teacher, "hit" if state.name == "Cached" else "miss"
 
 
-def _references(config: PipelineConfig, bundle, cache_dir: Path) -> dict[str, list[str]]:
+def _references(config: PipelineConfig, bundle) -> dict[str, list[str]]:
     """K reference models per architecture, trained as parallel tasks (``audit.parallel_references``
     at a time) and cached like the teacher: same data + architecture + training + code → same models."""
-    jobs = []
-    for group, (spec, train) in stages.reference_plan(config, bundle).items():
-        for index in range(config.audit.reference_models):
-            key = stages.reference_cache_key(bundle.fingerprint, spec, train, index, config.seed)
-            jobs.append((group, index, cache_dir / "references" / key / "model.safetensors"))
+    jobs = [(group, index, stages.reference_checkpoint(config, bundle, group, index))
+            for group in stages.reference_plan(config, bundle) for index in range(config.audit.reference_models)]
     references: dict[str, list[str]] = {}
     width = config.audit.parallel_references
     for start in range(0, len(jobs), width):
@@ -130,7 +127,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
                         run.ms_per_sample)
 
         audit_started = time.perf_counter()
-        references = _references(cfg, bundle, Path(cfg.tracking.cache_dir))
+        references = _references(cfg, bundle)
         models = {"teacher": teacher.load(), "scratch_student": scratch.load(), "kd_student": student.load()}
         models.update({f"variant:{v.name}": stages.load_variant(v) for v in variants if v.name != "dense"})
         # int8 variants have no gradients: FGSM examples are crafted on the float model they came from.

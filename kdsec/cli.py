@@ -125,28 +125,26 @@ def _encrypt_config(config: Optional[Path]):
     return load_config(config, []).encrypt
 
 
-def _provider(config: Optional[Path], key_env: Optional[str], key_file: Optional[Path], create: bool = False):
+def _provider(encrypt_cfg, key_env: Optional[str], key_file: Optional[Path], create: bool = False):
     from kdsec.crypto.keys import local_key_provider
 
-    encrypt = _encrypt_config(config)
     # An explicit --key-file wins over the configured env var; an explicit --key-env over both.
-    env = key_env if key_env is not None else (None if key_file is not None else encrypt.key_env)
-    return local_key_provider(env, key_file or encrypt.key_file, create=create)
+    env = key_env if key_env is not None else (None if key_file is not None else encrypt_cfg.key_env)
+    return local_key_provider(env, key_file or encrypt_cfg.key_file, create=create)
 
 
-def _trusted_key(config: Optional[Path], public_key: Optional[Path]):
+def _trusted_key(encrypt_cfg, public_key: Optional[Path]):
     from kdsec.crypto.keys import load_or_create_signer, load_public_key, public_key_path
 
     if public_key is not None:
         return load_public_key(public_key)
-    encrypt = _encrypt_config(config)
-    if os.environ.get(encrypt.signing_key_env):
-        return load_or_create_signer(encrypt.signing_key_env, encrypt.signing_key_file).public
-    pub = public_key_path(Path(encrypt.signing_key_file))
+    if os.environ.get(encrypt_cfg.signing_key_env):
+        return load_or_create_signer(encrypt_cfg.signing_key_env, encrypt_cfg.signing_key_file).public
+    pub = public_key_path(Path(encrypt_cfg.signing_key_file))
     if pub.exists():
         return load_public_key(pub)
     raise KdsecError(f"no trusted public key: pass --public-key PATH (the signer's .pub), or set "
-                     f"${encrypt.signing_key_env} / create {encrypt.signing_key_file}")
+                     f"${encrypt_cfg.signing_key_env} / create {encrypt_cfg.signing_key_file}")
 
 
 @app.command()
@@ -165,16 +163,16 @@ def encrypt(
     from kdsec.crypto.package import create_package
 
     try:
-        encrypt_cfg = load_config(config, [])
+        resolved = load_config(config, [])
         if not checkpoint.is_file():
             raise KdsecError(f"checkpoint '{checkpoint}' not found")
         _, spec, weight_format = load_weights(checkpoint)  # refuse anything that is not a kdsec checkpoint
-        provider = _provider(config, key_env, key_file, create=True)
-        signer = load_or_create_signer(encrypt_cfg.encrypt.signing_key_env, encrypt_cfg.encrypt.signing_key_file)
+        provider = _provider(resolved.encrypt, key_env, key_file, create=True)
+        signer = load_or_create_signer(resolved.encrypt.signing_key_env, resolved.encrypt.signing_key_file)
         card = {"format": weight_format, "spec": json_module.loads(spec.to_json()), "source": checkpoint.name}
         info = create_package(out, {"weights.safetensors": checkpoint.read_bytes()},
                               {"model.json": json_module.dumps(card, indent=2, sort_keys=True).encode()},
-                              name=name or encrypt_cfg.tracking.registered_model, version=version,
+                              name=name or resolved.tracking.registered_model, version=version,
                               provider=provider, signer=signer)
     except KdsecError as exc:
         raise _fail(str(exc)) from None
@@ -190,15 +188,17 @@ def verify(
     check_key: Annotated[bool, typer.Option(help="also unwrap and decrypt in memory with the KEK")] = True,
 ) -> None:
     """Check the signature and every digest (and, with the KEK, that everything decrypts)."""
-    from kdsec.crypto.package import open_package, verify_package
+    from kdsec.crypto.package import open_package, read_verified
 
     try:
-        trusted = _trusted_key(config, public_key)
-        payload = verify_package(package, trusted)
+        encrypt_cfg = _encrypt_config(config)
+        trusted = _trusted_key(encrypt_cfg, public_key)
+        verified = read_verified(package, trusted)
+        payload = verified[0]
         console.print(f"[green]signature ok[/]: {payload['model']['name']} v{payload['model']['version']}, "
                       f"signed by {payload['signer']['key_id']}; {len(payload['files'])} files match their SHA-256")
         if check_key:
-            files = open_package(package, _provider(config, key_env, key_file), trusted)
+            files = open_package(package, _provider(encrypt_cfg, key_env, key_file), trusted, verified)
             console.print(f"[green]decrypts ok[/]: {', '.join(sorted(files))}")
     except KdsecError as exc:
         raise _fail(str(exc)) from None
@@ -215,8 +215,9 @@ def decrypt(
     from kdsec.crypto.package import decrypt_package_to
 
     try:
-        path = decrypt_package_to(package, _provider(config, key_env, key_file), _trusted_key(config, public_key),
-                                  "weights.safetensors", out)
+        encrypt_cfg = _encrypt_config(config)
+        path = decrypt_package_to(package, _provider(encrypt_cfg, key_env, key_file),
+                                  _trusted_key(encrypt_cfg, public_key), "weights.safetensors", out)
     except KdsecError as exc:
         raise _fail(str(exc)) from None
     console.print(f"[green]decrypted[/] {package} → {path}")
@@ -243,8 +244,8 @@ def rotate_key(
                else local_key_provider(None, new_key_file, create=False))
         encrypt_cfg = _encrypt_config(config)
         signer = load_or_create_signer(encrypt_cfg.signing_key_env, encrypt_cfg.signing_key_file)
-        info = rotate_package_key(package, _provider(config, key_env, key_file), new, signer,
-                                  _trusted_key(config, public_key))
+        info = rotate_package_key(package, _provider(encrypt_cfg, key_env, key_file), new, signer,
+                                  _trusted_key(encrypt_cfg, public_key))
     except KdsecError as exc:
         raise _fail(str(exc)) from None
     console.print(f"[green]rotated[/] {info.path}: data keys now wrapped by {', '.join(info.kek_ids)}; re-signed by "

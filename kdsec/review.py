@@ -90,17 +90,14 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
     model, spec = wrapper.model, wrapper.spec
     int8 = any(isinstance(module, DynamicQuantLinear) for module in model.modules())
     surrogate = dequantized_copy(model, spec) if int8 else None
-    cache = Path(config.tracking.cache_dir) / "references"
     references = []
-    for index in range(config.audit.reference_models):
-        spec_ref, train = stages.reference_plan(config, bundle)["student"]
-        key = stages.reference_cache_key(bundle.fingerprint, spec_ref, train, index, config.seed)
-        path = cache / key / "model.safetensors"
+    for index in range(config.audit.reference_models):  # the pipeline's cached ones, or trained now
+        path = stages.reference_checkpoint(config, bundle, "student", index)
         if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
             stages.train_reference_model(config, bundle, "student", index, path)
         references.append(str(path))
-    audit = stages.audit_model("candidate", model, bundle, config, references, surrogate)
+    (audit,) = stages.audit_models({"candidate": model}, bundle, config, {"student": references},
+                                   {"candidate": surrogate})
     extraction = stages.extraction_audit(config, bundle, model)
     metrics = {"candidate.membership_auc": audit.membership.auc,
                "candidate.membership_tpr_at_low_fpr": audit.membership.tpr_at_low_fpr,

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from kdsec.audit.membership import MembershipResult, per_sample_loss, score_attack
-from kdsec.audit.reference import (audit_samples, lira_scores, reference_masks, rmia_scores, signals,
-                                  train_reference)
+from kdsec.audit.reference import (AuditSamples, Signals, audit_samples, lira_scores, reference_masks, rmia_scores,
+                                  signals, train_reference)
 from kdsec.audit.extraction import ExtractionResult, extraction_attack
 from kdsec.audit.trust import (Calibration, PerClass, Robustness, TemperatureScaling, calibration, fgsm_robustness,
                                per_class, temperature_scaling)
@@ -251,23 +251,39 @@ def train_reference_model(config: PipelineConfig, bundle: DataBundle, group: str
                                config.seed * 1000 + index, checkpoint))
 
 
-def audit_model(role: str, model, bundle: DataBundle, config: PipelineConfig,
-                references: list[str] | None = None, surrogate=None) -> ModelAudit:
-    """Membership (LOSS, and RMIA + LiRA when reference models are given; members = training
+def reference_checkpoint(config: PipelineConfig, bundle: DataBundle, group: str, index: int) -> Path:
+    """Where reference model ``index`` of ``group`` is cached (keyed like the Prefect cache)."""
+    spec, train = reference_plan(config, bundle)[group]
+    key = reference_cache_key(bundle.fingerprint, spec, train, index, config.seed)
+    return Path(config.tracking.cache_dir) / "references" / key / "model.safetensors"
+
+
+def audit_models(models: dict, bundle: DataBundle, config: PipelineConfig, references: dict[str, list[str]],
+                 surrogates: dict | None = None) -> list[ModelAudit]:
+    """Audit each model; the reference models of each architecture are loaded and queried once."""
+    samples = audit_samples(bundle, config.seed)
+    groups = {reference_group(role) for role in models}
+    reference = {group: signals([load_checkpoint(Path(path))[0] for path in references[group]], samples)
+                 for group in groups if references.get(group)}
+    return [audit_model(role, model, bundle, config, samples, reference.get(reference_group(role)),
+                        (surrogates or {}).get(role)) for role, model in models.items()]
+
+
+def audit_model(role: str, model, bundle: DataBundle, config: PipelineConfig, samples: AuditSamples,
+                reference: Signals | None = None, surrogate=None) -> ModelAudit:
+    """Membership (LOSS, and RMIA + LiRA given reference-model signals; members = training
     subset, non-members = audit holdout), calibration before/after temperature scaling,
     per-class accuracy and FGSM robustness (crafted on ``surrogate`` if the model has no gradients)."""
     audit = config.audit
-    samples = audit_samples(bundle, config.seed)
     logits = predict_logits(model.cpu(), bundle.x_test)
     common = {"bootstrap": audit.bootstrap, "seed": config.seed, "member_labels": samples.y_members,
               "non_member_labels": samples.y_non_members, "class_names": bundle.class_names}
     attacks = {"loss": score_attack(-per_sample_loss(model, samples.x_members, samples.y_members),
                                     -per_sample_loss(model, samples.x_non_members, samples.y_non_members),
                                     audit.low_fpr, "loss", **common)}
-    if references:
+    if reference is not None:
         target = signals(model, samples)
-        reference = signals([load_checkpoint(Path(path))[0] for path in references], samples)
-        masks = reference_masks(audit.reference_models, len(samples.y_population), config.seed)
+        masks = reference_masks(len(reference.members), len(samples.y_population), config.seed)
         attacks["rmia"] = score_attack(*rmia_scores(target, reference, masks, audit.rmia_a, audit.rmia_gamma),
                                        audit.low_fpr, "rmia", **common)
         attacks["lira"] = score_attack(*lira_scores(target, reference), audit.low_fpr, "lira", **common)

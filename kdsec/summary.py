@@ -13,6 +13,7 @@ from kdsec.compress import VariantMetrics
 from kdsec.crypto.package import AtRestResult
 from kdsec.crypto.he import HEResult
 from kdsec.data import DataBundle
+from kdsec.fileio import write_atomic
 from kdsec.gates import GateVerdict
 from kdsec.stages import SELECTION_RULES, ModelAudit, TrainedModel
 
@@ -90,8 +91,4 @@ def audit_document(summary: dict) -> dict:
 
 
 def write_summary(summary: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(summary, indent=2, default=str))
-    partial.replace(path)
-    return path
+    return write_atomic(path, json.dumps(summary, indent=2, default=str))

@@ -88,9 +88,7 @@ def train_reference_task(config: PipelineConfig, bundle: DataBundle, group: str,
 @task(name="audit", cache_policy=NO_CACHE)
 def audit_task(config: PipelineConfig, bundle: DataBundle, models: dict, references: dict[str, list[str]],
                surrogates: dict) -> list[stages.ModelAudit]:
-    return [stages.audit_model(role, model, bundle, config, references.get(stages.reference_group(role)),
-                               surrogates.get(role))
-            for role, model in models.items()]
+    return stages.audit_models(models, bundle, config, references, surrogates)
 
 
 @task(name="extraction-attack", cache_policy=NO_CACHE)

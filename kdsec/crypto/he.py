@@ -37,6 +37,7 @@ from kdsec.compress.quantize import DynamicQuantLinear
 from kdsec.config import HEConfig
 from kdsec.crypto.seal import HEParams, KeyHolder, PublicContext, pack, plan_params, scratch, unpack
 from kdsec.errors import KdsecError
+from kdsec.fileio import write_atomic
 from kdsec.models.students import Square
 
 @dataclass(frozen=True)
@@ -126,8 +127,6 @@ def _live_inputs(ops: list[Op]) -> list[np.ndarray]:
 class BatchedServer:
     """Encrypted-input host, batched path: plaintext model, public context, no secret key."""
 
-    path = "batched"
-
     def __init__(self, public: PublicContext, ops: list[Op]) -> None:
         self.public, self.ops, self.live = public, ops, _live_inputs(ops)
 
@@ -146,7 +145,7 @@ class BatchedServer:
         ciphertext, a plain constant the host already knows (every weight feeding it was pruned),
         or None (nothing downstream reads it)."""
         values: list = [None] * self.ops[0].weight.shape[1]
-        required = self.required_inputs(self.ops)
+        required = np.flatnonzero(self.live[0])
         if len(features) != len(required):
             raise KdsecError(f"expected {len(required)} encrypted input features, got {len(features)}")
         for index, ciphertext in zip(required, features):
@@ -229,8 +228,6 @@ class GridPlan:
 
 class SingleServer:
     """Encrypted-input host, single-sample path (rotations; latency independent of weight count)."""
-
-    path = "single"
 
     def __init__(self, public: PublicContext, ops: list[Op]) -> None:
         self.public, self.ops, self.plan = public, ops, GridPlan.for_ops(ops)
@@ -332,7 +329,7 @@ class EncryptedModel:
             level += 1
             tensors.append([_encrypt_at(holder, values, public.parms_id_at(at)) for values, at in zip(rows, levels)])
             linear_index += 1
-        return cls(public, _structure(ops), tensors, block)
+        return cls(public, model_structure(ops), tensors, block)
 
     def serialize(self) -> bytes:
         store = scratch()
@@ -355,7 +352,8 @@ class EncryptedModel:
         return self.public.params.slots // self.block
 
 
-def _structure(ops: list[Op]) -> list:
+def model_structure(ops: list[Op]) -> list:
+    """Layer kinds and shapes: what a host may know of a model (never a weight)."""
     return [["linear", *op.weight.shape] if isinstance(op, LinearOp) else ["square"] for op in ops]
 
 
@@ -368,8 +366,6 @@ def _encrypt_at(holder: KeyHolder, values: np.ndarray, parms_id):
 
 class EncryptedModelHost:
     """Computes with encrypted weights on plaintext inputs; only the owner can read its outputs."""
-
-    path = "batched"
 
     def __init__(self, model: EncryptedModel) -> None:
         self.model, self.public = model, model.public
@@ -456,9 +452,11 @@ def _chunks(count: int, size: int):
 
 
 def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, path: str = "batched",
-                        wire: bool = True, package_dir: Path | None = None) -> tuple[np.ndarray, HERun]:
+                        wire: bool = True, package_dir: Path | None = None,
+                        model_predictions: np.ndarray | None = None) -> tuple[np.ndarray, HERun]:
     """Client encrypts ``inputs`` → host (public context only) evaluates → client decrypts.
-    With ``wire``, ciphertexts and context cross as bytes, as they would over a network."""
+    With ``wire``, ciphertexts and context cross as bytes, as they would over a network.
+    ``model_predictions`` (the deployed model's own labels) give ``agreement_with_model``."""
     if path == "batched":
         params = _params(config, BatchedServer.depth(ops), 1)
         holder = KeyHolder(params)
@@ -468,16 +466,17 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
         holder = KeyHolder(params, plan.steps)
     context_bytes = holder.public_context()
     if package_dir is not None and path == "batched":
-        _write(package_dir / "encrypted_input.public_context.bin", context_bytes)
+        write_atomic(package_dir / "encrypted_input.public_context.bin", context_bytes)
     public = PublicContext.deserialize(context_bytes) if wire else holder.public
     server = BatchedServer(public, ops) if path == "batched" else SingleServer(public, ops)
     batch = params.slots if path == "batched" else 1
+    required = BatchedServer.required_inputs(ops)
     logits, server_seconds, bytes_in, bytes_out = [], 0.0, 0, 0
     started = time.perf_counter()
     for chunk in _chunks(len(inputs), batch):
         features = inputs[chunk].reshape(chunk.stop - chunk.start, -1).astype(np.float64)
         if path == "batched":
-            encrypted = [holder.encrypt(features[:, index]) for index in BatchedServer.required_inputs(ops)]
+            encrypted = [holder.encrypt(features[:, index]) for index in required]
         else:
             encrypted = [holder.encrypt(plan.encode_input(features[0]))]
         payload = holder.public.dump_ciphertexts(encrypted) if wire else None
@@ -494,11 +493,13 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
             logits.append(holder.decrypt(outputs[0])[plan.output_slots(ops)][None, :])
     elapsed = time.perf_counter() - started
     return _summarize("encrypted_input", path, ops, inputs, np.concatenate(logits), elapsed, server_seconds,
-                      bytes_in, bytes_out, len(context_bytes), len(context_bytes), params, public)
+                      bytes_in, bytes_out, len(context_bytes), len(context_bytes), params,
+                      holder.secret_key_in(context_bytes), model_predictions)
 
 
-def run_encrypted_model(ops: list[Op], inputs: np.ndarray, config: HEConfig,
-                        wire: bool = True, package_dir: Path | None = None) -> tuple[np.ndarray, HERun]:
+def run_encrypted_model(ops: list[Op], inputs: np.ndarray, config: HEConfig, wire: bool = True,
+                        package_dir: Path | None = None,
+                        model_predictions: np.ndarray | None = None) -> tuple[np.ndarray, HERun]:
     """Owner encrypts the weights → host evaluates on its plaintext inputs → owner decrypts."""
     steps = encrypted_model_steps(ops)
     params = _params(config, encrypted_model_depth(ops), _block(ops))
@@ -507,8 +508,8 @@ def run_encrypted_model(ops: list[Op], inputs: np.ndarray, config: HEConfig,
     context_bytes = holder.public_context()
     weights = model.serialize()
     if package_dir is not None:
-        _write(package_dir / "encrypted_model.public_context.bin", context_bytes)
-        _write(package_dir / "encrypted_model.weights.bin", weights)
+        write_atomic(package_dir / "encrypted_model.public_context.bin", context_bytes)
+        write_atomic(package_dir / "encrypted_model.weights.bin", weights)
     if wire:  # the host rebuilds everything from bytes: it never touches the key holder's objects
         public = PublicContext.deserialize(context_bytes)
         host_model = EncryptedModel.deserialize(public, weights)
@@ -529,29 +530,25 @@ def run_encrypted_model(ops: list[Op], inputs: np.ndarray, config: HEConfig,
         logits.append(np.stack([holder.decrypt(ct)[: count * model.block: model.block] for ct in outputs], axis=1))
     elapsed = time.perf_counter() - started
     return _summarize("encrypted_model", "batched", ops, inputs, np.concatenate(logits), elapsed, server_seconds,
-                      0, bytes_out, len(context_bytes), len(context_bytes) + len(weights), params, public)
-
-
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(path)
+                      0, bytes_out, len(context_bytes), len(context_bytes) + len(weights), params,
+                      holder.secret_key_in(context_bytes, weights), model_predictions)
 
 
 def _summarize(mode, path, ops, inputs, logits, elapsed, server_seconds, bytes_in, bytes_out, context_bytes,
-               package_bytes, params: HEParams, public: PublicContext) -> tuple[np.ndarray, HERun]:
+               package_bytes, params: HEParams, host_had_secret_key: bool,
+               model_predictions: np.ndarray | None) -> tuple[np.ndarray, HERun]:
     plain = plaintext_forward(ops, inputs)
     run = HERun(
         mode=mode, path=path, samples=len(inputs),
         agreement=float((logits.argmax(1) == plain.argmax(1)).mean()),
-        agreement_with_model=float("nan"),
+        agreement_with_model=(float("nan") if model_predictions is None
+                              else float((logits.argmax(1) == model_predictions[: len(inputs)]).mean())),
         max_abs_logit_error=float(np.abs(logits - plain).max()),
         ms_per_sample=1e3 * elapsed / len(inputs), server_ms_per_sample=1e3 * server_seconds / len(inputs),
         ciphertext_bytes_in=bytes_in, ciphertext_bytes_out=bytes_out, public_context_bytes=context_bytes,
         package_bytes=package_bytes, poly_modulus_degree=params.poly_modulus_degree,
         coeff_mod_bit_sizes=params.coeff_mod_bit_sizes, scale_bits=params.scale_bits,
-        host_had_secret_key=public.has_secret_key)
+        host_had_secret_key=host_had_secret_key)
     return logits, run
 
 
@@ -589,21 +586,20 @@ def encrypted_inference(model: nn.Module, inputs: np.ndarray, config: HEConfig,
     runs = []
     for mode in config.modes:
         if mode == "encrypted_input":
-            jobs = [("batched", inputs)] + ([("single", inputs[: config.latency_samples])]
-                                            if config.latency_samples else [])
-            results = [(run_encrypted_input(ops, data, config, path, package_dir=package_dir), data)
-                       for path, data in jobs]
+            runs.append(run_encrypted_input(ops, inputs, config, "batched", package_dir=package_dir,
+                                            model_predictions=predictions)[1])
+            if config.latency_samples:
+                runs.append(run_encrypted_input(ops, inputs[: config.latency_samples], config, "single",
+                                                model_predictions=predictions)[1])
         else:
-            results = [(run_encrypted_model(ops, inputs, config, package_dir=package_dir), inputs)]
-        for (logits, run), data in results:
-            agreement = float((logits.argmax(1) == predictions[: len(data)]).mean())
-            runs.append(HERun(**{**asdict(run), "agreement_with_model": agreement}))
+            runs.append(run_encrypted_model(ops, inputs, config, package_dir=package_dir,
+                                            model_predictions=predictions)[1])
     result = HEResult(runs)
     if package_dir is not None:
         files = {path.name: {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
                  for path in sorted(package_dir.glob("*.bin"))}
         (package_dir / "he_package.json").write_text(json.dumps({
-            "structure": _structure(ops), "grid": asdict(GridPlan.for_ops(ops)),
+            "structure": model_structure(ops), "grid": asdict(GridPlan.for_ops(ops)),
             "encrypted_model_rotation_steps": list(encrypted_model_steps(ops)),
             "runs": [{k: v for k, v in run.as_dict().items() if k in (
                 "mode", "path", "poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits")} for run in runs],

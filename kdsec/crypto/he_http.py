@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he import BatchedServer, GridPlan, SingleServer, he_ops
+from kdsec.crypto.he import BatchedServer, GridPlan, SingleServer, model_structure, he_ops
 from kdsec.crypto.seal import KeyHolder, PublicContext, plan_params
 from kdsec.errors import KdsecError
 
@@ -36,36 +36,39 @@ MAX_BODY = 512 * 1024 * 1024
 class HEHost:
     def __init__(self, ops) -> None:
         self.ops = ops
-        self.grid = GridPlan.for_ops(ops)
-        self.sessions: dict[str, PublicContext] = {}
+        grid = GridPlan.for_ops(ops)
+        # Structure, depths and layouts only: nothing here reveals a weight.
+        self.plan = {"structure": model_structure(ops),
+                     "batched": {"depth": BatchedServer.depth(ops), "min_slots": 1, "rotation_steps": [],
+                                 "required_inputs": BatchedServer.required_inputs(ops)},
+                     "single": {"depth": GridPlan.depth(ops), "min_slots": grid.slots,
+                                "rotation_steps": list(grid.steps), "output_slots": grid.output_slots(ops).tolist(),
+                                "rows": grid.rows, "cols": grid.cols}}
+        self.sessions: dict[str, dict[str, BatchedServer | SingleServer]] = {}
         self.lock = threading.Lock()
-
-    def plan(self) -> dict:
-        return {"structure": [["linear", *op.weight.shape] if hasattr(op, "weight") else ["square"] for op in self.ops],
-                "inputs": int(self.ops[0].weight.shape[1]), "outputs": int(self.ops[-1].weight.shape[0]),
-                "batched": {"depth": BatchedServer.depth(self.ops), "min_slots": 1, "rotation_steps": [],
-                            "required_inputs": BatchedServer.required_inputs(self.ops)},
-                "single": {"depth": GridPlan.depth(self.ops), "min_slots": self.grid.slots,
-                           "rotation_steps": list(self.grid.steps),
-                           "output_slots": self.grid.output_slots(self.ops).tolist(),
-                           "rows": self.grid.rows, "cols": self.grid.cols}}
 
     def open_session(self, body: bytes) -> str:
         public = PublicContext.deserialize(body)
         session = secrets.token_hex(8)
+        servers = {path: server(public, self.ops) for path, server in
+                   (("batched", BatchedServer), ("single", SingleServer))
+                   if public.params.depth >= self.plan[path]["depth"]}
+        if not servers:
+            raise KdsecError(f"this context allows depth {public.params.depth}; the model needs "
+                             f"{self.plan['batched']['depth']} (batched) or {self.plan['single']['depth']} (single)")
         with self.lock:
-            self.sessions[session] = public
+            self.sessions[session] = servers
         return session
 
     def infer(self, session: str, path: str, body: bytes) -> bytes:
-        public = self.sessions.get(session)
-        if public is None:
+        servers = self.sessions.get(session)
+        if servers is None:
             raise KdsecError(f"unknown session '{session}'")
-        needed = self.plan()[path]["depth"]
-        if public.params.depth < needed:
-            raise KdsecError(f"the {path} path needs depth {needed}; this context has {public.params.depth}")
-        server = BatchedServer(public, self.ops) if path == "batched" else SingleServer(public, self.ops)
-        return public.dump_ciphertexts(server.infer(public.load_ciphertexts(body)))
+        if path not in servers:
+            raise KdsecError(f"this session's context is too shallow for the {path} path "
+                             f"(needs depth {self.plan[path]['depth']})")
+        server = servers[path]
+        return server.public.dump_ciphertexts(server.infer(server.public.load_ciphertexts(body)))
 
 
 def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1") -> ThreadingHTTPServer:
@@ -85,7 +88,7 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1") -> Thre
 
         def do_GET(self) -> None:
             if urlparse(self.path).path == "/plan":
-                self._reply(200, json.dumps(host.plan()).encode(), "application/json")
+                self._reply(200, json.dumps(host.plan).encode(), "application/json")
             else:
                 self._error(404, "not found")
 
@@ -140,11 +143,10 @@ class HEHttpClient:
             reply = self._infer(sent)
             return np.stack([self.holder.decrypt(ct)[: len(features)] for ct in reply], axis=1)
         single = self.plan["single"]
+        grid = GridPlan(single["rows"], single["cols"], tuple(single["rotation_steps"]))
         rows = []
         for sample in features:
-            grid = np.zeros((single["rows"], single["cols"]))
-            grid[:, : len(sample)] = sample
-            (reply,) = self._infer([self.holder.encrypt(grid.reshape(-1))])
+            (reply,) = self._infer([self.holder.encrypt(grid.encode_input(sample))])
             rows.append(self.holder.decrypt(reply)[single["output_slots"]])
         return np.stack(rows)
 

@@ -170,10 +170,6 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     return key
 
 
-def public_key_from_raw(raw_b64: str) -> Ed25519PublicKey:
-    return Ed25519PublicKey.from_public_bytes(_unb64(raw_b64))
-
-
 def raw_public(public: Ed25519PublicKey) -> str:
     return _b64(public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 

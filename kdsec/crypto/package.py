@@ -31,10 +31,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kdsec.crypto.at_rest import KEY_BYTES, NONCE_BYTES
-from kdsec.crypto.keys import (KeyProvider, Signer, public_key_from_raw, public_key_id, raw_public,
-                               verify_signature)
+from kdsec.crypto.at_rest import KEY_BYTES, NONCE_BYTES, ModelKey
+from kdsec.crypto.keys import KeyProvider, LocalKeyProvider, Signer, public_key_id, raw_public, verify_signature
 from kdsec.errors import IntegrityError, KdsecError
+from kdsec.fileio import write_atomic
 
 FORMAT = "kdsec-package/1"
 MANIFEST = "manifest.json"
@@ -54,12 +54,6 @@ def _aad(name: str, version: str, content_digest: str, file_name: str) -> bytes:
 
 def _wrap_context(name: str, version: str, file_name: str) -> bytes:
     return f"{name}|{version}|{file_name}".encode()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
 
 
 @dataclass(frozen=True)
@@ -122,8 +116,9 @@ def _info(path: Path, payload: dict) -> PackageInfo:
                        payload["signer"]["key_id"])
 
 
-def verify_package(package: Path, trusted: Ed25519PublicKey) -> dict:
-    """Signature first, then every file's size and digest; returns the verified payload.
+def read_verified(package: Path, trusted: Ed25519PublicKey) -> tuple[dict, dict[str, bytes]]:
+    """Signature first, then every file's size and digest; returns the verified payload and the
+    bytes that were checked (later steps use these, never a second read of the files).
     Raises ``IntegrityError`` with one line naming the first problem."""
     manifest_path = package / MANIFEST
     if not package.is_dir():
@@ -147,30 +142,33 @@ def verify_package(package: Path, trusted: Ed25519PublicKey) -> dict:
                              f"another key (claims {claimed}, trusted key is {public_key_id(trusted)})")
     if payload.get("format") != FORMAT:
         raise IntegrityError(f"unsupported package format {payload.get('format')!r} (expected {FORMAT})")
+    blobs: dict[str, bytes] = {}
     for name, entry in payload["files"].items():
         path = package / name
         if not path.is_file():
             raise IntegrityError(f"'{path}' is missing from the package")
-        data = path.read_bytes()
+        data = blobs[name] = path.read_bytes()
         if len(data) != entry["bytes"]:
             raise IntegrityError(f"'{path}' is truncated or padded: {len(data)} bytes, the manifest says {entry['bytes']}")
         if _sha256(data) != entry["sha256"]:
             raise IntegrityError(f"'{path}' does not match its SHA-256 in the signed manifest: tampered ciphertext")
-    return payload
+    return payload, blobs
 
 
-def signer_public_key(package: Path) -> Ed25519PublicKey:
-    """The public key a package *claims* it was signed with (not a trust anchor by itself)."""
-    return public_key_from_raw(json.loads((package / MANIFEST).read_bytes())["payload"]["signer"]["public_key"])
+def verify_package(package: Path, trusted: Ed25519PublicKey) -> dict:
+    """The verified payload (see ``read_verified``)."""
+    return read_verified(package, trusted)[0]
 
 
-def open_package(package: Path, provider: KeyProvider, trusted: Ed25519PublicKey) -> dict[str, bytes]:
-    """Verify, unwrap and decrypt: every file of the package as plaintext bytes, by its original name."""
-    payload = verify_package(package, trusted)
+def open_package(package: Path, provider: KeyProvider, trusted: Ed25519PublicKey,
+                 verified: tuple[dict, dict[str, bytes]] | None = None) -> dict[str, bytes]:
+    """Verify (unless given ``read_verified``'s result), unwrap and decrypt: every file of the
+    package as plaintext bytes, by its original name."""
+    payload, blobs = verified or read_verified(package, trusted)
     name, version = payload["model"]["name"], payload["model"]["version"]
     out: dict[str, bytes] = {}
     for stored, entry in payload["files"].items():
-        data = (package / stored).read_bytes()
+        data = blobs[stored]
         if not entry["encrypted"]:
             out[stored] = data
             continue
@@ -198,7 +196,7 @@ def rotate_package_key(package: Path, old: KeyProvider, new: KeyProvider, signer
             entry["data_key"] = new.wrap(old.unwrap(entry["data_key"], context), context)
     payload["signer"] = {"algorithm": "Ed25519", "public_key": raw_public(signer.public), "key_id": signer.key_id}
     payload["rotated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    _write_atomic(package / MANIFEST, _signed(payload, signer))
+    write_atomic(package / MANIFEST, _signed(payload, signer))
     return _info(package, payload)
 
 
@@ -208,13 +206,7 @@ def decrypt_package_to(package: Path, provider: KeyProvider, trusted: Ed25519Pub
     files = open_package(package, provider, trusted)
     if file_name not in files:
         raise KdsecError(f"the package has no file '{file_name}' (it has: {', '.join(sorted(files))})")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".partial")
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(files[file_name])
-    os.replace(partial, destination)
-    return destination
+    return write_atomic(destination, files[file_name], mode=0o600)
 
 
 @dataclass(frozen=True)
@@ -242,9 +234,6 @@ def protect_and_verify(destination: Path, encrypted: dict[str, bytes], plaintext
     """Create the package, then prove its protection on scratch copies: it opens bit-exact with the
     right keys; a flipped ciphertext byte, a different KEK, an edited manifest and a stripped
     signature are each rejected."""
-    from kdsec.crypto.keys import LocalKeyProvider
-    from kdsec.crypto.at_rest import ModelKey
-
     info = create_package(destination, encrypted, plaintext, name=name, version=version, provider=provider,
                           signer=signer)
     opened = open_package(destination, provider, signer.public)

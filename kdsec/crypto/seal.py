@@ -169,8 +169,6 @@ class PublicContext:
         self.encryptor = seal.Encryptor(self.context, public_key)
         self.counts: Counter[str] = Counter()  # homomorphic operations performed, by kind
 
-    has_secret_key = False
-
     # -- serialization ------------------------------------------------------------------------
     def serialize(self) -> bytes:
         store = scratch()
@@ -281,9 +279,6 @@ class PublicContext:
             ciphertext = self.add_inplace(self.rotate(ciphertext, step), ciphertext)
         return ciphertext
 
-    def level_of(self, ciphertext) -> int:
-        return self.context.get_context_data(ciphertext.parms_id()).chain_index()
-
     def parms_id_at(self, rescales: int):
         """The parameters id after ``rescales`` rescales from the top."""
         data = self.context.first_context_data()
@@ -319,6 +314,11 @@ class KeyHolder:
 
     def public_context(self) -> bytes:
         return self.public.serialize()
+
+    def secret_key_in(self, *blobs: bytes) -> bool:
+        """Whether any of ``blobs`` (what a host was handed) carries this holder's secret key."""
+        secret = scratch().dump(self._secret_key)
+        return any(secret in blob for blob in blobs)
 
     def encrypt(self, values):
         ciphertext = seal.Ciphertext()
