@@ -75,6 +75,7 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
     from kdsec.data import prepare_data
     from kdsec.compress.quantize import DynamicQuantLinear
     from kdsec.gates import evaluate_gates
+    from kdsec.summary import audit_gate_metrics
 
     mlflow.set_tracking_uri(registry.tracking_uri())
     name, version = registry.resolve_version(model_uri)
@@ -99,12 +100,8 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
     (audit,) = stages.audit_models({"candidate": model}, bundle, config, {"student": references},
                                    {"candidate": surrogate})
     extraction = stages.extraction_audit(config, bundle, model)
-    metrics = {"candidate.membership_auc": audit.membership.auc,
-               "candidate.membership_tpr_at_low_fpr": audit.membership.tpr_at_low_fpr,
-               "candidate.ece": audit.calibration.ece,
-               **{"candidate.extraction_fidelity_top1": r.fidelity for r in extraction if r.defense == "top1"}}
-    verdicts = [v for v in evaluate_gates(metrics, config.gates) if v.name in ("membership", "extraction",
-                                                                                 "calibration")]
+    verdicts = [v for v in evaluate_gates(audit_gate_metrics(audit, extraction), config.gates)
+                if v.name in ("membership", "extraction", "calibration")]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     folder = out_root / f"audit-{name}-v{version}-{stamp}"
     folder.mkdir(parents=True, exist_ok=True)

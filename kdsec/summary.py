@@ -20,17 +20,24 @@ from kdsec.stages import SELECTION_RULES, ModelAudit, TrainedModel
 SCHEMA_VERSION = 3
 
 
-def gate_metrics(teacher: TrainedModel, candidate: VariantMetrics, candidate_audit: ModelAudit, he: HEResult,
-                 at_rest: AtRestResult, extraction: list = ()) -> dict[str, float]:
-    """The flat metric names that gates refer to (see kdsec.gates.GATE_CHECKS)."""
+def audit_gate_metrics(candidate_audit: ModelAudit, extraction: list = ()) -> dict[str, float]:
+    """The audit's share of the gate metrics (membership, extraction, calibration)."""
     served = [result.fidelity for result in extraction if result.defense == "top1"]
     return {
         **({"candidate.extraction_fidelity_top1": served[0]} if served else {}),
         "candidate.ece": candidate_audit.calibration.ece,
-        "candidate.test_accuracy": candidate.test_accuracy,
-        "candidate.accuracy_drop_vs_teacher": teacher.test_accuracy - candidate.test_accuracy,
         "candidate.membership_auc": candidate_audit.membership.auc,
         "candidate.membership_tpr_at_low_fpr": candidate_audit.membership.tpr_at_low_fpr,
+    }
+
+
+def gate_metrics(teacher: TrainedModel, candidate: VariantMetrics, candidate_audit: ModelAudit, he: HEResult,
+                 at_rest: AtRestResult, extraction: list = ()) -> dict[str, float]:
+    """The flat metric names that gates refer to (see kdsec.gates.GATE_CHECKS)."""
+    return {
+        **audit_gate_metrics(candidate_audit, extraction),
+        "candidate.test_accuracy": candidate.test_accuracy,
+        "candidate.accuracy_drop_vs_teacher": teacher.test_accuracy - candidate.test_accuracy,
         "he.agreement": he.agreement,
         "at_rest.roundtrip_exact": float(at_rest.roundtrip_exact),
         "at_rest.tamper_rejected": float(at_rest.tamper_rejected),
