@@ -19,7 +19,8 @@ from kdsec.gates import evaluate_gates
 from kdsec.summary import build_summary, gate_metrics
 from tasks.stages import (at_rest_task, audit_task, compress_task, distill_task, he_task, prepare_data_task,
                           register_task, report_task, track_data_task, track_model_task, track_stage_task,
-                          extraction_task, train_reference_task, train_scratch_task, train_teacher_task)
+                          extraction_task, train_dp_task, train_reference_task, train_scratch_task,
+                          train_teacher_task)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -99,6 +100,13 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
         student = distill_task(cfg, bundle, teacher, out_dir / "kd_student.safetensors")
         track_model_task(parent, student)
         logger.info("students: scratch %.4f, distilled %.4f", scratch.test_accuracy, student.test_accuracy)
+        trained = [teacher, scratch, student]
+        if cfg.student.dp.enabled:
+            private = train_dp_task(cfg, bundle, out_dir / "dp_student.safetensors")
+            track_model_task(parent, private)
+            trained.append(private)
+            logger.info("DP-SGD student: %.4f at ε=%.2f (δ=%g)", private.test_accuracy, private.privacy["epsilon"],
+                        private.privacy["delta"])
 
         variants = compress_task(cfg, bundle, student, teacher, out_dir)
         candidate = stages.select_candidate(variants, teacher.test_accuracy, cfg.gates, cfg.compress.selection)
@@ -128,7 +136,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
 
         audit_started = time.perf_counter()
         references = _references(cfg, bundle)
-        models = {"teacher": teacher.load(), "scratch_student": scratch.load(), "kd_student": student.load()}
+        models = {model.role: model.load() for model in trained}
         models.update({f"variant:{v.name}": stages.load_variant(v) for v in variants if v.name != "dense"})
         # int8 variants have no gradients: FGSM examples are crafted on the float model they came from.
         surrogates = {role: models[stages.variant_source_role(role)] for role in models
@@ -143,6 +151,8 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
                          {**{f"{a.role}.{name}.{metric}": getattr(result, metric) for a in audits
                              for name, result in a.attacks.items()
                              for metric in ("auc", "tpr_at_low_fpr", "tpr_at_0_1_fpr", "balanced_accuracy")},
+                          **{f"{a.role}.teacher_leakage.{metric}": getattr(a.teacher_leakage, metric) for a in audits
+                             if a.teacher_leakage is not None for metric in ("auc", "tpr_at_low_fpr")},
                           **{f"{a.role}.ece": a.calibration.ece for a in audits},
                           **{f"{a.role}.worst_class_gap": a.per_class.worst_class_gap for a in audits},
                           **{f"extraction.{r.defense}.{m}": getattr(r, m) for r in extraction
@@ -170,7 +180,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
 
         summary = build_summary(
             run_id=parent, config_digest=cfg.digest(), code_version=stages.code_version("."), bundle=bundle,
-            models=[teacher, scratch, student], teacher_cache=cache, variants=variants, candidate=candidate,
+            models=trained, teacher_cache=cache, variants=variants, candidate=candidate,
             selection=cfg.compress.selection, at_rest=at_rest, he=he, audits=audits, verdicts=verdicts,
             registry=registration, output_dir=out_dir, audit_seconds=audit_seconds, extraction=extraction)
         summary = report_task(parent, summary, out_dir)

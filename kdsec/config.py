@@ -34,14 +34,16 @@ class DataConfig(Section):
     val_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.2
     holdout_fraction: Fraction = 0.2
+    # A separate distillation transfer set (0 = none): neither the teacher nor the audit sees it.
+    transfer_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> DataConfig:
-        used = self.val_fraction + self.test_fraction + self.holdout_fraction
+        used = self.val_fraction + self.test_fraction + self.holdout_fraction + self.transfer_fraction
         if used >= 0.9:
             raise ValueError(
-                f"val_fraction + test_fraction + holdout_fraction = {used:.2f} leaves under 10% "
-                "for training; lower them"
+                f"val_fraction + test_fraction + holdout_fraction + transfer_fraction = {used:.2f} leaves "
+                "under 10% for training; lower them"
             )
         return self
 
@@ -63,16 +65,34 @@ class TeacherConfig(Section):
     train: TrainConfig = TrainConfig(epochs=60, patience=20, lr=3e-3, augment="shift")
 
 
+class DPConfig(Section):
+    """Differentially private training (Opacus DP-SGD) of an extra student on hard labels only:
+    teacher soft labels are a function of the private data, so a distilled student would void ε."""
+
+    enabled: bool = False
+    target_epsilon: PositiveFloat = 8.0
+    delta: Annotated[float, Field(gt=0.0, lt=0.01)] = 1e-5
+    max_grad_norm: PositiveFloat = 1.0  # per-sample gradient clipping bound
+    epochs: PositiveInt = 60
+    batch_size: PositiveInt = 128  # expected Poisson batch size
+    lr: PositiveFloat = 0.01
+
+
 class StudentConfig(Section):
     arch: str = "he_mlp"
     hidden: list[PositiveInt] = [32]
     train: TrainConfig = TrainConfig(epochs=100, patience=20, lr=3e-3)
+    dp: DPConfig = DPConfig()
 
 
 class DistillConfig(Section):
     loss: str = "hinton_kd"
     temperature: PositiveFloat = 4.0
     alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
+    # What the students are distilled on: the teacher's own training split, or the separate
+    # transfer split (data.transfer_fraction > 0), which makes "teacher leakage through the
+    # student" a measurement of its own.
+    transfer_set: Literal["train", "transfer"] = "train"
 
 
 class CompressConfig(Section):
@@ -164,6 +184,13 @@ class PipelineConfig(Section):
     gates: GatesConfig = GatesConfig()
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _transfer_split_exists(self) -> PipelineConfig:
+        if self.distill.transfer_set == "transfer" and self.data.transfer_fraction == 0:
+            raise ValueError("distill.transfer_set is 'transfer' but data.transfer_fraction is 0; "
+                             "set data.transfer_fraction (e.g. 0.25)")
+        return self
 
     def digest(self) -> str:
         """A short, stable hash of the resolved config."""

@@ -46,6 +46,7 @@ class TrainedModel:
     params: int
     train_seconds: float
     history: list[dict[str, float]] = field(repr=False, default_factory=list)
+    privacy: dict[str, float] = field(default_factory=dict)  # DP-SGD accounting (ε, δ, noise), if any
 
     def load(self):
         return load_checkpoint(Path(self.checkpoint))[0]
@@ -69,13 +70,13 @@ def teacher_cache_key(fingerprint: str, config: TeacherConfig, seed: int) -> str
 
 
 def _train(role: str, spec: ModelSpec, bundle: DataBundle, train: TrainConfig, seed: int, checkpoint: Path,
-           objective=None) -> TrainedModel:
+           objective=None, split: str = "train") -> TrainedModel:
     seed_everything(seed)
     model = build_model(spec)
     started = time.perf_counter()
     kwargs = {"objective": objective} if objective is not None else {}
-    result = fit(model, bundle.x_train, bundle.y_train, bundle.x_val, bundle.y_val, train, seed=seed,
-                 label=role, **kwargs)
+    x_train, y_train = bundle.split(split)
+    result = fit(model, x_train, y_train, bundle.x_val, bundle.y_val, train, seed=seed, label=role, **kwargs)
     seconds = time.perf_counter() - started
     save_checkpoint(model, spec, checkpoint)
     return TrainedModel(
@@ -121,17 +122,45 @@ def train_scratch_student(config: PipelineConfig, bundle: DataBundle, checkpoint
                   checkpoint)
 
 
+def distiller_for(config: PipelineConfig, bundle: DataBundle, teacher: TrainedModel) -> OfflineDistiller:
+    """The teacher's logits on the distillation split (``distill.transfer_set``), computed once."""
+    return OfflineDistiller(teacher.load(), bundle.split(config.distill.transfer_set)[0], config.distill)
+
+
 def distill_student(config: PipelineConfig, bundle: DataBundle, teacher: TrainedModel,
                     checkpoint: Path) -> TrainedModel:
-    distiller = OfflineDistiller(teacher.load(), bundle.x_train, config.distill)
     return _train("kd_student", student_spec(config, bundle), bundle, config.student.train, config.seed,
-                  checkpoint, objective=distiller.objective)
+                  checkpoint, objective=distiller_for(config, bundle, teacher).objective,
+                  split=config.distill.transfer_set)
+
+
+def train_dp_student(config: PipelineConfig, bundle: DataBundle, checkpoint: Path) -> TrainedModel:
+    """The student architecture trained with DP-SGD on the training split's hard labels
+    (``student.dp``); its ε is what the accountant reports, not the target."""
+    from kdsec.privacy import fit_private
+
+    dp, spec = config.student.dp, student_spec(config, bundle)
+    seed_everything(config.seed)
+    model = build_model(spec)
+    started = time.perf_counter()
+    result = fit_private(model, bundle.x_train, bundle.y_train, bundle.x_val, bundle.y_val, dp, config.seed,
+                         label="dp_student")
+    seconds = time.perf_counter() - started
+    save_checkpoint(model, spec, checkpoint)
+    return TrainedModel(
+        role="dp_student", checkpoint=str(checkpoint), spec_json=spec.to_json(),
+        test_accuracy=evaluate(model, bundle.x_test, bundle.y_test)[1], val_accuracy=result.best_val_accuracy,
+        best_epoch=result.best_epoch, epochs_run=result.epochs_run, params=count_parameters(model)[0],
+        train_seconds=seconds, history=result.history, privacy=result.as_dict(),
+    )
 
 
 def compress_student(config: CompressConfig, bundle: DataBundle, student: TrainedModel, finetune: TrainConfig,
-                     seed: int, out_dir: Path, objective: Objective = cross_entropy_objective) -> list[VariantMetrics]:
-    """Dense, globally pruned (fine-tuned with ``objective``, e.g. the distiller's, so the
-    pruned student keeps learning from the teacher), and pruned + int8 variants, each measured."""
+                     seed: int, out_dir: Path, objective: Objective = cross_entropy_objective,
+                     split: str = "train") -> list[VariantMetrics]:
+    """Dense, globally pruned (fine-tuned with ``objective`` on ``split``, e.g. the distiller's
+    on its transfer set, so the pruned student keeps learning from the teacher), and pruned +
+    int8 variants, each measured."""
     dense, spec = load_checkpoint(Path(student.checkpoint))
     variants = [measure_variant("dense", dense, Path(student.checkpoint), bundle.x_test, bundle.y_test,
                                 config.latency_repeats)]
@@ -144,7 +173,7 @@ def compress_student(config: CompressConfig, bundle: DataBundle, student: Traine
         def finetune_masked(model) -> None:
             if config.finetune_epochs:
                 seed_everything(seed)
-                fit(model, bundle.x_train, bundle.y_train, bundle.x_val, bundle.y_val, tune, objective,
+                fit(model, *bundle.split(split), bundle.x_val, bundle.y_val, tune, objective,
                     seed=seed, label="prune-finetune")
 
         global_magnitude_prune(pruned, config.sparsity, finetune_masked)
@@ -216,6 +245,11 @@ class ModelAudit:
     attacks: dict[str, MembershipResult] = field(default_factory=dict)
     temperature: TemperatureScaling | None = None
     robustness: Robustness | None = None
+    member_split: str = "train"  # the split the model was trained on, where its members come from
+    # Membership in the *teacher's* training split inferred from this model's outputs (students
+    # only): the strongest attack, and every attack by name.
+    teacher_leakage: MembershipResult | None = None
+    teacher_leakage_attacks: dict[str, MembershipResult] = field(default_factory=dict)
 
 
 def variant_source_role(role: str) -> str | None:
@@ -258,26 +292,41 @@ def reference_checkpoint(config: PipelineConfig, bundle: DataBundle, group: str,
     return Path(config.tracking.cache_dir) / "references" / key / "model.safetensors"
 
 
+def trained_split(role: str, config: PipelineConfig) -> str:
+    """The split a pipeline model was trained on: distilled students (and their variants) on the
+    distillation split, every other model on the training split."""
+    distilled = role in ("kd_student", "candidate") or role.startswith("variant:")
+    return config.distill.transfer_set if distilled else "train"
+
+
 def audit_models(models: dict, bundle: DataBundle, config: PipelineConfig, references: dict[str, list[str]],
                  surrogates: dict | None = None) -> list[ModelAudit]:
-    """Audit each model; the reference models of each architecture are loaded and queried once."""
-    samples = audit_samples(bundle, config.seed)
-    groups = {reference_group(role) for role in models}
-    reference = {group: signals([load_checkpoint(Path(path))[0] for path in references[group]], samples)
-                 for group in groups if references.get(group)}
-    return [audit_model(role, model, bundle, config, samples, reference.get(reference_group(role)),
-                        (surrogates or {}).get(role)) for role, model in models.items()]
+    """Audit each model; the reference models of each architecture are loaded and queried once
+    per member split."""
+    splits = {role: trained_split(role, config) for role in models}
+    needed = set(splits.values()) | {"train"}
+    samples = {split: audit_samples(bundle, config.seed, split) for split in needed}
+    reference: dict[tuple[str, str], Signals] = {}
+    for group in {reference_group(role) for role in models}:
+        if references.get(group):
+            loaded = [load_checkpoint(Path(path))[0] for path in references[group]]
+            reference.update({(group, split): signals(loaded, samples[split]) for split in needed})
+    audits = []
+    for role, model in models.items():
+        group = reference_group(role)
+        teacher_view = None if role == "teacher" else (samples["train"], reference.get((group, "train")))
+        audits.append(audit_model(role, model, bundle, config, samples[splits[role]],
+                                  reference.get((group, splits[role])), (surrogates or {}).get(role),
+                                  splits[role], teacher_view))
+    return audits
 
 
-def audit_model(role: str, model, bundle: DataBundle, config: PipelineConfig, samples: AuditSamples,
-                reference: Signals | None = None, surrogate=None) -> ModelAudit:
-    """Membership (LOSS, and RMIA + LiRA given reference-model signals; members = training
-    subset, non-members = audit holdout), calibration before/after temperature scaling,
-    per-class accuracy and FGSM robustness (crafted on ``surrogate`` if the model has no gradients)."""
+def membership_attacks(model, samples: AuditSamples, reference: Signals | None, config: PipelineConfig,
+                       class_names: list[str]) -> dict[str, MembershipResult]:
+    """LOSS, and RMIA + LiRA given reference-model signals, on ``samples``' members vs non-members."""
     audit = config.audit
-    logits = predict_logits(model.cpu(), bundle.x_test)
     common = {"bootstrap": audit.bootstrap, "seed": config.seed, "member_labels": samples.y_members,
-              "non_member_labels": samples.y_non_members, "class_names": bundle.class_names}
+              "non_member_labels": samples.y_non_members, "class_names": class_names}
     attacks = {"loss": score_attack(-per_sample_loss(model, samples.x_members, samples.y_members),
                                     -per_sample_loss(model, samples.x_non_members, samples.y_non_members),
                                     audit.low_fpr, "loss", **common)}
@@ -287,11 +336,33 @@ def audit_model(role: str, model, bundle: DataBundle, config: PipelineConfig, sa
         attacks["rmia"] = score_attack(*rmia_scores(target, reference, masks, audit.rmia_a, audit.rmia_gamma),
                                        audit.low_fpr, "rmia", **common)
         attacks["lira"] = score_attack(*lira_scores(target, reference), audit.low_fpr, "lira", **common)
-    strongest = max(attacks.values(), key=lambda result: (result.tpr_at_low_fpr, result.auc))
+    return attacks
+
+
+def strongest(attacks: dict[str, MembershipResult]) -> MembershipResult:
+    """The attack with the highest TPR at low FPR, then the highest AUC."""
+    return max(attacks.values(), key=lambda result: (result.tpr_at_low_fpr, result.auc))
+
+
+def audit_model(role: str, model, bundle: DataBundle, config: PipelineConfig, samples: AuditSamples,
+                reference: Signals | None = None, surrogate=None, member_split: str = "train",
+                teacher_view: tuple[AuditSamples, Signals | None] | None = None) -> ModelAudit:
+    """Membership (members = a subset of ``member_split``, non-members = audit holdout),
+    teacher leakage through this model (``teacher_view``: the teacher's members and the matching
+    reference signals), calibration before/after temperature scaling, per-class accuracy and
+    FGSM robustness (crafted on ``surrogate`` if the model has no gradients)."""
+    audit = config.audit
+    logits = predict_logits(model.cpu(), bundle.x_test)
+    attacks = membership_attacks(model, samples, reference, config, bundle.class_names)
+    leakage: dict[str, MembershipResult] = {}
+    if teacher_view is not None:
+        # Trained on the teacher's own split, the two questions coincide: reuse the result.
+        leakage = attacks if member_split == "train" else membership_attacks(model, *teacher_view, config,
+                                                                              bundle.class_names)
     return ModelAudit(
         role=role,
         test_accuracy=float((logits.argmax(1) == bundle.y_test).mean()),
-        membership=strongest,
+        membership=strongest(attacks),
         calibration=calibration(logits, bundle.y_test),
         per_class=per_class(logits.argmax(1), bundle.y_test, bundle.class_names),
         attacks=attacks,
@@ -299,6 +370,9 @@ def audit_model(role: str, model, bundle: DataBundle, config: PipelineConfig, sa
                                         bundle.y_test),
         robustness=fgsm_robustness(model, bundle.x_test, bundle.y_test, list(audit.fgsm_epsilons), surrogate,
                                    "its float source"),
+        member_split=member_split,
+        teacher_leakage=strongest(leakage) if leakage else None,
+        teacher_leakage_attacks=leakage,
     )
 
 

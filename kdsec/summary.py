@@ -17,7 +17,7 @@ from kdsec.fileio import write_atomic
 from kdsec.gates import GateVerdict
 from kdsec.stages import SELECTION_RULES, ModelAudit, TrainedModel
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def audit_gate_metrics(candidate_audit: ModelAudit, extraction: list = ()) -> dict[str, float]:
@@ -47,6 +47,32 @@ def gate_metrics(teacher: TrainedModel, candidate: VariantMetrics, candidate_aud
     }
 
 
+def teacher_leakage(audits: list[ModelAudit], bundle: DataBundle) -> dict:
+    """Membership in the teacher's training split, inferred from each student's outputs."""
+    rows = {audit.role: {"attack": audit.teacher_leakage.attack, "auc": audit.teacher_leakage.auc,
+                         "tpr_at_low_fpr": audit.teacher_leakage.tpr_at_low_fpr,
+                         "auc_ci": audit.teacher_leakage.auc_ci, "trained_on": audit.member_split,
+                         "own_membership_auc": audit.membership.auc}
+            for audit in audits if audit.teacher_leakage is not None}
+    return {"transfer_split_size": int(len(bundle.y_transfer)), "students": rows}
+
+
+def privacy_defense(models: dict[str, TrainedModel], audits: dict[str, ModelAudit]) -> dict:
+    """The DP-SGD student next to the scratch student it replaces: ε spent, accuracy, leakage."""
+    private = models.get("dp_student")
+    if private is None or "dp_student" not in audits:
+        return {"enabled": False}
+    baseline, audit = audits["scratch_student"], audits["dp_student"]
+    return {"enabled": True, **private.privacy, "test_accuracy": private.test_accuracy,
+            "baseline": "scratch_student", "baseline_test_accuracy": models["scratch_student"].test_accuracy,
+            "accuracy_change": private.test_accuracy - models["scratch_student"].test_accuracy,
+            "membership_auc": audit.membership.auc, "baseline_membership_auc": baseline.membership.auc,
+            "membership_auc_change": audit.membership.auc - baseline.membership.auc,
+            "membership_tpr_at_low_fpr": audit.membership.tpr_at_low_fpr,
+            "baseline_membership_tpr_at_low_fpr": baseline.membership.tpr_at_low_fpr,
+            "attack": audit.membership.attack}
+
+
 def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle: DataBundle,
                   models: list[TrainedModel], teacher_cache: str, variants: list[VariantMetrics],
                   candidate: VariantMetrics, selection: str, at_rest: AtRestResult, he: HEResult,
@@ -67,7 +93,8 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
         "models": {model.role: {"test_accuracy": model.test_accuracy, "val_accuracy": model.val_accuracy,
                                 "params": model.params, "best_epoch": model.best_epoch,
                                 "epochs_run": model.epochs_run, "train_seconds": model.train_seconds,
-                                "checkpoint": model.checkpoint} for model in models},
+                                "checkpoint": model.checkpoint,
+                                **({"privacy": model.privacy} if model.privacy else {})} for model in models},
         "teacher_cache": teacher_cache,
         "distillation_gain": by_role["kd_student"].test_accuracy - by_role["scratch_student"].test_accuracy,
         "variants": [variant.as_dict() for variant in variants],
@@ -77,6 +104,8 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
         "he": he.as_dict(),
         "audit": {audit.role: asdict(audit) for audit in audits},
         "extraction": [asdict(result) for result in extraction],
+        "teacher_leakage": teacher_leakage(audits, bundle),
+        "privacy_defense": privacy_defense(by_role, {audit.role: audit for audit in audits}),
         "audit_timing": {"seconds": audit_seconds, "teacher_train_seconds": by_role["teacher"].train_seconds,
                          "ratio_to_teacher_training": audit_seconds / max(by_role["teacher"].train_seconds, 1e-9)},
         "gates": {verdict.name: {"verdict": verdict.verdict, "level": verdict.level, "warnings": verdict.warnings,
@@ -93,6 +122,7 @@ def audit_document(summary: dict) -> dict:
             "lineage": {"data": summary["data"], "config_digest": summary["config_digest"],
                         "code_version": summary["code_version"]},
             "gates": summary["gates"], "models": summary["audit"], "extraction": summary["extraction"],
+            "teacher_leakage": summary["teacher_leakage"], "privacy_defense": summary["privacy_defense"],
             "timing": summary["audit_timing"],
             "candidate": summary["candidate"], "at_rest": summary["at_rest"], "he": summary["he"]}
 

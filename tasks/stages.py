@@ -21,7 +21,6 @@ from kdsec.audit.report import render_report
 from kdsec.compress import VariantMetrics
 from kdsec.config import PipelineConfig
 from kdsec.data import DataBundle, prepare_data
-from kdsec.distill import OfflineDistiller
 from kdsec.gates import GateVerdict
 from kdsec.summary import audit_document, write_summary
 
@@ -54,12 +53,17 @@ def distill_task(config: PipelineConfig, bundle: DataBundle, teacher: stages.Tra
     return stages.distill_student(config, bundle, teacher, checkpoint)
 
 
+@task(name="train-dp-student", cache_policy=NO_CACHE)
+def train_dp_task(config: PipelineConfig, bundle: DataBundle, checkpoint: Path) -> stages.TrainedModel:
+    return stages.train_dp_student(config, bundle, checkpoint)
+
+
 @task(name="compress", cache_policy=NO_CACHE)
 def compress_task(config: PipelineConfig, bundle: DataBundle, student: stages.TrainedModel,
                   teacher: stages.TrainedModel, out_dir: Path) -> list[VariantMetrics]:
-    distiller = OfflineDistiller(teacher.load(), bundle.x_train, config.distill)
     return stages.compress_student(config.compress, bundle, student, config.student.train, config.seed, out_dir,
-                                   distiller.objective)
+                                   stages.distiller_for(config, bundle, teacher).objective,
+                                   config.distill.transfer_set)
 
 
 @task(name="encrypt-at-rest", cache_policy=NO_CACHE)

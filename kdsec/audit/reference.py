@@ -46,12 +46,15 @@ class AuditSamples:
     y_population: np.ndarray
 
 
-def audit_samples(bundle: DataBundle, seed: int) -> AuditSamples:
-    count = min(len(bundle.y_train), len(bundle.y_holdout))
+def audit_samples(bundle: DataBundle, seed: int, member_split: str = "train") -> AuditSamples:
+    """Members from ``member_split`` (the audited model's training data: ``train``, or
+    ``transfer`` for students distilled on the transfer set), non-members from the holdout."""
+    x_split, y_split = bundle.split(member_split)
+    count = min(len(y_split), len(bundle.y_holdout))
     rng = np.random.default_rng(seed)
-    members = np.sort(rng.choice(len(bundle.y_train), size=count, replace=False))
+    members = np.sort(rng.choice(len(y_split), size=count, replace=False))
     non_members = np.sort(rng.choice(len(bundle.y_holdout), size=count, replace=False))
-    return AuditSamples(bundle.x_train[members], bundle.y_train[members],
+    return AuditSamples(x_split[members], y_split[members],
                         bundle.x_holdout[non_members], bundle.y_holdout[non_members],
                         np.concatenate([bundle.x_val, bundle.x_test]), np.concatenate([bundle.y_val, bundle.y_test]))
 

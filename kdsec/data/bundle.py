@@ -12,12 +12,13 @@ from sklearn.model_selection import train_test_split
 from kdsec.config import DataConfig
 from kdsec.data.registry import DATASETS
 
-SPLITS = ("train", "val", "test", "holdout")
+SPLITS = ("train", "val", "test", "holdout", "transfer")
 
 
 @dataclass(frozen=True)
 class DataBundle:
-    """The splits of one dataset. ``holdout`` never trains anything: it is the audit's non-members."""
+    """The splits of one dataset. ``holdout`` never trains anything: it is the audit's non-members.
+    ``transfer`` (optional) is only ever labelled by the teacher for distillation."""
 
     name: str
     x_train: np.ndarray
@@ -28,6 +29,8 @@ class DataBundle:
     y_test: np.ndarray
     x_holdout: np.ndarray
     y_holdout: np.ndarray
+    x_transfer: np.ndarray  # distillation transfer set; empty unless data.transfer_fraction > 0
+    y_transfer: np.ndarray
     class_names: list[str]
     input_scale: float
     fingerprint: str
@@ -59,6 +62,8 @@ def _fingerprint(inputs: np.ndarray, labels: np.ndarray, config: DataConfig) -> 
     digest.update(np.ascontiguousarray(inputs).tobytes())
     digest.update(np.ascontiguousarray(labels).tobytes())
     split_spec = f"{config.name}|{config.seed}|{config.val_fraction}|{config.test_fraction}|{config.holdout_fraction}"
+    if config.transfer_fraction:  # default splits keep the fingerprints they always had
+        split_spec += f"|transfer={config.transfer_fraction}"
     digest.update(split_spec.encode())
     return digest.hexdigest()[:16]
 
@@ -74,11 +79,17 @@ def prepare_data(config: DataConfig) -> DataBundle:
     rest, holdout = train_test_split(
         rest, test_size=holdout_share, stratify=raw.labels[rest], random_state=config.seed + 1
     )
-    val_share = config.val_fraction / (1.0 - config.test_fraction - config.holdout_fraction)
+    left = 1.0 - config.test_fraction - config.holdout_fraction
+    transfer = np.array([], dtype=int)
+    if config.transfer_fraction:
+        rest, transfer = train_test_split(
+            rest, test_size=config.transfer_fraction / left, stratify=raw.labels[rest], random_state=config.seed + 3
+        )
+        left -= config.transfer_fraction
     train, val = train_test_split(
-        rest, test_size=val_share, stratify=raw.labels[rest], random_state=config.seed + 2
+        rest, test_size=config.val_fraction / left, stratify=raw.labels[rest], random_state=config.seed + 2
     )
-    parts = {"train": train, "val": val, "test": test, "holdout": holdout}
+    parts = {"train": train, "val": val, "test": test, "holdout": holdout, "transfer": transfer}
     arrays = {}
     for name, idx in parts.items():
         idx = np.sort(idx)
