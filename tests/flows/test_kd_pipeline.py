@@ -164,9 +164,20 @@ def _kdsec(*args: str):
 def test_approval_required_waits_for_a_reviewer(in_store):
     client = MlflowClient()
     champion = str(client.get_model_version_by_alias("kdsec-student", "champion").version)
-    summary = _flow("tracking.require_approval=true")
+    # Also: a separate transfer set for distillation and the DP-SGD defense, end to end.
+    summary = _flow("tracking.require_approval=true", "data.transfer_fraction=0.25", "distill.transfer_set=transfer",
+                    "student.dp.enabled=true", "student.dp.epochs=5")
     version = str(summary["registry"]["version"])
     assert summary["verdict"] == "pass" and not summary["promoted"] and summary["registry"]["awaiting_review"]
+    assert summary["data"]["splits"]["transfer"] == summary["teacher_leakage"]["transfer_split_size"] > 400
+    leakage = summary["teacher_leakage"]["students"]
+    assert leakage["kd_student"]["trained_on"] == "transfer" and leakage["scratch_student"]["trained_on"] == "train"
+    assert summary["audit"]["teacher"]["teacher_leakage"] is None
+    defense = summary["privacy_defense"]
+    assert defense["enabled"] and 0 < defense["epsilon"] <= 8.0 * 1.01
+    assert summary["models"]["dp_student"]["privacy"]["epsilon"] == defense["epsilon"]
+    report = Path(summary["report"]["markdown"]).read_text()
+    assert "Teacher leakage through the students" in report and f"ε = {defense['epsilon']:.2f}" in report
     assert str(client.get_model_version_by_alias("kdsec-student", "candidate").version) == version
     assert str(client.get_model_version_by_alias("kdsec-student", "champion").version) == champion
     assert client.get_model_version("kdsec-student", version).tags["review.status"] == "pending"
