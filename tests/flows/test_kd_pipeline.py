@@ -54,7 +54,7 @@ def test_passing_run_promotes_champion(in_store):
     summary = _flow()
     assert summary["verdict"] == "pass" and summary["promoted"] and summary["failed_gates"] == []
     assert set(summary["gates"]) == {"accuracy", "membership", "he", "at_rest", "extraction", "calibration"}
-    assert summary["data"]["splits"] == {"train": 897, "val": 180, "test": 360, "holdout": 360}
+    assert summary["data"]["splits"] == {"train": 897, "val": 180, "test": 360, "holdout": 360, "transfer": 0}
     assert summary["models"]["teacher"]["test_accuracy"] > 0.9
     assert summary["he"]["agreement"] >= 0.99 and summary["he"]["samples"] == 128
     assert {"teacher", "scratch_student", "kd_student", "candidate"} <= set(summary["audit"])
