@@ -28,8 +28,13 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: str = "digits"
+    name: str = "digits"  # digits | mnist | fashion_mnist | cifar10 | imagefolder
     root: str = "data"
+    download: bool = False  # let torchvision download mnist / fashion_mnist / cifar10 into root
+    verify_checksums: bool = True  # cifar10: official md5 sums (off for user-made copies in the same format)
+    max_samples: Annotated[int, Field(ge=0)] = 0  # stratified subset before splitting (0 = all)
+    image_size: PositiveInt = 32  # imagefolder: images resized to this square
+    channels: Literal[1, 3] = 3  # imagefolder: grayscale or RGB
     seed: int = 0
     val_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.2
@@ -97,6 +102,9 @@ class DistillConfig(Section):
 
 class CompressConfig(Section):
     sparsity: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    # Structured pruning: this share of hidden neurons / conv channels removed, layers rebuilt smaller
+    # (0 = off); fine-tuned like the magnitude-pruned variant.
+    structured: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
     finetune_epochs: Annotated[int, Field(ge=0)] = 20
     quantize: bool = True
     latency_repeats: PositiveInt = 30

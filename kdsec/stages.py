@@ -21,7 +21,7 @@ from kdsec.audit.extraction import ExtractionResult, extraction_attack
 from kdsec.audit.trust import (Calibration, PerClass, Robustness, TemperatureScaling, calibration, fgsm_robustness,
                                per_class, temperature_scaling)
 from kdsec.compress import (VariantMetrics, global_magnitude_prune, load_int8, load_weights, measure_variant,
-                            quantize_dynamic_int8, save_int8, weights_format)
+                            quantize_dynamic_int8, save_int8, structured_prune, weights_format)
 from kdsec.config import CompressConfig, GatesConfig, PipelineConfig, TeacherConfig, TrainConfig
 from kdsec.crypto.keys import load_or_create_signer, local_key_provider
 from kdsec.crypto.package import AtRestResult, protect_and_verify
@@ -158,34 +158,43 @@ def train_dp_student(config: PipelineConfig, bundle: DataBundle, checkpoint: Pat
 def compress_student(config: CompressConfig, bundle: DataBundle, student: TrainedModel, finetune: TrainConfig,
                      seed: int, out_dir: Path, objective: Objective = cross_entropy_objective,
                      split: str = "train") -> list[VariantMetrics]:
-    """Dense, globally pruned (fine-tuned with ``objective`` on ``split``, e.g. the distiller's
-    on its transfer set, so the pruned student keeps learning from the teacher), and pruned +
-    int8 variants, each measured."""
+    """Dense; globally magnitude-pruned (zeros); structurally pruned (smaller layers); and int8
+    copies of the pruned ones — each fine-tuned with ``objective`` on ``split`` (e.g. the
+    distiller's, so pruned students keep learning from the teacher) and measured."""
     dense, spec = load_checkpoint(Path(student.checkpoint))
     variants = [measure_variant("dense", dense, Path(student.checkpoint), bundle.x_test, bundle.y_test,
                                 config.latency_repeats)]
-    source = dense
+    tune = finetune.model_copy(update={"epochs": config.finetune_epochs,
+                                       "patience": max(config.finetune_epochs, 1), "lr": finetune.lr / 3})
+
+    def finetune_model(model) -> None:
+        if config.finetune_epochs:
+            seed_everything(seed)
+            fit(model, *bundle.split(split), bundle.x_val, bundle.y_val, tune, objective, seed=seed,
+                label="prune-finetune")
+
+    def add(name: str, model, model_spec: ModelSpec, quantize: bool) -> None:
+        path = save_checkpoint(model, model_spec, out_dir / f"{name}.safetensors")
+        variants.append(measure_variant(name, model, path, bundle.x_test, bundle.y_test, config.latency_repeats))
+        if quantize:
+            int8_path = save_int8(quantize_dynamic_int8(model), model_spec, out_dir / f"{name}_int8.safetensors")
+            reloaded, _ = load_int8(int8_path)  # measure what ships: the model rebuilt from the file
+            variants.append(measure_variant(f"{name}_int8", reloaded, int8_path, bundle.x_test, bundle.y_test,
+                                            config.latency_repeats))
+
     if config.sparsity > 0:
         pruned, _ = load_checkpoint(Path(student.checkpoint))
-        tune = finetune.model_copy(update={"epochs": config.finetune_epochs,
-                                           "patience": max(config.finetune_epochs, 1), "lr": finetune.lr / 3})
-
-        def finetune_masked(model) -> None:
-            if config.finetune_epochs:
-                seed_everything(seed)
-                fit(model, *bundle.split(split), bundle.x_val, bundle.y_val, tune, objective,
-                    seed=seed, label="prune-finetune")
-
-        global_magnitude_prune(pruned, config.sparsity, finetune_masked)
-        name = f"pruned{round(config.sparsity * 100)}"
-        path = save_checkpoint(pruned, spec, out_dir / f"{name}.safetensors")
-        variants.append(measure_variant(name, pruned, path, bundle.x_test, bundle.y_test, config.latency_repeats))
-        source = pruned
-    if config.quantize:
-        name = f"{variants[-1].name}_int8" if len(variants) > 1 else "int8"
-        path = save_int8(quantize_dynamic_int8(source), spec, out_dir / f"{name}.safetensors")
-        reloaded, _ = load_int8(path)  # measure what ships: the model rebuilt from the file
-        variants.append(measure_variant(name, reloaded, path, bundle.x_test, bundle.y_test, config.latency_repeats))
+        global_magnitude_prune(pruned, config.sparsity, finetune_model)
+        add(f"pruned{round(config.sparsity * 100)}", pruned, spec, config.quantize)
+    if config.structured > 0:
+        smaller, smaller_spec = structured_prune(dense, spec, config.structured)
+        finetune_model(smaller)
+        add(f"structured{round(config.structured * 100)}", smaller, smaller_spec, config.quantize)
+    if config.quantize and len(variants) == 1:
+        path = save_int8(quantize_dynamic_int8(dense), spec, out_dir / "int8.safetensors")
+        reloaded, _ = load_int8(path)
+        variants.append(measure_variant("int8", reloaded, path, bundle.x_test, bundle.y_test,
+                                        config.latency_repeats))
     return variants
 
 

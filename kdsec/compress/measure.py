@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from kdsec.compress.quantize import DynamicQuantLinear
+from kdsec.models import count_flops
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class VariantMetrics:
     nonzero_params: int
     size_bytes: int
     latency_ms: float
+    flops: int = 0  # dense FLOPs of one forward pass (structured pruning lowers it; zeros do not)
 
     @property
     def sparsity(self) -> float:
@@ -74,4 +76,5 @@ def measure_variant(name: str, model: nn.Module, checkpoint: Path, x_test: np.nd
         nonzero_params=sum(int((w != 0).sum()) for w in weights),
         size_bytes=checkpoint.stat().st_size,
         latency_ms=cpu_latency_ms(model, x_test, repeats),
+        flops=count_flops(model, tuple(x_test.shape[1:])),
     )

@@ -58,6 +58,8 @@ def he_ops(model: nn.Module) -> list[Op]:
     """The model as a sequence of HE operations, or an error naming the first layer that has none."""
     ops: list[Op] = []
     _collect(model, "", ops)
+    if ops and isinstance(ops[0], PoolOp):
+        ops = _fold_pool(ops, getattr(model, "input_shape", None))
     if not ops or not isinstance(ops[0], LinearOp) or not isinstance(ops[-1], LinearOp):
         raise KdsecError("an HE student must start and end with a Linear layer")
     return ops
@@ -73,12 +75,34 @@ def _collect(module: nn.Module, name: str, ops: list[Op]) -> None:
         ops.append(SquareOp())
     elif isinstance(module, nn.Flatten):
         pass
+    elif isinstance(module, nn.AvgPool2d) and not ops:
+        ops.append(PoolOp(module))
     elif children := list(module.named_children()):
         for child_name, child in children:
             _collect(child, f"{name}.{child_name}".lstrip("."), ops)
     else:
         raise KdsecError(f"layer '{name}' ({type(module).__name__}) has no homomorphic form; "
                          "use an HE-friendly student (e.g. student.arch: he_mlp)")
+
+
+@dataclass(frozen=True)
+class PoolOp:
+    """An input average pooling; folded into the first Linear layer (it is linear too)."""
+
+    module: nn.Module
+
+
+def _fold_pool(ops: list, input_shape: tuple[int, ...] | None) -> list:
+    """W · pool(x) = (W · P) · x: the pooling matrix P comes from pooling the identity basis."""
+    if input_shape is None or len(ops) < 2 or not isinstance(ops[1], LinearOp):
+        raise KdsecError("an input average pooling must be followed by a Linear layer and the model must "
+                         "record its input_shape")
+    size = int(np.prod(input_shape))
+    with torch.no_grad():
+        basis = torch.eye(size, dtype=torch.float64).reshape(size, *input_shape)
+        pooled = ops[0].module(basis).reshape(size, -1).numpy()  # row i: pool(e_i)
+    linear = ops[1]
+    return [LinearOp(linear.weight @ pooled.T, linear.bias), *ops[2:]]
 
 
 def _bias(bias, size: int) -> np.ndarray:

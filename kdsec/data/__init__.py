@@ -4,6 +4,6 @@ from kdsec.data.bundle import DataBundle, prepare_data
 from kdsec.data.registry import DATASETS, RawDataset
 
 # Importing the loaders registers them.
-from kdsec.data import digits  # noqa: F401  isort:skip
+from kdsec.data import digits, vision  # noqa: F401  isort:skip
 
 __all__ = ["DATASETS", "DataBundle", "RawDataset", "prepare_data"]

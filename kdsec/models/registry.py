@@ -72,3 +72,40 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, ModelSpec]:
     model.load_state_dict(state)
     model.eval()
     return model, spec
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Dense floating-point operations (2 per multiply-accumulate) of one forward pass of one sample
+    through every Linear and Conv layer, quantized ones included; zeros are not skipped, so only
+    structured pruning (smaller layers) lowers it."""
+    import torch
+
+    total = 0
+
+    def linear_hook(module, inputs, output):
+        nonlocal total
+        in_features = inputs[0].shape[-1]
+        total += 2 * in_features * output.shape[-1] * (output.numel() // output.shape[-1]) // len(output)
+
+    def conv_hook(module, inputs, output):
+        nonlocal total
+        kernel = module.kernel_size[0] * module.kernel_size[1] * (module.in_channels // module.groups)
+        total += 2 * kernel * output[0].numel()
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.Linear) or type(module).__name__ == "Linear" and hasattr(module, "_packed_params"):
+            handles.append(module.register_forward_hook(linear_hook))
+    try:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters(), torch.empty(0)).device
+        with torch.inference_mode():
+            model(torch.zeros(1, *input_shape, device=device))
+        model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return int(total)

@@ -19,11 +19,21 @@ class Square(nn.Module):
 
 @MODELS.register("he_mlp")
 class HEMLP(nn.Module):
-    """Flatten → [Linear → x²] × len(hidden) → Linear."""
+    """[AvgPool(pool) →] Flatten → [Linear → x²] × len(hidden) → Linear.
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: list[int] = (32,)) -> None:
+    Average pooling is linear, so the HE engine folds it into the first Linear layer; it makes
+    large inputs (e.g. 32×32×3) affordable for the plaintext model at no HE depth."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: list[int] = (32,),
+                 pool: int = 1) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
+        self.input_shape = tuple(input_shape)
+        layers: list[nn.Module] = []
+        if pool > 1:
+            channels, height, width_px = input_shape
+            layers.append(nn.AvgPool2d(pool))
+            input_shape = (channels, height // pool, width_px // pool)
+        layers.append(nn.Flatten())
         width = math.prod(input_shape)
         for size in hidden:
             linear = nn.Linear(width, size)
