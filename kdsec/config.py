@@ -64,9 +64,10 @@ class TrainConfig(Section):
 
 
 class TeacherConfig(Section):
-    arch: str = "teacher_cnn"
-    channels: list[PositiveInt] = [32, 64]
-    fc: PositiveInt = 128
+    arch: str = "teacher_cnn"  # teacher_cnn | student_cnn | resnet18 | he_mlp
+    channels: list[PositiveInt] = [32, 64]  # teacher_cnn / student_cnn
+    fc: PositiveInt = 128  # teacher_cnn / student_cnn
+    width: PositiveInt = 64  # resnet18: channels of the first stage (64 = the standard ResNet-18)
     train: TrainConfig = TrainConfig(epochs=60, patience=20, lr=3e-3, augment="shift")
 
 
@@ -84,8 +85,12 @@ class DPConfig(Section):
 
 
 class StudentConfig(Section):
-    arch: str = "he_mlp"
-    hidden: list[PositiveInt] = [32]
+    arch: str = "he_mlp"  # he_mlp (HE-friendly) | student_cnn | teacher_cnn | resnet18
+    hidden: list[PositiveInt] = [32]  # he_mlp: width of each hidden layer (depth = its length)
+    pool: PositiveInt = 1  # he_mlp: average-pool the input first (folded into layer 1 under HE)
+    channels: list[PositiveInt] = [16, 32]  # student_cnn / teacher_cnn
+    fc: PositiveInt = 64  # student_cnn / teacher_cnn
+    width: PositiveInt = 32  # resnet18
     train: TrainConfig = TrainConfig(epochs=100, patience=20, lr=3e-3)
     dp: DPConfig = DPConfig()
 

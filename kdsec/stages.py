@@ -102,14 +102,25 @@ def preflight(config: PipelineConfig) -> None:
     load_or_create_signer(config.encrypt.signing_key_env, config.encrypt.signing_key_file)
 
 
+def arch_options(arch: str, section) -> dict:
+    """The options of ``arch`` taken from a teacher/student config section."""
+    if arch == "resnet18":
+        return {"width": section.width}
+    if arch == "he_mlp":
+        hidden = list(getattr(section, "hidden", [32]))
+        pool = getattr(section, "pool", 1)
+        return {"hidden": hidden, **({"pool": pool} if pool > 1 else {})}
+    return {"channels": list(section.channels), "fc": section.fc}
+
+
 def teacher_spec(config: PipelineConfig, bundle: DataBundle) -> ModelSpec:
     return ModelSpec(config.teacher.arch, bundle.input_shape, bundle.num_classes,
-                     {"channels": list(config.teacher.channels), "fc": config.teacher.fc})
+                     arch_options(config.teacher.arch, config.teacher))
 
 
 def student_spec(config: PipelineConfig, bundle: DataBundle) -> ModelSpec:
     return ModelSpec(config.student.arch, bundle.input_shape, bundle.num_classes,
-                     {"hidden": list(config.student.hidden)})
+                     arch_options(config.student.arch, config.student))
 
 
 def train_teacher(config: PipelineConfig, bundle: DataBundle, checkpoint: Path) -> TrainedModel:

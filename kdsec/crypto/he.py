@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,15 +55,42 @@ class SquareOp:
 Op = LinearOp | SquareOp
 
 
+def he_program(model: nn.Module) -> tuple[Callable[[np.ndarray], np.ndarray], list[Op]]:
+    """(client-side preprocessing, HE operations). An input average pooling is public and
+    linear: the client pools before it encrypts, so the host never touches the full-size input
+    (3072 → 192 ciphertexts for 32×32×3 with pool 4)."""
+    ops: list[Op] = []
+    _collect(model, "", ops)
+    if ops and isinstance(ops[0], PoolOp):
+        pool, shape = ops.pop(0).module, getattr(model, "input_shape", None)
+        if shape is None:
+            raise KdsecError("a model with input pooling must record its input_shape")
+
+        def preprocess(inputs: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                tensor = torch.as_tensor(np.asarray(inputs, dtype=np.float64).reshape(len(inputs), *shape))
+                return pool(tensor).reshape(len(inputs), -1).numpy()
+    else:
+        def preprocess(inputs: np.ndarray) -> np.ndarray:
+            return np.asarray(inputs).reshape(len(inputs), -1)
+    _check(ops)
+    return preprocess, ops
+
+
 def he_ops(model: nn.Module) -> list[Op]:
-    """The model as a sequence of HE operations, or an error naming the first layer that has none."""
+    """The model as a sequence of HE operations on its raw (flattened) input, an input pooling
+    folded into the first Linear layer; or an error naming the first layer that has none."""
     ops: list[Op] = []
     _collect(model, "", ops)
     if ops and isinstance(ops[0], PoolOp):
         ops = _fold_pool(ops, getattr(model, "input_shape", None))
+    _check(ops)
+    return ops
+
+
+def _check(ops: list) -> None:
     if not ops or not isinstance(ops[0], LinearOp) or not isinstance(ops[-1], LinearOp):
         raise KdsecError("an HE student must start and end with a Linear layer")
-    return ops
 
 
 def _collect(module: nn.Module, name: str, ops: list[Op]) -> None:
@@ -604,9 +632,10 @@ def encrypted_inference(model: nn.Module, inputs: np.ndarray, config: HEConfig,
     """Run each configured mode on ``inputs`` (the single-sample path on the first
     ``config.latency_samples``), compare with plaintext and with the deployed model itself, and
     write the host packages (public contexts, encrypted weights, ``he_package.json``) to ``package_dir``."""
-    ops = he_ops(model)
+    preprocess, ops = he_program(model)
     with torch.inference_mode():
         predictions = model.cpu().eval()(torch.as_tensor(inputs)).argmax(1).numpy()
+    inputs = preprocess(inputs)  # public preprocessing on the client, before encryption
     runs = []
     for mode in config.modes:
         if mode == "encrypted_input":

@@ -67,8 +67,10 @@ def plan_params(depth: int, scale_bits: int, integer_bits: int, poly_modulus_deg
             return HEParams(ring, bits, scale_bits)
     ring = rings[-1]
     if ring // 2 < min_slots:
-        raise ConfigError(f"this layout needs {min_slots} slots but poly_modulus_degree {ring} has {ring // 2}; "
-                          "set encrypt.he.poly_modulus_degree: auto or use a smaller student")
+        hint = ("no secure ring has that many: use a narrower student (student.hidden, student.pool) or "
+                "encrypt.he.latency_samples: 0 to skip the single-sample path" if poly_modulus_degree == "auto"
+                else "set encrypt.he.poly_modulus_degree: auto or use a smaller student")
+        raise ConfigError(f"this layout needs {min_slots} slots but poly_modulus_degree {ring} has {ring // 2}; {hint}")
     fitting = [n for n, cap in sorted(MAX_MODULUS_BITS.items()) if sum(bits) <= cap and n // 2 >= min_slots]
     hint = (f"set encrypt.he.poly_modulus_degree to {fitting[0]} (or auto)" if fitting
             else "no secure ring is large enough: use a shallower student or lower encrypt.he.scale_bits")
