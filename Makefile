@@ -12,7 +12,7 @@ export MLFLOW_ENABLE_TELEMETRY := false
 # A first start of the temporary Prefect server (database migrations) can pass the 20 s default.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: run test bench bench-he bench-audit sync uv clean mlflow-ui prefect-ui
+.PHONY: run test bench bench-he bench-audit bench-compress sync uv clean mlflow-ui prefect-ui
 
 uv:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -31,6 +31,9 @@ bench: sync
 
 bench-he: sync
 	$(UV) run --frozen python benchmarks/he_inference.py
+
+bench-compress: sync
+	$(UV) run --frozen python benchmarks/distill_compress.py
 
 bench-audit: sync
 	$(UV) sync --frozen --quiet --group bench

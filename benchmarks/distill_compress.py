@@ -1,0 +1,159 @@
+"""Distillation and compression on digits, every number a ratio measured in the same run:
+
+1. distillation gain: KD student − scratch student test accuracy, mean over 3 seeds;
+2. training-loop overhead: kdsec.train.fit samples/s vs a bare PyTorch loop (same model, data,
+   batch size, optimizer; fit's per-epoch validation included);
+3. structured pruning at 50% (fine-tuned on the KD objective): latency and accuracy vs dense, for
+   the HE student and for a CNN student, single sample and a batch of 256;
+4. dynamic int8: serialized size and accuracy vs fp32 for a Linear-heavy student.
+
+    uv run python benchmarks/distill_compress.py   (or: make bench-compress)
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.nn import functional as F
+
+from kdsec import stages
+from kdsec.compress import load_int8, quantize_dynamic_int8, save_int8, structured_prune
+from kdsec.compress.measure import cpu_latency_ms
+from kdsec.config import load_config
+from kdsec.data import prepare_data
+from kdsec.models import build_model, count_flops, load_checkpoint, save_checkpoint
+from kdsec.train import accuracy, fit, seed_everything
+
+
+def batch_latency_ms(model, inputs: np.ndarray, repeats: int = 30) -> float:
+    batch = torch.as_tensor(inputs[:256])
+    model = model.cpu().eval()
+    with torch.inference_mode():
+        for _ in range(3):
+            model(batch)
+        timings = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(batch)
+            timings.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(timings)
+
+
+def bare_loop_samples_per_s(model, x, y, batch_size: int, epochs: int, lr: float) -> float:
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    inputs, targets = torch.as_tensor(x), torch.as_tensor(y)
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(targets), generator=generator)
+        for i in range(0, len(order), batch_size):
+            batch = order[i:i + batch_size]
+            loss = F.cross_entropy(model(inputs[batch]), targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return epochs * len(targets) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    console = Console()
+    folder = Path(tempfile.mkdtemp(prefix="kdsec-compress-"))
+    base = load_config(None, [])
+    bundle = prepare_data(base.data)
+
+    # 1. distillation gain over 3 seeds
+    gains = []
+    with console.status("distillation gain: teacher, scratch and KD student × 3 seeds"):
+        for seed in (0, 1, 2):
+            config = load_config(None, [f"seed={seed}"])
+            teacher = stages.train_teacher(config, bundle, folder / f"teacher{seed}.safetensors")
+            scratch = stages.train_scratch_student(config, bundle, folder / f"scratch{seed}.safetensors")
+            student = stages.distill_student(config, bundle, teacher, folder / f"kd{seed}.safetensors")
+            gains.append((teacher.test_accuracy, scratch.test_accuracy, student.test_accuracy))
+    table = Table(title="1. Distillation gain on digits (he_mlp 64→32→x²→10, T=4, α=0.9)")
+    for column in ("seed", "teacher", "scratch", "KD", "gain (pt)"):
+        table.add_column(column, justify="right")
+    for seed, (t, s, k) in enumerate(gains):
+        table.add_row(str(seed), f"{t:.4f}", f"{s:.4f}", f"{k:.4f}", f"{(k - s) * 100:+.2f}")
+    mean_gain = float(np.mean([k - s for _, s, k in gains])) * 100
+    table.add_row("mean", "", "", "", f"[bold]{mean_gain:+.2f}[/bold] (target ≥ +0.5)")
+    console.print(table)
+
+    # 2. training-loop overhead
+    train = base.student.train.model_copy(update={"epochs": 30, "patience": 30})
+    spec = stages.student_spec(base, bundle)
+    rates = {"bare": [], "fit": []}
+    for _ in range(3):  # interleaved, so machine noise hits both alike
+        seed_everything(0)
+        rates["bare"].append(bare_loop_samples_per_s(build_model(spec), bundle.x_train, bundle.y_train,
+                                                     train.batch_size, train.epochs, train.lr))
+        seed_everything(0)
+        start = time.perf_counter()
+        result = fit(build_model(spec), bundle.x_train, bundle.y_train, bundle.x_val, bundle.y_val, train)
+        rates["fit"].append(result.epochs_run * len(bundle.y_train) / (time.perf_counter() - start))
+    bare, ours = statistics.median(rates["bare"]), statistics.median(rates["fit"])
+    table = Table(title="2. Training loop throughput (same model, data, batch size 64, Adam; median of 3)")
+    for column in ("loop", "samples/s", "ratio to bare"):
+        table.add_column(column, justify="right")
+    table.add_row("bare PyTorch loop", f"{bare:,.0f}", "1.00")
+    table.add_row("kdsec.train.fit (+ validation, early stopping, progress)", f"{ours:,.0f}",
+                  f"[bold]{ours / bare:.2f}[/bold] (target ≥ 0.9)")
+    console.print(table)
+
+    # 3. structured pruning at 50%
+    table = Table(title="3. Structured pruning at 50% vs dense (fine-tuned 20 epochs on the KD objective)")
+    for column in ("student", "variant", "params", "FLOPs", "test acc", "Δ acc (pt)", "1-sample ms",
+                   "× dense", "256-batch ms", "× dense"):
+        table.add_column(column, justify="right")
+    teacher = stages.train_teacher(base, bundle, folder / "teacher0.safetensors")
+    for arch_overrides in ([], ["student.arch=student_cnn", "student.channels=[32,64]", "student.fc=128"]):
+        config = load_config(None, arch_overrides)
+        student = stages.distill_student(config, bundle, teacher, folder / f"kd-{config.student.arch}.safetensors")
+        dense, dense_spec = load_checkpoint(Path(student.checkpoint))
+        smaller, smaller_spec = structured_prune(dense, dense_spec, 0.5)
+        tune = config.student.train.model_copy(update={"epochs": 20, "patience": 20, "lr": config.student.train.lr / 3})
+        seed_everything(0)
+        fit(smaller, bundle.x_train, bundle.y_train, bundle.x_val, bundle.y_val, tune,
+            stages.distiller_for(config, bundle, teacher).objective)
+        rows = {}
+        for name, model in (("dense", dense), ("structured50", smaller)):
+            one = statistics.median(cpu_latency_ms(model, bundle.x_test, 200) for _ in range(3))
+            rows[name] = (model, accuracy(model, bundle.x_test, bundle.y_test), one,
+                          batch_latency_ms(model, bundle.x_test))
+        for name, (model, acc, one, batch) in rows.items():
+            _, dense_acc, dense_one, dense_batch = rows["dense"]
+            table.add_row(config.student.arch, name, f"{sum(p.numel() for p in model.parameters()):,}",
+                          f"{count_flops(model, bundle.input_shape):,}", f"{acc:.4f}",
+                          f"{(acc - dense_acc) * 100:+.2f}", f"{one:.4f}", f"{one / dense_one:.2f}",
+                          f"{batch:.3f}", f"{batch / dense_batch:.2f}")
+    console.print(table)
+    console.print("targets: latency ≤ 0.65× dense, accuracy drop ≤ 1 pt")
+
+    # 4. dynamic int8 on a Linear-heavy student
+    config = load_config(None, ["student.hidden=[256,128]"])
+    student = stages.distill_student(config, bundle, teacher, folder / "kd-wide.safetensors")
+    dense, spec = load_checkpoint(Path(student.checkpoint))
+    fp32_path = save_checkpoint(dense, spec, folder / "wide-fp32.safetensors")
+    int8_path = save_int8(quantize_dynamic_int8(dense), spec, folder / "wide-int8.safetensors")
+    int8, _ = load_int8(int8_path)
+    fp32_acc, int8_acc = accuracy(dense, bundle.x_test, bundle.y_test), accuracy(int8, bundle.x_test, bundle.y_test)
+    table = Table(title="4. Dynamic int8 (Linear layers), he_mlp 64→256→128→10, stored as safetensors")
+    for column in ("variant", "bytes", "× fp32", "test acc", "Δ acc (pt)"):
+        table.add_column(column, justify="right")
+    table.add_row("fp32", f"{fp32_path.stat().st_size:,}", "1.00", f"{fp32_acc:.4f}", "")
+    table.add_row("int8", f"{int8_path.stat().st_size:,}",
+                  f"[bold]{int8_path.stat().st_size / fp32_path.stat().st_size:.3f}[/bold] (target ≤ 0.3)",
+                  f"{int8_acc:.4f}", f"{(int8_acc - fp32_acc) * 100:+.2f} (target ≥ −0.5)")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
