@@ -137,8 +137,8 @@ def cifar10(config: DataConfig) -> RawDataset:
                 path = Path(self.root) / self.base_folder / self.meta["filename"]
                 if not path.is_file():
                     raise RuntimeError("Dataset metadata file not found")
-                with path.open("rb") as handle:
-                    self.classes = pickle.load(handle, encoding="latin1")[self.meta["key"]]
+                with path.open("rb") as handle:  # the data-only unpickler: no code can run from it
+                    self.classes = _DataOnlyUnpickler(handle, encoding="latin1").load()[self.meta["key"]]
                 self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
 
         folder = Path(config.root) / CIFAR10.base_folder
