@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -15,12 +16,15 @@ from prefect import flow, get_run_logger
 
 from kdsec import registry, stages
 from kdsec.config import PipelineConfig, config_from_dict, load_config
+from kdsec.distill import signals_key
 from kdsec.gates import evaluate_gates
+from kdsec.sweep import select_best, sweep_grid
 from kdsec.summary import build_summary, gate_metrics
 from tasks.stages import (at_rest_task, audit_task, compress_task, distill_task, he_task, prepare_data_task,
                           register_task, report_task, track_data_task, track_model_task, track_stage_task,
                           extraction_task, train_dp_task, train_reference_task, train_scratch_task,
-                          train_teacher_task)
+                          train_teacher_task, teacher_signals_task, track_sweep_task)
+from flows.sweep import run_sweep
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -63,6 +67,47 @@ def _references(config: PipelineConfig, bundle) -> dict[str, list[str]]:
     return references
 
 
+def _signals(cfg: PipelineConfig, bundle, teacher: stages.TrainedModel, configs: list[PipelineConfig]) -> dict[str, str]:
+    """One stored signal file per kind the students need (logits; a feature loss's target),
+    cached by Prefect across runs; recomputed when a cached file has gone missing."""
+    signals: dict[str, str] = {}
+    for member_config in configs:
+        kind = signals_key(member_config.distill)
+        if kind in signals:
+            continue
+        key = stages.teacher_signals_key(member_config, bundle, teacher)
+        path = Path(cfg.tracking.cache_dir) / "signals" / f"{key}.safetensors"
+        stored = teacher_signals_task(member_config, bundle, teacher, path)
+        if not Path(stored).is_file():
+            stored = teacher_signals_task.with_options(refresh_cache=True)(member_config, bundle, teacher, path)
+        signals[kind] = stored
+    return signals
+
+
+def _distill(cfg: PipelineConfig, bundle, teacher: stages.TrainedModel, out_dir: Path, parent: str):
+    """The distilled student: one, or the best member of the ``sweep`` grid by validation
+    accuracy. Returns the config with the chosen settings, the student, the signal files and the
+    sweep record (None without a sweep)."""
+    members = sweep_grid(cfg)
+    signals = _signals(cfg, bundle, teacher, [member.apply(cfg) for member in members])
+    if len(members) == 1:
+        cfg = members[0].apply(cfg)
+        return cfg, distill_task(cfg, bundle, teacher, out_dir / "kd_student.safetensors",
+                                 signals[signals_key(cfg.distill)]), signals, None
+    results = run_sweep(cfg, bundle, signals, out_dir)
+    best = select_best([result for _, result in results])
+    tracked = track_sweep_task(parent, cfg, results, best, out_dir)
+    trained = next(model for model, result in results if result is best)
+    checkpoint = out_dir / "kd_student.safetensors"
+    shutil.copyfile(trained.checkpoint, checkpoint)
+    student = replace(trained, role="kd_student", checkpoint=str(checkpoint))
+    get_run_logger().info("sweep: %d members on %s; best %s (val %.4f)", len(results), cfg.sweep.task_runner,
+                          best.member.name, best.val_accuracy)
+    record = {"members": [result.row() for _, result in results], "best": best.member.name,
+              "selected_by": "val_accuracy", "task_runner": cfg.sweep.task_runner, **tracked}
+    return best.member.apply(cfg), student, signals, record
+
+
 @flow(name="kd-pipeline", log_prints=True)
 def kd_pipeline(config: dict | None = None, config_path: str | None = None,
                 overrides: list[str] | None = None) -> dict:
@@ -73,11 +118,12 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
     """
     cfg = config_from_dict(config) if config is not None else load_config(config_path, overrides or [])
     stages.preflight(cfg)
+    digest = cfg.digest()  # of the config as given (a sweep later narrows it to the chosen member)
     logger = get_run_logger()
     experiment_id = registry.configure(cfg.tracking.experiment)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     parent = registry.start_parent_run(experiment_id, f"kd-pipeline-{stamp}",
-                                       {"kdsec.config_digest": cfg.digest(), "kdsec.dataset": cfg.data.name})
+                                       {"kdsec.config_digest": digest, "kdsec.dataset": cfg.data.name})
     out_dir = Path(cfg.tracking.output_dir) / f"{stamp}-{parent[:8]}"
     out_dir.mkdir(parents=True, exist_ok=True)
     client = MlflowClient()
@@ -95,10 +141,11 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
         teacher, cache = _teacher(cfg, bundle, Path(cfg.tracking.cache_dir))
         logger.info("teacher (cache %s): test accuracy %.4f", cache, teacher.test_accuracy)
         track_model_task(parent, teacher, cache)
+        cfg, student, signals, sweep = _distill(cfg, bundle, teacher, out_dir, parent)
+        track_model_task(parent, student)
+        # The scratch baseline has the chosen student's architecture.
         scratch = train_scratch_task(cfg, bundle, out_dir / "scratch_student.safetensors")
         track_model_task(parent, scratch)
-        student = distill_task(cfg, bundle, teacher, out_dir / "kd_student.safetensors")
-        track_model_task(parent, student)
         logger.info("students: scratch %.4f, distilled %.4f", scratch.test_accuracy, student.test_accuracy)
         trained = [teacher, scratch, student]
         if cfg.student.dp.enabled:
@@ -108,7 +155,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
             logger.info("DP-SGD student: %.4f at ε=%.2f (δ=%g)", private.test_accuracy, private.privacy["epsilon"],
                         private.privacy["delta"])
 
-        variants = compress_task(cfg, bundle, student, teacher, out_dir)
+        variants = compress_task(cfg, bundle, student, teacher, out_dir, signals[signals_key(cfg.distill)])
         candidate = stages.select_candidate(variants, teacher.test_accuracy, cfg.gates, cfg.compress.selection)
         track_stage_task(parent, "compress",
                          {f"{v.name}.{k}": float(val) for v in variants
@@ -176,13 +223,15 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
                                      {"data.fingerprint": bundle.fingerprint, "candidate.variant": candidate.name,
                                       "package.version": parent, "package.kek_id": at_rest.kek_id,
                                       "package.signer": at_rest.signer_key_id,
-                                      "config.digest": cfg.digest()})
+                                      "config.digest": digest})
 
         summary = build_summary(
-            run_id=parent, config_digest=cfg.digest(), code_version=stages.code_version("."), bundle=bundle,
+            run_id=parent, config_digest=digest, code_version=stages.code_version("."), bundle=bundle,
             models=trained, teacher_cache=cache, variants=variants, candidate=candidate,
             selection=cfg.compress.selection, at_rest=at_rest, he=he, audits=audits, verdicts=verdicts,
-            registry=registration, output_dir=out_dir, audit_seconds=audit_seconds, extraction=extraction)
+            registry=registration, output_dir=out_dir, audit_seconds=audit_seconds, extraction=extraction,
+            sweep=sweep, distill={**cfg.distill.model_dump(mode="json"), "student": stages.arch_options(
+                cfg.student.arch, cfg.student), "signals": signals})
         summary = report_task(parent, summary, out_dir)
         client.set_tag(parent, "gates", summary["verdict"])
         succeeded = True

@@ -61,6 +61,8 @@ class TrainConfig(Section):
     patience: PositiveInt = 5
     grad_clip: PositiveFloat = 5.0
     augment: Literal["none", "shift", "crop_flip"] = "none"
+    # Mixed precision on cuda (bfloat16 autocast, or float16 with loss scaling); CPU always float32.
+    mixed_precision: bool = True
 
 
 class TeacherConfig(Section):
@@ -96,13 +98,32 @@ class StudentConfig(Section):
 
 
 class DistillConfig(Section):
-    loss: str = "hinton_kd"
+    loss: str = "hinton_kd"  # hinton_kd | attention (attention transfer) | fitnets (hints)
     temperature: PositiveFloat = 4.0
     alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
+    # Feature losses: the weight of the feature term (None = the method's published default) and
+    # the tapped modules (names from model.named_modules(), or auto).
+    feature_weight: Annotated[float, Field(ge=0.0)] | None = None
+    teacher_layer: str = "auto"
+    student_layer: str = "auto"
     # What the students are distilled on: the teacher's own training split, or the separate
     # transfer split (data.transfer_fraction > 0), which makes "teacher leakage through the
     # student" a measurement of its own.
     transfer_set: Literal["train", "transfer"] = "train"
+
+
+class SweepConfig(Section):
+    """A grid over distillation settings and student width; every member is one student trained
+    from the same stored teacher signals. An empty list keeps the base value; a grid of one
+    member is no sweep."""
+
+    temperature: list[PositiveFloat] = []
+    alpha: list[Annotated[float, Field(ge=0.0, le=1.0)]] = []
+    loss: list[str] = []
+    width: list[PositiveFloat] = []  # multipliers of the configured student's widths
+    task_runner: Literal["threads", "dask"] = "threads"
+    max_workers: Annotated[int, Field(ge=1, le=64)] = 2  # members trained at once (threads or local Dask workers)
+    dask_address: str = ""  # an existing Dask scheduler (e.g. tcp://10.0.0.5:8786); empty = a local cluster
 
 
 class CompressConfig(Section):
@@ -191,6 +212,7 @@ class PipelineConfig(Section):
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
     distill: DistillConfig = DistillConfig()
+    sweep: SweepConfig = SweepConfig()
     compress: CompressConfig = CompressConfig()
     encrypt: EncryptConfig = EncryptConfig()
     audit: AuditConfig = AuditConfig()

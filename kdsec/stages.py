@@ -27,8 +27,10 @@ from kdsec.crypto.keys import load_or_create_signer, local_key_provider
 from kdsec.crypto.package import AtRestResult, protect_and_verify
 from kdsec.crypto.he import HEResult, encrypted_inference
 from kdsec.data import DataBundle
-from kdsec.distill import OfflineDistiller
-from kdsec.models import ModelSpec, build_model, count_parameters, load_checkpoint, save_checkpoint
+from kdsec.errors import ConfigError
+from kdsec.distill import OfflineDistiller, signals_key
+from kdsec.models import ModelSpec, build_model, count_flops, count_parameters, load_checkpoint, save_checkpoint
+from kdsec.sweep import MemberResult, SweepMember
 from kdsec.train import Objective, cross_entropy_objective, evaluate, fit, predict_logits, seed_everything
 
 CODE_DIR = Path(__file__).resolve().parent
@@ -97,7 +99,9 @@ def preflight(config: PipelineConfig) -> None:
     DATASETS.get(config.data.name)
     MODELS.get(config.teacher.arch)
     MODELS.get(config.student.arch)
-    LOSSES.get(config.distill.loss)
+    if LOSSES.get(config.distill.loss).feature == "spatial" and config.student.arch == "he_mlp":
+        raise ConfigError(f"distill.loss '{config.distill.loss}' needs spatial feature maps, but the he_mlp "
+                          "student has none; use fitnets or hinton_kd, or a conv student")
     local_key_provider(config.encrypt.key_env, config.encrypt.key_file)
     load_or_create_signer(config.encrypt.signing_key_env, config.encrypt.signing_key_file)
 
@@ -133,16 +137,53 @@ def train_scratch_student(config: PipelineConfig, bundle: DataBundle, checkpoint
                   checkpoint)
 
 
-def distiller_for(config: PipelineConfig, bundle: DataBundle, teacher: TrainedModel) -> OfflineDistiller:
-    """The teacher's logits on the distillation split (``distill.transfer_set``), computed once."""
+def distiller_for(config: PipelineConfig, bundle: DataBundle, teacher: TrainedModel,
+                  signals: str | Path | None = None) -> OfflineDistiller:
+    """The teacher's signals on the distillation split (``distill.transfer_set``): read from the
+    stored file when given, else computed once here."""
+    if signals is not None:
+        return OfflineDistiller.load(Path(signals), config.distill)
     return OfflineDistiller(teacher.load(), bundle.split(config.distill.transfer_set)[0], config.distill)
 
 
-def distill_student(config: PipelineConfig, bundle: DataBundle, teacher: TrainedModel,
-                    checkpoint: Path) -> TrainedModel:
-    return _train("kd_student", student_spec(config, bundle), bundle, config.student.train, config.seed,
-                  checkpoint, objective=distiller_for(config, bundle, teacher).objective,
+def teacher_signals_key(config: PipelineConfig, bundle: DataBundle, teacher: TrainedModel) -> str:
+    """Same teacher weights + same transfer inputs + same tapped layer/target + same code → same signals."""
+    digest = hashlib.sha256(Path(teacher.checkpoint).read_bytes()).hexdigest()
+    payload = (f"{digest}|{bundle.fingerprint}|{config.distill.transfer_set}|{signals_key(config.distill)}|"
+               f"{code_version('distill', 'models')}")
+    return "signals-" + hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def store_teacher_signals(config: PipelineConfig, bundle: DataBundle, teacher: TrainedModel, path: Path) -> str:
+    """Compute the teacher's logits (and the feature target of a feature loss) on the transfer
+    split once and store them as safetensors, for every student that distils from them."""
+    return str(distiller_for(config, bundle, teacher).save(path))
+
+
+def distill_student(config: PipelineConfig, bundle: DataBundle, teacher: TrainedModel, checkpoint: Path,
+                    signals: str | Path | None = None, role: str = "kd_student") -> TrainedModel:
+    return _train(role, student_spec(config, bundle), bundle, config.student.train, config.seed,
+                  checkpoint, objective=distiller_for(config, bundle, teacher, signals).objective,
                   split=config.distill.transfer_set)
+
+
+def distill_member(config: PipelineConfig, bundle: DataBundle, member: SweepMember, signals: str | Path,
+                   checkpoint: Path, torch_threads: int = 0) -> tuple[TrainedModel, MemberResult]:
+    """One sweep member: the student at ``member``'s width distilled with its T/α/loss from the
+    stored teacher signals (the teacher itself is never run)."""
+    import torch
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    member_config = member.apply(config)
+    trained = distill_student(member_config, bundle, None, checkpoint, signals, role=f"sweep:{member.name}")
+    model = trained.load()
+    result = MemberResult(member=member, checkpoint=trained.checkpoint, val_accuracy=trained.val_accuracy,
+                          test_accuracy=trained.test_accuracy, params=trained.params,
+                          size_bytes=Path(checkpoint).stat().st_size,
+                          flops=count_flops(model, bundle.input_shape), train_seconds=trained.train_seconds,
+                          epochs_run=trained.epochs_run)
+    return trained, result
 
 
 def train_dp_student(config: PipelineConfig, bundle: DataBundle, checkpoint: Path) -> TrainedModel:

@@ -17,7 +17,7 @@ from kdsec.fileio import write_atomic
 from kdsec.gates import GateVerdict
 from kdsec.stages import SELECTION_RULES, ModelAudit, TrainedModel
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def audit_gate_metrics(candidate_audit: ModelAudit, extraction: list = ()) -> dict[str, float]:
@@ -77,7 +77,8 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
                   models: list[TrainedModel], teacher_cache: str, variants: list[VariantMetrics],
                   candidate: VariantMetrics, selection: str, at_rest: AtRestResult, he: HEResult,
                   audits: list[ModelAudit], verdicts: list[GateVerdict], registry: dict,
-                  output_dir: Path, audit_seconds: float = float("nan"), extraction: list = ()) -> dict:
+                  output_dir: Path, audit_seconds: float = float("nan"), extraction: list = (),
+                  sweep: dict | None = None, distill: dict | None = None) -> dict:
     by_role = {model.role: model for model in models}
     failed = [verdict.name for verdict in verdicts if not verdict.passed]
     return {
@@ -97,6 +98,8 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
                                 **({"privacy": model.privacy} if model.privacy else {})} for model in models},
         "teacher_cache": teacher_cache,
         "distillation_gain": by_role["kd_student"].test_accuracy - by_role["scratch_student"].test_accuracy,
+        "distillation": distill or {},
+        "sweep": sweep,
         "variants": [variant.as_dict() for variant in variants],
         "candidate": {"variant": candidate.name, "rule": SELECTION_RULES[selection],
                       "test_accuracy": candidate.test_accuracy, "size_bytes": candidate.size_bytes},

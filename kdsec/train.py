@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tupl
 def cross_entropy_objective(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                             batch_indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     loss = F.cross_entropy(model(inputs), targets)
-    return loss, {"ce": float(loss.detach())}
+    return loss, {"ce": loss.detach()}
 
 
 @dataclass
@@ -41,53 +40,80 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def _precision(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether to scale the loss): bfloat16 on cuda where supported, else
+    float16 with a gradient scaler; full precision on CPU."""
+    if device.type != "cuda" or not enabled:
+        return None, False
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
 def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
         config: TrainConfig, objective: Objective = cross_entropy_objective, seed: int = 0,
         label: str = "train") -> FitResult:
     """Train with Adam (cosine schedule) and early stopping on validation loss; leave the best
     weights in ``model``. The objective sees batch indices, so per-sample targets such as stored
-    teacher logits stay aligned."""
+    teacher logits stay aligned; an objective with a ``bind(model, sample)`` method (e.g. a
+    distillation loss with a learned projection) contributes the parameters it returns.
+
+    Per batch the loop does only the step itself: loss terms are summed as tensors and read (and
+    checked for NaN/inf) once per epoch, so the host never waits on the device mid-epoch."""
     device = select_device()
     model.to(device)
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.as_tensor(x_train, device=device)
     targets = torch.as_tensor(y_train, device=device)
-    augment = AUGMENTATIONS[config.augment]
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    augment = None if config.augment == "none" else AUGMENTATIONS[config.augment]
+    bind = getattr(objective, "bind", None)
+    extra = list(bind(model, inputs[:2])) if bind is not None else []
+    parameters = [p for p in model.parameters() if p.requires_grad] + extra
+    optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    best_state = copy.deepcopy(model.state_dict())
+    amp_dtype, scale_loss = _precision(device, config.mixed_precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=scale_loss)
+    best_state = _snapshot(model)
     best_loss, best_accuracy, best_epoch, stale = math.inf, 0.0, 0, 0
     history: list[dict[str, float]] = []
     with progress(label, config.epochs) as advance:
         for epoch in range(1, config.epochs + 1):
             model.train()
+            if isinstance(objective, nn.Module):
+                objective.train()
             order = torch.randperm(len(targets), generator=generator).to(device)
-            totals: dict[str, float] = {}
+            totals: dict[str, torch.Tensor | float] = {}
             batches = 0
             for start in range(0, len(order), config.batch_size):
                 batch = order[start : start + config.batch_size]
-                loss, terms = objective(model, augment(inputs[batch], generator), targets[batch], batch)
-                if not math.isfinite(loss.item()):
-                    raise TrainingError(
-                        f"{label}: loss became {float(loss)} at epoch {epoch}; lower the learning rate "
-                        f"(currently {config.lr}) or the temperature"
-                    )
+                batch_inputs = inputs[batch] if augment is None else augment(inputs[batch], generator)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss, terms = objective(model, batch_inputs, targets[batch], batch)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(parameters, config.grad_clip, foreach=True)
+                scaler.step(optimizer)
+                scaler.update()
+                totals["_loss"] = totals.get("_loss", 0.0) + loss.detach()
                 for name, value in terms.items():
                     totals[name] = totals.get(name, 0.0) + value
                 batches += 1
             schedule.step()
+            epoch_loss = float(totals.pop("_loss"))
+            if not math.isfinite(epoch_loss):
+                raise TrainingError(
+                    f"{label}: loss became {epoch_loss / batches} at epoch {epoch}; lower the learning rate "
+                    f"(currently {config.lr}) or the temperature"
+                )
             val_loss, val_accuracy = evaluate(model, x_val, y_val)
             record = {"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_accuracy,
-                      **{name: total / batches for name, total in totals.items()}}
+                      **{name: float(total) / batches for name, total in totals.items()}}
             history.append(record)
             advance(f"val_loss={val_loss:.4f} val_acc={val_accuracy:.4f}")
             if val_loss < best_loss:
                 best_loss, best_accuracy, best_epoch, stale = val_loss, val_accuracy, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = _snapshot(model)
             else:
                 stale += 1
                 if stale >= config.patience:
@@ -96,6 +122,10 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
     model.eval()
     return FitResult(best_epoch=best_epoch, epochs_run=len(history), best_val_accuracy=best_accuracy,
                      history=history)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 import numpy as np
+import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -22,6 +23,7 @@ from kdsec.compress import VariantMetrics
 from kdsec.config import PipelineConfig
 from kdsec.data import DataBundle, prepare_data
 from kdsec.gates import GateVerdict
+from kdsec.sweep import MemberResult, SweepMember, comparison_table, pareto_plot
 from kdsec.summary import audit_document, write_summary
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
@@ -47,10 +49,64 @@ def train_scratch_task(config: PipelineConfig, bundle: DataBundle, checkpoint: P
     return stages.train_scratch_student(config, bundle, checkpoint)
 
 
+def _signals_key(context: TaskRunContext, parameters: dict) -> str:
+    return stages.teacher_signals_key(parameters["config"], parameters["bundle"], parameters["teacher"])
+
+
+@task(name="teacher-signals", cache_key_fn=_signals_key, persist_result=True)
+def teacher_signals_task(config: PipelineConfig, bundle: DataBundle, teacher: stages.TrainedModel,
+                         path: Path) -> str:
+    """The teacher's logits (+ feature targets) on the transfer split, computed once, stored as
+    safetensors and cached: every student of the run (and of later runs) reads the file."""
+    return stages.store_teacher_signals(config, bundle, teacher, path)
+
+
 @task(name="distill-student", cache_policy=NO_CACHE)
 def distill_task(config: PipelineConfig, bundle: DataBundle, teacher: stages.TrainedModel,
-                 checkpoint: Path) -> stages.TrainedModel:
-    return stages.distill_student(config, bundle, teacher, checkpoint)
+                 checkpoint: Path, signals: str | None = None) -> stages.TrainedModel:
+    return stages.distill_student(config, bundle, teacher, checkpoint, signals)
+
+
+@task(name="distill-member", cache_policy=NO_CACHE)
+def distill_member_task(config: PipelineConfig, bundle: DataBundle, member: SweepMember, signals: str,
+                        checkpoint: Path, torch_threads: int = 0) -> tuple[stages.TrainedModel, MemberResult]:
+    return stages.distill_member(config, bundle, member, signals, checkpoint, torch_threads)
+
+
+@task(name="track-sweep", cache_policy=NO_CACHE, **IO_RETRIES)
+def track_sweep_task(parent_run_id: str, config: PipelineConfig, members: list[tuple[stages.TrainedModel, MemberResult]],
+                     best: MemberResult, out_dir: Path) -> dict:
+    """A ``sweep`` stage run with one nested run per member (its settings, curves and sizes);
+    the comparison table and the accuracy-vs-size Pareto plot go to the parent run."""
+    results = [result for _, result in members]
+    table = comparison_table(results, best)
+    (out_dir / "sweep").mkdir(parents=True, exist_ok=True)
+    table_path = out_dir / "sweep" / "comparison.md"
+    table_path.write_text(table)
+    csv_path = out_dir / "sweep" / "comparison.csv"
+    pd.DataFrame([result.row() for result in results]).to_csv(csv_path, index=False)
+    plot_path = pareto_plot(results, best, out_dir / "sweep" / "pareto.png")
+    with registry.stage_run(parent_run_id, "sweep") as sweep_run:
+        sweep_id = sweep_run.info.run_id
+        mlflow.log_params({"sweep.members": len(results), "sweep.task_runner": config.sweep.task_runner,
+                           "sweep.best": best.member.name, "sweep.selected_by": "val_accuracy"})
+    for trained, result in members:
+        with registry.stage_run(sweep_id, result.member.name):
+            mlflow.log_params({"distill.temperature": result.member.temperature, "distill.alpha": result.member.alpha,
+                               "distill.loss": result.member.loss, "student.width_multiplier": result.member.width})
+            for record in trained.history:
+                mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
+            mlflow.log_metrics({"val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
+                                "params": result.params, "size_bytes": result.size_bytes, "flops": result.flops,
+                                "train_seconds": result.train_seconds})
+            mlflow.set_tag("sweep.best", str(result is best).lower())
+    client = MlflowClient()
+    for path in (table_path, csv_path, plot_path):
+        client.log_artifact(parent_run_id, str(path), artifact_path="sweep")
+    client.set_tag(parent_run_id, "sweep.best", best.member.name)
+    create_table_artifact(key="kd-sweep", table=[result.row() for result in results],
+                          description=f"distillation sweep: best {best.member.name} by validation accuracy")
+    return {"run_id": sweep_id, "table": str(table_path), "csv": str(csv_path), "plot": str(plot_path)}
 
 
 @task(name="train-dp-student", cache_policy=NO_CACHE)
@@ -60,9 +116,9 @@ def train_dp_task(config: PipelineConfig, bundle: DataBundle, checkpoint: Path) 
 
 @task(name="compress", cache_policy=NO_CACHE)
 def compress_task(config: PipelineConfig, bundle: DataBundle, student: stages.TrainedModel,
-                  teacher: stages.TrainedModel, out_dir: Path) -> list[VariantMetrics]:
+                  teacher: stages.TrainedModel, out_dir: Path, signals: str | None = None) -> list[VariantMetrics]:
     return stages.compress_student(config.compress, bundle, student, config.student.train, config.seed, out_dir,
-                                   stages.distiller_for(config, bundle, teacher).objective,
+                                   stages.distiller_for(config, bundle, teacher, signals).objective,
                                    config.distill.transfer_set)
 
 

@@ -45,7 +45,7 @@ def soft_label_objective(targets: torch.Tensor):
     """Cross-entropy against the victim's answers (soft or one-hot), aligned by batch index."""
     def objective(model, inputs, _labels, index):
         loss = -(targets[index] * F.log_softmax(model(inputs), dim=1)).sum(1).mean()
-        return loss, {"extraction_loss": float(loss.detach())}
+        return loss, {"extraction_loss": loss.detach()}
     return objective
 
 

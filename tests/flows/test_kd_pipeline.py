@@ -114,8 +114,29 @@ def test_passing_run_promotes_champion(in_store):
     assert key not in json.dumps(parent.data.params) + json.dumps(parent.data.tags)
 
 
-def test_second_run_reuses_the_cached_teacher(in_store):
-    assert _flow()["teacher_cache"] == "hit"
+def test_second_run_reuses_the_cached_teacher_and_sweeps_on_threads(in_store):
+    """A 2×2 grid (temperature × student width) as parallel thread tasks from one stored signal
+    file: the cached teacher and the cached signals are reused, every member is a nested run
+    under the `sweep` stage run, and the best by validation accuracy becomes the KD student."""
+    summary = _flow("sweep.temperature=[2,4]", "sweep.width=[0.5,1]")
+    assert summary["teacher_cache"] == "hit"
+    sweep = summary["sweep"]
+    assert sweep["task_runner"] == "threads" and len(sweep["members"]) == 4
+    best = max(sweep["members"], key=lambda m: (m["val_accuracy"], -m["params"]))
+    assert sweep["best"] == best["name"]
+    assert summary["distillation"]["temperature"] == best["temperature"]
+    assert summary["models"]["kd_student"]["params"] == best["params"]
+    assert summary["models"]["scratch_student"]["params"] == best["params"]  # baseline of the same size
+    assert list(summary["distillation"]["signals"]) == ["logits"]
+
+    client = MlflowClient()
+    assert {"sweep/comparison.md", "sweep/comparison.csv", "sweep/pareto.png"} <= {
+        a.path for a in client.list_artifacts(summary["run_id"], "sweep")}
+    members = client.search_runs([client.get_run(summary["run_id"]).info.experiment_id],
+                                 f"tags.mlflow.parentRunId = '{sweep['run_id']}'")
+    assert {run.info.run_name for run in members} == {m["name"] for m in sweep["members"]}
+    assert [run.info.run_name for run in members if run.data.tags["sweep.best"] == "true"] == [sweep["best"]]
+    assert all(run.data.metrics["val_accuracy"] > 0.5 for run in members)
 
 
 def test_cli_impossible_threshold_exits_2_and_keeps_champion(in_store):
