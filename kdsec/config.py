@@ -128,11 +128,16 @@ class SweepConfig(Section):
 
 class CompressConfig(Section):
     sparsity: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    # Rounds of (prune → fine-tune) on a cubic schedule up to `sparsity`; finetune_epochs are shared out.
+    prune_steps: Annotated[int, Field(ge=1, le=20)] = 3
     # Structured pruning: this share of hidden neurons / conv channels removed, layers rebuilt smaller
     # (0 = off); fine-tuned like the magnitude-pruned variant.
     structured: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
     finetune_epochs: Annotated[int, Field(ge=0)] = 20
     quantize: bool = True
+    # Static post-training int8 (torchao PT2E, calibrated) for students with conv layers.
+    static_int8: bool = True
+    calibration_samples: PositiveInt = 256  # from the training split
     latency_repeats: PositiveInt = 30
     selection: Literal["smallest_passing", "most_accurate"] = "smallest_passing"
 

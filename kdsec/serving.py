@@ -20,12 +20,11 @@ class StudentModel(mlflow.pyfunc.PythonModel):
     """Loads a float or int8 safetensors checkpoint; predicts class labels."""
 
     def load_context(self, context) -> None:
-        from kdsec.compress.quantize import load_int8
-        from kdsec.models import load_checkpoint
+        from kdsec.compress.quantize import load_weights
 
         info = json.loads(Path(context.artifacts["serving"]).read_text())
         checkpoint = Path(context.artifacts["checkpoint"])
-        self.model, self.spec = (load_int8 if info["format"] == "int8" else load_checkpoint)(checkpoint)
+        self.model, self.spec, _ = load_weights(checkpoint)  # float, int8 or static int8, as the file says
         self.model.eval()
         self.input_scale = float(info["input_scale"])
         self.class_names = list(info["class_names"])

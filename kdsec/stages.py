@@ -22,6 +22,7 @@ from kdsec.audit.trust import (Calibration, PerClass, Robustness, TemperatureSca
                                per_class, temperature_scaling)
 from kdsec.compress import (VariantMetrics, global_magnitude_prune, load_int8, load_weights, measure_variant,
                             quantize_dynamic_int8, save_int8, structured_prune, weights_format)
+from kdsec.compress.static_quant import has_conv, load_static_int8, quantize_static_int8, save_static_int8
 from kdsec.config import CompressConfig, GatesConfig, PipelineConfig, TeacherConfig, TrainConfig
 from kdsec.crypto.keys import load_or_create_signer, local_key_provider
 from kdsec.crypto.package import AtRestResult, protect_and_verify
@@ -219,15 +220,32 @@ def compress_student(config: CompressConfig, bundle: DataBundle, student: Traine
     tune = finetune.model_copy(update={"epochs": config.finetune_epochs,
                                        "patience": max(config.finetune_epochs, 1), "lr": finetune.lr / 3})
 
-    def finetune_model(model) -> None:
+    def finetune_model(model, settings: TrainConfig = tune) -> None:
         if config.finetune_epochs:
             seed_everything(seed)
-            fit(model, *bundle.split(split), bundle.x_val, bundle.y_val, tune, objective, seed=seed,
+            fit(model, *bundle.split(split), bundle.x_val, bundle.y_val, settings, objective, seed=seed,
                 label="prune-finetune")
+
+    # Iterative pruning shares the fine-tuning epochs out over its rounds.
+    per_round = max(1, -(-config.finetune_epochs // config.prune_steps))
+    round_tune = tune.model_copy(update={"epochs": per_round, "patience": per_round})
+
+    calibration = bundle.split(split)[0][:config.calibration_samples]
+
+    def add_static(name: str, model, model_spec: ModelSpec) -> None:
+        """Static int8 (calibrated activations) for conv students; measured as reloaded from its file."""
+        if not (config.static_int8 and has_conv(model)):
+            return
+        path = save_static_int8(quantize_static_int8(model, calibration), model_spec,
+                                out_dir / f"{name + '_' if name else ''}static_int8.safetensors")
+        reloaded, _ = load_static_int8(path)
+        variants.append(measure_variant(path.stem, reloaded, path, bundle.x_test, bundle.y_test,
+                                        config.latency_repeats))
 
     def add(name: str, model, model_spec: ModelSpec, quantize: bool) -> None:
         path = save_checkpoint(model, model_spec, out_dir / f"{name}.safetensors")
         variants.append(measure_variant(name, model, path, bundle.x_test, bundle.y_test, config.latency_repeats))
+        add_static(name, model, model_spec)
         if quantize:
             int8_path = save_int8(quantize_dynamic_int8(model), model_spec, out_dir / f"{name}_int8.safetensors")
             reloaded, _ = load_int8(int8_path)  # measure what ships: the model rebuilt from the file
@@ -236,7 +254,8 @@ def compress_student(config: CompressConfig, bundle: DataBundle, student: Traine
 
     if config.sparsity > 0:
         pruned, _ = load_checkpoint(Path(student.checkpoint))
-        global_magnitude_prune(pruned, config.sparsity, finetune_model)
+        global_magnitude_prune(pruned, config.sparsity, lambda model: finetune_model(model, round_tune),
+                               config.prune_steps)
         add(f"pruned{round(config.sparsity * 100)}", pruned, spec, config.quantize)
     if config.structured > 0:
         smaller, smaller_spec = structured_prune(dense, spec, config.structured)
@@ -247,6 +266,7 @@ def compress_student(config: CompressConfig, bundle: DataBundle, student: Traine
         reloaded, _ = load_int8(path)
         variants.append(measure_variant("int8", reloaded, path, bundle.x_test, bundle.y_test,
                                         config.latency_repeats))
+    add_static("", dense, spec)
     return variants
 
 
@@ -317,7 +337,7 @@ def variant_source_role(role: str) -> str | None:
     """The audited role an int8 variant was quantized from (``variant:pruned50_int8`` → ``variant:pruned50``)."""
     if not role.endswith("int8"):
         return None
-    source = role.removeprefix("variant:").removesuffix("int8").rstrip("_")
+    source = role.removeprefix("variant:").removesuffix("int8").rstrip("_").removesuffix("static").rstrip("_")
     return f"variant:{source}" if source else "kd_student"
 
 

@@ -82,7 +82,7 @@ def load_int8(path: Path) -> tuple[nn.Module, ModelSpec]:
 
 
 def weights_format(path: Path) -> str:
-    """'int8' for a ``save_int8`` file, 'float' for a plain checkpoint (read from the file's metadata)."""
+    """'int8' for a ``save_int8`` file, 'int8_static' for a ``save_static_int8`` one, 'float' for a plain checkpoint (read from the file's metadata)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -90,13 +90,18 @@ def weights_format(path: Path) -> str:
         raise IntegrityError(f"'{path}' is not a safetensors checkpoint ({exc})") from None
     if "kdsec.spec" not in metadata:
         raise IntegrityError(f"'{path}' is not a kdsec checkpoint (no kdsec.spec metadata)")
+    if "kdsec.int8_static" in metadata:
+        return "int8_static"
     return "int8" if "kdsec.int8" in metadata else "float"
 
 
 def load_weights(path: Path) -> tuple[nn.Module, ModelSpec, str]:
     """Any kdsec checkpoint, float or int8, with its spec and format."""
+    from kdsec.compress.static_quant import load_static_int8
+
     weight_format = weights_format(path)
-    model, spec = load_int8(path) if weight_format == "int8" else load_checkpoint(path)
+    loader = {"int8": load_int8, "int8_static": load_static_int8}.get(weight_format, load_checkpoint)
+    model, spec = loader(path)
     return model, spec, weight_format
 
 

@@ -34,6 +34,25 @@ def test_pruning_reaches_exactly_the_requested_sparsity_and_is_permanent(trained
     assert sum(int((m.weight == 0).sum()) for m, _ in prunable_parameters(reloaded)) == zeros
 
 
+def test_iterative_schedule_prunes_in_rounds_and_fine_tunes_after_each(trained, digits, tmp_path):
+    from kdsec.compress.prune import sparsity_schedule
+
+    assert sparsity_schedule(0.8, 3) == pytest.approx([0.8 * (1 - (2 / 3) ** 3), 0.8 * (1 - (1 / 3) ** 3), 0.8])
+    model, _ = _copy(trained, tmp_path)
+    levels = []
+
+    def finetune(m):
+        weights = [module.weight for module, _ in prunable_parameters(m)]  # masked view while pruning
+        levels.append(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
+        fit(m, digits.x_train, digits.y_train, digits.x_val, digits.y_val, TrainConfig(epochs=2, lr=1e-3))
+
+    global_magnitude_prune(model, 0.8, finetune, steps=3)
+    assert levels == pytest.approx(sparsity_schedule(0.8, 3), abs=1e-3)
+    weights = [module.weight for module, _ in prunable_parameters(model)]
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * sum(w.numel() for w in weights))
+    assert accuracy(model, digits.x_test, digits.y_test) > 0.8
+
+
 def test_int8_round_trips_bit_exactly_and_is_smaller(trained, digits, tmp_path):
     quantized = quantize_dynamic_int8(_copy(trained, tmp_path)[0])
     path = save_int8(quantized, SPEC, tmp_path / "int8.safetensors")

@@ -1,0 +1,137 @@
+"""Static post-training int8 quantization of conv nets with a calibration set, through the PT2E
+flow of torchao (``torch.export`` → ``prepare_pt2e`` with the X86 inductor quantizer → calibrate
+→ ``convert_pt2e``).
+
+Why this route: torch.ao.quantization's eager API is deprecated and the PT2E entry points have
+moved out of torch into torchao; PT2E quantizes conv *and* linear layers with per-channel int8
+weights and calibrated per-tensor uint8 activations, and its graphs lower to oneDNN int8 kernels
+under ``torch.compile``. Run eagerly (as here) the graph executes as a reference
+quantize/dequantize program: the numbers are those of int8 inference; the speed comes only with
+compilation.
+
+Storage is safetensors, never pickle: the int8 weights, their per-channel scales, the biases and
+the calibrated (scale, zero point) of every activation. Loading re-exports the architecture,
+converts it, and puts the stored numbers back into the program — the same program, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from kdsec.errors import IntegrityError
+from kdsec.models.registry import ModelSpec, build_model
+
+FORMAT_KEY = "kdsec.int8_static"
+
+
+def has_conv(model: nn.Module) -> bool:
+    return any(isinstance(module, nn.Conv2d) for module in model.modules())
+
+
+def _prepare(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.export import Dim
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+        example = torch.zeros(2, *input_shape)
+        exported = torch.export.export(model.cpu().eval(), (example,),
+                                       dynamic_shapes=({0: Dim("batch", min=1, max=1 << 20)},)).module()
+        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+        return prepare_pt2e(exported, quantizer)
+
+
+def _convert(prepared: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        # .eval()/.train() on the program are no-ops (it has no dropout or batch norm left), so the
+        # rest of kdsec can treat it like any model.
+        program = allow_exported_model_train_eval(convert_pt2e(prepared))
+        switch = program.train
+
+        def train(mode: bool = True) -> nn.Module:
+            switch(mode)
+            return program  # like nn.Module.train, so model.cpu().eval() chains
+
+        program.train = train
+        program.eval = lambda: train(False)
+        return program
+
+
+def _activation_nodes(program: nn.Module) -> list:
+    """The per-tensor (activation) quantize/dequantize nodes, in graph order."""
+    targets = (torch.ops.quantized_decomposed.quantize_per_tensor.default,
+               torch.ops.quantized_decomposed.dequantize_per_tensor.default)
+    return [node for node in program.graph.nodes if node.op == "call_function" and node.target in targets]
+
+
+def _activation_qparams(program: nn.Module) -> torch.Tensor:
+    """(scale, zero point) of every activation quantization point, as an n×2 float64 tensor."""
+    return torch.tensor([[float(node.args[1]), float(node.args[2])] for node in _activation_nodes(program)],
+                        dtype=torch.float64).reshape(-1, 2)
+
+
+def _graph_tensors(converted: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors the quantized program reads (int8 weights, scales, zero points, biases) — not the
+    float weights the exported module still carries."""
+    used = {node.target for node in converted.graph.nodes if node.op == "get_attr"}
+    return {name: tensor for name, tensor in converted.state_dict().items() if name in used}
+
+
+def quantize_static_int8(model: nn.Module, calibration: np.ndarray, batch_size: int = 256) -> nn.Module:
+    """The int8 program for ``model`` on CPU, activations calibrated on ``calibration``; ``calibration`` is a few
+    hundred real inputs (never the test split)."""
+    prepared = _prepare(model, tuple(calibration.shape[1:]))
+    with torch.no_grad():
+        for start in range(0, len(calibration), batch_size):
+            prepared(torch.as_tensor(calibration[start:start + batch_size]))
+    return _convert(prepared)
+
+
+def save_static_int8(quantized: nn.Module, spec: ModelSpec, path: Path) -> Path:
+    tensors = {f"graph.{name}": tensor.contiguous() for name, tensor in _graph_tensors(quantized).items()}
+    tensors["activation_qparams"] = _activation_qparams(quantized)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"kdsec.spec": spec.to_json(), FORMAT_KEY: json.dumps({"route": "pt2e-x86"})})
+    return path
+
+
+def load_static_int8(path: Path) -> tuple[nn.Module, ModelSpec]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            spec = ModelSpec.from_json(metadata["kdsec.spec"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (KeyError, OSError, ValueError, SafetensorError) as exc:
+        raise IntegrityError(f"'{path}' is not a kdsec static int8 checkpoint ({exc})") from None
+    # The same program from a placeholder calibration, then the stored numbers put in: int8
+    # weights and their scales (graph tensors) and every activation's (scale, zero point).
+    prepared = _prepare(build_model(spec), spec.input_shape)
+    with torch.no_grad():
+        prepared(torch.zeros(1, *spec.input_shape))
+    converted = _convert(prepared)
+    graph = {key.removeprefix("graph."): value for key, value in tensors.items() if key.startswith("graph.")}
+    expected = set(_graph_tensors(converted))
+    nodes = _activation_nodes(converted)
+    qparams = tensors.get("activation_qparams")
+    if expected != set(graph) or qparams is None or len(qparams) != len(nodes):
+        raise IntegrityError(f"'{path}' does not match the {spec.arch} int8 program "
+                             f"(missing {sorted(expected - set(graph))[:3]})")
+    converted.load_state_dict(graph, strict=False)
+    for node, (scale, zero_point) in zip(nodes, qparams.tolist()):
+        node.args = (node.args[0], scale, int(zero_point), *node.args[3:])
+    converted.recompile()
+    return converted, spec
