@@ -165,7 +165,8 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
         logger.info("candidate: %s (%.4f, %d bytes)", candidate.name, candidate.test_accuracy, candidate.size_bytes)
 
         at_rest = at_rest_task(cfg, candidate, out_dir / "package", parent,
-                               {"input_scale": bundle.input_scale, "class_names": list(bundle.class_names),
+                               {"input_scale": bundle.input_scale, "normalization": bundle.normalization,
+                                "class_names": list(bundle.class_names),
                                 "data_fingerprint": bundle.fingerprint, "test_accuracy": candidate.test_accuracy})
         track_stage_task(parent, "encrypt-at-rest",
                          {key: float(value) for key, value in asdict(at_rest).items()

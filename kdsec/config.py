@@ -35,12 +35,24 @@ class DataConfig(Section):
     max_samples: Annotated[int, Field(ge=0)] = 0  # stratified subset before splitting (0 = all)
     image_size: PositiveInt = 32  # imagefolder: images resized to this square
     channels: Literal[1, 3] = 3  # imagefolder: grayscale or RGB
+    # Input normalization, per channel, after scaling pixels to [0, 1]: none; dataset (mean/std of
+    # the training split); given (data.mean / data.std, e.g. the usual CIFAR-10 statistics).
+    # Served models apply the same normalization to raw pixels.
+    normalize: Literal["none", "dataset", "given"] = "none"
+    mean: list[float] = []
+    std: list[PositiveFloat] = []
     seed: int = 0
     val_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.2
     holdout_fraction: Fraction = 0.2
     # A separate distillation transfer set (0 = none): neither the teacher nor the audit sees it.
     transfer_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+    @model_validator(mode="after")
+    def _given_statistics(self) -> DataConfig:
+        if self.normalize == "given" and (not self.mean or len(self.mean) != len(self.std)):
+            raise ValueError("normalize: given needs data.mean and data.std, one value per channel each")
+        return self
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> DataConfig:

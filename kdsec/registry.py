@@ -59,12 +59,14 @@ def log_dict_artifact(payload: dict, name: str, run_id: str) -> None:
     MlflowClient().log_text(run_id, json.dumps(payload, indent=2, default=str), name)
 
 
-def log_student_model(checkpoint: Path, checkpoint_format: str, input_scale: float, class_names: list[str]) -> str:
+def log_student_model(checkpoint: Path, checkpoint_format: str, input_scale: float, class_names: list[str],
+                      normalization=None) -> str:
     """Log the candidate, in the active run, as a pyfunc model that predicts labels from raw
     pixels; return its URI."""
     with tempfile.TemporaryDirectory() as scratch:
         serving = Path(scratch) / "serving.json"
         serving.write_text(json.dumps({"format": checkpoint_format, "input_scale": input_scale,
+                                       "normalization": normalization,
                                        "class_names": class_names}))
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -28,6 +28,9 @@ class StudentModel(mlflow.pyfunc.PythonModel):
         self.model.eval()
         self.input_scale = float(info["input_scale"])
         self.class_names = list(info["class_names"])
+        normalization = info.get("normalization")
+        self.mean, self.std = ((torch.tensor(v, dtype=torch.float32)[None, :, None, None] for v in normalization)
+                               if normalization else (None, None))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
@@ -36,5 +39,7 @@ class StudentModel(mlflow.pyfunc.PythonModel):
         if values.shape[1] != features:
             raise ValueError(f"expected {features} pixel values per row, got {values.shape[1]}")
         inputs = torch.as_tensor(values.astype(np.float32) * self.input_scale).reshape(-1, *self.spec.input_shape)
+        if self.mean is not None:
+            inputs = (inputs - self.mean) / self.std
         with torch.inference_mode():
             return self.model(inputs).argmax(1).numpy()

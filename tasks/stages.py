@@ -206,7 +206,7 @@ def register_task(config: PipelineConfig, parent_run_id: str, bundle: DataBundle
     previous = registry.champion_version(tracking.registered_model, tracking.alias)
     with registry.stage_run(parent_run_id, "register") as run:
         model_uri = registry.log_student_model(Path(candidate.checkpoint), stages.variant_format(candidate),
-                                               bundle.input_scale, bundle.class_names)
+                                               bundle.input_scale, bundle.class_names, bundle.normalization)
         version = registry.register_candidate(model_uri, tracking.registered_model, verdicts,
                                               run.info.run_id, extra_tags)
     awaiting_review = tracking.require_approval and all(verdict.passed for verdict in verdicts)

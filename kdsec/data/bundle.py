@@ -10,6 +10,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from kdsec.config import DataConfig
+from kdsec.errors import ConfigError
 from kdsec.data.registry import DATASETS
 
 SPLITS = ("train", "val", "test", "holdout", "transfer")
@@ -34,6 +35,8 @@ class DataBundle:
     class_names: list[str]
     input_scale: float
     fingerprint: str
+    # Per-channel (mean, std) subtracted/divided after input_scale; None = inputs stay in [0, 1].
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -64,6 +67,8 @@ def _fingerprint(inputs: np.ndarray, labels: np.ndarray, config: DataConfig) -> 
     split_spec = f"{config.name}|{config.seed}|{config.val_fraction}|{config.test_fraction}|{config.holdout_fraction}"
     if config.transfer_fraction:  # default splits keep the fingerprints they always had
         split_spec += f"|transfer={config.transfer_fraction}"
+    if config.normalize != "none":
+        split_spec += f"|normalize={config.normalize}|{list(config.mean)}|{list(config.std)}"
     digest.update(split_spec.encode())
     return digest.hexdigest()[:16]
 
@@ -95,10 +100,30 @@ def prepare_data(config: DataConfig) -> DataBundle:
         idx = np.sort(idx)
         arrays[f"x_{name}"] = raw.inputs[idx]
         arrays[f"y_{name}"] = raw.labels[idx]
+    normalization = _normalization(arrays["x_train"], config)
+    if normalization is not None:
+        mean, std = (np.asarray(v, dtype=np.float32)[None, :, None, None] for v in normalization)
+        arrays.update({key: ((value - mean) / std).astype(np.float32) for key, value in arrays.items()
+                       if key.startswith("x_")})
     return DataBundle(
         name=config.name,
         class_names=raw.class_names,
         input_scale=raw.input_scale,
         fingerprint=_fingerprint(raw.inputs, raw.labels, config),
+        normalization=normalization,
         **arrays,
     )
+
+
+def _normalization(x_train: np.ndarray, config: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    if config.normalize == "none":
+        return None
+    channels = x_train.shape[1]
+    if config.normalize == "given":
+        if len(config.mean) != channels:
+            raise ConfigError(f"data.mean/data.std have {len(config.mean)} values but {config.name} images have "
+                              f"{channels} channel(s)")
+        return tuple(map(float, config.mean)), tuple(map(float, config.std))
+    mean = x_train.mean(axis=(0, 2, 3))
+    std = np.maximum(x_train.std(axis=(0, 2, 3)), 1e-6)
+    return tuple(map(float, mean)), tuple(map(float, std))

@@ -1,3 +1,9 @@
+import json
+
+import pytest
+import torch
+
+from kdsec.errors import ConfigError
 import numpy as np
 
 from kdsec.config import DataConfig
@@ -51,3 +57,39 @@ def test_transfer_split_is_separate_and_keeps_the_other_splits_apart(digits):
     assert len(transfer & {row.tobytes() for row in bundle.x_train}) <= 2
     assert len(transfer & {row.tobytes() for row in bundle.x_holdout}) <= 2
     assert bundle.fingerprint != digits.fingerprint
+
+
+def test_dataset_normalization_is_per_channel_from_the_training_split_and_served_too(tmp_path):
+    import mlflow
+    from kdsec.config import DataConfig
+    from kdsec.data import prepare_data
+    from kdsec.models import ModelSpec, build_model, save_checkpoint
+    from kdsec.serving import StudentModel
+
+    plain, normalized = prepare_data(DataConfig()), prepare_data(DataConfig(normalize="dataset"))
+    mean, std = normalized.normalization
+    assert abs(float(normalized.x_train.mean())) < 1e-5 and abs(float(normalized.x_train.std()) - 1.0) < 1e-3
+    assert mean[0] == pytest.approx(float(plain.x_train.mean()), rel=1e-5)
+    assert np.allclose(normalized.x_test, (plain.x_test - mean[0]) / std[0], atol=1e-6)
+    assert normalized.fingerprint != plain.fingerprint and plain.normalization is None
+
+    given = prepare_data(DataConfig(normalize="given", mean=[0.5], std=[0.25]))
+    assert np.allclose(given.x_val, (plain.x_val - 0.5) / 0.25)
+    with pytest.raises(ConfigError, match="data.mean/data.std have 3 values but digits images have 1 channel"):
+        prepare_data(DataConfig(normalize="given", mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2]))
+    with pytest.raises(ValueError, match="normalize: given needs data.mean and data.std"):
+        DataConfig(normalize="given")
+
+    # The served model takes raw 0-16 pixels and normalizes them as training did.
+    spec = ModelSpec("he_mlp", normalized.input_shape, 10, {"hidden": [8]})
+    model = build_model(spec)
+    checkpoint = save_checkpoint(model, spec, tmp_path / "m.safetensors")
+    serving = tmp_path / "serving.json"
+    serving.write_text(json.dumps({"format": "float", "input_scale": normalized.input_scale,
+                                   "normalization": normalized.normalization, "class_names": normalized.class_names}))
+    served = StudentModel()
+    served.load_context(type("Context", (), {"artifacts": {"checkpoint": str(checkpoint), "serving": str(serving)}})())
+    raw = np.rint(plain.x_test[:20] / plain.input_scale).reshape(20, -1)
+    with torch.no_grad():
+        expected = model(torch.as_tensor(normalized.x_test[:20])).argmax(1).numpy()
+    assert np.array_equal(served.predict(None, raw), expected)
