@@ -5,7 +5,9 @@
    batch size, optimizer; fit's per-epoch validation included);
 3. structured pruning at 50% (fine-tuned on the KD objective): latency and accuracy vs dense, for
    the HE student and for a CNN student, single sample and a batch of 256;
-4. dynamic int8: serialized size and accuracy vs fp32 for a Linear-heavy student.
+4. dynamic int8: serialized size and accuracy vs fp32 for a Linear-heavy student;
+5. static int8 (torchao PT2E, calibrated) for a conv student: size, accuracy, eager latency;
+6. feature-based distillation (FitNets for the MLP, attention transfer for the CNN) vs Hinton KD.
 
     uv run python benchmarks/distill_compress.py   (or: make bench-compress)
 """
@@ -26,6 +28,7 @@ from torch.nn import functional as F
 from kdsec import stages
 from kdsec.compress import load_int8, quantize_dynamic_int8, save_int8, structured_prune
 from kdsec.compress.measure import cpu_latency_ms
+from kdsec.compress.static_quant import load_static_int8, quantize_static_int8, save_static_int8
 from kdsec.config import load_config
 from kdsec.data import prepare_data
 from kdsec.models import build_model, count_flops, load_checkpoint, save_checkpoint
@@ -134,6 +137,19 @@ def main() -> None:
                           f"{count_flops(model, bundle.input_shape):,}", f"{acc:.4f}",
                           f"{(acc - dense_acc) * 100:+.2f}", f"{one:.4f}", f"{one / dense_one:.2f}",
                           f"{batch:.3f}", f"{batch / dense_batch:.2f}")
+    # The seed use case's input shape: latency is compute, not call overhead (weights untrained:
+    # accuracy does not apply, and latency does not depend on the values).
+    spec32 = stages.ModelSpec("student_cnn", (3, 32, 32), 10, {"channels": [32, 64], "fc": 128})
+    dense32 = build_model(spec32).eval()
+    smaller32, _ = structured_prune(dense32, spec32, 0.5)
+    images = np.random.default_rng(0).uniform(0, 1, (256, 3, 32, 32)).astype(np.float32)
+    rows32 = {name: (model, statistics.median(cpu_latency_ms(model, images, 200) for _ in range(3)),
+                     batch_latency_ms(model, images)) for name, model in (("dense", dense32), ("structured50", smaller32))}
+    for name, (model, one, batch) in rows32.items():
+        _, dense_one, dense_batch = rows32["dense"]
+        table.add_row("student_cnn 3×32×32", name, f"{sum(p.numel() for p in model.parameters()):,}",
+                      f"{count_flops(model, (3, 32, 32)):,}", "n/a", "", f"{one:.4f}", f"{one / dense_one:.2f}",
+                      f"{batch:.3f}", f"{batch / dense_batch:.2f}")
     console.print(table)
     console.print("targets: latency ≤ 0.65× dense, accuracy drop ≤ 1 pt")
 
@@ -152,6 +168,43 @@ def main() -> None:
     table.add_row("int8", f"{int8_path.stat().st_size:,}",
                   f"[bold]{int8_path.stat().st_size / fp32_path.stat().st_size:.3f}[/bold] (target ≤ 0.3)",
                   f"{int8_acc:.4f}", f"{(int8_acc - fp32_acc) * 100:+.2f} (target ≥ −0.5)")
+    console.print(table)
+
+    # 5. static int8 (torchao PT2E, calibrated on 256 training inputs) for a conv student
+    config = load_config(None, ["student.arch=student_cnn", "student.channels=[32,64]", "student.fc=128"])
+    cnn = stages.distill_student(config, bundle, teacher, folder / "kd-student_cnn.safetensors")
+    dense, spec = load_checkpoint(Path(cnn.checkpoint))
+    static_path = save_static_int8(quantize_static_int8(dense, bundle.x_train[:256]), spec,
+                                   folder / "cnn-static-int8.safetensors")
+    static, _ = load_static_int8(static_path)
+    fp32_path = Path(cnn.checkpoint)
+    fp32_acc, int8_acc = accuracy(dense, bundle.x_test, bundle.y_test), accuracy(static, bundle.x_test, bundle.y_test)
+    fp32_ms = statistics.median(batch_latency_ms(dense, bundle.x_test) for _ in range(3))
+    int8_ms = statistics.median(batch_latency_ms(static, bundle.x_test) for _ in range(3))
+    table = Table(title="5. Static int8 (PT2E, X86 quantizer, per-channel weights, calibrated activations), student_cnn")
+    for column in ("variant", "bytes", "× fp32", "test acc", "Δ acc (pt)", "256-batch ms (eager)", "× fp32"):
+        table.add_column(column, justify="right")
+    table.add_row("fp32", f"{fp32_path.stat().st_size:,}", "1.00", f"{fp32_acc:.4f}", "", f"{fp32_ms:.3f}", "1.00")
+    table.add_row("static int8", f"{static_path.stat().st_size:,}",
+                  f"[bold]{static_path.stat().st_size / fp32_path.stat().st_size:.3f}[/bold]", f"{int8_acc:.4f}",
+                  f"{(int8_acc - fp32_acc) * 100:+.2f}", f"{int8_ms:.3f}", f"{int8_ms / fp32_ms:.2f}")
+    console.print(table)
+    console.print("eager PT2E programs run reference quantize/dequantize ops: int8 numbers, not int8 speed "
+                  "(that needs torch.compile, which lowers them to oneDNN int8 kernels)")
+
+    # 6. distillation losses, same teacher and seed: logits only vs feature-based
+    table = Table(title="6. Distillation losses on digits (seed 0, same teacher)")
+    for column in ("student", "loss", "test acc", "Δ vs hinton_kd (pt)"):
+        table.add_column(column, justify="right")
+    for arch, feature_loss in ((["student.arch=he_mlp"], "fitnets"),
+                               (["student.arch=student_cnn", "student.channels=[16,32]", "student.fc=64"], "attention")):
+        accs = {}
+        for loss in ("hinton_kd", feature_loss):
+            config = load_config(None, [*arch, f"distill.loss={loss}"])
+            trained = stages.distill_student(config, bundle, teacher, folder / f"loss-{loss}.safetensors")
+            accs[loss] = trained.test_accuracy
+        for loss, acc in accs.items():
+            table.add_row(config.student.arch, loss, f"{acc:.4f}", f"{(acc - accs['hinton_kd']) * 100:+.2f}")
     console.print(table)
 
 

@@ -71,7 +71,7 @@ class TrainConfig(Section):
     lr: PositiveFloat = 1e-3
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     patience: PositiveInt = 5
-    grad_clip: PositiveFloat = 5.0
+    grad_clip: Annotated[float, Field(ge=0.0)] = 5.0  # max gradient norm (0 = no clipping)
     augment: Literal["none", "shift", "crop_flip"] = "none"
     # Mixed precision on cuda (bfloat16 autocast, or float16 with loss scaling); CPU always float32.
     mixed_precision: bool = True

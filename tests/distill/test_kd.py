@@ -81,3 +81,20 @@ def test_nan_loss_stops_training_with_one_line(digits):
     with pytest.raises(TrainingError, match=r"loss became nan at epoch 1; lower the learning rate") as info:
         fit(model, digits.x_train, digits.y_train, digits.x_val, digits.y_val, TrainConfig(epochs=3), poisoned)
     assert "\n" not in str(info.value)
+
+
+def test_fast_gradient_clipping_matches_torch():
+    from kdsec.train import _clip_gradients
+
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+    second.load_state_dict(first.state_dict())
+    inputs = torch.randn(8, 6) * 10
+    for model in (first, second):
+        model(inputs).pow(2).sum().backward()
+    torch.nn.utils.clip_grad_norm_(first.parameters(), 0.5)
+    _clip_gradients(list(second.parameters()), 0.5)
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in second.parameters()]))
+    assert float(norm) == pytest.approx(0.5, rel=1e-4)
