@@ -105,7 +105,7 @@ class StudentConfig(Section):
     channels: list[PositiveInt] = [16, 32]  # student_cnn / teacher_cnn
     fc: PositiveInt = 64  # student_cnn / teacher_cnn
     width: PositiveInt = 32  # resnet18
-    train: TrainConfig = TrainConfig(epochs=100, patience=20, lr=3e-3)
+    train: TrainConfig = TrainConfig(epochs=200, patience=60, lr=3e-3)
     dp: DPConfig = DPConfig()
 
 

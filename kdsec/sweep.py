@@ -8,7 +8,6 @@ member configs, ``select_best`` picks by validation accuracy, ``comparison_table
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -141,11 +140,3 @@ def pareto_plot(results: list[MemberResult], best: MemberResult, path: Path) -> 
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
-
-
-def is_sweep(config: PipelineConfig) -> bool:
-    return len(sweep_grid(config)) > 1
-
-
-def finite(value: float) -> bool:
-    return math.isfinite(value)

@@ -60,7 +60,6 @@ def test_transfer_split_is_separate_and_keeps_the_other_splits_apart(digits):
 
 
 def test_dataset_normalization_is_per_channel_from_the_training_split_and_served_too(tmp_path):
-    import mlflow
     from kdsec.config import DataConfig
     from kdsec.data import prepare_data
     from kdsec.models import ModelSpec, build_model, save_checkpoint
