@@ -86,6 +86,9 @@ def render_report(summary: dict, out_dir: Path) -> Report:
         plots[name] = out_dir / f"{name}.png"
         plots[name].write_bytes(buffer.getvalue())
         inline[name] = base64.b64encode(buffer.getvalue()).decode()
+    sweep_plot = Path((summary.get("sweep") or {}).get("plot", "")) if summary.get("sweep") else None
+    if sweep_plot is not None and sweep_plot.is_file():  # the sweep's Pareto plot, inlined too
+        inline["sweep_pareto"] = base64.b64encode(sweep_plot.read_bytes()).decode()
     markdown = out_dir / "report.md"
     markdown.write_text(_ENV.get_template("report.md.j2").render(s=summary, plots=plots))
     html = out_dir / "report.html"

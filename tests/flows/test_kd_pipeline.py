@@ -137,6 +137,9 @@ def test_second_run_reuses_the_cached_teacher_and_sweeps_on_threads(in_store):
     assert {run.info.run_name for run in members} == {m["name"] for m in sweep["members"]}
     assert [run.info.run_name for run in members if run.data.tags["sweep.best"] == "true"] == [sweep["best"]]
     assert all(run.data.metrics["val_accuracy"] > 0.5 for run in members)
+    html = Path(summary["report"]["html"]).read_text()
+    assert f"best by validation accuracy: <b>{sweep['best']}</b>" in html
+    assert html.count("data:image/png;base64") == 4  # the sweep's Pareto plot inlined too
 
 
 def test_cli_impossible_threshold_exits_2_and_keeps_champion(in_store):
