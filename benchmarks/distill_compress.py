@@ -31,22 +31,12 @@ from kdsec.compress.measure import cpu_latency_ms
 from kdsec.compress.static_quant import load_static_int8, quantize_static_int8, save_static_int8
 from kdsec.config import load_config
 from kdsec.data import prepare_data
-from kdsec.models import build_model, count_flops, load_checkpoint, save_checkpoint
+from kdsec.models import ModelSpec, build_model, count_flops, load_checkpoint, save_checkpoint
 from kdsec.train import accuracy, fit, seed_everything
 
 
 def batch_latency_ms(model, inputs: np.ndarray, repeats: int = 30) -> float:
-    batch = torch.as_tensor(inputs[:256])
-    model = model.cpu().eval()
-    with torch.inference_mode():
-        for _ in range(3):
-            model(batch)
-        timings = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(batch)
-            timings.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(timings)
+    return cpu_latency_ms(model, inputs, repeats, batch=256)
 
 
 def bare_loop_samples_per_s(model, x, y, batch_size: int, epochs: int, lr: float) -> float:
@@ -81,7 +71,8 @@ def main() -> None:
             scratch = stages.train_scratch_student(config, bundle, folder / f"scratch{seed}.safetensors")
             student = stages.distill_student(config, bundle, teacher, folder / f"kd{seed}.safetensors")
             gains.append((teacher.test_accuracy, scratch.test_accuracy, student.test_accuracy))
-    table = Table(title="1. Distillation gain on digits (he_mlp 64→32→x²→10, T=4, α=0.9)")
+    table = Table(title=f"1. Distillation gain on digits ({base.student.arch} {base.student.hidden}, "
+                        f"{base.distill.loss}, T={base.distill.temperature:g}, α={base.distill.alpha:g})")
     for column in ("seed", "teacher", "scratch", "KD", "gain (pt)"):
         table.add_column(column, justify="right")
     for seed, (t, s, k) in enumerate(gains):
@@ -139,7 +130,7 @@ def main() -> None:
                           f"{batch:.3f}", f"{batch / dense_batch:.2f}")
     # The seed use case's input shape: latency is compute, not call overhead (weights untrained:
     # accuracy does not apply, and latency does not depend on the values).
-    spec32 = stages.ModelSpec("student_cnn", (3, 32, 32), 10, {"channels": [32, 64], "fc": 128})
+    spec32 = ModelSpec("student_cnn", (3, 32, 32), 10, {"channels": [32, 64], "fc": 128})
     dense32 = build_model(spec32).eval()
     smaller32, _ = structured_prune(dense32, spec32, 0.5)
     images = np.random.default_rng(0).uniform(0, 1, (256, 3, 32, 32)).astype(np.float32)

@@ -67,7 +67,7 @@ def _references(config: PipelineConfig, bundle) -> dict[str, list[str]]:
     return references
 
 
-def _signals(cfg: PipelineConfig, bundle, teacher: stages.TrainedModel, configs: list[PipelineConfig]) -> dict[str, str]:
+def _signals(bundle, teacher: stages.TrainedModel, configs: list[PipelineConfig]) -> dict[str, str]:
     """One stored signal file per kind the students need (logits; a feature loss's target),
     cached by Prefect across runs; recomputed when a cached file has gone missing."""
     signals: dict[str, str] = {}
@@ -75,8 +75,7 @@ def _signals(cfg: PipelineConfig, bundle, teacher: stages.TrainedModel, configs:
         kind = signals_key(member_config.distill)
         if kind in signals:
             continue
-        key = stages.teacher_signals_key(member_config, bundle, teacher)
-        path = Path(cfg.tracking.cache_dir) / "signals" / f"{key}.safetensors"
+        path = stages.teacher_signals_path(member_config, bundle, teacher)
         stored = teacher_signals_task(member_config, bundle, teacher, path)
         if not Path(stored).is_file():
             stored = teacher_signals_task.with_options(refresh_cache=True)(member_config, bundle, teacher, path)
@@ -89,7 +88,7 @@ def _distill(cfg: PipelineConfig, bundle, teacher: stages.TrainedModel, out_dir:
     accuracy. Returns the config with the chosen settings, the student, the signal files and the
     sweep record (None without a sweep)."""
     members = sweep_grid(cfg)
-    signals = _signals(cfg, bundle, teacher, [member.apply(cfg) for member in members])
+    signals = _signals(bundle, teacher, [member.apply(cfg) for member in members])
     if len(members) == 1:
         cfg = members[0].apply(cfg)
         return cfg, distill_task(cfg, bundle, teacher, out_dir / "kd_student.safetensors",
@@ -97,7 +96,7 @@ def _distill(cfg: PipelineConfig, bundle, teacher: stages.TrainedModel, out_dir:
     results = run_sweep(cfg, bundle, signals, out_dir)
     best = select_best([result for _, result in results])
     tracked = track_sweep_task(parent, cfg, results, best, out_dir)
-    trained = next(model for model, result in results if result is best)
+    trained = next(model for model, result in results if result.member.name == best.member.name)
     checkpoint = out_dir / "kd_student.safetensors"
     shutil.copyfile(trained.checkpoint, checkpoint)
     student = replace(trained, role="kd_student", checkpoint=str(checkpoint))

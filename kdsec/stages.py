@@ -155,6 +155,12 @@ def teacher_signals_key(config: PipelineConfig, bundle: DataBundle, teacher: Tra
     return "signals-" + hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+def teacher_signals_path(config: PipelineConfig, bundle: DataBundle, teacher: TrainedModel) -> Path:
+    """Where the teacher's signals for ``config.distill`` are stored (named by their cache key)."""
+    key = teacher_signals_key(config, bundle, teacher)
+    return Path(config.tracking.cache_dir) / "signals" / f"{key}.safetensors"
+
+
 def store_teacher_signals(config: PipelineConfig, bundle: DataBundle, teacher: TrainedModel, path: Path) -> str:
     """Compute the teacher's logits (and the feature target of a feature loss) on the transfer
     split once and store them as safetensors, for every student that distils from them."""
@@ -178,11 +184,11 @@ def distill_member(config: PipelineConfig, bundle: DataBundle, member: SweepMemb
         torch.set_num_threads(torch_threads)
     member_config = member.apply(config)
     trained = distill_student(member_config, bundle, None, checkpoint, signals, role=f"sweep:{member.name}")
-    model = trained.load()
     result = MemberResult(member=member, checkpoint=trained.checkpoint, val_accuracy=trained.val_accuracy,
                           test_accuracy=trained.test_accuracy, params=trained.params,
                           size_bytes=Path(checkpoint).stat().st_size,
-                          flops=count_flops(model, bundle.input_shape), train_seconds=trained.train_seconds,
+                          flops=count_flops(build_model(ModelSpec.from_json(trained.spec_json)), bundle.input_shape),
+                          train_seconds=trained.train_seconds,
                           epochs_run=trained.epochs_run)
     return trained, result
 

@@ -102,7 +102,7 @@ def comparison_table(results: list[MemberResult], best: MemberResult) -> str:
     lines = ["| member | T | α | loss | width × | params | bytes | FLOPs | val acc | test acc | epochs | s | |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (-r.val_accuracy, r.params)):
-        mark = "**best**" if r is best else ("Pareto" if r.member.name in front else "")
+        mark = "**best**" if r.member.name == best.member.name else ("Pareto" if r.member.name in front else "")
         lines.append(f"| {r.member.name} | {_label(r.member.temperature)} | {_label(r.member.alpha)} | "
                      f"{r.member.loss} | {_label(r.member.width)} | {r.params:,} | {r.size_bytes:,} | "
                      f"{r.flops:,} | {r.val_accuracy:.4f} | {r.test_accuracy:.4f} | {r.epochs_run} | "

@@ -103,7 +103,7 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
                     scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)
                     if clip:
-                        nn.utils.clip_grad_norm_(parameters, config.grad_clip, foreach=True)
+                        _clip_gradients(parameters, config.grad_clip)
                     scaler.step(optimizer)
                     scaler.update()
                 totals["_loss"] = totals.get("_loss", 0.0) + loss.detach()

@@ -50,7 +50,7 @@ def train_scratch_task(config: PipelineConfig, bundle: DataBundle, checkpoint: P
 
 
 def _signals_key(context: TaskRunContext, parameters: dict) -> str:
-    return stages.teacher_signals_key(parameters["config"], parameters["bundle"], parameters["teacher"])
+    return Path(parameters["path"]).stem  # stages.teacher_signals_path names the file by the key
 
 
 @task(name="teacher-signals", cache_key_fn=_signals_key, persist_result=True)
@@ -99,7 +99,7 @@ def track_sweep_task(parent_run_id: str, config: PipelineConfig, members: list[t
             mlflow.log_metrics({"val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
                                 "params": result.params, "size_bytes": result.size_bytes, "flops": result.flops,
                                 "train_seconds": result.train_seconds})
-            mlflow.set_tag("sweep.best", str(result is best).lower())
+            mlflow.set_tag("sweep.best", str(result.member.name == best.member.name).lower())
     client = MlflowClient()
     for path in (table_path, csv_path, plot_path):
         client.log_artifact(parent_run_id, str(path), artifact_path="sweep")

@@ -48,10 +48,10 @@ def _weights(model: nn.Module) -> Iterator[torch.Tensor]:
 
 
 @torch.inference_mode()
-def cpu_latency_ms(model: nn.Module, sample: np.ndarray, repeats: int) -> float:
-    """Median wall time of one single-sample forward pass on CPU, after a warm-up."""
+def cpu_latency_ms(model: nn.Module, sample: np.ndarray, repeats: int, batch: int = 1) -> float:
+    """Median wall time of one forward pass over ``batch`` samples (default: one) on CPU, after a warm-up."""
     model = model.cpu().eval()
-    inputs = torch.as_tensor(sample[:1])
+    inputs = torch.as_tensor(sample[:batch])
     for _ in range(3):
         model(inputs)
     timings = []

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kdsec.errors import IntegrityError
-from kdsec.models.registry import ModelSpec, build_model, load_checkpoint
+from kdsec.models.registry import ModelSpec, build_model, load_checkpoint, read_kdsec_file
 
 # torch.ao.quantization's eager API warns that it is deprecated in favour of torchao; its dynamic
 # Linear path is still the one that runs int8 GEMMs on CPU with no extra dependency.
@@ -62,13 +62,10 @@ def save_int8(quantized: nn.Module, spec: ModelSpec, path: Path) -> Path:
 
 def load_int8(path: Path) -> tuple[nn.Module, ModelSpec]:
     """Rebuild the dynamically quantized model bit-exactly from ``save_int8`` output."""
+    spec, metadata, tensors = read_kdsec_file(path, "a kdsec int8 checkpoint")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            spec = ModelSpec.from_json(metadata["kdsec.spec"])
-            qparams = json.loads(metadata["kdsec.int8"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (KeyError, OSError, ValueError, SafetensorError) as exc:
+        qparams = json.loads(metadata["kdsec.int8"])
+    except (KeyError, ValueError) as exc:
         raise IntegrityError(f"'{path}' is not a kdsec int8 checkpoint ({exc})") from None
     float_model = build_model(spec)
     float_state = {key: value for key, value in tensors.items() if not key.endswith("weight_int8")}

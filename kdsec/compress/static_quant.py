@@ -22,12 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from kdsec.errors import IntegrityError
-from kdsec.models.registry import ModelSpec, build_model
+from kdsec.models.registry import ModelSpec, build_model, read_kdsec_file
 
 FORMAT_KEY = "kdsec.int8_static"
 
@@ -110,13 +109,7 @@ def save_static_int8(quantized: nn.Module, spec: ModelSpec, path: Path) -> Path:
 
 
 def load_static_int8(path: Path) -> tuple[nn.Module, ModelSpec]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            spec = ModelSpec.from_json(metadata["kdsec.spec"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (KeyError, OSError, ValueError, SafetensorError) as exc:
-        raise IntegrityError(f"'{path}' is not a kdsec static int8 checkpoint ({exc})") from None
+    spec, _, tensors = read_kdsec_file(path, "a kdsec static int8 checkpoint")
     # The same program from a placeholder calibration, then the stored numbers put in: int8
     # weights and their scales (graph tensors) and every activation's (scale, zero point).
     prepared = _prepare(build_model(spec), spec.input_shape)

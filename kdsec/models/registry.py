@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from kdsec.errors import IntegrityError
@@ -57,17 +57,24 @@ def save_checkpoint(model: nn.Module, spec: ModelSpec, path: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path) -> tuple[nn.Module, ModelSpec]:
-    """Rebuild the architecture named in the checkpoint and load its weights (no pickle)."""
+def read_kdsec_file(path: Path, description: str) -> tuple[ModelSpec, dict[str, str], dict]:
+    """(spec, metadata, tensors) of a kdsec safetensors file; anything unreadable, or without a
+    spec, is an IntegrityError saying the file is not ``description``."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        spec = ModelSpec.from_json(metadata["kdsec.spec"])
-        state = load_file(str(path))
+            spec = ModelSpec.from_json(metadata["kdsec.spec"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (KeyError, OSError, ValueError, SafetensorError) as exc:
-        raise IntegrityError(f"checkpoint '{path}' is not a kdsec safetensors checkpoint ({exc})") from None
+        raise IntegrityError(f"'{path}' is not {description} ({exc})") from None
+    return spec, metadata, tensors
+
+
+def load_checkpoint(path: Path) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the architecture named in the checkpoint and load its weights (no pickle)."""
+    spec, _, state = read_kdsec_file(path, "a kdsec safetensors checkpoint")
     model = build_model(spec)
     model.load_state_dict(state)
     model.eval()

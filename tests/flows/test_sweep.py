@@ -10,6 +10,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from kdsec import stages
 from kdsec.config import load_config
+from kdsec.distill import signals_key
 from kdsec.sweep import select_best, sweep_grid
 
 pytestmark = pytest.mark.slow
@@ -25,7 +26,6 @@ def test_sweep_members_run_as_dask_tasks_from_stored_signals(digits, tmp_path, m
     signals = {}
     for member in sweep_grid(config):
         member_config = member.apply(config)
-        from kdsec.distill import signals_key
         kind = signals_key(member_config.distill)
         if kind not in signals:
             signals[kind] = stages.store_teacher_signals(member_config, digits, teacher, tmp_path / f"{kind}.safetensors")
