@@ -265,7 +265,9 @@ def compress_student(config: CompressConfig, bundle: DataBundle, student: Traine
         add(f"pruned{round(config.sparsity * 100)}", pruned, spec, config.quantize)
     if config.structured > 0:
         smaller, smaller_spec = structured_prune(dense, spec, config.structured)
-        finetune_model(smaller)
+        epochs = config.structured_finetune_epochs
+        if epochs:
+            finetune_model(smaller, tune.model_copy(update={"epochs": epochs, "patience": epochs}))
         add(f"structured{round(config.structured * 100)}", smaller, smaller_spec, config.quantize)
     if config.quantize and len(variants) == 1:
         path = save_int8(quantize_dynamic_int8(dense), spec, out_dir / "int8.safetensors")

@@ -17,7 +17,7 @@ from kdsec.fileio import write_atomic
 from kdsec.gates import GateVerdict
 from kdsec.stages import SELECTION_RULES, ModelAudit, TrainedModel
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def audit_gate_metrics(candidate_audit: ModelAudit, extraction: list = ()) -> dict[str, float]:

@@ -26,7 +26,7 @@ from kdsec.data import prepare_data  # noqa: E402
 SMALL_OVERRIDES = [
     "teacher.train.epochs=12", "teacher.train.patience=12",
     "student.train.epochs=40", "student.train.patience=40",
-    "compress.finetune_epochs=5", "compress.latency_repeats=3",
+    "compress.finetune_epochs=5", "compress.structured_finetune_epochs=5", "compress.latency_repeats=3",
     "encrypt.he.max_samples=128", "encrypt.he.latency_samples=4",
     "audit.reference_models=2", "audit.bootstrap=20",
     "gates.min_accuracy=0.85", "gates.max_drop=0.1",

@@ -16,6 +16,9 @@ from kdsec.compress.quantize import DynamicQuantLinear
 from kdsec.models import count_flops
 
 
+LATENCY_BATCH = 256
+
+
 @dataclass(frozen=True)
 class VariantMetrics:
     name: str
@@ -24,8 +27,9 @@ class VariantMetrics:
     params: int
     nonzero_params: int
     size_bytes: int
-    latency_ms: float
+    latency_ms: float  # one sample
     flops: int = 0  # dense FLOPs of one forward pass (structured pruning lowers it; zeros do not)
+    batch_latency_ms: float = 0.0  # a batch of LATENCY_BATCH test samples (where int8 kernels pay off)
 
     @property
     def sparsity(self) -> float:
@@ -76,5 +80,6 @@ def measure_variant(name: str, model: nn.Module, checkpoint: Path, x_test: np.nd
         nonzero_params=sum(int((w != 0).sum()) for w in weights),
         size_bytes=checkpoint.stat().st_size,
         latency_ms=cpu_latency_ms(model, x_test, repeats),
+        batch_latency_ms=cpu_latency_ms(model, x_test, max(3, repeats // 3), batch=LATENCY_BATCH),
         flops=count_flops(model, tuple(x_test.shape[1:])),
     )

@@ -4,10 +4,12 @@ flow of torchao (``torch.export`` → ``prepare_pt2e`` with the X86 inductor qua
 
 Why this route: torch.ao.quantization's eager API is deprecated and the PT2E entry points have
 moved out of torch into torchao; PT2E quantizes conv *and* linear layers with per-channel int8
-weights and calibrated per-tensor uint8 activations, and its graphs lower to oneDNN int8 kernels
-under ``torch.compile``. Run eagerly (as here) the graph executes as a reference
-quantize/dequantize program: the numbers are those of int8 inference; the speed comes only with
-compilation.
+weights and calibrated per-tensor uint8 activations. The converted graph is a *reference*
+program (quantize → dequantize → float op): the numbers of int8 inference, at more than fp32's
+cost. ``lower_static_int8`` then runs inductor's freezing passes on it (what ``torch.compile``
+does first, with no C++ compiler needed): each q/dq pattern becomes one oneDNN int8 kernel
+(``onednn.qconv_pointwise`` / ``qlinear_pointwise``) on prepacked weights — int8 speed, for any
+batch size. Loading lowers by default; what is stored is always the reference program's numbers.
 
 Storage is safetensors, never pickle: the int8 weights, their per-channel scales, the biases and
 the calibrated (scale, zero point) of every activation. Loading re-exports the architecture,
@@ -17,6 +19,7 @@ converts it, and puts the stored numbers back into the program — the same prog
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -29,6 +32,8 @@ from kdsec.errors import IntegrityError
 from kdsec.models.registry import ModelSpec, build_model, read_kdsec_file
 
 FORMAT_KEY = "kdsec.int8_static"
+_BATCH = ({0: torch.export.Dim("batch", min=1, max=1 << 20)},)  # any batch size
+logger = logging.getLogger("kdsec")
 
 
 def has_conv(model: nn.Module) -> bool:
@@ -38,36 +43,78 @@ def has_conv(model: nn.Module) -> bool:
 def _prepare(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from torch.export import Dim
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
             X86InductorQuantizer, get_default_x86_inductor_quantization_config)
 
         example = torch.zeros(2, *input_shape)
-        exported = torch.export.export(model.cpu().eval(), (example,),
-                                       dynamic_shapes=({0: Dim("batch", min=1, max=1 << 20)},)).module()
+        exported = torch.export.export(model.cpu().eval(), (example,), dynamic_shapes=_BATCH).module()
         quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
         return prepare_pt2e(exported, quantizer)
+
+
+def _as_model(program: nn.Module) -> nn.Module:
+    """.eval()/.train() on an exported program are no-ops (it has no dropout or batch norm left)
+    that return it, like nn.Module's, so the rest of kdsec can treat it like any model."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+    allow_exported_model_train_eval(program)
+    switch = program.train
+
+    def train(mode: bool = True) -> nn.Module:
+        switch(mode)
+        return program  # so model.cpu().eval() chains
+
+    program.train = train
+    program.eval = lambda: train(False)
+    return program
 
 
 def _convert(prepared: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from torchao.quantization.pt2e import allow_exported_model_train_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-        # .eval()/.train() on the program are no-ops (it has no dropout or batch norm left), so the
-        # rest of kdsec can treat it like any model.
-        program = allow_exported_model_train_eval(convert_pt2e(prepared))
-        switch = program.train
+        return _as_model(convert_pt2e(prepared))
 
-        def train(mode: bool = True) -> nn.Module:
-            switch(mode)
-            return program  # like nn.Module.train, so model.cpu().eval() chains
 
-        program.train = train
-        program.eval = lambda: train(False)
-        return program
+def lower_static_int8(program: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+    """The reference int8 ``program`` with its quantize/dequantize patterns fused into oneDNN int8
+    kernels on prepacked weights (torchao's ``lower_pt2e_quantized_to_x86``, but keeping the batch
+    dimension dynamic). Outputs match the reference program's to int8 rounding (tested); where
+    the passes are unavailable (a CPU without oneDNN int8), the reference program is returned."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch._inductor.constant_folding import constant_fold
+        from torch._inductor.fx_passes.freezing_patterns import freezing_passes
+
+        example = (torch.zeros(2, *input_shape),)
+        try:
+            decompositions = {op: fn for op, fn in torch.export.default_decompositions().items()
+                              if torch._export.utils._is_cia_op(op)}
+            lowered = torch.export.export(program, example, dynamic_shapes=_BATCH, strict=True
+                                          ).run_decompositions(decompositions).module()
+            graph = lowered.graph
+            for node in list(graph.nodes):  # the int8 linear patterns match permute, not t
+                if node.target == torch.ops.aten.t.default:
+                    with graph.inserting_before(node):
+                        permute = graph.call_function(torch.ops.aten.permute.default, (node.args[0], [1, 0]))
+                    node.replace_all_uses_with(permute)
+                    graph.erase_node(node)
+            lowered.recompile()
+            with torch.no_grad():
+                freezing_passes(lowered, example)
+            constant_fold(lowered)
+            for node in lowered.graph.nodes:
+                # oneDNN's int8 conv writes channels-last: flattening it needs a reshape, not a view.
+                if node.target == torch.ops.aten.view.default:
+                    node.target = torch.ops.aten.reshape.default
+            lowered.recompile()
+        except Exception as error:  # noqa: BLE001 - fall back to the (correct, slower) reference program
+            logger.warning("int8 lowering unavailable here (%s); running the reference int8 program",
+                           str(error).splitlines()[0][:200])
+            return program
+    return _as_model(lowered)
 
 
 def _activation_nodes(program: nn.Module) -> list:
@@ -108,7 +155,9 @@ def save_static_int8(quantized: nn.Module, spec: ModelSpec, path: Path) -> Path:
     return path
 
 
-def load_static_int8(path: Path) -> tuple[nn.Module, ModelSpec]:
+def load_static_int8(path: Path, lower: bool = True) -> tuple[nn.Module, ModelSpec]:
+    """The stored int8 program, lowered to oneDNN int8 kernels (``lower=False``: the reference
+    program, bit-equal to the one that was saved)."""
     spec, _, tensors = read_kdsec_file(path, "a kdsec static int8 checkpoint")
     # The same program from a placeholder calibration, then the stored numbers put in: int8
     # weights and their scales (graph tensors) and every activation's (scale, zero point).
@@ -127,4 +176,4 @@ def load_static_int8(path: Path) -> tuple[nn.Module, ModelSpec]:
     for node, (scale, zero_point) in zip(nodes, qparams.tolist()):
         node.args = (node.args[0], scale, int(zero_point), *node.args[3:])
     converted.recompile()
-    return converted, spec
+    return (lower_static_int8(converted, spec.input_shape) if lower else converted), spec

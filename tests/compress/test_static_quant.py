@@ -28,18 +28,37 @@ def test_static_int8_is_smaller_keeps_accuracy_and_reloads_bit_exactly(cnn, digi
     fp32 = save_checkpoint(cnn, SPEC, tmp_path / "fp32.safetensors")
     assert path.stat().st_size < 0.35 * fp32.stat().st_size  # int8 weights + per-channel scales, headers
     assert weights_format(path) == "int8_static"
-    reloaded, spec, fmt = load_weights(path)
-    assert spec == SPEC and fmt == "int8_static"
+    reference, spec = load_static_int8(path, lower=False)
+    assert spec == SPEC
     inputs = torch.as_tensor(digits.x_test)
     with torch.no_grad():
-        assert torch.equal(program(inputs), reloaded(inputs))
-    assert accuracy(reloaded, digits.x_test, digits.y_test) >= accuracy(cnn, digits.x_test, digits.y_test) - 0.01
+        assert torch.equal(program(inputs), reference(inputs))
+    assert accuracy(reference, digits.x_test, digits.y_test) >= accuracy(cnn, digits.x_test, digits.y_test) - 0.01
     # int8 weights really are int8 in the file, and activations really are quantized in the program
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as handle:
         dtypes = {handle.get_tensor(k).dtype for k in handle.keys() if "frozen_param" in k}
         assert dtypes == {torch.int8}
         assert handle.get_tensor("activation_qparams").shape[0] >= 4
+
+
+def test_loading_lowers_to_onednn_int8_kernels_with_the_reference_numbers(cnn, digits, tmp_path):
+    program = quantize_static_int8(cnn, digits.x_train[:256])
+    path = save_static_int8(program, SPEC, tmp_path / "static_int8.safetensors")
+    lowered, spec, fmt = load_weights(path)  # what serving, the audit and the variant table use
+    assert spec == SPEC and fmt == "int8_static"
+    targets = {str(node.target) for node in lowered.graph.nodes if node.op == "call_function"}
+    assert {"onednn.qconv_pointwise.default", "onednn.qlinear_pointwise.default"} <= targets
+    assert lowered.cpu().eval() is lowered
+    with torch.no_grad():
+        for batch in (1, 7, len(digits.x_test)):  # the batch dimension stays dynamic
+            inputs = torch.as_tensor(digits.x_test[:batch])
+            expected, got = program(inputs), lowered(inputs)
+            assert got.shape == expected.shape
+            # fused requantization rounds differently from q→dq→float op: a few output steps at most
+            assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+    same = (lowered(torch.as_tensor(digits.x_test)).argmax(1) == program(torch.as_tensor(digits.x_test)).argmax(1))
+    assert same.float().mean() >= 0.99
 
 
 def test_tampered_static_file_is_rejected(cnn, digits, tmp_path):

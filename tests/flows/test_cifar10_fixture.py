@@ -22,7 +22,7 @@ def test_cifar10_config_runs_on_a_fixture(tmp_path, monkeypatch):
     write_cifar10(tmp_path / "data", per_batch=100, test=200)
     overrides = ["data.root=data", "data.verify_checksums=false", "teacher.channels=[16,32]", "teacher.fc=64",
                  "teacher.train.epochs=8", "student.hidden=[32]", "student.train.epochs=25",
-                 "compress.finetune_epochs=3", "compress.latency_repeats=3", "audit.reference_models=2",
+                 "compress.finetune_epochs=3", "compress.structured_finetune_epochs=3", "compress.latency_repeats=3", "audit.reference_models=2",
                  "audit.bootstrap=20", "audit.extraction_queries=150", "encrypt.he.max_samples=32",
                  "encrypt.he.latency_samples=1"]
     with prefect_test_harness(server_startup_timeout=120):
