@@ -212,7 +212,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
                     by_role["candidate"].membership.auc, cfg.audit.low_fpr, by_role["candidate"].membership.tpr_at_low_fpr)
 
         metrics = gate_metrics(teacher, candidate, by_role["candidate"], he, at_rest, extraction)
-        verdicts = evaluate_gates(metrics, cfg.gates)
+        verdicts = evaluate_gates(metrics, cfg.gates, stages.switched_off_gates(cfg))
         for name, value in metrics.items():
             client.log_metric(parent, name, float(value))
         for verdict in verdicts:

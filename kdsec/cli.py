@@ -93,6 +93,8 @@ def _print_summary(summary: dict) -> None:
         console.print(f"extraction ({result['defense']}): copy accuracy {result['stolen_accuracy']:.4f}, "
                       f"fidelity {result['fidelity']:.4f}")
     he = summary["he"]
+    if not he.get("enabled", True):
+        console.print("HE: off (encrypt.he.enabled: false)")
     for run in he["runs"]:
         console.print(f"HE {run['mode']} ({run['path']}): agreement {run['agreement']:.4f}, "
                       f"{run['ms_per_sample']:.2f} ms/sample on {run['samples']} samples")

@@ -158,6 +158,9 @@ class CompressConfig(Section):
 
 
 class HEConfig(Section):
+    # Homomorphic inference of the candidate. It needs an HE-friendly student (he_mlp: Linear
+    # layers and x²); with a conv student (ReLU, max-pool) turn it off: the he gate is then skipped.
+    enabled: bool = True
     # "auto": the smallest ring that holds the layout's depth at 128-bit security.
     poly_modulus_degree: Literal["auto", 4096, 8192, 16384, 32768] = "auto"
     scale_bits: Annotated[int, Field(ge=20, le=50)] = 30  # precision of every rescaled value

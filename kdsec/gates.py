@@ -73,11 +73,11 @@ def _threshold(gates: GatesConfig, key: str) -> float:
     return 1.0 if key == "at_rest_required" else float(getattr(gates, key))
 
 
-def _check(check: GateCheck, value: float | None, gates: GatesConfig) -> CheckResult:
+def _check(check: GateCheck, value: float | None, gates: GatesConfig, off: bool = False) -> CheckResult:
     threshold = _threshold(gates, check.threshold_key)
     warn = _threshold(gates, check.warn_key) if check.warn_key else None
     compare = OPERATORS[check.direction]
-    if value is None and check.optional:
+    if off or (value is None and check.optional):
         level = "skipped"
     elif value is None or value != value or not compare(value, threshold):
         level = "fail"
@@ -89,13 +89,16 @@ def _check(check: GateCheck, value: float | None, gates: GatesConfig) -> CheckRe
                        check.direction, level != "fail", level, warn)
 
 
-def evaluate_gates(metrics: dict[str, float], gates: GatesConfig) -> list[GateVerdict]:
+def evaluate_gates(metrics: dict[str, float], gates: GatesConfig,
+                   switched_off: frozenset[str] = frozenset()) -> list[GateVerdict]:
     """Evaluate every check against flat ``metrics``: a missing or NaN metric fails its check
     (unless the check is optional and its stage was switched off); past a warn threshold the
-    check passes with level "warn"."""
+    check passes with level "warn". The gates named in ``switched_off`` (their stage was turned
+    off in config, e.g. ``he`` with ``encrypt.he.enabled: false``) are skipped, never failed."""
     verdicts: dict[str, list[CheckResult]] = {}
     for check in GATE_CHECKS:
-        verdicts.setdefault(check.gate, []).append(_check(check, metrics.get(check.metric), gates))
+        verdicts.setdefault(check.gate, []).append(
+            _check(check, metrics.get(check.metric), gates, check.gate in switched_off))
     return [GateVerdict(name, all(c.passed for c in checks), checks) for name, checks in verdicts.items()]
 
 

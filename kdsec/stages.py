@@ -26,7 +26,7 @@ from kdsec.compress.static_quant import has_conv, load_static_int8, quantize_sta
 from kdsec.config import CompressConfig, GatesConfig, PipelineConfig, TeacherConfig, TrainConfig
 from kdsec.crypto.keys import load_or_create_signer, local_key_provider
 from kdsec.crypto.package import AtRestResult, protect_and_verify
-from kdsec.crypto.he import HEResult, encrypted_inference
+from kdsec.crypto.he import HE_FRIENDLY_ARCHS, HEResult, encrypted_inference
 from kdsec.data import DataBundle
 from kdsec.errors import ConfigError
 from kdsec.distill import OfflineDistiller, signals_key
@@ -103,8 +103,17 @@ def preflight(config: PipelineConfig) -> None:
     if LOSSES.get(config.distill.loss).feature == "spatial" and config.student.arch == "he_mlp":
         raise ConfigError(f"distill.loss '{config.distill.loss}' needs spatial feature maps, but the he_mlp "
                           "student has none; use fitnets or hinton_kd, or a conv student")
+    if config.encrypt.he.enabled and config.student.arch not in HE_FRIENDLY_ARCHS:
+        raise ConfigError(f"student.arch '{config.student.arch}' has no homomorphic form (ReLU, max-pool); "
+                          f"use an HE-friendly student ({', '.join(HE_FRIENDLY_ARCHS)}) or set "
+                          "encrypt.he.enabled=false to ship it without encrypted inference")
     local_key_provider(config.encrypt.key_env, config.encrypt.key_file)
     load_or_create_signer(config.encrypt.signing_key_env, config.encrypt.signing_key_file)
+
+
+def switched_off_gates(config: PipelineConfig) -> frozenset[str]:
+    """Gates whose stage the config turns off: skipped, not failed, and the report says so."""
+    return frozenset() if config.encrypt.he.enabled else frozenset({"he"})
 
 
 def arch_options(arch: str, section) -> dict:
@@ -317,6 +326,8 @@ def protect_at_rest(config: PipelineConfig, candidate: VariantMetrics, destinati
 
 def homomorphic_inference(config: PipelineConfig, bundle: DataBundle, candidate: VariantMetrics,
                           package_dir: Path | None = None) -> HEResult:
+    if not config.encrypt.he.enabled:
+        return HEResult(runs=[])
     inputs = bundle.x_test
     if config.encrypt.he.max_samples:
         inputs = inputs[: config.encrypt.he.max_samples]

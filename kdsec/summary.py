@@ -38,7 +38,7 @@ def gate_metrics(teacher: TrainedModel, candidate: VariantMetrics, candidate_aud
         **audit_gate_metrics(candidate_audit, extraction),
         "candidate.test_accuracy": candidate.test_accuracy,
         "candidate.accuracy_drop_vs_teacher": teacher.test_accuracy - candidate.test_accuracy,
-        "he.agreement": he.agreement,
+        **({"he.agreement": he.agreement} if he.enabled else {}),  # off: the he gate is skipped
         "at_rest.roundtrip_exact": float(at_rest.roundtrip_exact),
         "at_rest.tamper_rejected": float(at_rest.tamper_rejected),
         "at_rest.wrong_key_rejected": float(at_rest.wrong_key_rejected),

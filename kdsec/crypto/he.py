@@ -55,6 +55,10 @@ class SquareOp:
 Op = LinearOp | SquareOp
 
 
+# Students whose every layer has a homomorphic form (Linear, x², input average pooling).
+HE_FRIENDLY_ARCHS = ("he_mlp",)
+
+
 def he_program(model: nn.Module) -> tuple[Callable[[np.ndarray], np.ndarray], list[Op]]:
     """(client-side preprocessing, HE operations). An input average pooling is public and
     linear: the client pools before it encrypts, so the host never touches the full-size input
@@ -606,21 +610,29 @@ def _summarize(mode, path, ops, inputs, logits, elapsed, server_seconds, bytes_i
 
 @dataclass(frozen=True)
 class HEResult:
-    """Every mode/path run on the candidate, and the headline numbers the gate and report use."""
+    """Every mode/path run on the candidate, and the headline numbers the gate and report use;
+    no runs when the stage is off (``encrypt.he.enabled: false``)."""
 
     runs: list[HERun]
 
     @property
-    def agreement(self) -> float:
-        return min(run.agreement for run in self.runs)
+    def enabled(self) -> bool:
+        return bool(self.runs)
+
+    @property
+    def agreement(self) -> float | None:
+        return min(run.agreement for run in self.runs) if self.runs else None
 
     def run(self, mode: str, path: str) -> HERun | None:
         return next((r for r in self.runs if r.mode == mode and r.path == path), None)
 
     def as_dict(self) -> dict:
+        if not self.runs:
+            return {"enabled": False, "agreement": None, "samples": 0, "ms_per_sample": None,
+                    "single_sample_ms": None, "host_had_secret_key": False, "runs": []}
         batched = self.run("encrypted_input", "batched") or self.runs[0]
         single = self.run("encrypted_input", "single")
-        return {"agreement": self.agreement, "samples": batched.samples,
+        return {"enabled": True, "agreement": self.agreement, "samples": batched.samples,
                 "ms_per_sample": batched.ms_per_sample,
                 "single_sample_ms": single.ms_per_sample if single else None,
                 "host_had_secret_key": any(r.host_had_secret_key for r in self.runs),

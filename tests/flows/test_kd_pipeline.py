@@ -163,6 +163,8 @@ def test_cli_impossible_threshold_exits_2_and_keeps_champion(in_store):
     (["distill.temprature=2"], {}, "unknown config key 'distill.temprature'"),
     (["--config", "missing.yaml"], {}, "config file 'missing.yaml' not found"),
     ([], {"KDSEC_MODEL_KEY": "not-a-key"}, "$KDSEC_MODEL_KEY must hold a 32-byte key"),
+    (["student.arch=student_cnn"], {}, "student.arch 'student_cnn' has no homomorphic form (ReLU, max-pool); "
+                                       "use an HE-friendly student (he_mlp) or set encrypt.he.enabled=false"),
 ])
 def test_cli_errors_exit_1_with_one_line_and_register_nothing(in_store, extra, env, message):
     versions = len(MlflowClient().search_model_versions("name='kdsec-student'"))
@@ -239,3 +241,23 @@ def test_report_compares_two_versions_and_reaudit_reproduces_the_audit(in_store)
     assert document["audit"]["membership"]["auc"] == pytest.approx(
         run_summary["audit"]["candidate"]["membership"]["auc"])
     assert MlflowClient().get_model_version("kdsec-student", str(champion.version)).tags["reaudit.attack"]
+
+
+def test_conv_student_ships_without_homomorphic_inference_when_he_is_off(in_store):
+    """The seed's CNN student end to end: HE off (it has no homomorphic form), so the he gate is
+    skipped, not failed; its variants include static int8 on oneDNN kernels, measured on one
+    sample and on a batch."""
+    summary = _flow("student.arch=student_cnn", "encrypt.he.enabled=false")
+    assert summary["he"] == {"enabled": False, "agreement": None, "samples": 0, "ms_per_sample": None,
+                             "single_sample_ms": None, "host_had_secret_key": False, "runs": []}
+    he_check = summary["gates"]["he"]["checks"][0]
+    assert he_check["level"] == "skipped" and he_check["value"] is None
+    assert summary["verdict"] == "pass" and summary["promoted"]
+    variants = {v["name"]: v for v in summary["variants"]}
+    assert {"static_int8", "structured50_static_int8", "pruned50_static_int8"} <= set(variants)
+    assert variants["static_int8"]["size_bytes"] < 0.35 * variants["dense"]["size_bytes"]
+    assert variants["static_int8"]["test_accuracy"] >= variants["dense"]["test_accuracy"] - 0.02
+    assert all(v["batch_latency_ms"] > 0 for v in variants.values())
+    assert variants["structured50"]["flops"] < variants["dense"]["flops"]
+    report = Path(summary["report"]["markdown"]).read_text()
+    assert "Homomorphic (CKKS): **off**" in report and "ms, batch of 256" in report
