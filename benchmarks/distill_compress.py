@@ -96,7 +96,8 @@ def main() -> None:
         result = fit(build_model(spec), bundle.x_train, bundle.y_train, bundle.x_val, bundle.y_val, train)
         rates["fit"].append(result.epochs_run * len(bundle.y_train) / (time.perf_counter() - start))
     bare, fused, ours = (statistics.median(rates[name]) for name in ("bare", "bare_fused", "fit"))
-    table = Table(title="2. Training loop throughput (same model, data, batch size 64, Adam; 60 epochs, median of 5)")
+    table = Table(title=f"2. Training loop throughput (same model, data, batch size {train.batch_size}, Adam; "
+                        f"{train.epochs} epochs, median of 5)")
     for column in ("loop", "samples/s", "ratio to bare"):
         table.add_column(column, justify="right")
     table.add_row("bare PyTorch loop (default Adam)", f"{bare:,.0f}", "1.00")

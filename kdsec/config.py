@@ -105,7 +105,9 @@ class StudentConfig(Section):
     channels: list[PositiveInt] = [16, 32]  # student_cnn / teacher_cnn
     fc: PositiveInt = 64  # student_cnn / teacher_cnn
     width: PositiveInt = 32  # resnet18
-    train: TrainConfig = TrainConfig(epochs=200, patience=60, lr=3e-3)
+    # Batch 32: twice the steps per epoch. Over 8 seeds on digits the KD gain over scratch rose
+    # from +0.69 pt (batch 64) to +1.15 pt, the KD student from 0.9757 to 0.9778.
+    train: TrainConfig = TrainConfig(epochs=200, batch_size=32, patience=60, lr=3e-3)
     dp: DPConfig = DPConfig()
 
 
