@@ -113,7 +113,8 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
             batches = len(losses)
             # One stack and one host read per epoch for the loss and every named term.
             names = list(term_values[0])
-            sums = torch.stack([torch.stack(losses)] + [torch.stack([t[n] for t in term_values]) for n in names]).float().sum(1).tolist()
+            stacked = [torch.stack(losses)] + [torch.stack([terms[name] for terms in term_values]) for name in names]
+            sums = torch.stack(stacked).float().sum(1).tolist()
             epoch_loss = sums[0]
             totals = dict(zip(names, sums[1:], strict=True))
             if not math.isfinite(epoch_loss):
@@ -190,9 +191,8 @@ def predict_logits(model: nn.Module, inputs: np.ndarray, batch_size: int = 1024)
 
 def evaluate(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """(mean cross-entropy, accuracy)."""
-    logits = torch.as_tensor(predict_logits(model, inputs))
-    targets = torch.as_tensor(labels)
-    return float(F.cross_entropy(logits, targets)), float((logits.argmax(1) == targets).float().mean())
+    device = next(model.parameters(), torch.empty(0)).device
+    return _validate(model, torch.as_tensor(inputs, device=device), torch.as_tensor(labels, device=device))
 
 
 def accuracy(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> float:
