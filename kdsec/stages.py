@@ -23,6 +23,7 @@ from kdsec.audit.trust import (Calibration, PerClass, Robustness, TemperatureSca
 from kdsec.compress import (VariantMetrics, global_magnitude_prune, load_int8, load_weights, measure_variant,
                             quantize_dynamic_int8, save_int8, structured_prune, weights_format)
 from kdsec.compress.static_quant import has_conv, load_static_int8, quantize_static_int8, save_static_int8
+from kdsec.compress.structured import SUPPORTED as STRUCTURED_ARCHS
 from kdsec.config import CompressConfig, GatesConfig, PipelineConfig, TeacherConfig, TrainConfig
 from kdsec.crypto.keys import load_or_create_signer, local_key_provider
 from kdsec.crypto.package import AtRestResult, protect_and_verify
@@ -103,6 +104,9 @@ def preflight(config: PipelineConfig) -> None:
     if LOSSES.get(config.distill.loss).feature == "spatial" and config.student.arch == "he_mlp":
         raise ConfigError(f"distill.loss '{config.distill.loss}' needs spatial feature maps, but the he_mlp "
                           "student has none; use fitnets or hinton_kd, or a conv student")
+    if config.compress.structured > 0 and config.student.arch not in STRUCTURED_ARCHS:
+        raise ConfigError(f"compress.structured: structured pruning supports {', '.join(STRUCTURED_ARCHS)}, "
+                          f"not the '{config.student.arch}' student; set compress.structured=0")
     if config.encrypt.he.enabled and config.student.arch not in HE_FRIENDLY_ARCHS:
         raise ConfigError(f"student.arch '{config.student.arch}' has no homomorphic form (ReLU, max-pool); "
                           f"use an HE-friendly student ({', '.join(HE_FRIENDLY_ARCHS)}) or set "

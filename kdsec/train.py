@@ -87,8 +87,8 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
             order = torch.randperm(len(targets), generator=generator).to(device)
             losses: list[torch.Tensor] = []
             term_values: list[dict[str, torch.Tensor]] = []
-            for start in range(0, len(order), config.batch_size):
-                batch = order[start : start + config.batch_size]
+            for start, end in _batch_bounds(len(order), config.batch_size):
+                batch = order[start:end]
                 batch_inputs = inputs[batch] if augment is None else augment(inputs[batch], generator)
                 if amp_dtype is None:  # full precision: the plain step, nothing in between
                     loss, terms = objective(model, batch_inputs, targets[batch], batch)
@@ -138,6 +138,15 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
     model.eval()
     return FitResult(best_epoch=best_epoch, epochs_run=len(history), best_val_accuracy=best_accuracy,
                      history=history)
+
+
+def _batch_bounds(count: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) of each batch; a last batch of one sample is folded into the one before it
+    (BatchNorm cannot train on a single sample, and e.g. 897 digits in batches of 32 leave one)."""
+    bounds = [*range(0, count, batch_size), count]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return list(zip(bounds, bounds[1:]))
 
 
 def _adam(parameters: list[nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Adam:

@@ -40,6 +40,27 @@ def has_conv(model: nn.Module) -> bool:
     return any(isinstance(module, nn.Conv2d) for module in model.modules())
 
 
+def _annotatable(model: nn.Module) -> nn.Module:
+    """``model`` (eval mode) as the X86 quantizer can annotate it. For nets with BatchNorm
+    (ResNets): BN folded into the conv before it (torch.fx's ``fuse``), and every ReLU *module*
+    call turned into a functional call — the quantizer groups all calls of one shared module
+    (torchvision's BasicBlock reuses ``self.relu``) into one pattern and fails on it. Other nets
+    are left as they are, so files saved from them keep loading."""
+    if not any(isinstance(module, nn.BatchNorm2d) for module in model.modules()):
+        return model
+    from torch.fx.experimental.optimization import fuse
+
+    fused = fuse(model)
+    for node in list(fused.graph.nodes):
+        if node.op == "call_module" and isinstance(fused.get_submodule(node.target), nn.ReLU):
+            with fused.graph.inserting_before(node):
+                relu = fused.graph.call_function(torch.nn.functional.relu, node.args)
+            node.replace_all_uses_with(relu)
+            fused.graph.erase_node(node)
+    fused.recompile()
+    return fused
+
+
 def _prepare(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -48,7 +69,7 @@ def _prepare(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
             X86InductorQuantizer, get_default_x86_inductor_quantization_config)
 
         example = torch.zeros(2, *input_shape)
-        exported = torch.export.export(model.cpu().eval(), (example,), dynamic_shapes=_BATCH).module()
+        exported = torch.export.export(_annotatable(model.cpu().eval()), (example,), dynamic_shapes=_BATCH).module()
         quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
         return prepare_pt2e(exported, quantizer)
 

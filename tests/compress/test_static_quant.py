@@ -61,6 +61,18 @@ def test_loading_lowers_to_onednn_int8_kernels_with_the_reference_numbers(cnn, d
     assert same.float().mean() >= 0.99
 
 
+def test_resnet_with_batchnorm_and_residual_adds_quantizes_and_reloads(digits, tmp_path):
+    spec = ModelSpec("resnet18", (1, 8, 8), 10, {"width": 8})
+    torch.manual_seed(0)
+    resnet = build_model(spec)
+    fit(resnet, digits.x_train, digits.y_train, digits.x_val, digits.y_val, TrainConfig(epochs=4, lr=3e-3))
+    path = save_static_int8(quantize_static_int8(resnet, digits.x_train[:256]), spec, tmp_path / "r.safetensors")
+    lowered, _, _ = load_weights(path)
+    targets = {str(node.target) for node in lowered.graph.nodes if node.op == "call_function"}
+    assert "onednn.qconv2d_pointwise.binary" in targets  # conv + residual add + ReLU as one int8 kernel
+    assert accuracy(lowered, digits.x_test, digits.y_test) >= accuracy(resnet, digits.x_test, digits.y_test) - 0.03
+
+
 def test_tampered_static_file_is_rejected(cnn, digits, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -165,6 +165,8 @@ def test_cli_impossible_threshold_exits_2_and_keeps_champion(in_store):
     ([], {"KDSEC_MODEL_KEY": "not-a-key"}, "$KDSEC_MODEL_KEY must hold a 32-byte key"),
     (["student.arch=student_cnn"], {}, "student.arch 'student_cnn' has no homomorphic form (ReLU, max-pool); "
                                        "use an HE-friendly student (he_mlp) or set encrypt.he.enabled=false"),
+    (["student.arch=resnet18", "encrypt.he.enabled=false"], {},
+     "compress.structured: structured pruning supports he_mlp, teacher_cnn, student_cnn, not the 'resnet18' student"),
 ])
 def test_cli_errors_exit_1_with_one_line_and_register_nothing(in_store, extra, env, message):
     versions = len(MlflowClient().search_model_versions("name='kdsec-student'"))
