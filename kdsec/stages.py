@@ -93,7 +93,8 @@ def _train(role: str, spec: ModelSpec, bundle: DataBundle, train: TrainConfig, s
 
 def preflight(config: PipelineConfig) -> None:
     """Fail in seconds, not after training, on what a config names but cannot be had: unknown
-    registry names, a malformed or exposed encryption key."""
+    registry names, a loss or a stage the student cannot take (spatial features, structured
+    pruning, homomorphic inference), a malformed or exposed encryption key."""
     from kdsec.data import DATASETS
     from kdsec.distill import LOSSES
     from kdsec.models import MODELS
