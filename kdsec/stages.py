@@ -237,18 +237,14 @@ def compress_student(config: CompressConfig, bundle: DataBundle, student: Traine
     dense, spec = load_checkpoint(Path(student.checkpoint))
     variants = [measure_variant("dense", dense, Path(student.checkpoint), bundle.x_test, bundle.y_test,
                                 config.latency_repeats)]
-    tune = finetune.model_copy(update={"epochs": config.finetune_epochs,
-                                       "patience": max(config.finetune_epochs, 1), "lr": finetune.lr / 3})
+    tune = finetune.model_copy(update={"lr": finetune.lr / 3})
 
-    def finetune_model(model, settings: TrainConfig = tune) -> None:
-        if config.finetune_epochs:
+    def finetune_model(model, epochs: int) -> None:
+        if epochs:
             seed_everything(seed)
-            fit(model, *bundle.split(split), bundle.x_val, bundle.y_val, settings, objective, seed=seed,
+            fit(model, *bundle.split(split), bundle.x_val, bundle.y_val,
+                tune.model_copy(update={"epochs": epochs, "patience": epochs}), objective, seed=seed,
                 label="prune-finetune")
-
-    # Iterative pruning shares the fine-tuning epochs out over its rounds.
-    per_round = max(1, -(-config.finetune_epochs // config.prune_steps))
-    round_tune = tune.model_copy(update={"epochs": per_round, "patience": per_round})
 
     calibration = bundle.split(split)[0][:config.calibration_samples]
 
@@ -274,14 +270,14 @@ def compress_student(config: CompressConfig, bundle: DataBundle, student: Traine
 
     if config.sparsity > 0:
         pruned, _ = load_checkpoint(Path(student.checkpoint))
-        global_magnitude_prune(pruned, config.sparsity, lambda model: finetune_model(model, round_tune),
+        # Iterative pruning shares the fine-tuning epochs out over its rounds.
+        per_round = -(-config.finetune_epochs // config.prune_steps)
+        global_magnitude_prune(pruned, config.sparsity, lambda model: finetune_model(model, per_round),
                                config.prune_steps)
         add(f"pruned{round(config.sparsity * 100)}", pruned, spec, config.quantize)
     if config.structured > 0:
         smaller, smaller_spec = structured_prune(dense, spec, config.structured)
-        epochs = config.structured_finetune_epochs
-        if epochs:
-            finetune_model(smaller, tune.model_copy(update={"epochs": epochs, "patience": epochs}))
+        finetune_model(smaller, config.structured_finetune_epochs)
         add(f"structured{round(config.structured * 100)}", smaller, smaller_spec, config.quantize)
     if config.quantize and len(variants) == 1:
         path = save_int8(quantize_dynamic_int8(dense), spec, out_dir / "int8.safetensors")
