@@ -117,18 +117,16 @@ def main() -> None:
                            ["student.arch=student_cnn", "student.channels=[32,64]", "student.fc=128"]):
         config = load_config(None, arch_overrides)
         student = stages.distill_student(config, bundle, teacher, folder / f"kd-{'-'.join(arch_overrides)}.safetensors")
-        dense, dense_spec = load_checkpoint(Path(student.checkpoint))
-        smaller, smaller_spec = structured_prune(dense, dense_spec, 0.5)
-        tune = config.student.train.model_copy(update={"epochs": structured_epochs, "patience": structured_epochs,
-                                                       "lr": config.student.train.lr / 3})
-        seed_everything(0)
-        fit(smaller, bundle.x_train, bundle.y_train, bundle.x_val, bundle.y_val, tune,
-            stages.distiller_for(config, bundle, teacher).objective)
+        # The pipeline's own compression stage, structured variant only (prune, rebuild, fine-tune).
+        only_structured = config.compress.model_copy(update={"sparsity": 0.0, "structured": 0.5, "quantize": False,
+                                                             "static_int8": False})
+        variants = stages.compress_student(only_structured, bundle, student, config.student.train, config.seed,
+                                           folder, stages.distiller_for(config, bundle, teacher).objective)
         rows = {}
-        for name, model in (("dense", dense), ("structured50", smaller)):
+        for variant in variants:  # dense, structured50; timed again, longer than the stage does
+            model = stages.load_variant(variant)
             one = statistics.median(cpu_latency_ms(model, bundle.x_test, 200) for _ in range(3))
-            rows[name] = (model, accuracy(model, bundle.x_test, bundle.y_test), one,
-                          batch_latency_ms(model, bundle.x_test))
+            rows[variant.name] = (model, variant.test_accuracy, one, batch_latency_ms(model, bundle.x_test))
         for name, (model, acc, one, batch) in rows.items():
             _, dense_acc, dense_one, dense_batch = rows["dense"]
             label = config.student.arch + (f" {config.student.hidden}" if config.student.arch == "he_mlp" else "")
@@ -183,11 +181,11 @@ def main() -> None:
     for column in ("variant", "bytes", "× fp32", "test acc", "Δ acc (pt)", "1-sample ms", "× fp32",
                    "256-batch ms", "× fp32"):
         table.add_column(column, justify="right")
-    timings = {}
-    for name, model in (("fp32", dense), ("int8 reference program", reference), ("int8 lowered (oneDNN)", lowered)):
-        timings[name] = (statistics.median(cpu_latency_ms(model, bundle.x_test, 200) for _ in range(3)),
-                         statistics.median(batch_latency_ms(model, bundle.x_test) for _ in range(3)))
-    for name, model in (("fp32", dense), ("int8 reference program", reference), ("int8 lowered (oneDNN)", lowered)):
+    programs = {"fp32": dense, "int8 reference program": reference, "int8 lowered (oneDNN)": lowered}
+    timings = {name: (statistics.median(cpu_latency_ms(model, bundle.x_test, 200) for _ in range(3)),
+                      statistics.median(batch_latency_ms(model, bundle.x_test) for _ in range(3)))
+               for name, model in programs.items()}
+    for name, model in programs.items():
         path = fp32_path if name == "fp32" else static_path
         acc = accuracy(model, bundle.x_test, bundle.y_test)
         one, batch = timings[name]

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from kdsec.config import TrainConfig
 from kdsec.data.augment import AUGMENTATIONS
-from kdsec.device import select_device
+from kdsec.device import device_of, select_device
 from kdsec.errors import TrainingError
 from kdsec.progress import progress
 
@@ -192,7 +192,7 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def predict_logits(model: nn.Module, inputs: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Logits for ``inputs`` on the model's device, as a float32 numpy array."""
     model.eval()
-    device = next(model.parameters(), torch.empty(0)).device
+    device = device_of(model)
     chunks = [model(torch.as_tensor(inputs[i : i + batch_size], device=device)).float().cpu()
               for i in range(0, len(inputs), batch_size)]
     return torch.cat(chunks).numpy()
@@ -200,7 +200,7 @@ def predict_logits(model: nn.Module, inputs: np.ndarray, batch_size: int = 1024)
 
 def evaluate(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """(mean cross-entropy, accuracy)."""
-    device = next(model.parameters(), torch.empty(0)).device
+    device = device_of(model)
     return _validate(model, torch.as_tensor(inputs, device=device), torch.as_tensor(labels, device=device))
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdsec.device import device_of
 from kdsec.errors import ConfigError
 
 
@@ -110,7 +111,7 @@ def teacher_signals(teacher: nn.Module, inputs: np.ndarray, tap: Tap | None = No
                     batch_size: int = 512) -> dict[str, torch.Tensor]:
     """The teacher's logits (and, given a tap, ``target(feature)``) on every input, computed once."""
     teacher.eval()
-    device = next(teacher.parameters(), torch.empty(0)).device
+    device = device_of(teacher)
     logits, features = [], []
     for start in range(0, len(inputs), batch_size):
         batch = torch.as_tensor(inputs[start:start + batch_size], device=device)

@@ -11,6 +11,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
+from kdsec.device import device_of
 from kdsec.errors import IntegrityError
 from kdsec.registry_util import Registry
 
@@ -108,9 +109,8 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     try:
         was_training = model.training
         model.eval()
-        device = next(model.parameters(), torch.empty(0)).device
         with torch.inference_mode():
-            model(torch.zeros(1, *input_shape, device=device))
+            model(torch.zeros(1, *input_shape, device=device_of(model)))
         model.train(was_training)
     finally:
         for handle in handles:
