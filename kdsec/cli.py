@@ -120,7 +120,7 @@ ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="co
 KeyFileOption = Annotated[Optional[Path], typer.Option("--key-file", help="KEK file (default: encrypt.key_file)")]
 KeyEnvOption = Annotated[Optional[str], typer.Option("--key-env", help="env var holding the KEK (default: encrypt.key_env)")]
 PublicKeyOption = Annotated[Optional[Path], typer.Option(
-    "--public-key", help="trusted Ed25519 public key (PEM); default: the .pub of encrypt.signing_key_file")]
+    "--public-key", help="trusted ECDSA P-256 public key (PEM); default: the .pub of encrypt.signing_key_file")]
 
 
 def _encrypt_config(config: Optional[Path]):
@@ -189,8 +189,9 @@ def verify(
     key_env: KeyEnvOption = None,
     check_key: Annotated[bool, typer.Option(help="also unwrap and decrypt in memory with the KEK")] = True,
 ) -> None:
-    """Check the signature and every digest (and, with the KEK, that everything decrypts)."""
-    from kdsec.crypto.package import open_package, read_verified
+    """Check the signature and every digest, the OpenSSF model signature of the folder (and,
+    with the KEK, that everything decrypts)."""
+    from kdsec.crypto.package import open_package, read_verified, verify_model_signature
 
     try:
         encrypt_cfg = _encrypt_config(config)
@@ -199,6 +200,9 @@ def verify(
         payload = verified[0]
         console.print(f"[green]signature ok[/]: {payload['model']['name']} v{payload['model']['version']}, "
                       f"signed by {payload['signer']['key_id']}; {len(payload['files'])} files match their SHA-256")
+        verify_model_signature(package, trusted)
+        console.print("[green]OpenSSF model signature ok[/]: model.sig covers exactly the package's files "
+                      "(model_signing verify key … checks the same)")
         if check_key:
             files = open_package(package, _provider(encrypt_cfg, key_env, key_file), trusted, verified)
             console.print(f"[green]decrypts ok[/]: {', '.join(sorted(files))}")
@@ -212,6 +216,7 @@ def decrypt(
     out: Annotated[Path, typer.Option("--out", "-o", help="where to write the decrypted weights (0600)")],
     public_key: PublicKeyOption = None, config: ConfigOption = None, key_file: KeyFileOption = None,
     key_env: KeyEnvOption = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out file")] = False,
 ) -> None:
     """Verify, then write the decrypted weights; nothing is written unless every check passes."""
     from kdsec.crypto.package import decrypt_package_to
@@ -219,7 +224,8 @@ def decrypt(
     try:
         encrypt_cfg = _encrypt_config(config)
         path = decrypt_package_to(package, _provider(encrypt_cfg, key_env, key_file),
-                                  _trusted_key(encrypt_cfg, public_key), "weights.safetensors", out)
+                                  _trusted_key(encrypt_cfg, public_key), "weights.safetensors", out,
+                                  overwrite=force)
     except KdsecError as exc:
         raise _fail(str(exc)) from None
     console.print(f"[green]decrypted[/] {package} → {path}")
@@ -257,7 +263,7 @@ def rotate_key(
 @app.command()
 def keygen(
     out: Annotated[Path, typer.Option("--out", "-o", help="key file to create (0600; never overwritten)")],
-    kind: Annotated[str, typer.Option(help="kek (32-byte AES key) or signing (Ed25519, writes .pub too)")] = "kek",
+    kind: Annotated[str, typer.Option(help="kek (32-byte AES key) or signing (ECDSA P-256, writes .pub too)")] = "kek",
 ) -> None:
     """Create a new key file."""
     from kdsec.crypto.keys import generate_key_file

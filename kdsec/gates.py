@@ -62,6 +62,7 @@ GATE_CHECKS = (
     GateCheck("at_rest", "at_rest.wrong_key_rejected", "at_rest_required", ">="),
     GateCheck("at_rest", "at_rest.manifest_tamper_rejected", "at_rest_required", ">="),
     GateCheck("at_rest", "at_rest.unsigned_rejected", "at_rest_required", ">="),
+    GateCheck("at_rest", "at_rest.model_signature_verified", "at_rest_required", ">="),
     GateCheck("extraction", "candidate.extraction_fidelity_top1", "max_extraction_fidelity", "<=",
               "warn_extraction_fidelity", optional=True),
     GateCheck("calibration", "candidate.ece", "max_ece", "<=", "warn_ece"),

@@ -17,7 +17,7 @@ from kdsec.fileio import write_atomic
 from kdsec.gates import GateVerdict
 from kdsec.stages import SELECTION_RULES, ModelAudit, TrainedModel
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 def audit_gate_metrics(candidate_audit: ModelAudit, extraction: list = ()) -> dict[str, float]:
@@ -44,6 +44,7 @@ def gate_metrics(teacher: TrainedModel, candidate: VariantMetrics, candidate_aud
         "at_rest.wrong_key_rejected": float(at_rest.wrong_key_rejected),
         "at_rest.manifest_tamper_rejected": float(at_rest.manifest_tamper_rejected),
         "at_rest.unsigned_rejected": float(at_rest.unsigned_rejected),
+        "at_rest.model_signature_verified": float(at_rest.model_signature_verified),
     }
 
 

@@ -8,6 +8,7 @@ GOOD = {
     "candidate.membership_auc": 0.52, "candidate.membership_tpr_at_low_fpr": 0.01,
     "he.agreement": 1.0, "at_rest.roundtrip_exact": 1.0, "at_rest.tamper_rejected": 1.0,
     "at_rest.wrong_key_rejected": 1.0, "at_rest.manifest_tamper_rejected": 1.0, "at_rest.unsigned_rejected": 1.0,
+    "at_rest.model_signature_verified": 1.0,
     "candidate.extraction_fidelity_top1": 0.9, "candidate.ece": 0.02,
 }
 

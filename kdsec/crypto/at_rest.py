@@ -13,7 +13,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdsec.errors import KeyMaterialError
+from kdsec.errors import KdsecError, KeyMaterialError
+from kdsec.fileio import PRIVATE, read_bounded, write_atomic
 
 NONCE_BYTES = 12
 KEY_BYTES = 32
@@ -53,12 +54,17 @@ def load_or_create_key(key_env: str | None, key_file: str | Path) -> ModelKey:
     if key_env and os.environ.get(key_env):
         return ModelKey(_decode_key(os.environ[key_env], f"${key_env}"), f"env:{key_env}")
     path = Path(key_file)
-    if not path.exists():
+    if not os.path.lexists(path):
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(base64.b64encode(os.urandom(KEY_BYTES)).decode() + "\n")
+        try:
+            write_atomic(path, base64.b64encode(os.urandom(KEY_BYTES)).decode() + "\n", mode=PRIVATE, overwrite=False)
+        except KdsecError:  # another run created it first: use theirs
+            if not os.path.lexists(path):
+                raise
+    if path.is_symlink():
+        raise KeyMaterialError(f"key file '{path}' is a symbolic link; point encrypt.key_file at the key itself")
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise KeyMaterialError(f"key file '{path}' is readable by other users (mode {mode:o}); run: chmod 600 {path}")
-    return ModelKey(_decode_key(path.read_text(), f"key file '{path}'"), f"file:{path}")
+    text = read_bounded(path, 4096, "key file", error=KeyMaterialError).decode("ascii", errors="replace")
+    return ModelKey(_decode_key(text, f"key file '{path}'"), f"file:{path}")

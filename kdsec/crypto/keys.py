@@ -1,15 +1,19 @@
-"""Key providers: who holds the key-encryption key (KEK), and the Ed25519 signing key.
+"""Key providers: who holds the key-encryption key (KEK), and the package signing key.
 
 A ``KeyProvider`` wraps and unwraps per-artifact data keys; the KEK itself never leaves it.
 The local providers (an environment variable, a 0600 key file) wrap with AES-256-GCM; a KMS
 provider implements the same three members (``kind``, ``key_id``, ``wrap``/``unwrap``) and
 calls its service instead.
+
+Packages are signed with an ECDSA P-256 key: the same key signs kdsec's manifest and the OpenSSF
+``model_signing`` signature of the whole folder (that library takes NIST curves only, not Ed25519).
+Manifests signed by the Ed25519 keys of older kdsec releases still verify against their public key.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
+import hashlib
 import os
 import stat
 from dataclasses import dataclass
@@ -17,12 +21,18 @@ from pathlib import Path
 from typing import Protocol
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kdsec.crypto.at_rest import KEY_BYTES, NONCE_BYTES, ModelKey, load_or_create_key
-from kdsec.errors import IntegrityError, KeyMaterialError
+from kdsec.errors import IntegrityError, KdsecError, KeyMaterialError
+from kdsec.fileio import PRIVATE, PUBLIC, read_bounded, write_atomic
+
+SIGNING_ALGORITHM = "ECDSA-P256-SHA256"
+PublicKey = ec.EllipticCurvePublicKey | Ed25519PublicKey  # Ed25519: verification of older packages only
+KEY_FILE_LIMIT = 64 * 1024
 
 
 class KeyProvider(Protocol):
@@ -74,21 +84,19 @@ def local_key_provider(key_env: str | None, key_file: str | Path, create: bool =
 
 
 def generate_key_file(path: Path, kind: str) -> Path:
-    """A new 0600 key file: a 32-byte KEK (base64) or an Ed25519 signing key (PEM) plus its .pub."""
-    if path.exists():
+    """A new 0600 key file: a 32-byte KEK (base64) or an ECDSA P-256 signing key (PEM) plus its .pub."""
+    if os.path.lexists(path):
         raise KeyMaterialError(f"'{path}' already exists; refusing to overwrite a key")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if kind == "kek":
         material = base64.b64encode(os.urandom(KEY_BYTES)) + b"\n"
     else:
-        private = Ed25519PrivateKey.generate()
+        private = ec.generate_private_key(ec.SECP256R1())
         material = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption())
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(material)
+    write_atomic(path, material, mode=PRIVATE, overwrite=False)
     if kind == "signing":
-        public_key_path(path).write_bytes(_public_pem(private.public_key()))
+        write_atomic(public_key_path(path), _public_pem(private.public_key()), mode=PUBLIC)
     return path
 
 
@@ -99,84 +107,101 @@ def public_key_path(signing_key_file: Path) -> Path:
     return signing_key_file.with_name(signing_key_file.name + ".pub")
 
 
-def _public_pem(public: Ed25519PublicKey) -> bytes:
+def _public_pem(public: PublicKey) -> bytes:
     return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def public_key_id(public: Ed25519PublicKey) -> str:
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return binascii.hexlify(raw[:8]).decode()
+def public_key_id(public: PublicKey) -> str:
+    """A short public identifier: the first 8 bytes of SHA-256 over the DER public key."""
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class Signer:
-    private: Ed25519PrivateKey
+    private: ec.EllipticCurvePrivateKey
     source: str
 
     def __repr__(self) -> str:
         return f"Signer(source={self.source!r}, key_id={self.key_id})"
 
     @property
-    def public(self) -> Ed25519PublicKey:
+    def public(self) -> ec.EllipticCurvePublicKey:
         return self.private.public_key()
 
     @property
     def key_id(self) -> str:
         return public_key_id(self.public)
 
+    @property
+    def public_pem(self) -> bytes:
+        return _public_pem(self.public)
+
     def sign(self, payload: bytes) -> bytes:
-        return self.private.sign(payload)
+        return self.private.sign(payload, ec.ECDSA(hashes.SHA256()))
 
 
 def load_or_create_signer(signing_env: str, signing_file: str | Path) -> Signer:
-    """The Ed25519 key from ``$signing_env`` (PEM or base64 of the 32 raw bytes) or a 0600 PEM file,
-    created with its ``.pub`` on first use."""
+    """The ECDSA P-256 key from ``$signing_env`` (PEM) or a 0600 PEM file, created with its
+    ``.pub`` on first use."""
     if text := os.environ.get(signing_env):
         return Signer(_parse_private(text.encode(), f"${signing_env}"), f"env:{signing_env}")
     path = Path(signing_file)
-    if not path.exists():
-        generate_key_file(path, "signing")
+    if not os.path.lexists(path):
+        try:
+            generate_key_file(path, "signing")
+        except KdsecError:  # another run created it first: use theirs
+            if not os.path.lexists(path):
+                raise
+    if path.is_symlink():
+        raise KeyMaterialError(f"signing key '{path}' is a symbolic link; point encrypt.signing_key_file at the key itself")
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise KeyMaterialError(f"signing key '{path}' is readable by other users (mode {mode:o}); run: chmod 600 {path}")
-    signer = Signer(_parse_private(path.read_bytes(), f"signing key '{path}'"), f"file:{path}")
-    if not public_key_path(path).exists():
-        public_key_path(path).write_bytes(_public_pem(signer.public))
+    data = read_bounded(path, KEY_FILE_LIMIT, "signing key", error=KeyMaterialError)
+    signer = Signer(_parse_private(data, f"signing key '{path}'"), f"file:{path}")
+    if not os.path.lexists(public_key_path(path)):
+        write_atomic(public_key_path(path), signer.public_pem, mode=PUBLIC)
     return signer
 
 
-def _parse_private(data: bytes, where: str) -> Ed25519PrivateKey:
+def _parse_private(data: bytes, where: str) -> ec.EllipticCurvePrivateKey:
     try:
-        if b"PRIVATE KEY" in data:
-            key = serialization.load_pem_private_key(data, password=None)
-        else:
-            key = Ed25519PrivateKey.from_private_bytes(base64.b64decode(data.strip(), validate=True))
-    except (ValueError, TypeError, binascii.Error):
-        raise KeyMaterialError(f"{where} is not an Ed25519 private key (PEM, or base64 of 32 bytes)") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyMaterialError(f"{where} is not an Ed25519 key")
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise KeyMaterialError(f"{where} is not an unencrypted PEM private key "
+                               "(create one with: kdsec keygen --kind signing --out PATH)") from None
+    if isinstance(key, Ed25519PrivateKey):
+        raise KeyMaterialError(f"{where} is an Ed25519 key from an older kdsec; packages are now signed with ECDSA "
+                               "P-256 (OpenSSF model signing takes NIST curves only): create a new key with "
+                               "kdsec keygen --kind signing --out PATH")
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise KeyMaterialError(f"{where} is not an ECDSA P-256 key (create one with: kdsec keygen --kind signing)")
     return key
 
 
-def load_public_key(path: str | Path) -> Ed25519PublicKey:
+def load_public_key(path: str | Path) -> PublicKey:
+    data = read_bounded(Path(path), KEY_FILE_LIMIT, "public key", error=KeyMaterialError)
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except FileNotFoundError:
-        raise KeyMaterialError(f"public key '{path}' not found") from None
+        key = serialization.load_pem_public_key(data)
     except ValueError:
         raise KeyMaterialError(f"'{path}' is not a PEM public key") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyMaterialError(f"'{path}' is not an Ed25519 public key")
+    if not isinstance(key, (ec.EllipticCurvePublicKey, Ed25519PublicKey)):
+        raise KeyMaterialError(f"'{path}' is not an ECDSA P-256 (or older kdsec Ed25519) public key")
     return key
 
 
-def raw_public(public: Ed25519PublicKey) -> str:
-    return _b64(public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+def raw_public(public: PublicKey) -> str:
+    """The public key as base64 of its DER SubjectPublicKeyInfo (stored in the manifest)."""
+    return _b64(public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
-def verify_signature(public: Ed25519PublicKey, signature: bytes, payload: bytes) -> bool:
+def verify_signature(public: PublicKey, signature: bytes, payload: bytes) -> bool:
     try:
-        public.verify(signature, payload)
+        if isinstance(public, Ed25519PublicKey):
+            public.verify(signature, payload)
+        else:
+            public.verify(signature, payload, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         return False
     return True

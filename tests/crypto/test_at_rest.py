@@ -32,7 +32,7 @@ def package(tmp_path, keys):
 
 def test_package_opens_bit_exact_and_stores_no_plaintext(package, keys):
     kek, signer = keys
-    assert sorted(p.name for p in package.iterdir()) == [MANIFEST, "model.json", "weights.safetensors.enc"]
+    assert sorted(p.name for p in package.iterdir()) == [MANIFEST, "model.json", "model.sig", "weights.safetensors.enc"]
     assert WEIGHTS[:64] not in (package / "weights.safetensors.enc").read_bytes()
     manifest = json.loads((package / MANIFEST).read_text())
     assert kek.key.material.hex() not in json.dumps(manifest)
