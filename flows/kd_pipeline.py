@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -17,6 +16,7 @@ from prefect import flow, get_run_logger
 from kdsec import registry, stages
 from kdsec.config import PipelineConfig, config_from_dict, load_config
 from kdsec.distill import signals_key
+from kdsec.fileio import write_atomic
 from kdsec.gates import evaluate_gates
 from kdsec.sweep import select_best, sweep_grid
 from kdsec.summary import build_summary, gate_metrics
@@ -98,7 +98,7 @@ def _distill(cfg: PipelineConfig, bundle, teacher: stages.TrainedModel, out_dir:
     tracked = track_sweep_task(parent, cfg, results, best, out_dir)
     trained = next(model for model, result in results if result.member.name == best.member.name)
     checkpoint = out_dir / "kd_student.safetensors"
-    shutil.copyfile(trained.checkpoint, checkpoint)
+    write_atomic(checkpoint, Path(trained.checkpoint).read_bytes())
     student = replace(trained, role="kd_student", checkpoint=str(checkpoint))
     get_run_logger().info("sweep: %d members on %s; best %s (val %.4f)", len(results), cfg.sweep.task_runner,
                           best.member.name, best.val_accuracy)
@@ -128,7 +128,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
     client = MlflowClient()
     succeeded = False
     try:
-        (out_dir / "config.yaml").write_text(cfg.to_yaml())
+        write_atomic(out_dir / "config.yaml", cfg.to_yaml())
         client.log_artifact(parent, str(out_dir / "config.yaml"))
         client.log_batch(parent, params=[Param(key, str(value)[:500])
                                          for key, value in _flatten(cfg.model_dump(mode="json")).items()])

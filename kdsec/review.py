@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kdsec import registry
 from kdsec.errors import DataError
+from kdsec.fileio import write_atomic
 
 HEADLINES = (
     ("verdict", lambda s: s["verdict"]),
@@ -110,7 +111,7 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
                 "extraction": [asdict(r) for r in extraction],
                 "gates": {v.name: {"verdict": v.verdict, "level": v.level,
                                    "checks": [asdict(c) for c in v.checks]} for v in verdicts}}
-    (folder / "audit.json").write_text(json.dumps(document, indent=2, default=str))
+    write_atomic(folder / "audit.json", json.dumps(document, indent=2, default=str))
     client = mlflow.MlflowClient()
     for key, value in {"reaudit.time": stamp, "reaudit.attack": audit.membership.attack,
                        "reaudit.membership_auc": f"{audit.membership.auc:.4f}",

@@ -7,11 +7,13 @@ member configs, ``select_best`` picks by validation accuracy, ``comparison_table
 
 from __future__ import annotations
 
+import io
 import itertools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kdsec.config import PipelineConfig, StudentConfig
+from kdsec.fileio import write_atomic
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ def pareto_plot(results: list[MemberResult], best: MemberResult, path: Path) -> 
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
-    return path
+    return write_atomic(path, buffer.getvalue())

@@ -22,6 +22,7 @@ from kdsec.audit.report import render_report
 from kdsec.compress import VariantMetrics
 from kdsec.config import PipelineConfig
 from kdsec.data import DataBundle, prepare_data
+from kdsec.fileio import write_atomic
 from kdsec.gates import GateVerdict
 from kdsec.sweep import MemberResult, SweepMember, comparison_table, pareto_plot
 from kdsec.summary import audit_document, write_summary
@@ -82,9 +83,9 @@ def track_sweep_task(parent_run_id: str, config: PipelineConfig, members: list[t
     table = comparison_table(results, best)
     (out_dir / "sweep").mkdir(parents=True, exist_ok=True)
     table_path = out_dir / "sweep" / "comparison.md"
-    table_path.write_text(table)
-    csv_path = out_dir / "sweep" / "comparison.csv"
-    pd.DataFrame([result.row() for result in results]).to_csv(csv_path, index=False)
+    write_atomic(table_path, table)
+    csv_path = write_atomic(out_dir / "sweep" / "comparison.csv",
+                            pd.DataFrame([result.row() for result in results]).to_csv(index=False))
     plot_path = pareto_plot(results, best, out_dir / "sweep" / "pareto.png")
     with registry.stage_run(parent_run_id, "sweep") as sweep_run:
         sweep_id = sweep_run.info.run_id

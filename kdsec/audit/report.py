@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
 
+from kdsec.fileio import write_atomic  # noqa: E402
+
 _ENV = Environment(loader=PackageLoader("kdsec.audit", "templates"), autoescape=select_autoescape(["html"]),
                    trim_blocks=True, lstrip_blocks=True)
 _ENV.globals["zip"] = zip
@@ -84,13 +86,13 @@ def render_report(summary: dict, out_dir: Path) -> Report:
         figure.savefig(buffer, format="png", dpi=110)
         plt.close(figure)
         plots[name] = out_dir / f"{name}.png"
-        plots[name].write_bytes(buffer.getvalue())
+        write_atomic(plots[name], buffer.getvalue())
         inline[name] = base64.b64encode(buffer.getvalue()).decode()
     sweep_plot = Path((summary.get("sweep") or {}).get("plot", "")) if summary.get("sweep") else None
     if sweep_plot is not None and sweep_plot.is_file():  # the sweep's Pareto plot, inlined too
         inline["sweep_pareto"] = base64.b64encode(sweep_plot.read_bytes()).decode()
     markdown = out_dir / "report.md"
-    markdown.write_text(_ENV.get_template("report.md.j2").render(s=summary, plots=plots))
+    write_atomic(markdown, _ENV.get_template("report.md.j2").render(s=summary, plots=plots))
     html = out_dir / "report.html"
-    html.write_text(_ENV.get_template("report.html.j2").render(s=summary, images=inline))
+    write_atomic(html, _ENV.get_template("report.html.j2").render(s=summary, images=inline))
     return Report(markdown=markdown, html=html, plots=plots)

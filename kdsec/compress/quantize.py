@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from kdsec.errors import IntegrityError
+from kdsec.fileio import write_atomic
 from kdsec.models.registry import ModelSpec, build_model, load_checkpoint, read_kdsec_file
 
 # torch.ao.quantization's eager API warns that it is deprecated in favour of torchao; its dynamic
@@ -55,9 +56,7 @@ def save_int8(quantized: nn.Module, spec: ModelSpec, path: Path) -> Path:
         if isinstance(tensor, torch.Tensor) and not tensor.is_quantized and not any(
             owner == q or owner.startswith(q + ".") for q in quantized_names):
             tensors[name] = tensor.detach().contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"kdsec.spec": spec.to_json(), "kdsec.int8": json.dumps(qparams)})
-    return path
+    return write_atomic(path, save(tensors, metadata={"kdsec.spec": spec.to_json(), "kdsec.int8": json.dumps(qparams)}))
 
 
 def load_int8(path: Path) -> tuple[nn.Module, ModelSpec]:

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from kdsec.errors import IntegrityError
+from kdsec.fileio import write_atomic
 from kdsec.models.registry import ModelSpec, build_model, read_kdsec_file
 
 FORMAT_KEY = "kdsec.int8_static"
@@ -171,9 +172,8 @@ def quantize_static_int8(model: nn.Module, calibration: np.ndarray, batch_size: 
 def save_static_int8(quantized: nn.Module, spec: ModelSpec, path: Path) -> Path:
     tensors = {f"graph.{name}": tensor.contiguous() for name, tensor in _graph_tensors(quantized).items()}
     tensors["activation_qparams"] = _activation_qparams(quantized)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"kdsec.spec": spec.to_json(), FORMAT_KEY: json.dumps({"route": "pt2e-x86"})})
-    return path
+    return write_atomic(path, save(tensors, metadata={"kdsec.spec": spec.to_json(),
+                                                      FORMAT_KEY: json.dumps({"route": "pt2e-x86"})}))
 
 
 def load_static_int8(path: Path, lower: bool = True) -> tuple[nn.Module, ModelSpec]:

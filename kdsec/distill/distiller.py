@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from kdsec.config import DistillConfig
 from kdsec.distill.features import Tap, capture, read_feature, resolve_tap, teacher_signals
 from kdsec.distill.registry import LOSSES, DistillLoss
 from kdsec.errors import IntegrityError
+from kdsec.fileio import write_atomic
 
 
 class DistillObjective(nn.Module):
@@ -81,10 +82,8 @@ class OfflineDistiller:
         return DistillObjective(self.loss, self.signals, self.config.student_layer)
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({name: tensor.contiguous() for name, tensor in self.signals.items()}, str(path),
-                  metadata={"kdsec.distill": self.config.model_dump_json()})
-        return path
+        return write_atomic(path, save({name: tensor.contiguous() for name, tensor in self.signals.items()},
+                                       metadata={"kdsec.distill": self.config.model_dump_json()}))
 
     @classmethod
     def load(cls, path: Path, config: DistillConfig) -> OfflineDistiller:

@@ -8,11 +8,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from kdsec.device import device_of
 from kdsec.errors import IntegrityError
+from kdsec.fileio import write_atomic
 from kdsec.registry_util import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model architecture", "teacher.arch / student.arch")
@@ -52,10 +53,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def save_checkpoint(model: nn.Module, spec: ModelSpec, path: Path) -> Path:
     """Save weights as safetensors with the architecture spec in the header metadata."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(path), metadata={"kdsec.spec": spec.to_json()})
-    return path
+    return write_atomic(path, save(state, metadata={"kdsec.spec": spec.to_json()}))
 
 
 def read_kdsec_file(path: Path, description: str) -> tuple[ModelSpec, dict[str, str], dict]:
