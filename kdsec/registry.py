@@ -190,3 +190,32 @@ def download_run_artifact(run_id: str, path: str, destination: Path) -> Path:
         return Path(MlflowClient().download_artifacts(run_id, path, str(destination)))
     except (MlflowException, OSError) as exc:
         raise KdsecError(f"run {run_id} has no artifact '{path}' ({str(exc).splitlines()[0]})") from None
+
+
+def download_version_checkpoint(name: str, version: str, destination: Path) -> Path:
+    """A registered version's weights file, and nothing that runs: its ``MLmodel`` (read with
+    ``yaml.safe_load``) names the checkpoint artifact, which is downloaded alone. Loading the
+    version with ``mlflow.pyfunc.load_model`` would execute the model code stored beside it."""
+    from pathlib import PurePosixPath
+
+    import yaml
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    from kdsec.fileio import read_bounded
+
+    destination.mkdir(parents=True, exist_ok=True)
+    try:
+        repository = ModelsArtifactRepository(f"models:/{name}/{version}")
+        mlmodel = Path(repository.download_artifacts("MLmodel", str(destination)))
+        document = yaml.safe_load(read_bounded(mlmodel, 1 << 20, "MLmodel"))
+        relative = document["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"]
+    except (MlflowException, OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise KdsecError(f"version {version} of '{name}' has no kdsec checkpoint artifact "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    path = PurePosixPath(str(relative))
+    if path.is_absolute() or ".." in path.parts or path.parts[:1] != ("artifacts",) or path.suffix != ".safetensors":
+        raise KdsecError(f"version {version} of '{name}' names an unexpected checkpoint path {str(relative)[:80]!r}")
+    try:
+        return Path(repository.download_artifacts(str(path), str(destination)))
+    except (MlflowException, OSError) as exc:
+        raise KdsecError(f"version {version} of '{name}': checkpoint download failed ({str(exc).splitlines()[0]})") from None

@@ -71,7 +71,7 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
     import mlflow
 
     from kdsec import stages
-    from kdsec.compress.quantize import dequantized_copy
+    from kdsec.compress.quantize import dequantized_copy, load_weights
     from kdsec.config import load_config
     from kdsec.data import prepare_data
     from kdsec.compress.quantize import DynamicQuantLinear
@@ -88,8 +88,9 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
     if expected and expected != bundle.fingerprint:
         raise DataError(f"the data under data.root no longer matches version {version} (fingerprint "
                         f"{bundle.fingerprint}, the version was trained on {expected})")
-    wrapper = mlflow.pyfunc.load_model(f"models:/{name}/{version}").unwrap_python_model()
-    model, spec = wrapper.model, wrapper.spec
+    with tempfile.TemporaryDirectory() as scratch:  # weights only (safetensors): no stored model code runs
+        model, spec, _ = load_weights(registry.download_version_checkpoint(name, version, Path(scratch)))
+    model.eval()
     int8 = any(isinstance(module, DynamicQuantLinear) for module in model.modules())
     surrogate = dequantized_copy(model, spec) if int8 else None
     references = []
