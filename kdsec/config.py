@@ -29,6 +29,8 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     name: str = "digits"  # digits | mnist | fashion_mnist | cifar10 | imagefolder
+    # As written: ~ and $VARS are expanded when the data is read (kdsec.data.vision.dataset_root),
+    # so the config's digest and saved YAML do not depend on the machine or shell that loaded it.
     root: str = "data"
     download: bool = False  # let torchvision download mnist / fashion_mnist / cifar10 into root
     verify_checksums: bool = True  # cifar10: official md5 sums (off for user-made copies in the same format)

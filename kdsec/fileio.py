@@ -65,10 +65,11 @@ def read_bounded(path: Path, limit: int, what: str = "file", expected: int | Non
         if os.path.islink(path):
             raise error(f"{what} '{path}' is a symbolic link; refusing to follow it") from None
         raise error(f"{what} '{path}' cannot be read ({exc.strerror})") from None
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        raise error(f"{what} '{path}' is not a regular file")
     with os.fdopen(descriptor, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise error(f"{what} '{path}' is not a regular file")
         if expected is not None and info.st_size != expected:
             raise error(f"{what} '{path}' is truncated or padded: {info.st_size} bytes, expected {expected}")
         if info.st_size > limit:

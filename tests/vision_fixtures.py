@@ -1,4 +1,4 @@
-"""Small datasets written in the real on-disk formats, so torchvision's own loaders read them:
+"""Small datasets written in the real on-disk formats, so the real loaders read them:
 MNIST / Fashion-MNIST idx files, CIFAR-10 python pickle batches + meta, a class-per-folder tree.
 
 Images are scikit-learn's real handwritten digits, upsampled (and tinted per class for CIFAR),

@@ -1,6 +1,7 @@
-"""File-based image datasets through torchvision's own classes: MNIST, Fashion-MNIST, CIFAR-10
-(official train + test files pooled, then split by kdsec's contract) and a user's class-per-folder
-images. Everything is read from ``data.root``; nothing is downloaded unless ``data.download``.
+"""File-based image datasets: MNIST, Fashion-MNIST (torchvision's readers), CIFAR-10 (official
+train + test files pooled, then split by kdsec's contract; read by kdsec itself) and a user's
+class-per-folder images. Everything is read from ``data.root``; nothing is downloaded unless
+``data.download``.
 
 Inputs are scaled to [0, 1] (N×C×H×W float32) like digits, so every stage (FGSM's clamp, the HE
 engine, the served model's ``input_scale``) treats all datasets alike.
@@ -8,8 +9,11 @@ engine, the served model's ``input_scale``) treats all datasets alike.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -18,6 +22,7 @@ import numpy as np
 from kdsec.config import DataConfig
 from kdsec.data.registry import DATASETS, RawDataset
 from kdsec.errors import DataError
+from kdsec.fileio import read_bounded
 
 OBTAIN = {
     "mnist": "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
@@ -25,11 +30,36 @@ OBTAIN = {
     "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta: the 'CIFAR-10 python version')",
 }
 
+_ENV_VARIABLE = re.compile(r"\$(?:\{(?P<braced>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
 
-def _missing(config: DataConfig, detail: str) -> DataError:
+
+def dataset_root(config: DataConfig) -> Path:
+    """``data.root`` as the absolute folder it names: ``$VAR`` / ``${VAR}`` and ``~`` expanded, then
+    resolved. Every file-based loader calls this once, first, and checks and reads only the result,
+    so no library can read a different folder than the one kdsec checked."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match["bare"] or match["braced"]
+        if name not in os.environ:
+            raise DataError(f"data.root='{config.root}' uses ${name}, but environment variable '{name}' is not "
+                            "set; set it or write the folder out")
+        return os.environ[name]
+
+    try:
+        return Path(_ENV_VARIABLE.sub(value, config.root)).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # an unknown ~user or home, a symlink loop
+        raise DataError(f"data.root='{config.root}' cannot be resolved ({exc}); write the folder out") from None
+
+
+def _where(config: DataConfig, root: Path) -> str:
+    """What the user wrote and, where it differs, the folder it resolved to."""
+    return f"data.root='{config.root}'" + ("" if config.root == str(root) else f" (= {root})")
+
+
+def _missing(config: DataConfig, root: Path, detail: str) -> DataError:
     where = OBTAIN.get(config.name, "one sub-folder per class holding its images")
-    return DataError(f"{config.name} not found under data.root='{config.root}' ({detail}); expected "
-                     f"{config.root}/{where} — copy the files there, or set data.download: true on a machine "
+    return DataError(f"{config.name} not found under {_where(config, root)} ({detail}); expected "
+                     f"{root}/{where} — copy the files there, or set data.download: true on a machine "
                      "with internet access")
 
 
@@ -45,36 +75,37 @@ def _subsample(inputs: np.ndarray, labels: np.ndarray, config: DataConfig) -> tu
     return inputs[keep], labels[keep]
 
 
-def _torchvision(config: DataConfig, factory, channels_last: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _torchvision(config: DataConfig, root: Path, factory) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """An MNIST-like dataset (idx files, no pickle): train and test pooled, N×1×H×W."""
     parts = []
     for train in (True, False):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                dataset = factory(root=config.root, train=train, download=config.download)
+                dataset = factory(root=str(root), train=train, download=config.download)
         except RuntimeError as exc:  # torchvision: "Dataset not found ..." / "... or corrupted"
             if "not found" in str(exc).lower():
-                raise _missing(config, str(exc).split(".")[0]) from None
-            raise DataError(f"{config.name} under data.root='{config.root}' is corrupt ({exc})") from None
+                raise _missing(config, root, str(exc).split(".")[0]) from None
+            raise DataError(f"{config.name} under {_where(config, root)} is corrupt ({exc})") from None
         except (OSError, ValueError, EOFError, pickle.UnpicklingError, KeyError, IndexError) as exc:
-            raise DataError(f"{config.name} under data.root='{config.root}' is corrupt or truncated "
+            raise DataError(f"{config.name} under {_where(config, root)} is corrupt or truncated "
                             f"({type(exc).__name__}: {exc})") from None
         data = np.asarray(dataset.data, dtype=np.uint8)
         targets = np.asarray(dataset.targets, dtype=np.int64)
-        if len(data) != len(targets) or data.ndim != 4 - (not channels_last):
-            raise DataError(f"{config.name} under data.root='{config.root}' is corrupt: {len(data)} images of "
+        if len(data) != len(targets) or data.ndim != 3:
+            raise DataError(f"{config.name} under {_where(config, root)} is corrupt: {len(data)} images of "
                             f"shape {data.shape[1:]} for {len(targets)} labels")
         parts.append((data, targets, list(dataset.classes)))
-    data = np.concatenate([part[0] for part in parts])
+    data = np.concatenate([part[0] for part in parts])[:, None]
     labels = np.concatenate([part[1] for part in parts])
-    data = data.transpose(0, 3, 1, 2) if channels_last else data[:, None]
     return data, labels, parts[0][2]
 
 
-def _as_raw(data: np.ndarray, labels: np.ndarray, class_names: list[str], config: DataConfig) -> RawDataset:
+def _as_raw(data: np.ndarray, labels: np.ndarray, class_names: list[str], config: DataConfig,
+            root: Path) -> RawDataset:
     data, labels = _subsample(data, labels, config)
     if labels.min() < 0 or labels.max() >= len(class_names):
-        raise DataError(f"{config.name} under data.root='{config.root}' is corrupt: labels outside "
+        raise DataError(f"{config.name} under {_where(config, root)} is corrupt: labels outside "
                         f"0..{len(class_names) - 1}")
     return RawDataset(inputs=data.astype(np.float32) / 255.0, labels=labels.astype(np.int64),
                       class_names=[str(name) for name in class_names], input_scale=1.0 / 255.0)
@@ -84,20 +115,27 @@ def _as_raw(data: np.ndarray, labels: np.ndarray, class_names: list[str], config
 def mnist(config: DataConfig) -> RawDataset:
     from torchvision.datasets import MNIST
 
-    return _as_raw(*_torchvision(config, MNIST, channels_last=False), config)
+    root = dataset_root(config)
+    return _as_raw(*_torchvision(config, root, MNIST), config, root)
 
 
 @DATASETS.register("fashion_mnist")
 def fashion_mnist(config: DataConfig) -> RawDataset:
     from torchvision.datasets import FashionMNIST
 
-    return _as_raw(*_torchvision(config, FashionMNIST, channels_last=False), config)
+    root = dataset_root(config)
+    return _as_raw(*_torchvision(config, root, FashionMNIST), config, root)
 
 
-# What an unverified CIFAR pickle may reference: numpy's array reconstruction and nothing else.
+# What a CIFAR pickle may reference: numpy's array reconstruction (protocols 2-4, and 5's
+# _frombuffer) and nothing else, so no code can run from a crafted file.
 _CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
                   ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
                   ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+# An official batch is ~30 MiB; the cap keeps a planted huge file from exhausting memory.
+_CIFAR_MAX_FILE_BYTES = 200 * 2**20
+_CIFAR_ROW = 3 * 32 * 32
 
 
 class _DataOnlyUnpickler(pickle.Unpickler):
@@ -107,45 +145,77 @@ class _DataOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _vet_cifar_pickles(folder: Path) -> None:
-    """With checksums off, CIFAR's pickled batches are not the official bytes: before torchvision
-    unpickles them, prove each holds plain data only (no code can run from a crafted file)."""
-    for path in sorted(folder.glob("*_batch*")) + [folder / "batches.meta"]:
-        if path.is_file():
-            try:
-                _DataOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-            except Exception as exc:  # noqa: BLE001 — any failure means the file is not a plain batch
-                raise DataError(f"cifar10 file '{path}' is corrupt or unsafe ({exc})") from None
+def _read_cifar_file(path: Path, md5: str, config: DataConfig, root: Path) -> dict:
+    """Read ``path`` once, check the md5 of exactly those bytes (unless data.verify_checksums is off)
+    and unpickle the same bytes data-only: nothing can swap the file between check and load."""
+    # One bounded read of a regular file (not a link, FIFO or folder), its size checked before reading.
+    content = read_bounded(path, _CIFAR_MAX_FILE_BYTES, "cifar10 file", error=DataError)
+    if config.verify_checksums and hashlib.md5(content, usedforsecurity=False).hexdigest() != md5:
+        raise DataError(f"cifar10 file '{path}' does not match the official CIFAR-10 checksum: it is modified or "
+                        "corrupt; use the official files (delete the folder and set data.download: true), or set "
+                        "data.verify_checksums: false for your own copy in the same format")
+    try:
+        entry = _DataOnlyUnpickler(io.BytesIO(content), encoding="latin1").load()
+    except Exception as exc:  # noqa: BLE001 — any failure means the file is not a plain batch
+        raise DataError(f"cifar10 file '{path}' is corrupt or unsafe ({exc})") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"cifar10 file '{path}' is corrupt: holds a {type(entry).__name__}, not a dict")
+    return entry
+
+
+def _cifar_batch(path: Path, md5: str, config: DataConfig, root: Path) -> tuple[np.ndarray, list[int]]:
+    """The N×3072 uint8 rows and N labels of one batch file."""
+    entry = _read_cifar_file(path, md5, config, root)
+    data = entry.get("data")
+    labels = entry.get("labels", entry.get("fine_labels"))
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == _CIFAR_ROW):
+        found = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"cifar10 file '{path}' is corrupt: 'data' is a {found}, not N×{_CIFAR_ROW} uint8")
+    if not (isinstance(labels, list) and len(labels) == len(data)
+            and all(isinstance(label, int) for label in labels)):
+        raise DataError(f"cifar10 file '{path}' is corrupt: 'labels' is not a list of {len(data)} integers")
+    return data, labels
 
 
 @DATASETS.register("cifar10")
 def cifar10(config: DataConfig) -> RawDataset:
+    """The CIFAR-10 python version, read by kdsec: torchvision's class only names the files and
+    their md5 sums and downloads the archive, because its own reader ``pickle.load``s the batches."""
     from torchvision.datasets import CIFAR10
 
-    factory = CIFAR10
-    if not config.verify_checksums:
-        # The official md5 sums only match the official files; user-supplied copies (and test
-        # fixtures in the same format) pass with the check off, after _vet_cifar_pickles.
-        class UncheckedCIFAR10(CIFAR10):
-            base_folder = CIFAR10.base_folder
+    root = dataset_root(config)
+    folder = root / CIFAR10.base_folder
+    batches = CIFAR10.train_list + CIFAR10.test_list
+    names = [name for name, _ in batches] + [CIFAR10.meta["filename"]]
+    # Only missing files trigger a download: a modified one is reported below, never silently replaced.
+    if config.download and not all((folder / name).exists() for name in names):
+        from torchvision.datasets.utils import download_and_extract_archive
 
-            def _check_integrity(self) -> bool:
-                return all((Path(self.root) / self.base_folder / name).is_file()
-                           for name, _ in self.train_list + self.test_list)
-
-            def _load_meta(self) -> None:
-                path = Path(self.root) / self.base_folder / self.meta["filename"]
-                if not path.is_file():
-                    raise RuntimeError("Dataset metadata file not found")
-                with path.open("rb") as handle:  # the data-only unpickler: no code can run from it
-                    self.classes = _DataOnlyUnpickler(handle, encoding="latin1").load()[self.meta["key"]]
-                self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
-
-        folder = Path(config.root) / CIFAR10.base_folder
-        if folder.is_dir():
-            _vet_cifar_pickles(folder)
-        factory = UncheckedCIFAR10
-    return _as_raw(*_torchvision(config, factory, channels_last=True), config)
+        try:  # the archive's md5 is checked before it is unpacked
+            download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        except (OSError, RuntimeError) as exc:
+            raise DataError(f"cifar10 download into {_where(config, root)} failed ({exc}); copy the files there "
+                            "instead") from None
+    if not folder.is_dir():
+        raise _missing(config, root, f"no folder {CIFAR10.base_folder}")
+    absent = [name for name in names if not (folder / name).exists()]
+    if absent:  # named all at once, before any file is read or checked
+        raise _missing(config, root, f"no file {', '.join(absent)} in {CIFAR10.base_folder}")
+    meta = _read_cifar_file(folder / CIFAR10.meta["filename"], CIFAR10.meta["md5"], config, root)
+    classes = meta.get(CIFAR10.meta["key"])
+    if not (isinstance(classes, list) and classes and all(isinstance(name, str) for name in classes)):
+        raise DataError(f"cifar10 file '{folder / CIFAR10.meta['filename']}' is corrupt: "
+                        f"'{CIFAR10.meta['key']}' is not a list of class names")
+    rows, labels = [], []
+    for name, md5 in batches:  # train batches, then the test batch: pooled like before
+        data, batch_labels = _cifar_batch(folder / name, md5, config, root)
+        rows.append(data)
+        labels.extend(batch_labels)
+    # torchvision's HWC images are reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1) of these rows;
+    # kdsec wants N×C×H×W, which is the reshape alone.
+    images = np.concatenate(rows).reshape(-1, 3, 32, 32)
+    return _as_raw(images, np.asarray(labels, dtype=np.int64), classes, config, root)
 
 
 @DATASETS.register("imagefolder")
@@ -156,18 +226,18 @@ def imagefolder(config: DataConfig) -> RawDataset:
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
 
-    root = Path(config.root)
+    root = dataset_root(config)
     if not root.is_dir():
-        raise _missing(config, "no such folder")
+        raise _missing(config, root, "no such folder")
     mode = "L" if config.channels == 1 else "RGB"
     transform = transforms.Compose([transforms.Resize((config.image_size, config.image_size)),
                                     transforms.PILToTensor()])
     try:
         dataset = ImageFolder(str(root))
     except FileNotFoundError as exc:
-        raise _missing(config, str(exc)) from None
+        raise _missing(config, root, str(exc)) from None
     if len(dataset.classes) < 2:
-        raise DataError(f"imagefolder under data.root='{config.root}' has {len(dataset.classes)} class folder(s); "
+        raise DataError(f"imagefolder under {_where(config, root)} has {len(dataset.classes)} class folder(s); "
                         "need at least 2")
     images, labels = [], []
     for path, label in dataset.samples:
@@ -176,7 +246,7 @@ def imagefolder(config: DataConfig) -> RawDataset:
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise DataError(f"image '{path}' is corrupt or not an image ({type(exc).__name__})") from None
         labels.append(label)
-    return _as_raw(np.stack(images), np.asarray(labels, dtype=np.int64), dataset.classes, config)
+    return _as_raw(np.stack(images), np.asarray(labels, dtype=np.int64), dataset.classes, config, root)
 
 
 def _open(path: str, mode: str):

@@ -1,4 +1,5 @@
-"""torchvision's real loaders, offline, on fixtures written in the real on-disk formats."""
+"""The file-based loaders, offline, on fixtures written in the real on-disk formats, and how
+data.root is read (~, $VARS, relative)."""
 
 import pickle
 
@@ -7,6 +8,7 @@ import pytest
 
 from kdsec.config import DataConfig
 from kdsec.data import prepare_data
+from kdsec.data.vision import dataset_root
 from kdsec.errors import DataError
 from tests.vision_fixtures import write_cifar10, write_imagefolder, write_mnist
 
@@ -27,9 +29,10 @@ def test_cifar10_pickled_batches_load_with_checksums_off(tmp_path):
     bundle = prepare_data(DataConfig(name="cifar10", root=str(tmp_path), verify_checksums=False))
     assert bundle.input_shape == (3, 32, 32) and sum(bundle.sizes().values()) == 260
     assert bundle.class_names[:2] == ["airplane", "automobile"]
-    # the official md5 sums do not match a fixture: with verification on, it is "corrupt", on one line
-    with pytest.raises(DataError, match="corrupt"):
+    # the official md5 sums do not match a fixture: with verification on, it is "modified", on one line
+    with pytest.raises(DataError, match="official CIFAR-10 checksum: it is modified") as error:
         prepare_data(DataConfig(name="cifar10", root=str(tmp_path)))
+    assert "\n" not in str(error.value)
 
 
 def test_max_samples_takes_a_stratified_subset(tmp_path):
@@ -67,6 +70,43 @@ def test_missing_data_is_one_line_naming_data_root(tmp_path, name):
         prepare_data(DataConfig(name=name, root=str(tmp_path / "nowhere")))
     message = str(error.value)
     assert "\n" not in message and "data.root" in message and str(tmp_path / "nowhere") in message
+
+
+@pytest.mark.parametrize("spelling", ["~/datasets", "$KDSEC_DATA/datasets", "${KDSEC_DATA}/datasets"])
+def test_a_home_or_variable_root_reads_the_folder_it_names(tmp_path, monkeypatch, spelling):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KDSEC_DATA", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # a literal '~' or '$KDSEC_DATA' folder would be looked for here
+    write_mnist(tmp_path / "datasets", train=100, test=50)
+    assert dataset_root(DataConfig(root=spelling)) == (tmp_path / "datasets").resolve()
+    bundle = prepare_data(DataConfig(name="mnist", root=spelling))
+    assert sum(bundle.sizes().values()) == 150
+
+
+def test_a_relative_root_resolves_against_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_imagefolder(tmp_path / "pets", per_class=10)
+    assert dataset_root(DataConfig(root="pets/../pets")) == (tmp_path / "pets").resolve()
+    bundle = prepare_data(DataConfig(name="imagefolder", root="pets", image_size=8, test_fraction=0.25,
+                                     holdout_fraction=0.25))
+    assert sum(bundle.sizes().values()) == 30
+
+
+@pytest.mark.parametrize("spelling", ["$KDSEC_UNSET_ROOT/data", "${KDSEC_UNSET_ROOT}/data"])
+def test_an_unset_variable_in_the_root_is_named(tmp_path, monkeypatch, spelling):
+    monkeypatch.delenv("KDSEC_UNSET_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "$KDSEC_UNSET_ROOT" / "data").mkdir(parents=True)  # never silently taken literally
+    with pytest.raises(DataError, match="environment variable 'KDSEC_UNSET_ROOT' is not set") as error:
+        prepare_data(DataConfig(name="imagefolder", root=spelling))
+    assert spelling in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_missing_home_root_shows_what_was_written_and_where_it_led(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(DataError) as error:
+        prepare_data(DataConfig(name="mnist", root="~/nowhere"))
+    assert f"data.root='~/nowhere' (= {(tmp_path / 'nowhere').resolve()})" in str(error.value)
 
 
 def test_truncated_idx_file_is_corrupt(tmp_path):
