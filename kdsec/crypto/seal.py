@@ -3,8 +3,14 @@
 TenSEAL's high-level vectors rescale after every product and expose no rotations. The HE
 engine needs both lazy rescaling (one rescale per neuron, not one per weight: ~4× fewer NTTs)
 and explicit rotations (the single-sample and encrypted-model layouts), so it drives SEAL
-directly. SEAL objects serialize only to files; ``dump``/``load`` go through a private temp
-folder (in memory where /dev/shm exists).
+directly. SEAL objects serialize only to files (the bindings have no stream or bytes API):
+``dump``/``load`` go through a private 0700 temp folder (in memory where /dev/shm exists), one
+fresh O_EXCL file per call, so threads never share a file.
+
+Loading is where untrusted bytes meet SEAL, so a bundle header is a strict typed model (exact
+keys, bounded counts and numbers) and every blob must be exactly one SEAL object whose inflated
+size fits what its role can hold: SEAL ignores bytes after an object, and a compressed object
+could otherwise make SEAL allocate what the stream claims (a 4 KiB blob, a 16-part ciphertext).
 
 Roles: ``KeyHolder`` owns the secret key; ``PublicContext`` is everything a host may hold
 (parameters, public key, relinearization and rotation keys) and is what travels.
@@ -16,12 +22,15 @@ import json
 import os
 import struct
 import tempfile
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import tenseal.sealapi as seal
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from kdsec.errors import ConfigError, IntegrityError
 
@@ -29,6 +38,20 @@ from kdsec.errors import ConfigError, IntegrityError
 MAX_MODULUS_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 BUNDLE_MAGIC = b"KDSECHE1"
 PUBLIC_ROLES = ["public_key", "relin_keys", "galois_keys"]
+MAX_HEADER_BYTES = 1 << 20
+MAX_BLOBS = 1 << 16
+MAX_ROTATIONS = 128  # a plan needs a few doubling ladders: ~2·log2(width) steps
+# SEAL's serialization header (verified against PublicKey/Ciphertext.save): magic 0xA15E, header
+# size 16, version major/minor, compression mode, reserved, then the whole object's size.
+SEAL_HEADER = struct.Struct("<HBBBBHQ")
+SEAL_MAGIC = 0xA15E
+COMPR_NONE, COMPR_ZSTD = 0, 2  # what SEAL saves; zlib (1) is refused: nothing of ours writes it
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_BLOCK_MAX = 128 * 1024  # a zstd block never inflates past this
+ZSTD_BLOCK_MIN = 4096  # each block counts at least this much, so a stream of empty blocks cannot cost CPU time
+# What a blob's zstd block headers may claim over its role's exact size: SEAL's own streams claim
+# at most 1.7× (rings 8192–32768, primes 25–60 bits); 3× + 1 MiB leaves room and caps a bomb.
+INFLATE_FACTOR, INFLATE_SLACK = 3, 1 << 20
 
 
 @dataclass(frozen=True)
@@ -53,6 +76,26 @@ class HEParams:
     def as_dict(self) -> dict:
         return {"poly_modulus_degree": self.poly_modulus_degree,
                 "coeff_mod_bit_sizes": list(self.coeff_mod_bit_sizes), "scale_bits": self.scale_bits}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> HEParams:
+        return cls(raw["poly_modulus_degree"], tuple(raw["coeff_mod_bit_sizes"]), raw["scale_bits"])
+
+    @property
+    def key_ciphertext_bytes(self) -> int:
+        """One key-level ciphertext in memory: two polynomials over every prime, 8 bytes a coefficient.
+        A public key is one; a relinearization or rotation key is one per data prime."""
+        return 2 * self.poly_modulus_degree * len(self.coeff_mod_bit_sizes) * 8
+
+    def resident_bytes(self, rotation_keys: int) -> int:
+        """Estimated memory a host holds for a context: the keys uncompressed (the public key twice:
+        the encryptor keeps a copy; one relinearization key) plus SEAL's per-level precomputed
+        tables, measured at 70–88 bytes per coefficient per prime per level (rings 8192–32768) and
+        counted as 96. Estimated vs measured RSS per open session: the test student (he_mlp 64→16→10)
+        15.0 vs 14.8 MiB batched, 73.5 vs 72.9 single; a deeper one (N=16384) 56 vs 51, 396 vs 385."""
+        primes = len(self.coeff_mod_bit_sizes)
+        keys = self.key_ciphertext_bytes * (2 + (primes - 1) * (1 + rotation_keys))
+        return keys + 96 * self.poly_modulus_degree * primes * (primes + 1) // 2
 
 
 def plan_params(depth: int, scale_bits: int, integer_bits: int, poly_modulus_degree: int | str = "auto",
@@ -85,40 +128,89 @@ def galois_element(step: int, n: int) -> int:
     return pow(3, exponent, 2 * n)
 
 
-class _Scratch:
-    """A private folder for SEAL's file-only serialization."""
-
-    def __init__(self) -> None:
-        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        self._dir = tempfile.TemporaryDirectory(prefix="kdsec-seal-", dir=base)
-        self.path = Path(self._dir.name) / "object"
-
-    def dump(self, obj) -> bytes:
-        obj.save(str(self.path))
-        try:
-            return self.path.read_bytes()
-        finally:
-            self.path.unlink(missing_ok=True)
-
-    def load(self, obj, context, blob: bytes, what: str):
-        self.path.write_bytes(blob)
-        try:
-            obj.load(context, str(self.path)) if context is not None else obj.load(str(self.path))
-        except (RuntimeError, ValueError) as exc:
-            raise IntegrityError(f"{what} is not a valid SEAL object for these parameters ({exc})") from None
-        finally:
-            self.path.unlink(missing_ok=True)
-        return obj
+# --- bundle headers, typed: anything else is refused before SEAL sees a byte -------------------
 
 
-_scratch: _Scratch | None = None
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
 
 
-def scratch() -> _Scratch:
-    global _scratch
-    if _scratch is None:
-        _scratch = _Scratch()
-    return _scratch
+BlobSize = Annotated[int, Field(ge=0, le=1 << 40)]
+Bits = Annotated[int, Field(ge=20, le=60)]  # SEAL's primes are at most 60 bits; below 20 none fit a ring
+Name = Annotated[str, StringConstraints(max_length=32)]
+Dimension = Annotated[int, Field(ge=1, le=1 << 20)]
+
+
+class _Bundle(_Strict):
+    sizes: list[BlobSize] = Field(max_length=MAX_BLOBS)
+
+
+class ParamsHeader(_Strict):
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: list[Bits] = Field(min_length=3, max_length=64)
+    scale_bits: Bits
+
+    @model_validator(mode="after")
+    def _secure_kdsec_chain(self) -> ParamsHeader:
+        ring, bits = self.poly_modulus_degree, self.coeff_mod_bit_sizes
+        if ring not in MAX_MODULUS_BITS:
+            raise ValueError(f"poly_modulus_degree must be one of {sorted(MAX_MODULUS_BITS)}")
+        if sum(bits) > MAX_MODULUS_BITS[ring]:
+            raise ValueError(f"{sum(bits)} modulus bits exceed the 128-bit security bound of "
+                             f"{MAX_MODULUS_BITS[ring]} for poly_modulus_degree {ring}")
+        # The chain plan_params lays out; rescaling snaps back to 2^scale_bits, so any other breaks evaluation.
+        if any(b != self.scale_bits for b in bits[1:-1]) or bits[0] < self.scale_bits:
+            raise ValueError("the middle primes must have scale_bits bits and the first at least as many")
+        return self
+
+
+class PublicContextHeader(_Bundle):
+    kind: Literal["public-context"]
+    params: ParamsHeader
+    roles: list[Name] = Field(max_length=8)
+    rotation_steps: list[int] = Field(max_length=MAX_ROTATIONS)
+
+    @model_validator(mode="after")
+    def _public_keys_only(self) -> PublicContextHeader:
+        if self.roles not in (PUBLIC_ROLES[:2], PUBLIC_ROLES):
+            raise ValueError(f"a kdsec public context holds a public key, relinearization keys and optionally "
+                             f"rotation keys, nothing else (got {self.roles}; a secret key is never accepted)")
+        if len(self.sizes) != len(self.roles):
+            raise ValueError(f"{len(self.roles)} roles but {len(self.sizes)} blobs")
+        if ("galois_keys" in self.roles) != bool(self.rotation_steps):
+            raise ValueError("rotation keys come with their rotation_steps, and only with them")
+        slots = self.params.poly_modulus_degree // 2
+        if any(not 0 < abs(step) < slots for step in self.rotation_steps):
+            raise ValueError(f"a rotation step is a nonzero slot offset under {slots} in magnitude")
+        return self
+
+
+class CiphertextsHeader(_Bundle):
+    kind: Literal["ciphertexts"]
+
+
+class EncryptedModelHeader(_Bundle):
+    kind: Literal["encrypted-model"]
+    structure: list[tuple[Literal["linear"], Dimension, Dimension] | tuple[Literal["square"]]] = Field(max_length=64)
+    block: Dimension
+    layout: list[Annotated[int, Field(ge=0, le=MAX_BLOBS)]] = Field(max_length=64)
+
+    @model_validator(mode="after")
+    def _layout_covers_the_blobs(self) -> EncryptedModelHeader:
+        if sum(self.layout) != len(self.sizes):
+            raise ValueError(f"the layout lists {sum(self.layout)} ciphertexts but the bundle has {len(self.sizes)}")
+        return self
+
+
+HEADERS: dict[str, type[_Bundle]] = {"public-context": PublicContextHeader, "ciphertexts": CiphertextsHeader,
+                                     "encrypted-model": EncryptedModelHeader}
+
+
+def _first_problem(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part)[:40] for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
 
 
 def pack(header: dict, blobs: list[bytes]) -> bytes:
@@ -127,34 +219,151 @@ def pack(header: dict, blobs: list[bytes]) -> bytes:
     return BUNDLE_MAGIC + struct.pack(">I", len(head)) + head + b"".join(blobs)
 
 
-def unpack(data: bytes, kind: str) -> tuple[dict, list[bytes]]:
-    if not data.startswith(BUNDLE_MAGIC) or len(data) < len(BUNDLE_MAGIC) + 4:
-        raise IntegrityError(f"not a kdsec HE {kind} (bad magic or truncated)")
-    (length,) = struct.unpack(">I", data[len(BUNDLE_MAGIC):len(BUNDLE_MAGIC) + 4])
+def read_header(data: bytes, kind: str) -> tuple[dict, int]:
+    """A bundle's header, validated by ``HEADERS[kind]`` (as plain JSON data), and where its blobs
+    start; the blob sizes add up to the rest of ``data`` exactly."""
     start = len(BUNDLE_MAGIC) + 4
+    if not data.startswith(BUNDLE_MAGIC) or len(data) < start:
+        raise IntegrityError(f"not a kdsec HE {kind} (bad magic or truncated)")
+    (length,) = struct.unpack(">I", data[len(BUNDLE_MAGIC):start])
+    if length > MAX_HEADER_BYTES or start + length > len(data):
+        raise IntegrityError(f"kdsec HE {kind}: header of {length} bytes is truncated or over {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(data[start:start + length])
-    except ValueError:
-        raise IntegrityError(f"kdsec HE {kind}: unreadable header") from None
-    if header.get("kind") != kind:
-        raise IntegrityError(f"expected a kdsec HE {kind}, got {header.get('kind')!r}")
-    offset, blobs = start + length, []
+        header = HEADERS[kind].model_validate_json(data[start:start + length])
+    except ValidationError as exc:
+        raise IntegrityError(f"kdsec HE {kind} header: {_first_problem(exc)}") from None
+    if start + length + sum(header.sizes) != len(data):
+        raise IntegrityError(f"kdsec HE {kind} is truncated or has trailing bytes")
+    return header.model_dump(mode="json"), start + length
+
+
+def unpack(data: bytes, kind: str) -> tuple[dict, list[bytes]]:
+    """The validated header and the blobs it sizes."""
+    header, offset = read_header(data, kind)
+    blobs = []
     for size in header["sizes"]:
         blobs.append(data[offset:offset + size])
         offset += size
-    if offset != len(data) or any(len(blob) != size for blob, size in zip(blobs, header["sizes"])):
-        raise IntegrityError(f"kdsec HE {kind} is truncated or has trailing bytes")
     return header, blobs
+
+
+# --- SEAL objects through private files --------------------------------------------------------
+
+
+def _zstd_inflated_bound(stream: memoryview, limit: int) -> int | None:
+    """An upper bound on what zstd frames inflate to, from their block headers alone (raw and RLE
+    blocks state their size, a compressed block yields at most 128 KiB); stops once over ``limit``.
+    None when the frames are malformed."""
+    total = at = 0
+    while at < len(stream) and total <= limit:
+        if at + 5 > len(stream) or stream[at:at + 4] != ZSTD_MAGIC:
+            return None
+        descriptor = stream[at + 4]
+        single_segment = descriptor >> 5 & 1
+        content_size_bytes = (single_segment, 2, 4, 8)[descriptor >> 6]
+        at += 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3] + content_size_bytes
+        last = 0
+        while not last and total <= limit:
+            if at + 3 > len(stream):
+                return None
+            block = int.from_bytes(stream[at:at + 3], "little")
+            last, kind, size = block & 1, block >> 1 & 3, block >> 3
+            if kind == 3:
+                return None
+            total += max(ZSTD_BLOCK_MIN, ZSTD_BLOCK_MAX if kind == 2 else size)
+            at += 3 + (1 if kind == 1 else size)
+        at += 4 * (descriptor >> 2 & 1)  # content checksum
+    return total if total > limit or at == len(stream) else None
+
+
+def _check_object(blob: bytes, what: str, exact_bytes: int) -> None:
+    """``blob`` is exactly one SEAL object that inflates to no more than its role can hold."""
+    if len(blob) < SEAL_HEADER.size:
+        raise IntegrityError(f"{what} is not a SEAL object ({len(blob)} bytes)")
+    magic, header_size, _, _, compression, _, size = SEAL_HEADER.unpack_from(blob)
+    if magic != SEAL_MAGIC or header_size != SEAL_HEADER.size:
+        raise IntegrityError(f"{what} is not a SEAL object (bad SEAL header)")
+    if size != len(blob):
+        raise IntegrityError(f"{what} is {len(blob)} bytes but its SEAL header says {size}: "
+                             "trailing or missing bytes are refused")
+    limit = INFLATE_FACTOR * exact_bytes + INFLATE_SLACK
+    members = memoryview(blob)[SEAL_HEADER.size:]
+    if compression == COMPR_NONE:
+        inflated: int | None = len(members)
+    elif compression == COMPR_ZSTD:
+        inflated = _zstd_inflated_bound(members, limit)
+    else:
+        raise IntegrityError(f"{what} uses SEAL compression mode {compression}; only none and zstd are accepted")
+    if inflated is None:
+        raise IntegrityError(f"{what} is not a SEAL object (malformed zstd stream)")
+    if inflated > limit:
+        raise IntegrityError(f"{what} would inflate past {limit} bytes, more than these parameters allow")
+
+
+class _Scratch:
+    """A private (0700) folder for SEAL's file-only serialization; each call gets its own file."""
+
+    def __init__(self) -> None:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self._dir = tempfile.TemporaryDirectory(prefix="kdsec-seal-", dir=base)
+
+    def _file(self) -> tuple[int, str]:
+        # mkstemp: a fresh random name opened O_CREAT|O_EXCL, mode 0600.
+        return tempfile.mkstemp(dir=self._dir.name)
+
+    def dump(self, obj) -> bytes:
+        descriptor, path = self._file()
+        os.close(descriptor)
+        try:
+            obj.save(path)
+            return Path(path).read_bytes()
+        finally:
+            os.unlink(path)
+
+    def load(self, obj, context, blob: bytes, what: str, exact_bytes: int):
+        """Load ``blob`` into ``obj`` once ``_check_object`` accepts it for a role of ``exact_bytes``."""
+        _check_object(blob, what, exact_bytes)
+        descriptor, path = self._file()
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(blob)
+            obj.load(context, path)
+        except (RuntimeError, ValueError) as exc:
+            raise IntegrityError(f"{what} is not a valid SEAL object for these parameters ({exc})") from None
+        finally:
+            os.unlink(path)
+        return obj
+
+
+_scratch: _Scratch | None = None
+_scratch_lock = threading.Lock()
+
+
+def scratch() -> _Scratch:
+    global _scratch
+    with _scratch_lock:
+        if _scratch is None:
+            _scratch = _Scratch()
+        return _scratch
 
 
 def _context(params: HEParams):
     parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
     parms.set_poly_modulus_degree(params.poly_modulus_degree)
-    parms.set_coeff_modulus(seal.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_mod_bit_sizes)))
+    try:
+        parms.set_coeff_modulus(seal.CoeffModulus.Create(params.poly_modulus_degree,
+                                                         list(params.coeff_mod_bit_sizes)))
+    except (RuntimeError, ValueError) as exc:  # e.g. too few primes of that size for the ring
+        raise ConfigError(f"SEAL cannot build the CKKS moduli {params.as_dict()}: {exc}") from None
     context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
     if not context.parameters_set():
         raise ConfigError(f"SEAL rejected the CKKS parameters {params.as_dict()}: {context.parameters_error_message()}")
     return context
+
+
+def _galois_elements(header: dict) -> set[int]:
+    ring = header["params"]["poly_modulus_degree"]
+    return {galois_element(step, ring) for step in header["rotation_steps"]}
 
 
 class PublicContext:
@@ -179,29 +388,49 @@ class PublicContext:
         return pack({"kind": "public-context", "params": self.params.as_dict(), "roles": roles,
                      "rotation_steps": list(self.rotation_steps)}, blobs)
 
+    @staticmethod
+    def declared(data: bytes) -> tuple[HEParams, int]:
+        """The parameters and rotation-key count a public context declares, validated, before any
+        SEAL work: what a host needs to decide whether it has room for it."""
+        header, _ = read_header(data, "public-context")
+        return HEParams.from_dict(header["params"]), len(_galois_elements(header))
+
     @classmethod
     def deserialize(cls, data: bytes) -> PublicContext:
+        """Accepts exactly a public key, relinearization keys and the declared rotation keys, each
+        blob one whole SEAL object: a secret key cannot ride along in a field, a role or a tail."""
         header, blobs = unpack(data, "public-context")
-        if header.get("roles") not in (PUBLIC_ROLES[:2], PUBLIC_ROLES) or len(blobs) != len(header["roles"]):
-            raise IntegrityError("a kdsec public context holds a public key, relinearization keys and optionally "
-                                 f"rotation keys, nothing else (got {header.get('roles')}; a secret key is never accepted)")
-        raw = header["params"]
-        params = HEParams(raw["poly_modulus_degree"], tuple(raw["coeff_mod_bit_sizes"]), raw["scale_bits"])
+        params = HEParams.from_dict(header["params"])
+        elements = _galois_elements(header)
         context = _context(params)
-        store = scratch()
-        public_key = store.load(seal.PublicKey(), context, blobs[0], "public key")
-        relin_keys = store.load(seal.RelinKeys(), context, blobs[1], "relinearization keys")
-        galois = store.load(seal.GaloisKeys(), context, blobs[2], "rotation keys") if len(blobs) == 3 else None
+        store, key = scratch(), params.key_ciphertext_bytes
+        data_primes = len(params.coeff_mod_bit_sizes) - 1
+        public_key = store.load(seal.PublicKey(), context, blobs[0], "public key", key)
+        relin_keys = store.load(seal.RelinKeys(), context, blobs[1], "relinearization keys", data_primes * key)
+        if relin_keys.size() != 1:
+            raise IntegrityError(f"expected one relinearization key, got {relin_keys.size()}")
+        galois = None
+        if elements:
+            galois = store.load(seal.GaloisKeys(), context, blobs[2], "rotation keys",
+                                len(elements) * data_primes * key)
+            if galois.size() != len(elements) or not all(galois.has_key(element) for element in elements):
+                raise IntegrityError(f"the rotation keys ({galois.size()}) do not match the declared "
+                                     f"rotation_steps ({len(elements)} distinct rotations)")
         return cls(params, public_key, relin_keys, galois, tuple(header["rotation_steps"]), context)
 
     def dump_ciphertexts(self, ciphertexts: list) -> bytes:
         store = scratch()
         return pack({"kind": "ciphertexts"}, [store.dump(ct) for ct in ciphertexts])
 
-    def load_ciphertexts(self, data: bytes) -> list:
+    def load_ciphertexts(self, data: bytes, expected: int | None = None) -> list:
+        """The ciphertexts of a bundle; with ``expected``, a bundle of another count is refused
+        before any is loaded."""
         store = scratch()
-        return [store.load(seal.Ciphertext(), self.context, blob, "ciphertext")
-                for blob in unpack(data, "ciphertexts")[1]]
+        blobs = unpack(data, "ciphertexts")[1]
+        if expected is not None and len(blobs) != expected:
+            raise IntegrityError(f"expected {expected} ciphertexts, got {len(blobs)}")
+        return [store.load(seal.Ciphertext(), self.context, blob, "ciphertext", self.params.key_ciphertext_bytes)
+                for blob in blobs]
 
     # -- arithmetic ---------------------------------------------------------------------------
     def encode(self, values, parms_id, scale: float | None = None):
