@@ -663,7 +663,7 @@ def encrypted_inference(model: nn.Module, inputs: np.ndarray, config: HEConfig,
     if package_dir is not None:
         files = {path.name: {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "bytes": path.stat().st_size}
                  for path in sorted(package_dir.glob("*.bin"))}
-        (package_dir / "he_package.json").write_text(json.dumps({
+        write_atomic(package_dir / "he_package.json", json.dumps({
             "structure": model_structure(ops), "grid": asdict(GridPlan.for_ops(ops)),
             "encrypted_model_rotation_steps": list(encrypted_model_steps(ops)),
             "runs": [{k: v for k, v in run.as_dict().items() if k in (
