@@ -179,7 +179,7 @@ class HEConfig(Section):
 class EncryptConfig(Section):
     key_env: str = "KDSEC_MODEL_KEY"  # the key-encryption key (KEK); wins over key_file
     key_file: str = ".kdsec/keys/model.key"
-    signing_key_env: str = "KDSEC_SIGNING_KEY"  # Ed25519 key that signs package manifests
+    signing_key_env: str = "KDSEC_SIGNING_KEY"  # ECDSA P-256 key (PEM) that signs manifests and model.sig
     signing_key_file: str = ".kdsec/keys/signing.pem"
     he: HEConfig = HEConfig()
 
