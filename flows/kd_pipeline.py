@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -12,6 +14,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Param
 from prefect import flow, get_run_logger
+from prefect import runtime as prefect_runtime
 
 from kdsec import registry, stages
 from kdsec.config import PipelineConfig, config_from_dict, load_config
@@ -49,12 +52,14 @@ def _teacher(config: PipelineConfig, bundle, cache_dir: Path) -> tuple[stages.Tr
     return teacher, "hit" if state.name == "Cached" else "miss"
 
 
-def _references(config: PipelineConfig, bundle) -> dict[str, list[str]]:
+def _references(config: PipelineConfig, bundle, cache: dict) -> dict[str, list[str]]:
     """K reference models per architecture, trained as parallel tasks (``audit.parallel_references``
-    at a time) and cached like the teacher: same data + architecture + training + code → same models."""
+    at a time) and cached like the teacher: same data + architecture + training + code → same models.
+    Counts cache hits into ``cache["references"]``."""
     jobs = [(group, index, stages.reference_checkpoint(config, bundle, group, index))
             for group in stages.reference_plan(config, bundle) for index in range(config.audit.reference_models)]
     references: dict[str, list[str]] = {}
+    hits = 0
     width = config.audit.parallel_references
     for start in range(0, len(jobs), width):
         wave = [(job, train_reference_task.submit(config, bundle, job[0], job[1], job[2]))
@@ -63,32 +68,41 @@ def _references(config: PipelineConfig, bundle) -> dict[str, list[str]]:
             path = future.result()
             if not Path(path).is_file():  # a cache entry whose file is gone: train again
                 path = train_reference_task.with_options(refresh_cache=True)(config, bundle, group, index, checkpoint)
+            else:
+                hits += future.state.name == "Cached"
             references.setdefault(group, []).append(path)
+    cache["references"] = {"hit": hits, "total": len(jobs)}
     return references
 
 
-def _signals(bundle, teacher: stages.TrainedModel, configs: list[PipelineConfig]) -> dict[str, str]:
+def _signals(bundle, teacher: stages.TrainedModel, configs: list[PipelineConfig], cache: dict) -> dict[str, str]:
     """One stored signal file per kind the students need (logits; a feature loss's target),
-    cached by Prefect across runs; recomputed when a cached file has gone missing."""
+    cached by Prefect across runs; recomputed when a cached file has gone missing. Counts cache
+    hits into ``cache["signals"]``."""
     signals: dict[str, str] = {}
+    hits = 0
     for member_config in configs:
         kind = signals_key(member_config.distill)
         if kind in signals:
             continue
         path = stages.teacher_signals_path(member_config, bundle, teacher)
-        stored = teacher_signals_task(member_config, bundle, teacher, path)
+        state = teacher_signals_task(member_config, bundle, teacher, path, return_state=True)
+        stored = state.result()
         if not Path(stored).is_file():
             stored = teacher_signals_task.with_options(refresh_cache=True)(member_config, bundle, teacher, path)
+        else:
+            hits += state.name == "Cached"
         signals[kind] = stored
+    cache["signals"] = {"hit": hits, "total": len(signals)}
     return signals
 
 
-def _distill(cfg: PipelineConfig, bundle, teacher: stages.TrainedModel, out_dir: Path, parent: str):
+def _distill(cfg: PipelineConfig, bundle, teacher: stages.TrainedModel, out_dir: Path, parent: str, cache: dict):
     """The distilled student: one, or the best member of the ``sweep`` grid by validation
     accuracy. Returns the config with the chosen settings, the student, the signal files and the
     sweep record (None without a sweep)."""
     members = sweep_grid(cfg)
-    signals = _signals(bundle, teacher, [member.apply(cfg) for member in members])
+    signals = _signals(bundle, teacher, [member.apply(cfg) for member in members], cache)
     if len(members) == 1:
         cfg = members[0].apply(cfg)
         return cfg, distill_task(cfg, bundle, teacher, out_dir / "kd_student.safetensors",
@@ -107,6 +121,30 @@ def _distill(cfg: PipelineConfig, bundle, teacher: stages.TrainedModel, out_dir:
     return best.member.apply(cfg), student, signals, record
 
 
+def _flow_run_ended(tags: dict[str, str]) -> str | None:
+    """Why a RUNNING MLflow run is over, judged by its Prefect flow run: a terminal state (e.g.
+    Crashed, as a worker reports a killed process), or, for a flow run on this host whose process
+    is gone, none yet — then it is marked Crashed here, so neither side stays RUNNING."""
+    flow_run_id = tags.get("kdsec.prefect_flow_run_id")
+    if not flow_run_id:
+        return None
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        try:
+            state = client.read_flow_run(flow_run_id).state
+        except ObjectNotFound:  # another (e.g. temporary) Prefect server's run
+            return None
+        if state is not None and state.is_final():
+            return f"its Prefect flow run {flow_run_id} is {state.name}"
+        if tags.get("kdsec.host") == socket.gethostname() and not registry.process_alive(tags.get("kdsec.pid", "")):
+            client.set_flow_run_state(flow_run_id, Crashed(message="the flow-run process was killed"), force=True)
+            return f"its process {tags.get('kdsec.pid')} is gone (Prefect flow run {flow_run_id} marked Crashed)"
+    return None
+
+
 @flow(name="kd-pipeline", log_prints=True)
 def kd_pipeline(config: dict | None = None, config_path: str | None = None,
                 overrides: list[str] | None = None) -> dict:
@@ -116,13 +154,22 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
     (as a deployment does).
     """
     cfg = config_from_dict(config) if config is not None else load_config(config_path, overrides or [])
+    logger = get_run_logger()
+    if workdir := os.environ.get("KDSEC_WORKDIR"):
+        # A deployed run reads its code and config where the worker checked them out (the pull
+        # step's directory) and keeps its state (outputs, cache, keys, a local store) here.
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        os.chdir(workdir)
+        logger.info("working directory %s (KDSEC_WORKDIR)", workdir)
     stages.preflight(cfg)
     digest = cfg.digest()  # of the config as given (a sweep later narrows it to the chosen member)
-    logger = get_run_logger()
     experiment_id = registry.configure(cfg.tracking.experiment)
+    for run_id in registry.close_abandoned_runs(experiment_id, _flow_run_ended):
+        logger.warning("closed MLflow run %s as FAILED: its process was killed before it finished", run_id)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     parent = registry.start_parent_run(experiment_id, f"kd-pipeline-{stamp}",
-                                       {"kdsec.config_digest": digest, "kdsec.dataset": cfg.data.name})
+                                       {"kdsec.config_digest": digest, "kdsec.dataset": cfg.data.name,
+                                        "kdsec.prefect_flow_run_id": str(prefect_runtime.flow_run.id or "")})
     out_dir = Path(cfg.tracking.output_dir) / f"{stamp}-{parent[:8]}"
     out_dir.mkdir(parents=True, exist_ok=True)
     client = MlflowClient()
@@ -138,9 +185,10 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
         track_data_task(parent, bundle, bundle.save(out_dir / "splits.npz"))
 
         teacher, cache = _teacher(cfg, bundle, Path(cfg.tracking.cache_dir))
+        caches = {"teacher": cache}
         logger.info("teacher (cache %s): test accuracy %.4f", cache, teacher.test_accuracy)
         track_model_task(parent, teacher, cache)
-        cfg, student, signals, sweep = _distill(cfg, bundle, teacher, out_dir, parent)
+        cfg, student, signals, sweep = _distill(cfg, bundle, teacher, out_dir, parent, caches)
         track_model_task(parent, student)
         # The scratch baseline has the chosen student's architecture.
         scratch = train_scratch_task(cfg, bundle, out_dir / "scratch_student.safetensors")
@@ -182,7 +230,10 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
                         run.ms_per_sample)
 
         audit_started = time.perf_counter()
-        references = _references(cfg, bundle)
+        references = _references(cfg, bundle, caches)
+        logger.info("cache: teacher %s, teacher signals %d/%d, reference models %d/%d reused", caches["teacher"],
+                    caches["signals"]["hit"], caches["signals"]["total"], caches["references"]["hit"],
+                    caches["references"]["total"])
         models = {model.role: model.load() for model in trained}
         models.update({f"variant:{v.name}": stages.load_variant(v) for v in variants if v.name != "dense"})
         # int8 variants have no gradients: FGSM examples are crafted on the float model they came from.
@@ -227,7 +278,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
 
         summary = build_summary(
             run_id=parent, config_digest=digest, code_version=stages.code_version("."), bundle=bundle,
-            models=trained, teacher_cache=cache, variants=variants, candidate=candidate,
+            models=trained, teacher_cache=cache, caches=caches, variants=variants, candidate=candidate,
             selection=cfg.compress.selection, at_rest=at_rest, he=he, audits=audits, verdicts=verdicts,
             registry=registration, output_dir=out_dir, audit_seconds=audit_seconds, extraction=extraction,
             sweep=sweep, distill={**cfg.distill.model_dump(mode="json"), "student": stages.arch_options(

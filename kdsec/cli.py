@@ -84,6 +84,11 @@ def _print_summary(summary: dict) -> None:
         f"{models['scratch_student']['test_accuracy']:.4f} · KD student {models['kd_student']['test_accuracy']:.4f}"
         f" · candidate [b]{summary['candidate']['variant']}[/] {summary['candidate']['test_accuracy']:.4f}"
         f" (teacher cache: {summary['teacher_cache']})")
+    cache = summary.get("cache", {})
+    if "references" in cache:
+        console.print(f"cache: teacher {cache['teacher']} · teacher signals {cache['signals']['hit']}/"
+                      f"{cache['signals']['total']} reused · reference models {cache['references']['hit']}/"
+                      f"{cache['references']['total']} reused")
     candidate_audit = summary["audit"]["candidate"]["membership"]
     console.print(f"audit: strongest membership attack on the candidate: {candidate_audit['attack']} "
                   f"(AUC {candidate_audit['auc']:.3f}, TPR {candidate_audit['tpr_at_low_fpr']:.3f} at "
@@ -105,7 +110,7 @@ def _print_summary(summary: dict) -> None:
     elif registry.get("awaiting_review"):
         console.print(f"[yellow]awaiting review[/]: every gate passed; {registry['model']} version "
                       f"{registry['version']} is '{registry['candidate_alias']}'. Approve with: kdsec review approve "
-                      f"{registry['version']} --reviewer NAME --comment TEXT")
+                      f"{registry['version']} --comment TEXT (as a reviewer: MLFLOW_TRACKING_USERNAME)")
     else:
         console.print(f"[red]not promoted[/]: gate(s) failed: {', '.join(summary['failed_gates'])}; "
                       f"'{registry['alias']}' stays at version {registry['previous_champion'] or 'none'} "
@@ -293,21 +298,22 @@ def _tracking(config: Optional[Path]):
 def review_command(
     decision: Annotated[str, typer.Argument(help="approve or reject")],
     version: Annotated[str, typer.Argument(help="model version number")],
-    reviewer: Annotated[str, typer.Option(help="who decides (recorded as a version tag)")],
-    comment: Annotated[str, typer.Option(help="why (recorded as a version tag)")] = "",
+    comment: Annotated[str, typer.Option(help="why (recorded on the version)")] = "",
     config: ConfigOption = None,
 ) -> None:
-    """Record a review decision on a version; approving a version that passed its gates makes it champion."""
+    """Record a review decision on a version as the identity the tracking server authenticates
+    (MLFLOW_TRACKING_USERNAME / PASSWORD); approving a version that passed its gates makes it champion."""
     from kdsec import registry
 
     try:
         tracking = _tracking(config)
-        result = registry.review(tracking.registered_model, version, decision, reviewer, comment, tracking.alias,
-                                 tracking.candidate_alias)
+        result = registry.review(tracking.registered_model, version, decision, comment, tracking.alias,
+                                 tracking.candidate_alias, tracking.four_eyes)
     except KdsecError as exc:
         raise _fail(str(exc)) from None
-    console.print(f"version {result['version']}: [b]{result['status']}[/] by {reviewer}; "
-                  f"'{tracking.alias}' is version {result['champion'] or 'none'}")
+    who = result["reviewer"] + ("" if result["authenticated"] else " (unauthenticated: local store)")
+    console.print(f"version {result['version']}: [b]{result['status']}[/] by {who}, audit.json "
+                  f"sha256 {result['audit_sha256'][:16]}…; '{tracking.alias}' is version {result['champion'] or 'none'}")
 
 
 @app.command("report")

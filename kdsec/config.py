@@ -232,6 +232,9 @@ class TrackingConfig(Section):
     # `kdsec review approve`, which moves `alias` (champion) to it.
     require_approval: bool = False
     candidate_alias: str = "candidate"
+    # Four-eyes: an authenticated reviewer may not approve a version whose run they launched
+    # (the team stack's MLflow server enforces the same rule itself).
+    four_eyes: bool = True
 
 
 class PipelineConfig(Section):

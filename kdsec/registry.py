@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -31,10 +35,85 @@ def configure(experiment: str) -> str:
     return mlflow.set_experiment(experiment).experiment_id
 
 
+# --- who is acting ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    authenticated: bool  # true when the tracking server vouched for it (MLflow basic-auth)
+
+
+def identity() -> Identity:
+    """Who the tracking server says we are (``GET /api/2.0/mlflow/users/current`` with the
+    credentials in ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``), or, against a store that
+    authenticates nobody, ``local:<login>`` marked unauthenticated."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")) and os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        from mlflow.utils.rest_utils import http_request
+
+        from mlflow.tracking._tracking_service.utils import _get_default_host_creds
+
+        try:
+            response = http_request(_get_default_host_creds(uri), "/api/2.0/mlflow/users/current", "GET",
+                                    max_retries=2, timeout=30)
+        except MlflowException as exc:
+            raise KdsecError(f"the tracking server at {uri} did not answer ({str(exc).splitlines()[0]})") from None
+        if response.status_code == 401:
+            raise KdsecError(f"the tracking server at {uri} refused the credentials in MLFLOW_TRACKING_USERNAME / "
+                             "MLFLOW_TRACKING_PASSWORD")
+        if response.status_code == 200:
+            return Identity(str(response.json()["user"]["username"]), True)
+    return Identity(f"local:{getpass.getuser()}", False)
+
+
+# --- runs --------------------------------------------------------------------------------------
+
+
 def start_parent_run(experiment_id: str, name: str, tags: dict[str, str]) -> str:
-    """Create the pipeline's parent run. It is not made the thread's active run, so stage runs
-    can nest under it from any worker thread."""
+    """Create the pipeline's parent run, tagged with where it runs (host, pid) so a run that was
+    killed can be recognized and closed later. It is not made the thread's active run, so
+    stage runs can nest under it from any worker thread."""
+    tags = {**tags, "kdsec.host": socket.gethostname(), "kdsec.pid": str(os.getpid())}
     return MlflowClient().create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+def running_parent_runs(experiment_id: str) -> list:
+    """The experiment's kd-pipeline parent runs still marked RUNNING."""
+    return MlflowClient().search_runs([experiment_id], "attributes.status = 'RUNNING' and tags.`kdsec.pid` != ''",
+                                      max_results=200)
+
+
+def close_abandoned_runs(experiment_id: str, ended: Callable[[dict[str, str]], str | None]) -> list[str]:
+    """Mark FAILED every RUNNING parent run whose process is gone: on this host, a pid that no
+    longer exists; elsewhere, whatever ``ended(tags)`` says (e.g. its Prefect flow run crashed).
+    Returns the ids closed. A killed run would otherwise stay RUNNING forever."""
+    closed = []
+    for run in running_parent_runs(experiment_id):
+        tags = run.data.tags
+        reason = ended(tags)
+        if reason is None and tags.get("kdsec.host") == socket.gethostname() and not process_alive(tags.get("kdsec.pid", "")):
+            reason = f"process {tags['kdsec.pid']} on {tags['kdsec.host']} is gone"
+        if reason:
+            client = MlflowClient()
+            client.set_tag(run.info.run_id, "kdsec.closed", f"abandoned: {reason}")
+            client.set_terminated(run.info.run_id, "FAILED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+def process_alive(pid: str) -> bool:
+    """Whether process ``pid`` (of this host) still runs; a zombie has exited."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")  # a zombie has exited: its run is over
+    return not (stat.is_file() and stat.read_text().split(") ", 1)[-1].startswith("Z"))
 
 
 def finish_run(run_id: str, succeeded: bool) -> None:
@@ -95,7 +174,8 @@ def champion_version(model_name: str, alias: str) -> str | None:
 
 def register_candidate(model_uri: str, model_name: str, verdicts: list[GateVerdict], run_id: str,
                        extra_tags: dict[str, str]) -> str:
-    """Register a new version carrying every gate's verdict as tags; return the version."""
+    """Register a new version carrying every gate's verdict and who launched it as tags (set at
+    creation, in one call: there is no half-tagged version); return the version."""
     client = MlflowClient()
     try:
         client.create_registered_model(model_name)
@@ -105,16 +185,39 @@ def register_candidate(model_uri: str, model_name: str, verdicts: list[GateVerdi
     tags = {f"gate.{verdict.name}": verdict.verdict for verdict in verdicts}
     tags.update({f"gate.{verdict.name}.warn": ",".join(verdict.warnings) for verdict in verdicts if verdict.warnings})
     tags["gates"] = "pass" if all_passed(verdicts) else "fail"
+    tags["kdsec.launched_by"] = identity().name
     tags.update(extra_tags)
     version = client.create_model_version(model_name, model_uri, run_id=run_id, tags=tags)
     return version.version
 
 
+def _started(model_name: str, version: str) -> int:
+    """When the pipeline run behind a version started (ms since the epoch)."""
+    return MlflowClient().get_run(version_pipeline_run(model_name, version)).info.start_time
+
+
+def _set_alias(model_name: str, alias: str, version: str) -> None:
+    try:
+        MlflowClient().set_registered_model_alias(model_name, alias, str(version))
+    except MlflowException as exc:
+        if exc.get_http_status_code() == 403:
+            raise KdsecError(f"the tracking server refused to move '{alias}' to version {version}: "
+                             f"{str(exc).splitlines()[0]}") from None
+        raise
+
+
 def promote(model_name: str, version: str, alias: str, verdicts: list[GateVerdict]) -> bool:
-    """Move ``alias`` to ``version`` only when every gate passed; otherwise leave it where it is."""
+    """Move ``alias`` to ``version`` only when every gate passed, and only if no run that started
+    later already holds it (two runs at once: the later passing run wins, whatever order they
+    finish in); otherwise leave it where it is."""
     if not all_passed(verdicts):
         return False
-    MlflowClient().set_registered_model_alias(model_name, alias, version)
+    current = champion_version(model_name, alias)
+    if current is not None and current != str(version) and _started(model_name, current) > _started(model_name, version):
+        MlflowClient().set_model_version_tag(model_name, str(version), "promotion",
+                                             f"not promoted: version {current} comes from a later run")
+        return False
+    _set_alias(model_name, alias, version)
     return True
 
 
@@ -132,33 +235,52 @@ def _version(model_name: str, version: str):
         raise KdsecError(f"model '{model_name}' has no version {version} in {tracking_uri()}") from None
 
 
-def review(model_name: str, version: str, decision: str, reviewer: str, comment: str, champion_alias: str,
-           candidate_alias: str) -> dict:
-    """Record a reviewer's decision as version tags; approval of a version that passed every gate
-    moves ``champion_alias`` to it. A rejected or approved version loses ``candidate_alias``."""
+def audit_digest(model_name: str, version: str) -> str:
+    """SHA-256 of the ``audit.json`` the version's pipeline run published: what a reviewer read."""
+    with tempfile.TemporaryDirectory() as scratch:
+        path = download_run_artifact(version_pipeline_run(model_name, version), "report/audit.json", Path(scratch))
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def review(model_name: str, version: str, decision: str, comment: str, champion_alias: str,
+           candidate_alias: str, four_eyes: bool = True) -> dict:
+    """Record a reviewer's decision on the version (who — the identity the tracking server
+    authenticated —, when, comment, and the digest of the ``audit.json`` reviewed); approval of a
+    version that passed every gate moves ``champion_alias`` to it. With ``four_eyes``, an
+    authenticated reviewer may not approve a version they launched. A decided version loses
+    ``candidate_alias``."""
     from datetime import datetime, timezone
 
     if decision not in ("approve", "reject"):
         raise KdsecError(f"decision must be 'approve' or 'reject', not '{decision}'")
-    if not reviewer.strip():
-        raise KdsecError("--reviewer must name who decided")
     details = _version(model_name, version)
     if decision == "approve" and details.tags.get("gates") != "pass":
         raise KdsecError(f"version {version} did not pass its gates (gates={details.tags.get('gates')}); "
                          "it cannot be approved into champion")
+    reviewer = identity()
+    launcher = details.tags.get("kdsec.launched_by")
+    if decision == "approve" and four_eyes and reviewer.authenticated and launcher == reviewer.name:
+        raise KdsecError(f"four-eyes: '{reviewer.name}' launched the run behind version {version} and cannot "
+                         "approve it; another reviewer must")
     client = MlflowClient()
     status = "approved" if decision == "approve" else "rejected"
-    for key, value in {"review.status": status, "review.reviewer": reviewer, "review.comment": comment,
-                       "review.time": datetime.now(timezone.utc).isoformat(timespec="seconds")}.items():
+    record = {"status": status, "reviewer": reviewer.name, "authenticated": str(reviewer.authenticated).lower(),
+              "comment": comment, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "audit_sha256": audit_digest(model_name, version)}
+    # The last ten decisions, comments cut short (a tag holds at most 5000 characters).
+    history = json.loads(details.tags.get("review.history", "[]"))[-9:] + [{**record, "comment": comment[:150]}]
+    for key, value in {**{f"review.{k}": v for k, v in record.items()}, "review.history": json.dumps(history)}.items():
         client.set_model_version_tag(model_name, str(version), key, value)
     if decision == "approve":
-        client.set_registered_model_alias(model_name, champion_alias, str(version))
+        _set_alias(model_name, champion_alias, version)
     try:
         if str(client.get_model_version_by_alias(model_name, candidate_alias).version) == str(version):
             client.delete_registered_model_alias(model_name, candidate_alias)
     except MlflowException:
         pass
-    return {"version": str(version), "status": status, "champion": champion_version(model_name, champion_alias)}
+    return {"version": str(version), "status": status, "reviewer": reviewer.name,
+            "authenticated": reviewer.authenticated, "audit_sha256": record["audit_sha256"],
+            "champion": champion_version(model_name, champion_alias)}
 
 
 def resolve_version(model_uri: str) -> tuple[str, str]:

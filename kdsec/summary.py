@@ -79,7 +79,7 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
                   candidate: VariantMetrics, selection: str, at_rest: AtRestResult, he: HEResult,
                   audits: list[ModelAudit], verdicts: list[GateVerdict], registry: dict,
                   output_dir: Path, audit_seconds: float = float("nan"), extraction: list = (),
-                  sweep: dict | None = None, distill: dict | None = None) -> dict:
+                  sweep: dict | None = None, distill: dict | None = None, caches: dict | None = None) -> dict:
     by_role = {model.role: model for model in models}
     failed = [verdict.name for verdict in verdicts if not verdict.passed]
     return {
@@ -98,6 +98,7 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
                                 "checkpoint": model.checkpoint,
                                 **({"privacy": model.privacy} if model.privacy else {})} for model in models},
         "teacher_cache": teacher_cache,
+        "cache": caches or {"teacher": teacher_cache},
         "distillation_gain": by_role["kd_student"].test_accuracy - by_role["scratch_student"].test_accuracy,
         "distillation": distill or {},
         "sweep": sweep,
