@@ -12,7 +12,8 @@ export MLFLOW_ENABLE_TELEMETRY := false
 # A first start of the temporary Prefect server (database migrations) can pass the 20 s default.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: run test bench bench-he bench-audit bench-compress sync uv clean mlflow-ui prefect-ui
+.PHONY: run test bench bench-he bench-audit bench-compress sync uv clean mlflow-ui prefect-ui \
+	stack-up stack-down stack-status stack-test
 
 uv:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -38,6 +39,20 @@ bench-compress: sync
 bench-audit: sync
 	$(UV) sync --frozen --quiet --group bench
 	$(UV) run --frozen --group bench python benchmarks/audit_toolkits.py
+
+# The team stack on loopback: PostgreSQL, Prefect server, MLflow server (basic-auth), a worker.
+stack-up: sync
+	$(UV) run --frozen python deployments/stack.py up
+
+stack-down: sync
+	$(UV) run --frozen python deployments/stack.py down
+
+stack-status: sync
+	$(UV) run --frozen python deployments/stack.py status
+
+# A team's day on its own stack (own folder and ports), stopped at the end even on failure.
+stack-test: sync
+	$(UV) run --frozen pytest -m stack tests/stack -p no:cacheprovider -s $(ARGS)
 
 mlflow-ui: sync
 	$(UV) run --frozen mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

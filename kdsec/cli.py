@@ -62,7 +62,7 @@ def run(
     except Exception as exc:  # noqa: BLE001 - the last line a user sees must say what broke
         raise _fail(f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
     _print_summary(summary)
-    passed = summary["promoted"] or summary["registry"].get("awaiting_review")
+    passed = summary["promoted"] or summary["registry"].get("awaiting_review") or summary["registry"].get("superseded_by")
     raise typer.Exit(EXIT_PROMOTED if passed else EXIT_GATE_FAILED)
 
 
@@ -107,6 +107,10 @@ def _print_summary(summary: dict) -> None:
     if summary["promoted"]:
         console.print(f"[green]promoted[/]: {registry['model']} version {registry['version']} is now "
                       f"'{registry['alias']}'")
+    elif registry.get("superseded_by"):
+        console.print(f"[yellow]passed, not promoted[/]: version {registry['superseded_by']} of {registry['model']}, "
+                      f"from a run that started later, already holds the alias (this run is version "
+                      f"{registry['version']})")
     elif registry.get("awaiting_review"):
         console.print(f"[yellow]awaiting review[/]: every gate passed; {registry['model']} version "
                       f"{registry['version']} is '{registry['candidate_alias']}'. Approve with: kdsec review approve "

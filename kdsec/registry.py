@@ -50,13 +50,12 @@ def identity() -> Identity:
     authenticates nobody, ``local:<login>`` marked unauthenticated."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")) and os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        from mlflow.utils.credentials import get_default_host_creds
         from mlflow.utils.rest_utils import http_request
 
-        from mlflow.tracking._tracking_service.utils import _get_default_host_creds
-
         try:
-            response = http_request(_get_default_host_creds(uri), "/api/2.0/mlflow/users/current", "GET",
-                                    max_retries=2, timeout=30)
+            response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/users/current", "GET",
+                                    max_retries=2, timeout=30, raise_on_status=False)
         except MlflowException as exc:
             raise KdsecError(f"the tracking server at {uri} did not answer ({str(exc).splitlines()[0]})") from None
         if response.status_code == 401:
@@ -206,16 +205,21 @@ def _set_alias(model_name: str, alias: str, version: str) -> None:
         raise
 
 
-def promote(model_name: str, version: str, alias: str, verdicts: list[GateVerdict]) -> bool:
-    """Move ``alias`` to ``version`` only when every gate passed, and only if no run that started
-    later already holds it (two runs at once: the later passing run wins, whatever order they
-    finish in); otherwise leave it where it is."""
-    if not all_passed(verdicts):
-        return False
+def later_run_holds(model_name: str, alias: str, version: str) -> str | None:
+    """The version holding ``alias`` if its pipeline run started after ``version``'s: with two
+    runs at once the later passing run wins, whatever order they finish in. The passed-over
+    version is tagged ``promotion`` to say why."""
     current = champion_version(model_name, alias)
-    if current is not None and current != str(version) and _started(model_name, current) > _started(model_name, version):
-        MlflowClient().set_model_version_tag(model_name, str(version), "promotion",
-                                             f"not promoted: version {current} comes from a later run")
+    if current is None or current == str(version) or _started(model_name, current) <= _started(model_name, version):
+        return None
+    MlflowClient().set_model_version_tag(model_name, str(version), "promotion",
+                                         f"'{alias}' not moved: version {current} comes from a later run")
+    return current
+
+
+def promote(model_name: str, version: str, alias: str, verdicts: list[GateVerdict]) -> bool:
+    """Move ``alias`` to ``version`` only when every gate passed; otherwise leave it where it is."""
+    if not all_passed(verdicts):
         return False
     _set_alias(model_name, alias, version)
     return True

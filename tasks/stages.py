@@ -210,16 +210,20 @@ def register_task(config: PipelineConfig, parent_run_id: str, bundle: DataBundle
                                                bundle.input_scale, bundle.class_names, bundle.normalization)
         version = registry.register_candidate(model_uri, tracking.registered_model, verdicts,
                                               run.info.run_id, extra_tags)
-    awaiting_review = tracking.require_approval and all(verdict.passed for verdict in verdicts)
+    passed = all(verdict.passed for verdict in verdicts)
+    target = tracking.candidate_alias if tracking.require_approval else tracking.alias
+    superseded_by = registry.later_run_holds(tracking.registered_model, target, version) if passed else None
+    awaiting_review = passed and tracking.require_approval and superseded_by is None
+    promoted = False
     if awaiting_review:
         registry.mark_candidate(tracking.registered_model, version, tracking.candidate_alias)
-        promoted = False
-    else:
+    elif superseded_by is None:
         promoted = registry.promote(tracking.registered_model, version, tracking.alias, verdicts)
     return {"model": tracking.registered_model, "version": version, "model_uri": model_uri,
             "alias": tracking.alias, "promoted": promoted, "awaiting_review": awaiting_review,
             "candidate_alias": tracking.candidate_alias if awaiting_review else None,
-            "previous_champion": previous, "champion": version if promoted else previous}
+            "superseded_by": superseded_by, "previous_champion": previous,
+            "champion": version if promoted else previous}
 
 
 @task(name="publish-report", cache_policy=NO_CACHE, **IO_RETRIES)
