@@ -186,7 +186,9 @@ def register_candidate(model_uri: str, model_name: str, verdicts: list[GateVerdi
     tags["gates"] = "pass" if all_passed(verdicts) else "fail"
     tags["kdsec.launched_by"] = identity().name
     tags.update(extra_tags)
-    version = client.create_model_version(model_name, model_uri, run_id=run_id, tags=tags)
+    # A tracking server accepts a ``models:/<id>`` source only together with that logged model's id.
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
+    version = client.create_model_version(model_name, model_uri, run_id=run_id, tags=tags, model_id=model_id)
     return version.version
 
 

@@ -264,9 +264,10 @@ def test_only_authenticated_reviewers_move_champion_and_never_their_own_run(team
     with _as(stack, secret, "reviewer-b"):
         client = _client(stack, config)
         with pytest.raises(MlflowException, match="may only name the caller"):
-            client.create_model_version(model, version.source, run_id=version.run_id,
+            client.create_model_version(model, version.source, run_id=version.run_id, model_id=version.model_id,
                                         tags={"gates": "pass", "kdsec.launched_by": "reviewer-a"})
         own = client.create_model_version(model, version.source, run_id=version.run_id,
+                                          model_id=version.model_id,
                                           tags={"gates": "pass", "kdsec.launched_by": "reviewer-b"})
         with pytest.raises(MlflowException, match="four-eyes"):
             client.set_registered_model_alias(model, "champion", own.version)
