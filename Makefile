@@ -12,7 +12,7 @@ export MLFLOW_ENABLE_TELEMETRY := false
 # A first start of the temporary Prefect server (database migrations) can pass the 20 s default.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: run test bench bench-he bench-audit bench-compress sync uv clean mlflow-ui prefect-ui \
+.PHONY: run test bench bench-gates bench-he bench-audit bench-compress sync uv clean mlflow-ui prefect-ui \
 	stack-up stack-down stack-status stack-test
 
 uv:
@@ -29,6 +29,9 @@ test: sync
 
 bench: sync
 	$(UV) run --frozen python benchmarks/run_pipeline.py
+
+bench-gates: sync
+	$(UV) run --frozen python benchmarks/gate_defaults.py
 
 bench-he: sync
 	$(UV) run --frozen python benchmarks/he_inference.py

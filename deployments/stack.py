@@ -370,15 +370,16 @@ def _exists(exc: Exception) -> bool:
     return "RESOURCE_ALREADY_EXISTS" in str(getattr(exc, "error_code", "")) or "already exists" in str(exc)
 
 
-def provision(config: dict[str, str], secret: dict[str, str]) -> None:
+def provision(config: dict[str, str], secret: dict[str, str], mlflow_url: str | None = None) -> None:
     """Users, the experiment, the registered model and permissions (idempotent): the pipeline
     user may run experiments and register versions; reviewers (a role) may also move aliases,
-    and kdsec.mlflow_auth lets only them move ``champion``."""
+    and kdsec.mlflow_auth lets only them move ``champion``. ``mlflow_url``: the server when it is
+    not this stack's loopback one (docker/compose.yaml's http://mlflow:5000)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.server.auth.client import AuthServiceClient
 
-    uri = urls(config)["mlflow"]
+    uri = mlflow_url or urls(config)["mlflow"]
     with acting_as("admin", secret["MLFLOW_AUTH_ADMIN_PASSWORD"]):
         auth, client = AuthServiceClient(uri), MlflowClient(uri)
         for user in users(config):

@@ -348,12 +348,14 @@ def report_command(
                   f"  {paths['audit']}")
     if rows:
         table = Table(title=f"{name}: v{first} vs v{number(compare)}", title_justify="left")
-        for column in ("metric", f"v{first}", f"v{number(compare)}"):
+        for column in ("metric", f"v{first}", f"v{number(compare)}", "change"):
             table.add_column(column, justify="left" if column == "metric" else "right")
         for label, left, right in rows:
             cell = (lambda v: "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)))
             style = "" if left == right else "[yellow]"
-            table.add_row(label, f"{style}{cell(left)}", f"{style}{cell(right)}")
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (left, right))
+            change = "" if left == right else (f"{left - right:+.4g}" if numeric else "changed")
+            table.add_row(label, f"{style}{cell(left)}", f"{style}{cell(right)}", f"{style}{change}")
         console.print(table)
     if open_browser:
         import webbrowser

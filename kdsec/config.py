@@ -206,10 +206,15 @@ class GatesConfig(Section):
     # Warn levels: past them the gate still passes but the report and the version tags say "warn".
     warn_auc: Annotated[float, Field(ge=0.0, le=1.0)] = 0.55
     warn_tpr: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
-    # Extraction (fidelity of a knockoff copy of the served top-1 interface) and calibration gates.
-    max_extraction_fidelity: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    # Extraction (fidelity of a knockoff copy of the served top-1 interface) and calibration gates,
+    # set from benchmarks/gate_defaults.py (digits, 5 seeds): the default candidate's fidelity is
+    # 0.919–0.967 and its ECE 0.022–0.023; a constant-answer model is copied at fidelity 1.000,
+    # over-confident students (overfit, logits × 10) have ECE 0.17–0.24 and the KD student with
+    # logits ÷ 3 or ÷ 10 has 0.22 or 0.68. Top-1 fidelity on a learnable task stays high for any
+    # accurate model, so this gate fails only copies that are essentially perfect.
+    max_extraction_fidelity: Annotated[float, Field(ge=0.0, le=1.0)] = 0.99
     warn_extraction_fidelity: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
-    max_ece: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    max_ece: Annotated[float, Field(ge=0.0, le=1.0)] = 0.10
     warn_ece: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
 
     @model_validator(mode="after")

@@ -81,3 +81,30 @@ def test_warn_above_fail_is_a_config_error():
     from kdsec.errors import ConfigError
     with pytest.raises(ConfigError, match="warn_auc"):
         config_from_dict({"gates": {"warn_auc": 0.7, "max_auc": 0.6}})
+
+
+# From benchmarks/gate_defaults.py on digits: a constant-answer model is copied at fidelity 1.0;
+# ECE of students overfit to 20 images (logits × 10) and of the KD student with logits ÷ 3, ÷ 10.
+TRIVIALLY_EXTRACTABLE = 1.0
+BADLY_CALIBRATED = (0.2395, 0.2168, 0.6833)
+# The default config's candidate over 5 seeds: the highest fidelity (seed 0) and ECE seen, and the means.
+MEASURED_DEFAULTS = ({"candidate.extraction_fidelity_top1": 0.9667, "candidate.ece": 0.0234},
+                     {"candidate.extraction_fidelity_top1": 0.9372, "candidate.ece": 0.0225})
+
+
+def test_trivially_extractable_or_badly_calibrated_fails_under_the_defaults():
+    extractable = evaluate_gates({**GOOD, "candidate.extraction_fidelity_top1": TRIVIALLY_EXTRACTABLE}, GatesConfig())
+    assert [v.name for v in extractable if not v.passed] == ["extraction"]
+    for ece in BADLY_CALIBRATED:
+        verdicts = evaluate_gates({**GOOD, "candidate.ece": ece}, GatesConfig())
+        assert [v.name for v in verdicts if not v.passed] == ["calibration"]
+
+
+def test_measured_default_candidate_passes_the_defaults():
+    for measured in MEASURED_DEFAULTS:
+        assert all_passed(evaluate_gates({**GOOD, **measured}, GatesConfig()))
+
+
+def test_default_yaml_gates_are_the_class_defaults():
+    from kdsec.config import load_config
+    assert load_config(None, []).gates == GatesConfig()

@@ -24,10 +24,11 @@ def test_cifar10_config_runs_on_a_fixture(tmp_path, monkeypatch):
                  "teacher.train.epochs=8", "student.hidden=[32]", "student.train.epochs=25",
                  "compress.finetune_epochs=3", "compress.structured_finetune_epochs=3", "compress.latency_repeats=3", "audit.reference_models=2",
                  "audit.bootstrap=20", "audit.extraction_queries=150", "encrypt.he.max_samples=32",
-                 "encrypt.he.latency_samples=1"]
+                 "encrypt.he.latency_samples=1", "gates.max_ece=0.4"]  # 25 epochs: under-confident (ECE ~0.18)
     with prefect_test_harness(server_startup_timeout=120):
         summary = kd_pipeline(config_path=str(CIFAR_CONFIG), overrides=overrides)
     assert summary["data"]["name"] == "cifar10" and summary["data"]["input_shape"] == [3, 32, 32]
+    assert summary["verdict"] == "pass", summary["failed_gates"]
     assert sum(summary["data"]["splits"].values()) == 700
     assert summary["models"]["teacher"]["test_accuracy"] > 0.5  # tinted digits: learnable, like real data
     names = [variant["name"] for variant in summary["variants"]]
