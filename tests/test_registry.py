@@ -1,0 +1,58 @@
+"""The registry's team rules on a real (SQLite) MLflow store: abandoned runs are closed, the later
+run wins an alias, and a local store records who acted as unauthenticated."""
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from kdsec import registry
+
+
+@pytest.fixture
+def store(workdir):
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    return MlflowClient(), MlflowClient().create_experiment("kdsec")
+
+
+def test_a_running_run_whose_process_is_gone_is_closed_and_a_live_one_is_not(store):
+    client, experiment = store
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = registry.start_parent_run(experiment, "killed", {})
+    client.set_tag(killed, "kdsec.pid", gone.stdout.strip())  # a process that has exited
+    alive = registry.start_parent_run(experiment, "alive", {})  # this process
+    elsewhere = registry.start_parent_run(experiment, "elsewhere", {"kdsec.prefect_flow_run_id": "abc"})
+    client.set_tag(elsewhere, "kdsec.host", "another-host")
+
+    closed = registry.close_abandoned_runs(experiment, lambda tags: None)
+    assert closed == [killed]
+    assert client.get_run(killed).info.status == "FAILED"
+    assert "is gone" in client.get_run(killed).data.tags["kdsec.closed"]
+    assert client.get_run(alive).info.status == "RUNNING" and client.get_run(elsewhere).info.status == "RUNNING"
+    # Another host's run is closed only on the orchestrator's word (e.g. its flow run crashed).
+    closed = registry.close_abandoned_runs(experiment, lambda tags: "flow run Crashed" if tags.get(
+        "kdsec.prefect_flow_run_id") == "abc" else None)
+    assert closed == [elsewhere] and "Crashed" in client.get_run(elsewhere).data.tags["kdsec.closed"]
+
+
+def test_the_later_started_run_keeps_the_alias_whatever_order_they_finish_in(store):
+    client, experiment = store
+    client.create_registered_model("m")
+    early = client.create_run(experiment, start_time=1_000).info.run_id
+    late = client.create_run(experiment, start_time=2_000).info.run_id
+    v_late = client.create_model_version("m", f"runs:/{late}/model", run_id=late).version
+    v_early = client.create_model_version("m", f"runs:/{early}/model", run_id=early).version
+    client.set_registered_model_alias("m", "champion", v_late)  # the later run finished first
+    assert registry.later_run_holds("m", "champion", v_early) == str(v_late)
+    assert "comes from a later run" in client.get_model_version("m", v_early).tags["promotion"]
+    assert registry.later_run_holds("m", "champion", v_late) is None
+    client.set_registered_model_alias("m", "champion", v_early)
+    assert registry.later_run_holds("m", "champion", v_late) is None  # the later run may take it over
+
+
+def test_a_local_store_authenticates_nobody(store, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    who = registry.identity()
+    assert who.name.startswith("local:") and not who.authenticated
