@@ -230,9 +230,11 @@ def test_a_run_killed_mid_audit_is_closed_and_the_rerun_survives_an_mlflow_outag
     assert cache["references"]["hit"] == cache["references"]["total"] > 0
     assert summary["verdict"] == "pass" and summary["registry"]["awaiting_review"]
     with _as(stack, secret, "admin"):
-        versions = _client(stack, config).search_model_versions(f"name='{config['KDSEC_REGISTERED_MODEL']}'")
-    assert [v.tags["kdsec.launched_by"] for v in versions] == ["kdsec-pipeline"]  # the killed run registered nothing
-    assert "champion" not in versions[0].aliases and "candidate" in versions[0].aliases
+        client = _client(stack, config)
+        versions = client.search_model_versions(f"name='{config['KDSEC_REGISTERED_MODEL']}'")
+        assert [v.tags["kdsec.launched_by"] for v in versions] == ["kdsec-pipeline"]  # the killed run registered none
+        aliases = client.get_model_version(config["KDSEC_REGISTERED_MODEL"], versions[0].version).aliases
+    assert aliases == ["candidate"]
 
 
 def test_only_authenticated_reviewers_move_champion_and_never_their_own_run(team, tmp_path):
@@ -261,13 +263,13 @@ def test_only_authenticated_reviewers_move_champion_and_never_their_own_run(team
     assert tags["review.audit_sha256"] == hashlib.sha256(Path(audit).read_bytes()).hexdigest()
 
     # Four-eyes: a version reviewer-b launched cannot be approved by reviewer-b, in kdsec or on the server.
+    logged_model = version.source.removeprefix("models:/")
     with _as(stack, secret, "reviewer-b"):
         client = _client(stack, config)
         with pytest.raises(MlflowException, match="may only name the caller"):
-            client.create_model_version(model, version.source, run_id=version.run_id, model_id=version.model_id,
+            client.create_model_version(model, version.source, run_id=version.run_id, model_id=logged_model,
                                         tags={"gates": "pass", "kdsec.launched_by": "reviewer-a"})
-        own = client.create_model_version(model, version.source, run_id=version.run_id,
-                                          model_id=version.model_id,
+        own = client.create_model_version(model, version.source, run_id=version.run_id, model_id=logged_model,
                                           tags={"gates": "pass", "kdsec.launched_by": "reviewer-b"})
         with pytest.raises(MlflowException, match="four-eyes"):
             client.set_registered_model_alias(model, "champion", own.version)
