@@ -9,6 +9,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
+from typing import Any
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from kdsec.errors import KdsecError
 from kdsec.gates import GateVerdict, all_passed
 
 PACKAGE_DIR = Path(kdsec.__file__).resolve().parent
+RUN_STARTED = "kdsec.run_started"  # version tag: when its pipeline run started (ms), to order concurrent runs
 
 
 def tracking_uri() -> str:
@@ -185,16 +187,12 @@ def register_candidate(model_uri: str, model_name: str, verdicts: list[GateVerdi
     tags.update({f"gate.{verdict.name}.warn": ",".join(verdict.warnings) for verdict in verdicts if verdict.warnings})
     tags["gates"] = "pass" if all_passed(verdicts) else "fail"
     tags["kdsec.launched_by"] = identity().name
+    tags[RUN_STARTED] = str(MlflowClient().get_run(_pipeline_run(run_id)).info.start_time)
     tags.update(extra_tags)
     # A tracking server accepts a ``models:/<id>`` source only together with that logged model's id.
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
     version = client.create_model_version(model_name, model_uri, run_id=run_id, tags=tags, model_id=model_id)
     return version.version
-
-
-def _started(model_name: str, version: str) -> int:
-    """When the pipeline run behind a version started (ms since the epoch)."""
-    return MlflowClient().get_run(version_pipeline_run(model_name, version)).info.start_time
 
 
 def _set_alias(model_name: str, alias: str, version: str) -> None:
@@ -207,31 +205,36 @@ def _set_alias(model_name: str, alias: str, version: str) -> None:
         raise
 
 
-def later_run_holds(model_name: str, alias: str, version: str) -> str | None:
-    """The version holding ``alias`` if its pipeline run started after ``version``'s: with two
-    runs at once the later passing run wins, whatever order they finish in. The passed-over
-    version is tagged ``promotion`` to say why."""
-    current = champion_version(model_name, alias)
-    if current is None or current == str(version) or _started(model_name, current) <= _started(model_name, version):
-        return None
-    MlflowClient().set_model_version_tag(model_name, str(version), "promotion",
-                                         f"'{alias}' not moved: version {current} comes from a later run")
-    return current
-
-
-def promote(model_name: str, version: str, alias: str, verdicts: list[GateVerdict]) -> bool:
-    """Move ``alias`` to ``version`` only when every gate passed; otherwise leave it where it is."""
-    if not all_passed(verdicts):
-        return False
-    _set_alias(model_name, alias, version)
-    return True
-
-
-def mark_candidate(model_name: str, version: str, candidate_alias: str) -> None:
-    """Gates passed but promotion waits for a reviewer: alias ``candidate_alias``, review pending."""
+def settle_alias(model_name: str, alias: str, eligible: Callable[[Any], bool]) -> str | None:
+    """Point ``alias`` at the eligible version whose pipeline run started last, and return it.
+    Every run calls this after registering its own version, so with runs at once the later-started
+    passing run wins whatever order they finish in, and no check-then-set race can leave the
+    alias on an earlier run: the last call sees every registered version."""
     client = MlflowClient()
-    client.set_registered_model_alias(model_name, candidate_alias, version)
-    client.set_model_version_tag(model_name, version, "review.status", "pending")
+    versions = [v for v in client.search_model_versions(f"name='{model_name}'") if eligible(v)]
+    if not versions:
+        return None
+    best = max(versions, key=lambda v: (int(v.tags.get(RUN_STARTED, "0") or 0), int(v.version)))
+    if champion_version(model_name, alias) != str(best.version):
+        _set_alias(model_name, alias, best.version)
+    return str(best.version)
+
+
+def note_superseded(model_name: str, version: str, holder: str) -> None:
+    MlflowClient().set_model_version_tag(model_name, str(version), "promotion",
+                                         f"passed, not promoted: version {holder} comes from a run that started later")
+
+
+def mark_candidate(model_name: str, version: str, candidate_alias: str) -> str | None:
+    """Gates passed but promotion waits for a reviewer: review pending, and ``candidate_alias``
+    on the latest-started pending version (see ``settle_alias``), which is returned."""
+    MlflowClient().set_model_version_tag(model_name, version, "review.status", "pending")
+    return settle_alias(model_name, candidate_alias,
+                        lambda v: v.tags.get("gates") == "pass" and v.tags.get("review.status") == "pending")
+
+
+def _pipeline_run(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).data.tags.get("mlflow.parentRunId", run_id)
 
 
 def _version(model_name: str, version: str):

@@ -211,14 +211,17 @@ def register_task(config: PipelineConfig, parent_run_id: str, bundle: DataBundle
         version = registry.register_candidate(model_uri, tracking.registered_model, verdicts,
                                               run.info.run_id, extra_tags)
     passed = all(verdict.passed for verdict in verdicts)
-    target = tracking.candidate_alias if tracking.require_approval else tracking.alias
-    superseded_by = registry.later_run_holds(tracking.registered_model, target, version) if passed else None
+    holder = None
+    if passed and tracking.require_approval:
+        holder = registry.mark_candidate(tracking.registered_model, version, tracking.candidate_alias)
+    elif passed:
+        holder = registry.settle_alias(tracking.registered_model, tracking.alias,
+                                       lambda v: v.tags.get("gates") == "pass")
+    superseded_by = holder if holder not in (None, str(version)) else None
+    if superseded_by:
+        registry.note_superseded(tracking.registered_model, version, superseded_by)
     awaiting_review = passed and tracking.require_approval and superseded_by is None
-    promoted = False
-    if awaiting_review:
-        registry.mark_candidate(tracking.registered_model, version, tracking.candidate_alias)
-    elif superseded_by is None:
-        promoted = registry.promote(tracking.registered_model, version, tracking.alias, verdicts)
+    promoted = passed and not tracking.require_approval and superseded_by is None
     return {"model": tracking.registered_model, "version": version, "model_uri": model_uri,
             "alias": tracking.alias, "promoted": promoted, "awaiting_review": awaiting_review,
             "candidate_alias": tracking.candidate_alias if awaiting_review else None,

@@ -42,14 +42,19 @@ def test_the_later_started_run_keeps_the_alias_whatever_order_they_finish_in(sto
     client.create_registered_model("m")
     early = client.create_run(experiment, start_time=1_000).info.run_id
     late = client.create_run(experiment, start_time=2_000).info.run_id
-    v_late = client.create_model_version("m", f"runs:/{late}/model", run_id=late).version
-    v_early = client.create_model_version("m", f"runs:/{early}/model", run_id=early).version
-    client.set_registered_model_alias("m", "champion", v_late)  # the later run finished first
-    assert registry.later_run_holds("m", "champion", v_early) == str(v_late)
-    assert "comes from a later run" in client.get_model_version("m", v_early).tags["promotion"]
-    assert registry.later_run_holds("m", "champion", v_late) is None
-    client.set_registered_model_alias("m", "champion", v_early)
-    assert registry.later_run_holds("m", "champion", v_late) is None  # the later run may take it over
+    passing = lambda v: v.tags.get("gates") == "pass"  # noqa: E731
+    # The later run registers and settles first; the earlier one finishes last and cannot take it.
+    v_late = registry.register_candidate(f"runs:/{late}/model", "m", [], late, {})
+    assert registry.settle_alias("m", "champion", passing) == str(v_late)
+    v_early = registry.register_candidate(f"runs:/{early}/model", "m", [], early, {})
+    assert registry.settle_alias("m", "champion", passing) == str(v_late)
+    assert client.get_model_version("m", v_early).tags["kdsec.run_started"] == "1000"
+    # A failing version is never eligible, however late its run.
+    latest = client.create_run(experiment, start_time=3_000).info.run_id
+    client.create_model_version("m", f"runs:/{latest}/model", run_id=latest,
+                                tags={"gates": "fail", "kdsec.run_started": "3000"})
+    assert registry.settle_alias("m", "champion", passing) == str(v_late)
+    assert str(client.get_model_version_by_alias("m", "champion").version) == str(v_late)
 
 
 def test_a_local_store_authenticates_nobody(store, monkeypatch):
