@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import time
@@ -119,6 +120,28 @@ def _distill(cfg: PipelineConfig, bundle, teacher: stages.TrainedModel, out_dir:
     record = {"members": [result.row() for _, result in results], "best": best.member.name,
               "selected_by": "val_accuracy", "task_runner": cfg.sweep.task_runner, **tracked}
     return best.member.apply(cfg), student, signals, record
+
+
+def start_temporary_server() -> None:
+    """Without ``PREFECT_API_URL`` the flow runs on Prefect's temporary server, whose database
+    (in ``PREFECT_HOME``) two ``kdsec run``s at once share: its first migration is not safe to run
+    twice at the same moment, so the server starts under an exclusive file lock. The flow then
+    finds it started (one server per process)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    home = Path(PREFECT_HOME.value())
+    home.mkdir(parents=True, exist_ok=True)
+    # A lock, not content: opened without following a link, never written.
+    descriptor = os.open(home / "kdsec-temporary-server.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        SubprocessASGIServer().start()
+    finally:
+        os.close(descriptor)
 
 
 def _flow_run_ended(tags: dict[str, str]) -> str | None:

@@ -53,10 +53,10 @@ def run(
     logging.getLogger("kdsec").setLevel(logging.INFO)
     # The CLI is the one place in kdsec that reaches the orchestration layer, lazily, so that
     # importing the library never imports Prefect.
-    from flows.kd_pipeline import kd_pipeline
+    from flows.kd_pipeline import kd_pipeline, start_temporary_server
 
     try:
-        _start_temporary_server()
+        start_temporary_server()
         summary = kd_pipeline(config=resolved.model_dump(mode="json"))
     except KdsecError as exc:
         raise _fail(str(exc)) from None
@@ -65,26 +65,6 @@ def run(
     _print_summary(summary)
     passed = summary["promoted"] or summary["registry"].get("awaiting_review") or summary["registry"].get("superseded_by")
     raise typer.Exit(EXIT_PROMOTED if passed else EXIT_GATE_FAILED)
-
-
-def _start_temporary_server() -> None:
-    """Without ``PREFECT_API_URL`` the flow runs on Prefect's temporary server, whose database
-    (in ``PREFECT_HOME``) two ``kdsec run``s at once share: its first migration is not safe to run
-    twice at the same moment, so the server starts under an exclusive file lock. The flow then
-    finds it started (one server per process)."""
-    import fcntl
-
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
-
-    if PREFECT_API_URL.value():
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    home = Path(PREFECT_HOME.value())
-    home.mkdir(parents=True, exist_ok=True)
-    with (home / "kdsec-temporary-server.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        SubprocessASGIServer().start()
 
 
 def _print_summary(summary: dict) -> None:

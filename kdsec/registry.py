@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 
 import kdsec
 from kdsec.errors import KdsecError
+from kdsec.fileio import write_atomic
 from kdsec.gates import GateVerdict, all_passed
 
 PACKAGE_DIR = Path(kdsec.__file__).resolve().parent
@@ -145,9 +146,8 @@ def log_student_model(checkpoint: Path, checkpoint_format: str, input_scale: flo
     pixels; return its URI."""
     with tempfile.TemporaryDirectory() as scratch:
         serving = Path(scratch) / "serving.json"
-        serving.write_text(json.dumps({"format": checkpoint_format, "input_scale": input_scale,
-                                       "normalization": normalization,
-                                       "class_names": class_names}))
+        write_atomic(serving, json.dumps({"format": checkpoint_format, "input_scale": input_scale,
+                                          "normalization": normalization, "class_names": class_names}))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PACKAGE_DIR / "serving_model.py"),
@@ -311,8 +311,7 @@ def resolve_version(model_uri: str) -> tuple[str, str]:
 
 def version_pipeline_run(model_name: str, version: str) -> str:
     """The kd-pipeline parent run that produced a version (its summary, report and config)."""
-    run = MlflowClient().get_run(_version(model_name, version).run_id)
-    return run.data.tags.get("mlflow.parentRunId", run.info.run_id)
+    return _pipeline_run(_version(model_name, version).run_id)
 
 
 def download_run_artifact(run_id: str, path: str, destination: Path) -> Path:

@@ -395,17 +395,17 @@ def protect_and_verify(destination: Path, encrypted: dict[str, bytes], plaintext
     def flip_ciphertext(copy: Path) -> None:
         blob = bytearray((copy / stored).read_bytes())
         blob[len(blob) // 2] ^= 0x01
-        (copy / stored).write_bytes(bytes(blob))
+        write_atomic(copy / stored, bytes(blob))
 
     def edit_manifest(copy: Path) -> None:
         document = json.loads((copy / MANIFEST).read_bytes())
         document["payload"]["model"]["version"] += "-forged"
-        (copy / MANIFEST).write_text(json.dumps(document))
+        write_atomic(copy / MANIFEST, json.dumps(document))
 
     def strip_signature(copy: Path) -> None:
         document = json.loads((copy / MANIFEST).read_bytes())
         document["signature"] = ""
-        (copy / MANIFEST).write_text(json.dumps(document))
+        write_atomic(copy / MANIFEST, json.dumps(document))
 
     stranger = LocalKeyProvider(ModelKey(os.urandom(KEY_BYTES), "random:test"))
     return AtRestResult(

@@ -1,27 +1,7 @@
 """`kdsec keygen / encrypt / verify / decrypt / rotate-key` end to end, in a scratch working directory."""
 
-import pytest
-import torch
-from typer.testing import CliRunner
-
-from kdsec.cli import app
-from kdsec.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for name in ("KDSEC_MODEL_KEY", "KDSEC_SIGNING_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    torch.manual_seed(0)
-    spec = ModelSpec("he_mlp", (1, 8, 8), 10, {"hidden": [8]})
-    save_checkpoint(build_model(spec), spec, tmp_path / "student.safetensors")
-    return tmp_path
-
-
-def _run(*args):
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.output
+from kdsec.models import load_checkpoint
+from tests.crypto.conftest import run_cli as _run
 
 
 def test_encrypt_verify_decrypt_rotate_round_trip(workdir):

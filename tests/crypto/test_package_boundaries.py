@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from kdsec.cli import app
 from kdsec.crypto.keys import LocalKeyProvider, load_or_create_signer, public_key_path
 from kdsec.crypto.at_rest import ModelKey
 from kdsec.crypto.model_signature import SIGNATURE
 from kdsec.crypto.package import MANIFEST, _signed, create_package, open_package, rotate_package_key
 from kdsec.errors import IntegrityError, KdsecError
 from kdsec.fileio import read_bounded, write_atomic
+from tests.crypto.conftest import run_cli as _cli
 
 WEIGHTS = os.urandom(2048)
 
@@ -106,24 +105,9 @@ def test_bounded_reader_checks_type_and_size_before_reading(tmp_path):
 
 
 @pytest.fixture
-def cli_package(tmp_path, monkeypatch):
-    import torch
-
-    from kdsec.models import ModelSpec, build_model, save_checkpoint
-
-    monkeypatch.chdir(tmp_path)
-    for name in ("KDSEC_MODEL_KEY", "KDSEC_SIGNING_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    torch.manual_seed(0)
-    spec = ModelSpec("he_mlp", (1, 8, 8), 10, {"hidden": [8]})
-    save_checkpoint(build_model(spec), spec, tmp_path / "student.safetensors")
+def cli_package(workdir):
     assert _cli("encrypt", "student.safetensors", "--out", "pkg")[0] == 0
-    return tmp_path
-
-
-def _cli(*args):
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.output
+    return workdir
 
 
 def test_decrypt_through_a_planted_partial_link_writes_only_its_own_0600_file(cli_package):
