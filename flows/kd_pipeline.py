@@ -17,7 +17,7 @@ from mlflow.entities import Param
 from prefect import flow, get_run_logger
 from prefect import runtime as prefect_runtime
 
-from kdsec import registry, stages
+from kdsec import stages, tracking
 from kdsec.config import PipelineConfig, config_from_dict, load_config
 from kdsec.distill import signals_key
 from kdsec.fileio import write_atomic
@@ -162,7 +162,7 @@ def _flow_run_ended(tags: dict[str, str]) -> str | None:
             return None
         if state is not None and state.is_final():
             return f"its Prefect flow run {flow_run_id} is {state.name}"
-        if tags.get("kdsec.host") == socket.gethostname() and not registry.process_alive(tags.get("kdsec.pid", "")):
+        if tags.get("kdsec.host") == socket.gethostname() and not tracking.process_alive(tags.get("kdsec.pid", "")):
             client.set_flow_run_state(flow_run_id, Crashed(message="the flow-run process was killed"), force=True)
             return f"its process {tags.get('kdsec.pid')} is gone (Prefect flow run {flow_run_id} marked Crashed)"
     return None
@@ -186,11 +186,11 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
         logger.info("working directory %s (KDSEC_WORKDIR)", workdir)
     stages.preflight(cfg)
     digest = cfg.digest()  # of the config as given (a sweep later narrows it to the chosen member)
-    experiment_id = registry.configure(cfg.tracking.experiment)
-    for run_id in registry.close_abandoned_runs(experiment_id, _flow_run_ended):
+    experiment_id = tracking.configure(cfg.tracking.experiment)
+    for run_id in tracking.close_abandoned_runs(experiment_id, _flow_run_ended):
         logger.warning("closed MLflow run %s as FAILED: its process was killed before it finished", run_id)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    parent = registry.start_parent_run(experiment_id, f"kd-pipeline-{stamp}",
+    parent = tracking.start_parent_run(experiment_id, f"kd-pipeline-{stamp}",
                                        {"kdsec.config_digest": digest, "kdsec.dataset": cfg.data.name,
                                         "kdsec.prefect_flow_run_id": str(prefect_runtime.flow_run.id or "")})
     out_dir = Path(cfg.tracking.output_dir) / f"{stamp}-{parent[:8]}"
@@ -311,4 +311,4 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
         succeeded = True
         return summary
     finally:
-        registry.finish_run(parent, succeeded)
+        tracking.finish_run(parent, succeeded)

@@ -293,7 +293,7 @@ def keygen(
 def _tracking(config: Optional[Path]):
     import mlflow
 
-    from kdsec.registry import tracking_uri
+    from kdsec.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     return load_config(config, []).tracking
@@ -308,17 +308,17 @@ def review_command(
 ) -> None:
     """Record a review decision on a version as the identity the tracking server authenticates
     (MLFLOW_TRACKING_USERNAME / PASSWORD); approving a version that passed its gates makes it champion."""
-    from kdsec import registry
+    from kdsec import tracking
 
     try:
-        tracking = _tracking(config)
-        result = registry.review(tracking.registered_model, version, decision, comment, tracking.alias,
-                                 tracking.candidate_alias, tracking.four_eyes)
+        settings = _tracking(config)
+        result = tracking.review(settings.registered_model, version, decision, comment, settings.alias,
+                                 settings.candidate_alias, settings.four_eyes)
     except KdsecError as exc:
         raise _fail(str(exc)) from None
     who = result["reviewer"] + ("" if result["authenticated"] else " (unauthenticated: local store)")
     console.print(f"version {result['version']}: [b]{result['status']}[/] by {who}, audit.json "
-                  f"sha256 {result['audit_sha256'][:16]}…; '{tracking.alias}' is version {result['champion'] or 'none'}")
+                  f"sha256 {result['audit_sha256'][:16]}…; '{settings.alias}' is version {result['champion'] or 'none'}")
 
 
 @app.command("report")
@@ -330,15 +330,15 @@ def report_command(
     config: ConfigOption = None,
 ) -> None:
     """Fetch a version's audit report (HTML, Markdown, audit.json); with --compare, a side-by-side table."""
-    from kdsec import registry
+    from kdsec import tracking
     from kdsec.review import compare_versions, fetch_report
 
     try:
-        tracking = _tracking(config)
-        name = tracking.registered_model
+        settings = _tracking(config)
+        name = settings.registered_model
 
         def number(text: str) -> str:
-            return text if text.isdigit() else registry.resolve_version(f"models:/{name}@{text}")[1]
+            return text if text.isdigit() else tracking.resolve_version(f"models:/{name}@{text}")[1]
 
         first = number(version)
         paths = fetch_report(name, first, out)

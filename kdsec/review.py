@@ -12,7 +12,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kdsec import registry
+from kdsec import tracking
 from kdsec.errors import DataError
 from kdsec.fileio import write_atomic
 
@@ -39,10 +39,10 @@ HEADLINES = (
 
 def fetch_report(model_name: str, version: str, destination: Path) -> dict:
     """Download a version's report (HTML, Markdown, audit.json) and summary into ``destination``."""
-    run_id = registry.version_pipeline_run(model_name, version)
+    run_id = tracking.version_pipeline_run(model_name, version)
     folder = destination / f"{model_name}-v{version}"
-    report = registry.download_run_artifact(run_id, "report", folder)
-    summary = registry.download_run_artifact(run_id, "summary.json", folder)
+    report = tracking.download_run_artifact(run_id, "report", folder)
+    summary = tracking.download_run_artifact(run_id, "summary.json", folder)
     return {"run_id": run_id, "html": report / "report.html", "markdown": report / "report.md",
             "audit": report / "audit.json", "summary": summary}
 
@@ -78,18 +78,18 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
     from kdsec.gates import evaluate_gates
     from kdsec.summary import audit_gate_metrics
 
-    mlflow.set_tracking_uri(registry.tracking_uri())
-    name, version = registry.resolve_version(model_uri)
-    run_id = registry.version_pipeline_run(name, version)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    name, version = tracking.resolve_version(model_uri)
+    run_id = tracking.version_pipeline_run(name, version)
     with tempfile.TemporaryDirectory() as scratch:
-        config = load_config(registry.download_run_artifact(run_id, "config.yaml", Path(scratch)), [])
+        config = load_config(tracking.download_run_artifact(run_id, "config.yaml", Path(scratch)), [])
     bundle = prepare_data(config.data)
     expected = mlflow.MlflowClient().get_model_version(name, version).tags.get("data.fingerprint")
     if expected and expected != bundle.fingerprint:
         raise DataError(f"the data under data.root no longer matches version {version} (fingerprint "
                         f"{bundle.fingerprint}, the version was trained on {expected})")
     with tempfile.TemporaryDirectory() as scratch:  # weights only (safetensors): no stored model code runs
-        model, spec, _ = load_weights(registry.download_version_checkpoint(name, version, Path(scratch)))
+        model, spec, _ = load_weights(tracking.download_version_checkpoint(name, version, Path(scratch)))
     model.eval()
     int8 = any(isinstance(module, DynamicQuantLinear) for module in model.modules())
     surrogate = dequantized_copy(model, spec) if int8 else None

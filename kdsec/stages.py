@@ -210,7 +210,7 @@ def distill_member(config: PipelineConfig, bundle: DataBundle, member: SweepMemb
 def train_dp_student(config: PipelineConfig, bundle: DataBundle, checkpoint: Path) -> TrainedModel:
     """The student architecture trained with DP-SGD on the training split's hard labels
     (``student.dp``); its ε is what the accountant reports, not the target."""
-    from kdsec.privacy import fit_private
+    from kdsec.dp_sgd import fit_private
 
     dp, spec = config.student.dp, student_spec(config, bundle)
     seed_everything(config.seed)

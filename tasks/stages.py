@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from kdsec import registry, stages
+from kdsec import stages, tracking
 from kdsec.audit.report import render_report
 from kdsec.compress import VariantMetrics
 from kdsec.config import PipelineConfig
@@ -87,12 +87,12 @@ def track_sweep_task(parent_run_id: str, config: PipelineConfig, members: list[t
     csv_path = write_atomic(out_dir / "sweep" / "comparison.csv",
                             pd.DataFrame([result.row() for result in results]).to_csv(index=False))
     plot_path = pareto_plot(results, best, out_dir / "sweep" / "pareto.png")
-    with registry.stage_run(parent_run_id, "sweep") as sweep_run:
+    with tracking.stage_run(parent_run_id, "sweep") as sweep_run:
         sweep_id = sweep_run.info.run_id
         mlflow.log_params({"sweep.members": len(results), "sweep.task_runner": config.sweep.task_runner,
                            "sweep.best": best.member.name, "sweep.selected_by": "val_accuracy"})
     for trained, result in members:
-        with registry.stage_run(sweep_id, result.member.name):
+        with tracking.stage_run(sweep_id, result.member.name):
             mlflow.log_params({"distill.temperature": result.member.temperature, "distill.alpha": result.member.alpha,
                                "distill.loss": result.member.loss, "student.width_multiplier": result.member.width})
             for record in trained.history:
@@ -166,11 +166,11 @@ def track_data_task(parent_run_id: str, bundle: DataBundle, data_file: Path) -> 
                                      targets=bundle.y_train, name=f"{bundle.name}-train",
                                      digest=bundle.fingerprint)
     sizes = {f"split.{name}": count for name, count in bundle.sizes().items()}
-    with registry.stage_run(parent_run_id, "data"):
+    with tracking.stage_run(parent_run_id, "data"):
         mlflow.log_input(dataset, context="training")
         mlflow.log_params({"data.fingerprint": bundle.fingerprint, **sizes})
         mlflow.log_artifact(str(data_file))
-    registry.log_dataset(parent_run_id, dataset, context="training")
+    tracking.log_dataset(parent_run_id, dataset, context="training")
     client = MlflowClient()
     client.set_tag(parent_run_id, "data.fingerprint", bundle.fingerprint)
     for key, value in sizes.items():
@@ -179,7 +179,7 @@ def track_data_task(parent_run_id: str, bundle: DataBundle, data_file: Path) -> 
 
 @task(name="track-model", cache_policy=NO_CACHE, **IO_RETRIES)
 def track_model_task(parent_run_id: str, model: stages.TrainedModel, cache: str = "miss") -> None:
-    with registry.stage_run(parent_run_id, model.role):
+    with tracking.stage_run(parent_run_id, model.role):
         mlflow.set_tag("kdsec.cache", cache)
         for record in model.history:
             mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
@@ -191,9 +191,9 @@ def track_model_task(parent_run_id: str, model: stages.TrainedModel, cache: str 
 @task(name="track-stage", cache_policy=NO_CACHE, **IO_RETRIES)
 def track_stage_task(parent_run_id: str, stage: str, metrics: dict[str, float], payload: dict,
                      files: list[Path] = ()) -> None:
-    with registry.stage_run(parent_run_id, stage) as run:
+    with tracking.stage_run(parent_run_id, stage) as run:
         mlflow.log_metrics({key: float(value) for key, value in metrics.items() if np.isfinite(value)})
-        registry.log_dict_artifact(payload, f"{stage}.json", run.info.run_id)
+        tracking.log_dict_artifact(payload, f"{stage}.json", run.info.run_id)
         for path in files:
             mlflow.log_artifact(str(path))
 
@@ -203,28 +203,28 @@ def register_task(config: PipelineConfig, parent_run_id: str, bundle: DataBundle
                   verdicts: list[GateVerdict], extra_tags: dict[str, str]) -> dict:
     """Log the candidate as a pyfunc model, register a version with its gate tags, and move the
     alias only if every gate passed. The previous champion is recorded for the report."""
-    tracking = config.tracking
-    previous = registry.champion_version(tracking.registered_model, tracking.alias)
-    with registry.stage_run(parent_run_id, "register") as run:
-        model_uri = registry.log_student_model(Path(candidate.checkpoint), stages.variant_format(candidate),
+    settings = config.tracking
+    previous = tracking.champion_version(settings.registered_model, settings.alias)
+    with tracking.stage_run(parent_run_id, "register") as run:
+        model_uri = tracking.log_student_model(Path(candidate.checkpoint), stages.variant_format(candidate),
                                                bundle.input_scale, bundle.class_names, bundle.normalization)
-        version = registry.register_candidate(model_uri, tracking.registered_model, verdicts,
+        version = tracking.register_candidate(model_uri, settings.registered_model, verdicts,
                                               run.info.run_id, extra_tags)
     passed = all(verdict.passed for verdict in verdicts)
     holder = None
-    if passed and tracking.require_approval:
-        holder = registry.mark_candidate(tracking.registered_model, version, tracking.candidate_alias)
+    if passed and settings.require_approval:
+        holder = tracking.mark_candidate(settings.registered_model, version, settings.candidate_alias)
     elif passed:
-        holder = registry.settle_alias(tracking.registered_model, tracking.alias,
+        holder = tracking.settle_alias(settings.registered_model, settings.alias,
                                        lambda v: v.tags.get("gates") == "pass")
     superseded_by = holder if holder not in (None, str(version)) else None
     if superseded_by:
-        registry.note_superseded(tracking.registered_model, version, superseded_by)
-    awaiting_review = passed and tracking.require_approval and superseded_by is None
-    promoted = passed and not tracking.require_approval and superseded_by is None
-    return {"model": tracking.registered_model, "version": version, "model_uri": model_uri,
-            "alias": tracking.alias, "promoted": promoted, "awaiting_review": awaiting_review,
-            "candidate_alias": tracking.candidate_alias if awaiting_review else None,
+        tracking.note_superseded(settings.registered_model, version, superseded_by)
+    awaiting_review = passed and settings.require_approval and superseded_by is None
+    promoted = passed and not settings.require_approval and superseded_by is None
+    return {"model": settings.registered_model, "version": version, "model_uri": model_uri,
+            "alias": settings.alias, "promoted": promoted, "awaiting_review": awaiting_review,
+            "candidate_alias": settings.candidate_alias if awaiting_review else None,
             "superseded_by": superseded_by, "previous_champion": previous,
             "champion": version if promoted else previous}
 

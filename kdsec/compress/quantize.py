@@ -18,7 +18,9 @@ from torch import nn
 
 from kdsec.errors import IntegrityError
 from kdsec.fileio import write_atomic
-from kdsec.models.registry import ModelSpec, build_model, load_checkpoint, read_kdsec_file
+from kdsec.models.catalog import build_model
+from kdsec.models.checkpoint import load_checkpoint, read_kdsec_file
+from kdsec.models.spec import ModelSpec
 
 # torch.ao.quantization's eager API warns that it is deprecated in favour of torchao; its dynamic
 # Linear path is still the one that runs int8 GEMMs on CPU with no extra dependency.

@@ -30,7 +30,9 @@ from torch import nn
 
 from kdsec.errors import IntegrityError
 from kdsec.fileio import write_atomic
-from kdsec.models.registry import ModelSpec, build_model, read_kdsec_file
+from kdsec.models.catalog import build_model
+from kdsec.models.checkpoint import read_kdsec_file
+from kdsec.models.spec import ModelSpec
 
 FORMAT_KEY = "kdsec.int8_static"
 _BATCH = ({0: torch.export.Dim("batch", min=1, max=1 << 20)},)  # any batch size

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kdsec.crypto.at_rest import KEY_BYTES, NONCE_BYTES, ModelKey, load_or_create_key
+from kdsec.crypto.model_key import KEY_BYTES, NONCE_BYTES, ModelKey, load_or_create_key
 from kdsec.errors import IntegrityError, KdsecError, KeyMaterialError
 from kdsec.fileio import PRIVATE, PUBLIC, read_bounded, write_atomic
 

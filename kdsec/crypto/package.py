@@ -37,7 +37,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from kdsec.crypto.at_rest import KEY_BYTES, NONCE_BYTES, ModelKey
+from kdsec.crypto.model_key import KEY_BYTES, NONCE_BYTES, ModelKey
 from kdsec.crypto.keys import (SIGNING_ALGORITHM, KeyProvider, LocalKeyProvider, PublicKey, Signer, public_key_id,
                                raw_public, verify_signature)
 from kdsec.crypto.model_signature import SIGNATURE, sign_folder, verify_folder

@@ -1,7 +1,7 @@
 """Datasets by name, split deterministically into train / val / test / audit-holdout."""
 
 from kdsec.data.bundle import DataBundle, prepare_data
-from kdsec.data.registry import DATASETS, RawDataset
+from kdsec.data.raw import DATASETS, RawDataset
 
 # Importing the loaders registers them.
 from kdsec.data import digits, vision  # noqa: F401  isort:skip

@@ -11,7 +11,7 @@ from sklearn.model_selection import train_test_split
 
 from kdsec.config import DataConfig
 from kdsec.errors import ConfigError
-from kdsec.data.registry import DATASETS
+from kdsec.data.raw import DATASETS
 
 SPLITS = ("train", "val", "test", "holdout", "transfer")
 

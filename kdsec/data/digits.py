@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 from kdsec.config import DataConfig
-from kdsec.data.registry import DATASETS, RawDataset
+from kdsec.data.raw import DATASETS, RawDataset
 
 DIGITS_MAX_PIXEL = 16.0
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kdsec.config import DataConfig
-from kdsec.data.registry import DATASETS, RawDataset
+from kdsec.data.raw import DATASETS, RawDataset
 from kdsec.errors import DataError
 from kdsec.fileio import read_bounded
 

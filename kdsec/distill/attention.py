@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from kdsec.distill.kd import hinton_terms
-from kdsec.distill.registry import LOSSES, DistillLoss
+from kdsec.distill.base import LOSSES, DistillLoss
 
 
 def attention_map(feature: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 
 from kdsec.config import DistillConfig
 from kdsec.distill.features import Tap, capture, read_feature, resolve_tap, teacher_signals
-from kdsec.distill.registry import LOSSES, DistillLoss
+from kdsec.distill.base import LOSSES, DistillLoss
 from kdsec.errors import IntegrityError
 from kdsec.fileio import write_atomic
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kdsec.distill.kd import hinton_terms
-from kdsec.distill.registry import LOSSES, DistillLoss
+from kdsec.distill.base import LOSSES, DistillLoss
 
 
 class HintRegressor(nn.Module):

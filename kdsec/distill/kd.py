@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from kdsec.distill.registry import LOSSES, DistillLoss
+from kdsec.distill.base import LOSSES, DistillLoss
 
 
 def hinton_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,

@@ -7,7 +7,7 @@ import math
 
 from torch import nn
 
-from kdsec.models.registry import MODELS
+from kdsec.models.catalog import MODELS
 
 
 class Square(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kdsec.models.registry import MODELS
+from kdsec.models.catalog import MODELS
 
 
 @MODELS.register("teacher_cnn")

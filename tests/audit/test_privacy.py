@@ -9,7 +9,7 @@ from kdsec.config import DPConfig, TrainConfig, load_config
 from kdsec.data import prepare_data
 from kdsec.errors import ConfigError
 from kdsec.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
-from kdsec.privacy import fit_private
+from kdsec.dp_sgd import fit_private
 from kdsec.train import accuracy, fit
 
 SPEC = ModelSpec("he_mlp", (1, 8, 8), 10, {"hidden": [32]})

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from kdsec.crypto.at_rest import ModelKey, load_or_create_key
+from kdsec.crypto.model_key import ModelKey, load_or_create_key
 from kdsec.crypto.keys import LocalKeyProvider, generate_key_file, load_or_create_signer, load_public_key
 from kdsec.crypto.package import (MANIFEST, create_package, decrypt_package_to, open_package, protect_and_verify,
                                   rotate_package_key, verify_package)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kdsec.crypto.keys import LocalKeyProvider, load_or_create_signer, public_key_path
-from kdsec.crypto.at_rest import ModelKey
+from kdsec.crypto.model_key import ModelKey
 from kdsec.crypto.model_signature import SIGNATURE
 from kdsec.crypto.package import MANIFEST, _signed, create_package, open_package, rotate_package_key
 from kdsec.errors import IntegrityError, KdsecError
@@ -234,7 +234,7 @@ def test_a_listed_file_swapped_for_a_link_or_a_huge_file_is_refused_before_readi
     script = textwrap.dedent(f"""
         from pathlib import Path
         from kdsec.crypto.keys import load_or_create_signer, LocalKeyProvider
-        from kdsec.crypto.at_rest import ModelKey
+        from kdsec.crypto.model_key import ModelKey
         from kdsec.crypto.package import open_package
         from kdsec.errors import IntegrityError
         signer = load_or_create_signer("KDSEC_TEST_SIGNING", {str(tmp_path / "keys" / "signing.pem")!r})

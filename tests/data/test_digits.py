@@ -63,7 +63,7 @@ def test_dataset_normalization_is_per_channel_from_the_training_split_and_served
     from kdsec.config import DataConfig
     from kdsec.data import prepare_data
     from kdsec.models import ModelSpec, build_model, save_checkpoint
-    from kdsec.serving import StudentModel
+    from kdsec.pyfunc_model import StudentModel
 
     plain, normalized = prepare_data(DataConfig()), prepare_data(DataConfig(normalize="dataset"))
     mean, std = normalized.normalization

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdsec.config import DataConfig
-from kdsec.registry_util import Registry
+from kdsec.catalog import Catalog
 
 
 @dataclass(frozen=True)
@@ -18,8 +18,8 @@ class RawDataset:
     inputs: np.ndarray
     labels: np.ndarray
     class_names: list[str]
-    # How to turn what a user sends to a served model into ``inputs`` (see kdsec.serving).
+    # How to turn what a user sends to a served model into ``inputs`` (see kdsec.pyfunc_model).
     input_scale: float
 
 
-DATASETS: Registry[Callable[[DataConfig], RawDataset]] = Registry("dataset", "data.name")
+DATASETS: Catalog[Callable[[DataConfig], RawDataset]] = Catalog("dataset", "data.name")

@@ -2,6 +2,6 @@
 
 import mlflow.models
 
-from kdsec.serving import StudentModel
+from kdsec.pyfunc_model import StudentModel
 
 mlflow.models.set_model(StudentModel())

@@ -8,7 +8,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from kdsec import registry
+from kdsec import tracking
 
 
 @pytest.fixture
@@ -20,19 +20,19 @@ def store(workdir):
 def test_a_running_run_whose_process_is_gone_is_closed_and_a_live_one_is_not(store):
     client, experiment = store
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    killed = registry.start_parent_run(experiment, "killed", {})
+    killed = tracking.start_parent_run(experiment, "killed", {})
     client.set_tag(killed, "kdsec.pid", gone.stdout.strip())  # a process that has exited
-    alive = registry.start_parent_run(experiment, "alive", {})  # this process
-    elsewhere = registry.start_parent_run(experiment, "elsewhere", {"kdsec.prefect_flow_run_id": "abc"})
+    alive = tracking.start_parent_run(experiment, "alive", {})  # this process
+    elsewhere = tracking.start_parent_run(experiment, "elsewhere", {"kdsec.prefect_flow_run_id": "abc"})
     client.set_tag(elsewhere, "kdsec.host", "another-host")
 
-    closed = registry.close_abandoned_runs(experiment, lambda tags: None)
+    closed = tracking.close_abandoned_runs(experiment, lambda tags: None)
     assert closed == [killed]
     assert client.get_run(killed).info.status == "FAILED"
     assert "is gone" in client.get_run(killed).data.tags["kdsec.closed"]
     assert client.get_run(alive).info.status == "RUNNING" and client.get_run(elsewhere).info.status == "RUNNING"
     # Another host's run is closed only on the orchestrator's word (e.g. its flow run crashed).
-    closed = registry.close_abandoned_runs(experiment, lambda tags: "flow run Crashed" if tags.get(
+    closed = tracking.close_abandoned_runs(experiment, lambda tags: "flow run Crashed" if tags.get(
         "kdsec.prefect_flow_run_id") == "abc" else None)
     assert closed == [elsewhere] and "Crashed" in client.get_run(elsewhere).data.tags["kdsec.closed"]
 
@@ -44,20 +44,20 @@ def test_the_later_started_run_keeps_the_alias_whatever_order_they_finish_in(sto
     late = client.create_run(experiment, start_time=2_000).info.run_id
     passing = lambda v: v.tags.get("gates") == "pass"  # noqa: E731
     # The later run registers and settles first; the earlier one finishes last and cannot take it.
-    v_late = registry.register_candidate(f"runs:/{late}/model", "m", [], late, {})
-    assert registry.settle_alias("m", "champion", passing) == str(v_late)
-    v_early = registry.register_candidate(f"runs:/{early}/model", "m", [], early, {})
-    assert registry.settle_alias("m", "champion", passing) == str(v_late)
+    v_late = tracking.register_candidate(f"runs:/{late}/model", "m", [], late, {})
+    assert tracking.settle_alias("m", "champion", passing) == str(v_late)
+    v_early = tracking.register_candidate(f"runs:/{early}/model", "m", [], early, {})
+    assert tracking.settle_alias("m", "champion", passing) == str(v_late)
     assert client.get_model_version("m", v_early).tags["kdsec.run_started"] == "1000"
     # A failing version is never eligible, however late its run.
     latest = client.create_run(experiment, start_time=3_000).info.run_id
     client.create_model_version("m", f"runs:/{latest}/model", run_id=latest,
                                 tags={"gates": "fail", "kdsec.run_started": "3000"})
-    assert registry.settle_alias("m", "champion", passing) == str(v_late)
+    assert tracking.settle_alias("m", "champion", passing) == str(v_late)
     assert str(client.get_model_version_by_alias("m", "champion").version) == str(v_late)
 
 
 def test_a_local_store_authenticates_nobody(store, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
-    who = registry.identity()
+    who = tracking.identity()
     assert who.name.startswith("local:") and not who.authenticated

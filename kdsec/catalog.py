@@ -10,7 +10,7 @@ from kdsec.errors import ConfigError
 T = TypeVar("T")
 
 
-class Registry(Generic[T]):
+class Catalog(Generic[T]):
     def __init__(self, kind: str, config_key: str) -> None:
         self.kind = kind
         self.config_key = config_key

@@ -1,22 +1,14 @@
-"""The architecture registry and safetensors checkpoints that name their architecture."""
+"""What rebuilds a model (its architecture spec) and what it costs (parameters, FLOPs)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save
 from torch import nn
 
 from kdsec.device import device_of
-from kdsec.errors import IntegrityError
-from kdsec.fileio import write_atomic
-from kdsec.registry_util import Registry
-
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model architecture", "teacher.arch / student.arch")
 
 
 @dataclass(frozen=True)
@@ -38,10 +30,6 @@ class ModelSpec:
                    options=raw.get("options", {}))
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
-    return MODELS.get(spec.arch)(input_shape=spec.input_shape, num_classes=spec.num_classes, **spec.options)
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters)."""
     total = nonzero = 0
@@ -49,36 +37,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += parameter.numel()
         nonzero += int((parameter != 0).sum())
     return total, nonzero
-
-
-def save_checkpoint(model: nn.Module, spec: ModelSpec, path: Path) -> Path:
-    """Save weights as safetensors with the architecture spec in the header metadata."""
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    return write_atomic(path, save(state, metadata={"kdsec.spec": spec.to_json()}))
-
-
-def read_kdsec_file(path: Path, description: str) -> tuple[ModelSpec, dict[str, str], dict]:
-    """(spec, metadata, tensors) of a kdsec safetensors file; anything unreadable, or without a
-    spec, is an IntegrityError saying the file is not ``description``."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            spec = ModelSpec.from_json(metadata["kdsec.spec"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (KeyError, OSError, ValueError, SafetensorError) as exc:
-        raise IntegrityError(f"'{path}' is not {description} ({exc})") from None
-    return spec, metadata, tensors
-
-
-def load_checkpoint(path: Path) -> tuple[nn.Module, ModelSpec]:
-    """Rebuild the architecture named in the checkpoint and load its weights (no pickle)."""
-    spec, _, state = read_kdsec_file(path, "a kdsec safetensors checkpoint")
-    model = build_model(spec)
-    model.load_state_dict(state)
-    model.eval()
-    return model, spec
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:

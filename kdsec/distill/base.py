@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kdsec.config import DistillConfig
-from kdsec.registry_util import Registry
+from kdsec.catalog import Catalog
 
 
 class DistillLoss:
@@ -42,4 +42,4 @@ class DistillLoss:
         raise NotImplementedError
 
 
-LOSSES: Registry[type[DistillLoss]] = Registry("distillation loss", "distill.loss")
+LOSSES: Catalog[type[DistillLoss]] = Catalog("distillation loss", "distill.loss")

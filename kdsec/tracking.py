@@ -150,7 +150,7 @@ def log_student_model(checkpoint: Path, checkpoint_format: str, input_scale: flo
                                           "normalization": normalization, "class_names": class_names}))
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(PACKAGE_DIR / "serving_model.py"),
+            python_model=str(PACKAGE_DIR / "pyfunc_entry.py"),
             artifacts={"checkpoint": str(checkpoint), "serving": str(serving)},
             code_paths=[str(PACKAGE_DIR)],
             pip_requirements=_pip_requirements(),
