@@ -22,7 +22,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from kdsec import stages
+from kdsec import trainers
+from kdsec.audit import run as audit_run
+from kdsec.compress import candidates
 from kdsec.audit.membership import per_sample_loss, score_attack
 from kdsec.audit.reference import audit_samples, lira_scores, reference_masks, rmia_scores, signals
 from kdsec.config import load_config
@@ -65,13 +67,13 @@ def main() -> None:
     bundle = prepare_data(config.data)
     folder = Path(tempfile.mkdtemp(prefix="kdsec-toolkits-"))
     with console.status("training the default teacher, students and candidate"):
-        teacher = stages.train_teacher(config, bundle, folder / "teacher.safetensors")
-        scratch = stages.train_scratch_student(config, bundle, folder / "scratch.safetensors")
-        student = stages.distill_student(config, bundle, teacher, folder / "kd.safetensors")
-        variants = stages.compress_student(config.compress, bundle, student, config.student.train, config.seed,
-                                           folder, stages.distiller_for(config, bundle, teacher).objective)
+        teacher = trainers.train_teacher(config, bundle, folder / "teacher.safetensors")
+        scratch = trainers.train_scratch_student(config, bundle, folder / "scratch.safetensors")
+        student = trainers.distill_student(config, bundle, teacher, folder / "kd.safetensors")
+        variants = candidates.compress_student(config.compress, bundle, student, config.student.train, config.seed,
+                                           folder, trainers.distiller_for(config, bundle, teacher).objective)
     targets = {"teacher": teacher.load(), "scratch_student": scratch.load(), "kd_student": student.load(),
-               f"candidate ({variants[-1].name})": stages.load_variant(variants[-1])}
+               f"candidate ({variants[-1].name})": candidates.load_variant(variants[-1])}
     samples = audit_samples(bundle, config.seed)
     count = len(samples.y_members)
     order = np.random.default_rng(config.seed).permutation(count)
@@ -81,9 +83,9 @@ def main() -> None:
         for group in ("teacher", "student"):
             paths = []
             for index in range(config.audit.reference_models):
-                path = stages.reference_checkpoint(config, bundle, group, index)
+                path = audit_run.reference_checkpoint(config, bundle, group, index)
                 if not path.is_file():
-                    stages.train_reference_model(config, bundle, group, index, path)
+                    audit_run.train_reference_model(config, bundle, group, index, path)
                 paths.append(path)
             reference[group] = signals([load_checkpoint(path)[0] for path in paths], samples)
     masks = reference_masks(config.audit.reference_models, len(samples.y_population), config.seed)

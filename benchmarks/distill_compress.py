@@ -26,7 +26,8 @@ from rich.console import Console
 from rich.table import Table
 from torch.nn import functional as F
 
-from kdsec import stages
+from kdsec import trainers
+from kdsec.compress import candidates
 from kdsec.compress import load_int8, quantize_dynamic_int8, save_int8, structured_prune
 from kdsec.compress.measure import cpu_latency_ms
 from kdsec.compress.static_quant import load_static_int8, quantize_static_int8, save_static_int8
@@ -68,9 +69,9 @@ def main() -> None:
     with console.status("distillation gain: teacher, scratch and KD student × 3 seeds"):
         for seed in (0, 1, 2):
             config = load_config(None, [f"seed={seed}"])
-            teacher = stages.train_teacher(config, bundle, folder / f"teacher{seed}.safetensors")
-            scratch = stages.train_scratch_student(config, bundle, folder / f"scratch{seed}.safetensors")
-            student = stages.distill_student(config, bundle, teacher, folder / f"kd{seed}.safetensors")
+            teacher = trainers.train_teacher(config, bundle, folder / f"teacher{seed}.safetensors")
+            scratch = trainers.train_scratch_student(config, bundle, folder / f"scratch{seed}.safetensors")
+            student = trainers.distill_student(config, bundle, teacher, folder / f"kd{seed}.safetensors")
             gains.append((teacher.test_accuracy, scratch.test_accuracy, student.test_accuracy))
     table = Table(title=f"1. Distillation gain on digits ({base.student.arch} {base.student.hidden}, "
                         f"{base.distill.loss}, T={base.distill.temperature:g}, α={base.distill.alpha:g})")
@@ -84,7 +85,7 @@ def main() -> None:
 
     # 2. training-loop overhead
     train = base.student.train.model_copy(update={"epochs": 60, "patience": 60})
-    spec = stages.student_spec(base, bundle)
+    spec = trainers.student_spec(base, bundle)
     rates = {"bare": [], "bare_fused": [], "fit": []}
     for _ in range(5):  # interleaved, so machine noise hits all alike
         for name, fused in (("bare", False), ("bare_fused", True)):
@@ -112,19 +113,19 @@ def main() -> None:
     for column in ("student", "variant", "params", "FLOPs", "test acc", "Δ acc (pt)", "1-sample ms",
                    "× dense", "256-batch ms", "× dense"):
         table.add_column(column, justify="right")
-    teacher = stages.train_teacher(base, bundle, folder / "teacher0.safetensors")
+    teacher = trainers.train_teacher(base, bundle, folder / "teacher0.safetensors")
     for arch_overrides in ([], ["student.hidden=[256,128]"],
                            ["student.arch=student_cnn", "student.channels=[32,64]", "student.fc=128"]):
         config = load_config(None, arch_overrides)
-        student = stages.distill_student(config, bundle, teacher, folder / f"kd-{'-'.join(arch_overrides)}.safetensors")
+        student = trainers.distill_student(config, bundle, teacher, folder / f"kd-{'-'.join(arch_overrides)}.safetensors")
         # The pipeline's own compression stage, structured variant only (prune, rebuild, fine-tune).
         only_structured = config.compress.model_copy(update={"sparsity": 0.0, "structured": 0.5, "quantize": False,
                                                              "static_int8": False})
-        variants = stages.compress_student(only_structured, bundle, student, config.student.train, config.seed,
-                                           folder, stages.distiller_for(config, bundle, teacher).objective)
+        variants = candidates.compress_student(only_structured, bundle, student, config.student.train, config.seed,
+                                           folder, trainers.distiller_for(config, bundle, teacher).objective)
         rows = {}
         for variant in variants:  # dense, structured50; timed again, longer than the stage does
-            model = stages.load_variant(variant)
+            model = candidates.load_variant(variant)
             one = statistics.median(cpu_latency_ms(model, bundle.x_test, 200) for _ in range(3))
             rows[variant.name] = (model, variant.test_accuracy, one, batch_latency_ms(model, bundle.x_test))
         for name, (model, acc, one, batch) in rows.items():
@@ -152,7 +153,7 @@ def main() -> None:
 
     # 4. dynamic int8 on a Linear-heavy student
     config = load_config(None, ["student.hidden=[256,128]"])
-    student = stages.distill_student(config, bundle, teacher, folder / "kd-wide.safetensors")
+    student = trainers.distill_student(config, bundle, teacher, folder / "kd-wide.safetensors")
     dense, spec = load_checkpoint(Path(student.checkpoint))
     fp32_path = save_checkpoint(dense, spec, folder / "wide-fp32.safetensors")
     int8_path = save_int8(quantize_dynamic_int8(dense), spec, folder / "wide-int8.safetensors")
@@ -169,7 +170,7 @@ def main() -> None:
 
     # 5. static int8 (torchao PT2E, calibrated on 256 training inputs) for a conv student
     config = load_config(None, ["student.arch=student_cnn", "student.channels=[32,64]", "student.fc=128"])
-    cnn = stages.distill_student(config, bundle, teacher, folder / "kd-student_cnn.safetensors")
+    cnn = trainers.distill_student(config, bundle, teacher, folder / "kd-student_cnn.safetensors")
     dense, spec = load_checkpoint(Path(cnn.checkpoint))
     static_path = save_static_int8(quantize_static_int8(dense, bundle.x_train[:256]), spec,
                                    folder / "cnn-static-int8.safetensors")
@@ -216,7 +217,7 @@ def main() -> None:
         accs = {}
         for loss in ("hinton_kd", feature_loss):
             config = load_config(None, [*arch, f"distill.loss={loss}"])
-            trained = stages.distill_student(config, bundle, teacher, folder / f"loss-{loss}.safetensors")
+            trained = trainers.distill_student(config, bundle, teacher, folder / f"loss-{loss}.safetensors")
             accs[loss] = trained.test_accuracy
         for loss, acc in accs.items():
             table.add_row(config.student.arch, loss, f"{acc:.4f}", f"{(acc - accs['hinton_kd']) * 100:+.2f}")

@@ -3,7 +3,7 @@ the default pipeline's candidate and for models those gates exist to stop.
 
 * ``candidate.extraction_fidelity_top1``: agreement, on the audit holdout, between the victim and
   a knockoff copy trained on its top-1 answers to ``audit.extraction_queries`` population queries
-  (``kdsec.stages.extraction_audit``, as the pipeline runs it);
+  (``kdsec.audit_run.extraction_audit``, as the pipeline runs it);
 * ``candidate.ece``: expected calibration error on the test split (``kdsec.audit.trust.calibration``).
 
 Rows: the default config's candidate (teacher → KD student → pruned/quantized variants → the
@@ -29,7 +29,9 @@ from rich.table import Table
 from torch import nn
 from torch.nn import functional as F
 
-from kdsec import stages
+from kdsec import trainers
+from kdsec.audit import run as audit_run
+from kdsec.compress import candidates
 from kdsec.audit.trust import calibration
 from kdsec.config import GatesConfig, PipelineConfig, load_config
 from kdsec.data import DataBundle, prepare_data
@@ -73,19 +75,19 @@ class FewAnswers(nn.Module):
 
 def pipeline_candidate(config: PipelineConfig, bundle: DataBundle, folder: Path) -> tuple[str, nn.Module, nn.Module]:
     """(variant name, candidate, dense KD student) as the flow produces them."""
-    teacher = stages.train_teacher(config, bundle, folder / "teacher.safetensors")
-    student = stages.distill_student(config, bundle, teacher, folder / "kd_student.safetensors")
-    variants = stages.compress_student(config.compress, bundle, student, config.student.train, config.seed, folder,
-                                       stages.distiller_for(config, bundle, teacher).objective,
+    teacher = trainers.train_teacher(config, bundle, folder / "teacher.safetensors")
+    student = trainers.distill_student(config, bundle, teacher, folder / "kd_student.safetensors")
+    variants = candidates.compress_student(config.compress, bundle, student, config.student.train, config.seed, folder,
+                                       trainers.distiller_for(config, bundle, teacher).objective,
                                        config.distill.transfer_set)
-    candidate = stages.select_candidate(variants, teacher.test_accuracy, config.gates, config.compress.selection)
-    return candidate.name, stages.load_variant(candidate), student.load()
+    candidate = candidates.select_candidate(variants, teacher.test_accuracy, config.gates, config.compress.selection)
+    return candidate.name, candidates.load_variant(candidate), student.load()
 
 
 def gate_values(model: nn.Module, config: PipelineConfig, bundle: DataBundle) -> tuple[float, float, float]:
     """(test accuracy, top-1 extraction fidelity, ECE): what the extraction and calibration gates read."""
     logits = predict_logits(model.cpu(), bundle.x_test)
-    top1 = next(r for r in stages.extraction_audit(config, bundle, model) if r.defense == "top1")
+    top1 = next(r for r in audit_run.extraction_audit(config, bundle, model) if r.defense == "top1")
     return float((logits.argmax(1) == bundle.y_test).mean()), top1.fidelity, calibration(logits, bundle.y_test).ece
 
 
@@ -111,7 +113,7 @@ def trained_student(config: PipelineConfig, bundle: DataBundle, spec: ModelSpec,
 def reference_models(config: PipelineConfig, bundle: DataBundle, student: nn.Module) -> dict[str, nn.Module]:
     """Models the two gates exist to stop, and low-capacity ones for contrast; ``student`` is the
     default dense KD student."""
-    spec = stages.student_spec(config, bundle)
+    spec = trainers.student_spec(config, bundle)
 
     def student_with(hidden: list[int]) -> nn.Module:
         return trained_student(config, bundle, ModelSpec(spec.arch, spec.input_shape, spec.num_classes,

@@ -28,7 +28,7 @@ from kdsec.crypto.he import he_ops, plaintext_forward, run_encrypted_input, run_
 from kdsec.data import prepare_data
 from kdsec.distill import OfflineDistiller
 from kdsec.models import load_checkpoint
-from kdsec.stages import distill_student, train_teacher
+from kdsec.trainers import distill_student, train_teacher
 from kdsec.train import fit, seed_everything
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from kdsec import stages
+from kdsec.trainers import TrainedModel
 from kdsec.config import PipelineConfig
 from kdsec.data import DataBundle
 from kdsec.distill import signals_key
 from kdsec.sweep import MemberResult, sweep_grid
-from tasks.stages import distill_member_task
+from tasks.pipeline import distill_member_task
 
 
 def task_runner(config: PipelineConfig):
@@ -32,7 +32,7 @@ def task_runner(config: PipelineConfig):
 
 @flow(name="kd-sweep", log_prints=True)
 def kd_sweep(config: PipelineConfig, bundle: DataBundle, signals: dict[str, str],
-             out_dir: Path) -> list[tuple[stages.TrainedModel, MemberResult]]:
+             out_dir: Path) -> list[tuple[TrainedModel, MemberResult]]:
     """Train every member from the stored teacher signals (``signals``: one file per signal kind)."""
     logger = get_run_logger()
     members = sweep_grid(config)
@@ -51,5 +51,5 @@ def kd_sweep(config: PipelineConfig, bundle: DataBundle, signals: dict[str, str]
 
 
 def run_sweep(config: PipelineConfig, bundle: DataBundle, signals: dict[str, str],
-              out_dir: Path) -> list[tuple[stages.TrainedModel, MemberResult]]:
+              out_dir: Path) -> list[tuple[TrainedModel, MemberResult]]:
     return kd_sweep.with_options(task_runner=task_runner(config))(config, bundle, signals, out_dir)

@@ -38,7 +38,7 @@ def run(
     overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="dotted.key=value, repeatable")] = None,
 ) -> None:
     """Run the kd-pipeline flow: data → teacher → KD student → compress → encrypt → audit → gates → registry."""
-    from kdsec.stages import preflight
+    from kdsec.preflight import preflight
 
     try:
         resolved = load_config(config, overrides or [])
@@ -63,65 +63,65 @@ def run(
     except Exception as exc:  # noqa: BLE001 - the last line a user sees must say what broke
         raise _fail(f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
     _print_summary(summary)
-    passed = summary["promoted"] or summary["registry"].get("awaiting_review") or summary["registry"].get("superseded_by")
-    raise typer.Exit(EXIT_PROMOTED if passed else EXIT_GATE_FAILED)
+    raise typer.Exit(EXIT_PROMOTED if summary.passed else EXIT_GATE_FAILED)
 
 
-def _print_summary(summary: dict) -> None:
-    table = Table(title=f"kd-pipeline — {summary['verdict'].upper()}", title_justify="left")
+def _print_summary(summary) -> None:
+    """What a run ended with (a ``kdsec.summary.Summary``): the gate table, the headline
+    figures, what happened in the registry, and where the report is."""
+    from kdsec import roles
+
+    table = Table(title=f"kd-pipeline — {summary.verdict.upper()}", title_justify="left")
     for column in ("gate", "verdict", "metric", "value", "threshold"):
         table.add_column(column, justify="left" if column in ("gate", "metric") else "right")
-    for name, gate in summary["gates"].items():
-        for check in gate["checks"]:
-            value = "missing" if check["value"] is None else f"{check['value']:.4f}"
-            level = check.get("level", "pass" if check["passed"] else "fail")
-            style = {"pass": "green", "warn": "yellow", "fail": "bold red"}.get(level, "dim")
-            table.add_row(name, f"[{style}]{level}[/]", check["metric"], value,
-                          f"{check['direction']} {check['threshold']:.4f}")
+    for name, gate in summary.gates.items():
+        for check in gate.checks:
+            value = "missing" if check.value is None else f"{check.value:.4f}"
+            style = {"pass": "green", "warn": "yellow", "fail": "bold red"}.get(check.level, "dim")
+            table.add_row(name, f"[{style}]{check.level}[/]", check.metric, value,
+                          f"{check.direction} {check.threshold:.4f}")
     console.print(table)
-    models = summary["models"]
+    models = summary.models
     console.print(
-        f"accuracy: teacher {models['teacher']['test_accuracy']:.4f} · scratch student "
-        f"{models['scratch_student']['test_accuracy']:.4f} · KD student {models['kd_student']['test_accuracy']:.4f}"
-        f" · candidate [b]{summary['candidate']['variant']}[/] {summary['candidate']['test_accuracy']:.4f}"
-        f" (teacher cache: {summary['teacher_cache']})")
-    cache = summary.get("cache", {})
+        f"accuracy: teacher {models[roles.TEACHER].test_accuracy:.4f} · scratch student "
+        f"{models[roles.SCRATCH_STUDENT].test_accuracy:.4f} · KD student {models[roles.KD_STUDENT].test_accuracy:.4f}"
+        f" · candidate [b]{summary.candidate.variant}[/] {summary.candidate.test_accuracy:.4f}"
+        f" (teacher cache: {summary.teacher_cache})")
+    cache = summary.cache
     if "references" in cache:
         console.print(f"cache: teacher {cache['teacher']} · teacher signals {cache['signals']['hit']}/"
                       f"{cache['signals']['total']} reused · reference models {cache['references']['hit']}/"
                       f"{cache['references']['total']} reused")
-    candidate_audit = summary["audit"]["candidate"]["membership"]
-    console.print(f"audit: strongest membership attack on the candidate: {candidate_audit['attack']} "
-                  f"(AUC {candidate_audit['auc']:.3f}, TPR {candidate_audit['tpr_at_low_fpr']:.3f} at "
-                  f"{candidate_audit['low_fpr']} FPR); {summary['audit_timing']['seconds']:.1f} s, "
-                  f"{summary['audit_timing']['ratio_to_teacher_training']:.2f}× teacher training")
-    for result in summary.get("extraction", []):
+    attack = summary.audit[roles.CANDIDATE].membership
+    console.print(f"audit: strongest membership attack on the candidate: {attack.attack} "
+                  f"(AUC {attack.auc:.3f}, TPR {attack.tpr_at_low_fpr:.3f} at {attack.low_fpr} FPR); "
+                  f"{summary.audit_timing.seconds:.1f} s, "
+                  f"{summary.audit_timing.ratio_to_teacher_training:.2f}× teacher training")
+    for result in summary.extraction:
         console.print(f"extraction ({result['defense']}): copy accuracy {result['stolen_accuracy']:.4f}, "
                       f"fidelity {result['fidelity']:.4f}")
-    he = summary["he"]
-    if not he.get("enabled", True):
+    if not summary.he.enabled:
         console.print("HE: off (encrypt.he.enabled: false)")
-    for run in he["runs"]:
+    for run in summary.he.runs:
         console.print(f"HE {run['mode']} ({run['path']}): agreement {run['agreement']:.4f}, "
                       f"{run['ms_per_sample']:.2f} ms/sample on {run['samples']} samples")
-    registry = summary["registry"]
-    if summary["promoted"]:
-        console.print(f"[green]promoted[/]: {registry['model']} version {registry['version']} is now "
-                      f"'{registry['alias']}'")
-    elif registry.get("superseded_by"):
-        console.print(f"[yellow]passed, not promoted[/]: version {registry['superseded_by']} of {registry['model']}, "
+    registry = summary.registry
+    if summary.promoted:
+        console.print(f"[green]promoted[/]: {registry.model} version {registry.version} is now '{registry.alias}'")
+    elif registry.superseded_by:
+        console.print(f"[yellow]passed, not promoted[/]: version {registry.superseded_by} of {registry.model}, "
                       f"from a run that started later, already holds the alias (this run is version "
-                      f"{registry['version']})")
-    elif registry.get("awaiting_review"):
-        console.print(f"[yellow]awaiting review[/]: every gate passed; {registry['model']} version "
-                      f"{registry['version']} is '{registry['candidate_alias']}'. Approve with: kdsec review approve "
-                      f"{registry['version']} --comment TEXT (as a reviewer: MLFLOW_TRACKING_USERNAME)")
+                      f"{registry.version})")
+    elif registry.awaiting_review:
+        console.print(f"[yellow]awaiting review[/]: every gate passed; {registry.model} version "
+                      f"{registry.version} is '{registry.candidate_alias}'. Approve with: kdsec review approve "
+                      f"{registry.version} --comment TEXT (as a reviewer: MLFLOW_TRACKING_USERNAME)")
     else:
-        console.print(f"[red]not promoted[/]: gate(s) failed: {', '.join(summary['failed_gates'])}; "
-                      f"'{registry['alias']}' stays at version {registry['previous_champion'] or 'none'} "
-                      f"(this run is version {registry['version']}, tagged gates=fail)")
-    console.print(f"report:  {summary['report']['html']}\n         {summary['report']['markdown']}")
-    console.print(f"summary: {summary['summary_path']}")
+        console.print(f"[red]not promoted[/]: gate(s) failed: {', '.join(summary.failed_gates)}; "
+                      f"'{registry.alias}' stays at version {registry.previous_champion or 'none'} "
+                      f"(this run is version {registry.version}, tagged gates=fail)")
+    console.print(f"report:  {summary.report.html}\n         {summary.report.markdown}")
+    console.print(f"summary: {summary.summary_path}")
 
 
 # --- protected packages -------------------------------------------------------------------------

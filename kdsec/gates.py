@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from enum import StrEnum
 
 from kdsec.config import GatesConfig
 
@@ -50,23 +51,84 @@ class GateVerdict:
     def level(self) -> str:
         return "fail" if not self.passed else ("warn" if self.warnings else "pass")
 
+    def as_dict(self) -> dict:
+        """The gate as ``summary.json`` and ``audit.json`` record it."""
+        return {"verdict": self.verdict, "level": self.level, "warnings": self.warnings,
+                "checks": [asdict(check) for check in self.checks]}
+
+
+class Gate(StrEnum):
+    """The gates, by the name they have in config, tags (``gate.<name>``), summary and report."""
+
+    ACCURACY = "accuracy"
+    MEMBERSHIP = "membership"
+    HE = "he"
+    AT_REST = "at_rest"
+    EXTRACTION = "extraction"
+    CALIBRATION = "calibration"
+
+
+class Metric(StrEnum):
+    """The flat metric names gates read (also the parent run's MLflow metrics)."""
+
+    TEST_ACCURACY = "candidate.test_accuracy"
+    ACCURACY_DROP = "candidate.accuracy_drop_vs_teacher"
+    MEMBERSHIP_AUC = "candidate.membership_auc"
+    MEMBERSHIP_TPR = "candidate.membership_tpr_at_low_fpr"
+    HE_AGREEMENT = "he.agreement"
+    ROUNDTRIP_EXACT = "at_rest.roundtrip_exact"
+    TAMPER_REJECTED = "at_rest.tamper_rejected"
+    WRONG_KEY_REJECTED = "at_rest.wrong_key_rejected"
+    MANIFEST_TAMPER_REJECTED = "at_rest.manifest_tamper_rejected"
+    UNSIGNED_REJECTED = "at_rest.unsigned_rejected"
+    MODEL_SIGNATURE_VERIFIED = "at_rest.model_signature_verified"
+    EXTRACTION_FIDELITY = "candidate.extraction_fidelity_top1"
+    ECE = "candidate.ece"
+
+
+# Each at_rest check is the AtRestResult field of the same name (after the "at_rest." prefix).
+_AT_REST = (Metric.ROUNDTRIP_EXACT, Metric.TAMPER_REJECTED, Metric.WRONG_KEY_REJECTED,
+            Metric.MANIFEST_TAMPER_REJECTED, Metric.UNSIGNED_REJECTED, Metric.MODEL_SIGNATURE_VERIFIED)
 
 GATE_CHECKS = (
-    GateCheck("accuracy", "candidate.test_accuracy", "min_accuracy", ">="),
-    GateCheck("accuracy", "candidate.accuracy_drop_vs_teacher", "max_drop", "<="),
-    GateCheck("membership", "candidate.membership_auc", "max_auc", "<=", "warn_auc"),
-    GateCheck("membership", "candidate.membership_tpr_at_low_fpr", "max_tpr", "<=", "warn_tpr"),
-    GateCheck("he", "he.agreement", "min_he_agreement", ">="),
-    GateCheck("at_rest", "at_rest.roundtrip_exact", "at_rest_required", ">="),
-    GateCheck("at_rest", "at_rest.tamper_rejected", "at_rest_required", ">="),
-    GateCheck("at_rest", "at_rest.wrong_key_rejected", "at_rest_required", ">="),
-    GateCheck("at_rest", "at_rest.manifest_tamper_rejected", "at_rest_required", ">="),
-    GateCheck("at_rest", "at_rest.unsigned_rejected", "at_rest_required", ">="),
-    GateCheck("at_rest", "at_rest.model_signature_verified", "at_rest_required", ">="),
-    GateCheck("extraction", "candidate.extraction_fidelity_top1", "max_extraction_fidelity", "<=",
+    GateCheck(Gate.ACCURACY, Metric.TEST_ACCURACY, "min_accuracy", ">="),
+    GateCheck(Gate.ACCURACY, Metric.ACCURACY_DROP, "max_drop", "<="),
+    GateCheck(Gate.MEMBERSHIP, Metric.MEMBERSHIP_AUC, "max_auc", "<=", "warn_auc"),
+    GateCheck(Gate.MEMBERSHIP, Metric.MEMBERSHIP_TPR, "max_tpr", "<=", "warn_tpr"),
+    GateCheck(Gate.HE, Metric.HE_AGREEMENT, "min_he_agreement", ">="),
+    *(GateCheck(Gate.AT_REST, metric, "at_rest_required", ">=") for metric in _AT_REST),
+    GateCheck(Gate.EXTRACTION, Metric.EXTRACTION_FIDELITY, "max_extraction_fidelity", "<=",
               "warn_extraction_fidelity", optional=True),
-    GateCheck("calibration", "candidate.ece", "max_ece", "<=", "warn_ece"),
+    GateCheck(Gate.CALIBRATION, Metric.ECE, "max_ece", "<=", "warn_ece"),
 )
+
+# The gates an audit alone decides (``kdsec audit`` re-runs them on a registered version).
+AUDIT_GATES = (Gate.MEMBERSHIP, Gate.EXTRACTION, Gate.CALIBRATION)
+
+
+def audit_gate_metrics(candidate_audit, extraction: list = ()) -> dict[str, float]:
+    """The audit's share of the gate metrics (membership, extraction, calibration) of a
+    ``ModelAudit`` and the extraction results against the same model."""
+    served = [result.fidelity for result in extraction if result.defense == "top1"]
+    return {
+        **({Metric.EXTRACTION_FIDELITY: served[0]} if served else {}),
+        Metric.ECE: candidate_audit.calibration.ece,
+        Metric.MEMBERSHIP_AUC: candidate_audit.membership.auc,
+        Metric.MEMBERSHIP_TPR: candidate_audit.membership.tpr_at_low_fpr,
+    }
+
+
+def gate_metrics(teacher_accuracy: float, candidate_accuracy: float, candidate_audit, he, at_rest,
+                 extraction: list = ()) -> dict[str, float]:
+    """Every metric a gate reads, from the run's results (``he``: an ``HEResult``; ``at_rest``: an
+    ``AtRestResult``). A switched-off HE stage leaves its metric out: the he gate is skipped."""
+    return {
+        **audit_gate_metrics(candidate_audit, extraction),
+        Metric.TEST_ACCURACY: candidate_accuracy,
+        Metric.ACCURACY_DROP: teacher_accuracy - candidate_accuracy,
+        **({Metric.HE_AGREEMENT: he.agreement} if he.enabled else {}),
+        **{metric: float(getattr(at_rest, metric.removeprefix("at_rest."))) for metric in _AT_REST},
+    }
 
 
 def _threshold(gates: GatesConfig, key: str) -> float:

@@ -15,26 +15,7 @@ from pathlib import Path
 from kdsec import tracking
 from kdsec.errors import DataError
 from kdsec.fileio import write_atomic
-
-HEADLINES = (
-    ("verdict", lambda s: s["verdict"]),
-    ("warnings", lambda s: ", ".join(s.get("warnings", [])) or "none"),
-    ("candidate variant", lambda s: s["candidate"]["variant"]),
-    ("candidate test accuracy", lambda s: s["candidate"]["test_accuracy"]),
-    ("candidate bytes", lambda s: s["candidate"]["size_bytes"]),
-    ("teacher test accuracy", lambda s: s["models"]["teacher"]["test_accuracy"]),
-    ("distillation gain", lambda s: s["distillation_gain"]),
-    ("membership attack (strongest)", lambda s: s["audit"]["candidate"]["membership"]["attack"]),
-    ("membership AUC", lambda s: s["audit"]["candidate"]["membership"]["auc"]),
-    ("membership TPR @ low FPR", lambda s: s["audit"]["candidate"]["membership"]["tpr_at_low_fpr"]),
-    ("candidate ECE", lambda s: s["audit"]["candidate"]["calibration"]["ece"]),
-    ("extraction fidelity (top-1)", lambda s: next((r["fidelity"] for r in s.get("extraction", [])
-                                                   if r["defense"] == "top1"), None)),
-    ("HE agreement (min over modes)", lambda s: s["he"]["agreement"]),
-    ("HE batched ms/sample", lambda s: s["he"]["ms_per_sample"]),
-    ("data fingerprint", lambda s: s["data"]["fingerprint"]),
-    ("config digest", lambda s: s["config_digest"]),
-)
+from kdsec.summary import read_summary
 
 
 def fetch_report(model_name: str, version: str, destination: Path) -> dict:
@@ -47,22 +28,11 @@ def fetch_report(model_name: str, version: str, destination: Path) -> dict:
             "audit": report / "audit.json", "summary": summary}
 
 
-def _headline(summary: dict) -> dict[str, object]:
-    values = {}
-    for label, read in HEADLINES:
-        try:
-            values[label] = read(summary)
-        except (KeyError, TypeError, StopIteration):
-            values[label] = None
-    return values
-
-
 def compare_versions(model_name: str, first: str, second: str, destination: Path) -> list[tuple[str, object, object]]:
-    """Headline metrics of two versions side by side (read from their summary.json)."""
-    left = json.loads(fetch_report(model_name, first, destination)["summary"].read_text())
-    right = json.loads(fetch_report(model_name, second, destination)["summary"].read_text())
-    a, b = _headline(left), _headline(right)
-    return [(label, a[label], b[label]) for label, _ in HEADLINES]
+    """Headline metrics of two versions side by side (``Summary.headlines`` of their summary.json)."""
+    left = read_summary(fetch_report(model_name, first, destination)["summary"]).headlines()
+    right = read_summary(fetch_report(model_name, second, destination)["summary"]).headlines()
+    return [(label, left[label], right[label]) for label in left]
 
 
 def reaudit(model_uri: str, out_root: Path) -> dict:
@@ -70,13 +40,12 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
     config and checked against the version's data fingerprint)."""
     import mlflow
 
-    from kdsec import stages
-    from kdsec.compress.quantize import dequantized_copy, load_weights
+    from kdsec import roles
+    from kdsec.audit.run import audit_models, extraction_audit, reference_models
+    from kdsec.compress.quantize import DynamicQuantLinear, dequantized_copy, load_weights
     from kdsec.config import load_config
     from kdsec.data import prepare_data
-    from kdsec.compress.quantize import DynamicQuantLinear
-    from kdsec.gates import evaluate_gates
-    from kdsec.summary import audit_gate_metrics
+    from kdsec.gates import AUDIT_GATES, audit_gate_metrics, evaluate_gates
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     name, version = tracking.resolve_version(model_uri)
@@ -93,25 +62,17 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
     model.eval()
     int8 = any(isinstance(module, DynamicQuantLinear) for module in model.modules())
     surrogate = dequantized_copy(model, spec) if int8 else None
-    references = []
-    for index in range(config.audit.reference_models):  # the pipeline's cached ones, or trained now
-        path = stages.reference_checkpoint(config, bundle, "student", index)
-        if not path.is_file():
-            stages.train_reference_model(config, bundle, "student", index, path)
-        references.append(str(path))
-    (audit,) = stages.audit_models({"candidate": model}, bundle, config, {"student": references},
-                                   {"candidate": surrogate})
-    extraction = stages.extraction_audit(config, bundle, model)
-    verdicts = [v for v in evaluate_gates(audit_gate_metrics(audit, extraction), config.gates)
-                if v.name in ("membership", "extraction", "calibration")]
+    references = {"student": reference_models(config, bundle, "student")}  # cached, or trained now
+    (audit,) = audit_models({roles.CANDIDATE: model}, bundle, config, references, {roles.CANDIDATE: surrogate})
+    extraction = extraction_audit(config, bundle, model)
+    verdicts = [v for v in evaluate_gates(audit_gate_metrics(audit, extraction), config.gates) if v.name in AUDIT_GATES]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     folder = out_root / f"audit-{name}-v{version}-{stamp}"
     folder.mkdir(parents=True, exist_ok=True)
     document = {"model": name, "version": version, "model_uri": model_uri, "pipeline_run": run_id,
                 "data_fingerprint": bundle.fingerprint, "time": stamp, "audit": asdict(audit),
                 "extraction": [asdict(r) for r in extraction],
-                "gates": {v.name: {"verdict": v.verdict, "level": v.level,
-                                   "checks": [asdict(c) for c in v.checks]} for v in verdicts}}
+                "gates": {verdict.name: verdict.as_dict() for verdict in verdicts}}
     write_atomic(folder / "audit.json", json.dumps(document, indent=2, default=str))
     client = mlflow.MlflowClient()
     for key, value in {"reaudit.time": stamp, "reaudit.attack": audit.membership.attack,

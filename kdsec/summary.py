@@ -1,6 +1,10 @@
 """``summary.json``: every headline metric and every gate's value, threshold and verdict.
 
-The schema is documented in the README ("summary.json"); ``SCHEMA_VERSION`` changes with it.
+``Summary`` is the one typed owner of that contract: the pipeline builds it, the CLI, the review
+commands, the report templates and the tests read it by attribute, and ``summary.json`` /
+``audit.json`` are written from it. The schema is documented in the README ("summary.json");
+``SCHEMA_VERSION`` changes with it. Sections type the fields their readers use and keep the rest
+of their detail (``extra="allow"``), so the written JSON holds everything the run measured.
 """
 
 from __future__ import annotations
@@ -8,44 +12,235 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from kdsec.compress import VariantMetrics
-from kdsec.crypto.package import AtRestResult
-from kdsec.crypto.he import HEResult
-from kdsec.data import DataBundle
-from kdsec.fileio import write_atomic
-from kdsec.gates import GateVerdict
-from kdsec.stages import SELECTION_RULES, ModelAudit, TrainedModel
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kdsec import roles
+from kdsec.errors import DataError
+from kdsec.fileio import read_bounded, write_atomic
+
+if TYPE_CHECKING:  # the model above is read without torch; only building a summary needs these
+    from kdsec.audit.run import AuditOutcome, ModelAudit
+    from kdsec.compress.measure import VariantMetrics
+    from kdsec.crypto.he import HEResult
+    from kdsec.crypto.package import AtRestResult
+    from kdsec.data import DataBundle
+    from kdsec.gates import GateVerdict
+    from kdsec.trainers import TrainedModel
 
 SCHEMA_VERSION = 7
+SUMMARY_LIMIT = 64 * 1024 * 1024  # a summary.json read back (e.g. a registered version's) is at most this
 
 
-def audit_gate_metrics(candidate_audit: ModelAudit, extraction: list = ()) -> dict[str, float]:
-    """The audit's share of the gate metrics (membership, extraction, calibration)."""
-    served = [result.fidelity for result in extraction if result.defense == "top1"]
-    return {
-        **({"candidate.extraction_fidelity_top1": served[0]} if served else {}),
-        "candidate.ece": candidate_audit.calibration.ece,
-        "candidate.membership_auc": candidate_audit.membership.auc,
-        "candidate.membership_tpr_at_low_fpr": candidate_audit.membership.tpr_at_low_fpr,
-    }
+class _Exact(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
-def gate_metrics(teacher: TrainedModel, candidate: VariantMetrics, candidate_audit: ModelAudit, he: HEResult,
-                 at_rest: AtRestResult, extraction: list = ()) -> dict[str, float]:
-    """The flat metric names that gates refer to (see kdsec.gates.GATE_CHECKS)."""
-    return {
-        **audit_gate_metrics(candidate_audit, extraction),
-        "candidate.test_accuracy": candidate.test_accuracy,
-        "candidate.accuracy_drop_vs_teacher": teacher.test_accuracy - candidate.test_accuracy,
-        **({"he.agreement": he.agreement} if he.enabled else {}),  # off: the he gate is skipped
-        "at_rest.roundtrip_exact": float(at_rest.roundtrip_exact),
-        "at_rest.tamper_rejected": float(at_rest.tamper_rejected),
-        "at_rest.wrong_key_rejected": float(at_rest.wrong_key_rejected),
-        "at_rest.manifest_tamper_rejected": float(at_rest.manifest_tamper_rejected),
-        "at_rest.unsigned_rejected": float(at_rest.unsigned_rejected),
-        "at_rest.model_signature_verified": float(at_rest.model_signature_verified),
-    }
+class _Open(BaseModel):
+    """A section whose typed fields are what readers use; the rest of its detail is kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class CheckSummary(_Exact):
+    gate: str
+    metric: str
+    value: float | None
+    threshold: float
+    direction: str
+    passed: bool
+    level: str = "pass"  # pass | warn | fail | skipped
+    warn_threshold: float | None = None
+
+
+class GateSummary(_Exact):
+    verdict: str  # pass | fail
+    level: str  # pass | warn | fail
+    warnings: list[str]
+    checks: list[CheckSummary]
+
+
+class DataSummary(_Exact):
+    name: str
+    fingerprint: str
+    splits: dict[str, int]
+    input_shape: list[int]
+    classes: int
+
+
+class ModelSummary(_Exact):
+    test_accuracy: float
+    val_accuracy: float
+    params: int
+    best_epoch: int
+    epochs_run: int
+    train_seconds: float
+    checkpoint: str
+    privacy: dict[str, float] | None = None
+
+
+class CandidateSummary(_Exact):
+    variant: str
+    rule: str
+    test_accuracy: float
+    size_bytes: int
+
+
+class MembershipSummary(_Open):
+    attack: str
+    auc: float
+    tpr_at_low_fpr: float
+    low_fpr: float
+
+
+class CalibrationSummary(_Open):
+    ece: float
+    bin_confidence: list[float]
+    bin_accuracy: list[float]
+
+
+class ModelAuditSummary(_Open):
+    role: str
+    test_accuracy: float
+    membership: MembershipSummary
+    calibration: CalibrationSummary
+    per_class: dict[str, Any]
+    attacks: dict[str, MembershipSummary]
+
+
+class HESummary(_Open):
+    enabled: bool
+    agreement: float | None
+    samples: int
+    ms_per_sample: float | None
+    single_sample_ms: float | None
+    host_had_secret_key: bool
+    runs: list[dict[str, Any]]
+
+
+class AtRestSummary(_Open):
+    package_path: str
+    kek_id: str
+    signer_key_id: str
+
+
+class RegistrySummary(_Exact):
+    model: str
+    version: str
+    model_uri: str
+    alias: str
+    promoted: bool
+    awaiting_review: bool = False
+    candidate_alias: str | None = None
+    superseded_by: str | None = None
+    previous_champion: str | None = None
+    champion: str | None = None
+
+
+class AuditTiming(_Exact):
+    seconds: float
+    teacher_train_seconds: float
+    ratio_to_teacher_training: float
+
+
+class ReportPaths(_Exact):
+    markdown: str
+    html: str
+
+
+class Summary(_Exact):
+    schema_version: int
+    run_id: str
+    config_digest: str
+    code_version: str
+    verdict: str  # pass | fail
+    promoted: bool
+    failed_gates: list[str]
+    data: DataSummary
+    models: dict[str, ModelSummary]
+    teacher_cache: str
+    cache: dict[str, Any]
+    distillation_gain: float
+    distillation: dict[str, Any]
+    sweep: dict[str, Any] | None
+    variants: list[dict[str, Any]]
+    candidate: CandidateSummary
+    at_rest: AtRestSummary
+    he: HESummary
+    audit: dict[str, ModelAuditSummary]
+    extraction: list[dict[str, Any]]
+    teacher_leakage: dict[str, Any]
+    privacy_defense: dict[str, Any]
+    audit_timing: AuditTiming
+    gates: dict[str, GateSummary]
+    warnings: list[str]
+    registry: RegistrySummary
+    output_dir: str
+    report: ReportPaths | None = None  # set once the report is rendered
+    summary_path: str | None = None  # where summary.json was written (not inside the file itself)
+
+    @property
+    def passed(self) -> bool:
+        """Every gate passed: promoted, awaiting review, or superseded by a later passing run."""
+        return self.verdict == "pass"
+
+    def extraction_fidelity(self) -> float | None:
+        return next((row["fidelity"] for row in self.extraction if row["defense"] == "top1"), None)
+
+    def headlines(self) -> dict[str, object]:
+        """The figures a reviewer compares across versions (``kdsec report --compare``)."""
+        candidate = self.audit.get(roles.CANDIDATE)
+        return {
+            "verdict": self.verdict,
+            "warnings": ", ".join(self.warnings) or "none",
+            "candidate variant": self.candidate.variant,
+            "candidate test accuracy": self.candidate.test_accuracy,
+            "candidate bytes": self.candidate.size_bytes,
+            "teacher test accuracy": self.models[roles.TEACHER].test_accuracy,
+            "distillation gain": self.distillation_gain,
+            "membership attack (strongest)": candidate.membership.attack if candidate else None,
+            "membership AUC": candidate.membership.auc if candidate else None,
+            "membership TPR @ low FPR": candidate.membership.tpr_at_low_fpr if candidate else None,
+            "candidate ECE": candidate.calibration.ece if candidate else None,
+            "extraction fidelity (top-1)": self.extraction_fidelity(),
+            "HE agreement (min over modes)": self.he.agreement,
+            "HE batched ms/sample": self.he.ms_per_sample,
+            "data fingerprint": self.data.fingerprint,
+            "config digest": self.config_digest,
+        }
+
+    def audit_document(self) -> dict:
+        """``audit.json``: the review team's machine-readable audit, from the same data as the report."""
+        data = self.model_dump(mode="json")
+        return {"schema_version": SCHEMA_VERSION, "run_id": self.run_id, "verdict": self.verdict,
+                "lineage": {"data": data["data"], "config_digest": self.config_digest,
+                            "code_version": self.code_version},
+                "gates": data["gates"], "models": data["audit"], "extraction": data["extraction"],
+                "teacher_leakage": data["teacher_leakage"], "privacy_defense": data["privacy_defense"],
+                "timing": data["audit_timing"], "candidate": data["candidate"], "at_rest": data["at_rest"],
+                "he": data["he"]}
+
+    def write(self, path: Path) -> Path:
+        """``summary.json`` (without ``summary_path``, which says where this very file is)."""
+        return write_json(self.model_dump(mode="python", exclude={"summary_path"}), path)
+
+
+def write_json(document: dict, path: Path) -> Path:
+    return write_atomic(path, json.dumps(document, indent=2, default=str))
+
+
+def read_summary(path: Path) -> Summary:
+    """A ``summary.json`` read back (bounded, validated): a malformed one is a one-line DataError."""
+    data = read_bounded(path, SUMMARY_LIMIT, "summary.json", error=DataError)
+    try:
+        return Summary.model_validate(json.loads(data))
+    except (ValueError, ValidationError) as exc:
+        first = str(exc).splitlines()
+        raise DataError(f"'{path}' is not a kdsec summary.json of schema {SCHEMA_VERSION}: "
+                        f"{' '.join(first[:3])}") from None
 
 
 def teacher_leakage(audits: list[ModelAudit], bundle: DataBundle) -> dict:
@@ -60,13 +255,14 @@ def teacher_leakage(audits: list[ModelAudit], bundle: DataBundle) -> dict:
 
 def privacy_defense(models: dict[str, TrainedModel], audits: dict[str, ModelAudit]) -> dict:
     """The DP-SGD student next to the scratch student it replaces: ε spent, accuracy, leakage."""
-    private = models.get("dp_student")
-    if private is None or "dp_student" not in audits:
+    private = models.get(roles.DP_STUDENT)
+    if private is None or roles.DP_STUDENT not in audits:
         return {"enabled": False}
-    baseline, audit = audits["scratch_student"], audits["dp_student"]
+    baseline, audit = audits[roles.SCRATCH_STUDENT], audits[roles.DP_STUDENT]
+    scratch = models[roles.SCRATCH_STUDENT]
     return {"enabled": True, **private.privacy, "test_accuracy": private.test_accuracy,
-            "baseline": "scratch_student", "baseline_test_accuracy": models["scratch_student"].test_accuracy,
-            "accuracy_change": private.test_accuracy - models["scratch_student"].test_accuracy,
+            "baseline": roles.SCRATCH_STUDENT, "baseline_test_accuracy": scratch.test_accuracy,
+            "accuracy_change": private.test_accuracy - scratch.test_accuracy,
             "membership_auc": audit.membership.auc, "baseline_membership_auc": baseline.membership.auc,
             "membership_auc_change": audit.membership.auc - baseline.membership.auc,
             "membership_tpr_at_low_fpr": audit.membership.tpr_at_low_fpr,
@@ -77,60 +273,41 @@ def privacy_defense(models: dict[str, TrainedModel], audits: dict[str, ModelAudi
 def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle: DataBundle,
                   models: list[TrainedModel], teacher_cache: str, variants: list[VariantMetrics],
                   candidate: VariantMetrics, selection: str, at_rest: AtRestResult, he: HEResult,
-                  audits: list[ModelAudit], verdicts: list[GateVerdict], registry: dict,
-                  output_dir: Path, audit_seconds: float = float("nan"), extraction: list = (),
-                  sweep: dict | None = None, distill: dict | None = None, caches: dict | None = None) -> dict:
+                  audit: AuditOutcome, verdicts: list[GateVerdict], registry: dict, output_dir: Path,
+                  sweep: dict | None = None, distill: dict | None = None, caches: dict | None = None) -> Summary:
+    from kdsec.compress.candidates import SELECTION_RULES
+
     by_role = {model.role: model for model in models}
     failed = [verdict.name for verdict in verdicts if not verdict.passed]
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id,
-        "config_digest": config_digest,
-        "code_version": code_version,
-        "verdict": "fail" if failed else "pass",
-        "promoted": bool(registry.get("promoted")),
-        "failed_gates": failed,
-        "data": {"name": bundle.name, "fingerprint": bundle.fingerprint, "splits": bundle.sizes(),
-                 "input_shape": list(bundle.input_shape), "classes": bundle.num_classes},
-        "models": {model.role: {"test_accuracy": model.test_accuracy, "val_accuracy": model.val_accuracy,
-                                "params": model.params, "best_epoch": model.best_epoch,
-                                "epochs_run": model.epochs_run, "train_seconds": model.train_seconds,
-                                "checkpoint": model.checkpoint,
-                                **({"privacy": model.privacy} if model.privacy else {})} for model in models},
-        "teacher_cache": teacher_cache,
-        "cache": caches or {"teacher": teacher_cache},
-        "distillation_gain": by_role["kd_student"].test_accuracy - by_role["scratch_student"].test_accuracy,
-        "distillation": distill or {},
-        "sweep": sweep,
-        "variants": [variant.as_dict() for variant in variants],
-        "candidate": {"variant": candidate.name, "rule": SELECTION_RULES[selection],
-                      "test_accuracy": candidate.test_accuracy, "size_bytes": candidate.size_bytes},
-        "at_rest": asdict(at_rest),
-        "he": he.as_dict(),
-        "audit": {audit.role: asdict(audit) for audit in audits},
-        "extraction": [asdict(result) for result in extraction],
-        "teacher_leakage": teacher_leakage(audits, bundle),
-        "privacy_defense": privacy_defense(by_role, {audit.role: audit for audit in audits}),
-        "audit_timing": {"seconds": audit_seconds, "teacher_train_seconds": by_role["teacher"].train_seconds,
-                         "ratio_to_teacher_training": audit_seconds / max(by_role["teacher"].train_seconds, 1e-9)},
-        "gates": {verdict.name: {"verdict": verdict.verdict, "level": verdict.level, "warnings": verdict.warnings,
-                                 "checks": [asdict(check) for check in verdict.checks]} for verdict in verdicts},
-        "warnings": [metric for verdict in verdicts for metric in verdict.warnings],
-        "registry": registry,
-        "output_dir": str(output_dir),
-    }
-
-
-def audit_document(summary: dict) -> dict:
-    """``audit.json``: the review team's machine-readable audit, from the same data as the report."""
-    return {"schema_version": SCHEMA_VERSION, "run_id": summary["run_id"], "verdict": summary["verdict"],
-            "lineage": {"data": summary["data"], "config_digest": summary["config_digest"],
-                        "code_version": summary["code_version"]},
-            "gates": summary["gates"], "models": summary["audit"], "extraction": summary["extraction"],
-            "teacher_leakage": summary["teacher_leakage"], "privacy_defense": summary["privacy_defense"],
-            "timing": summary["audit_timing"],
-            "candidate": summary["candidate"], "at_rest": summary["at_rest"], "he": summary["he"]}
-
-
-def write_summary(summary: dict, path: Path) -> Path:
-    return write_atomic(path, json.dumps(summary, indent=2, default=str))
+    return Summary(
+        schema_version=SCHEMA_VERSION, run_id=run_id, config_digest=config_digest, code_version=code_version,
+        verdict="fail" if failed else "pass", promoted=bool(registry.get("promoted")), failed_gates=failed,
+        data={"name": bundle.name, "fingerprint": bundle.fingerprint, "splits": bundle.sizes(),
+              "input_shape": list(bundle.input_shape), "classes": bundle.num_classes},
+        models={model.role: {"test_accuracy": model.test_accuracy, "val_accuracy": model.val_accuracy,
+                             "params": model.params, "best_epoch": model.best_epoch,
+                             "epochs_run": model.epochs_run, "train_seconds": model.train_seconds,
+                             "checkpoint": model.checkpoint,
+                             **({"privacy": model.privacy} if model.privacy else {})} for model in models},
+        teacher_cache=teacher_cache,
+        cache=caches or {"teacher": teacher_cache},
+        distillation_gain=(by_role[roles.KD_STUDENT].test_accuracy
+                           - by_role[roles.SCRATCH_STUDENT].test_accuracy),
+        distillation=distill or {},
+        sweep=sweep,
+        variants=[variant.as_dict() for variant in variants],
+        candidate={"variant": candidate.name, "rule": SELECTION_RULES[selection],
+                   "test_accuracy": candidate.test_accuracy, "size_bytes": candidate.size_bytes},
+        at_rest=asdict(at_rest),
+        he=he.as_dict(),
+        audit={model_audit.role: asdict(model_audit) for model_audit in audit.audits},
+        extraction=[asdict(result) for result in audit.extraction],
+        teacher_leakage=teacher_leakage(audit.audits, bundle),
+        privacy_defense=privacy_defense(by_role, audit.by_role),
+        audit_timing={"seconds": audit.seconds, "teacher_train_seconds": audit.teacher_train_seconds,
+                      "ratio_to_teacher_training": audit.ratio_to_teacher_training},
+        gates={verdict.name: verdict.as_dict() for verdict in verdicts},
+        warnings=[metric for verdict in verdicts for metric in verdict.warnings],
+        registry=registry,
+        output_dir=str(output_dir),
+    )

@@ -47,20 +47,12 @@ class MemberResult:
         return {**asdict(self.member), **{k: v for k, v in asdict(self).items() if k != "member"}}
 
 
-def _scale(value: int, factor: float) -> int:
-    return max(1, round(value * factor))
-
-
 def scaled_student(student: StudentConfig, factor: float) -> StudentConfig:
-    """Every width of the student (he_mlp hidden sizes, CNN channels and fc, ResNet width) × ``factor``."""
+    """Every width of the student's arch (he_mlp hidden sizes, CNN channels and fc, ResNet width)
+    × ``factor``, rounded, at least 1 (``scaled`` of its options class)."""
     if factor == 1.0:
         return student
-    return student.model_copy(update={
-        "hidden": [_scale(h, factor) for h in student.hidden],
-        "channels": [_scale(c, factor) for c in student.channels],
-        "fc": _scale(student.fc, factor),
-        "width": _scale(student.width, factor),
-    })
+    return student.scaled(factor)
 
 
 def _label(value: float) -> str:

@@ -233,6 +233,66 @@ def mark_candidate(model_name: str, version: str, candidate_alias: str) -> str |
                         lambda v: v.tags.get("gates") == "pass" and v.tags.get("review.status") == "pending")
 
 
+def register_and_promote(settings, parent_run_id: str, checkpoint: Path, checkpoint_format: str, serving: dict,
+                         verdicts: list[GateVerdict], extra_tags: dict[str, str]) -> dict:
+    """Log the candidate as a pyfunc model, register a version with its gate tags, and move the
+    alias (``settings``: the ``tracking`` config section) only if every gate passed — or, with
+    ``require_approval``, mark it for review. The previous champion is recorded for the report.
+    ``serving``: the ``input_scale``, ``class_names`` and ``normalization`` a served model needs."""
+    previous = champion_version(settings.registered_model, settings.alias)
+    with stage_run(parent_run_id, "register") as run:
+        model_uri = log_student_model(checkpoint, checkpoint_format, serving["input_scale"],
+                                      serving["class_names"], serving.get("normalization"))
+        version = register_candidate(model_uri, settings.registered_model, verdicts, run.info.run_id, extra_tags)
+    passed = all_passed(verdicts)
+    holder = None
+    if passed and settings.require_approval:
+        holder = mark_candidate(settings.registered_model, version, settings.candidate_alias)
+    elif passed:
+        holder = settle_alias(settings.registered_model, settings.alias, lambda v: v.tags.get("gates") == "pass")
+    superseded_by = holder if holder not in (None, str(version)) else None
+    if superseded_by:
+        note_superseded(settings.registered_model, version, superseded_by)
+    awaiting_review = passed and settings.require_approval and superseded_by is None
+    promoted = passed and not settings.require_approval and superseded_by is None
+    return {"model": settings.registered_model, "version": str(version), "model_uri": model_uri,
+            "alias": settings.alias, "promoted": promoted, "awaiting_review": awaiting_review,
+            "candidate_alias": settings.candidate_alias if awaiting_review else None,
+            "superseded_by": superseded_by, "previous_champion": previous,
+            "champion": str(version) if promoted else previous}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``: a nested config as MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def log_run_config(run_id: str, config_file: Path, config_tree: dict) -> None:
+    """The resolved config: as an artifact, and every leaf as a param (MLflow caps values at 500)."""
+    from mlflow.entities import Param
+
+    client = MlflowClient()
+    client.log_artifact(run_id, str(config_file))
+    client.log_batch(run_id, params=[Param(key, str(value)[:500]) for key, value in flatten(config_tree).items()])
+
+
+def log_gates(run_id: str, metrics: dict[str, float], verdicts: list[GateVerdict]) -> None:
+    """The gate metrics on the parent run, and ``gate.<name>`` (+ ``.warn``) tags with the verdicts."""
+    client = MlflowClient()
+    for name, value in metrics.items():
+        client.log_metric(run_id, str(name), float(value))
+    for verdict in verdicts:
+        client.set_tag(run_id, f"gate.{verdict.name}", verdict.verdict)
+        if verdict.warnings:
+            client.set_tag(run_id, f"gate.{verdict.name}.warn", ",".join(verdict.warnings))
+
+
 def _pipeline_run(run_id: str) -> str:
     return MlflowClient().get_run(run_id).data.tags.get("mlflow.parentRunId", run_id)
 

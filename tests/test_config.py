@@ -1,9 +1,16 @@
+import re
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import ValidationError
 
-from kdsec.config import DEFAULT_CONFIG, PipelineConfig, load_config
+from kdsec.config import (ARCHES, DEFAULT_CONFIG, CNNStudentConfig, CNNTeacherConfig, HEMLPStudentConfig,
+                          HEMLPTeacherConfig, PipelineConfig, ResNetStudentConfig, ResNetTeacherConfig,
+                          arch_option_names, config_from_dict, load_config)
 from kdsec.errors import ConfigError
+
+CIFAR10_CONFIG = DEFAULT_CONFIG.parent / "cifar10.yaml"
 
 
 def test_default_yaml_matches_the_typed_defaults():
@@ -30,11 +37,17 @@ def test_dotted_overrides_reach_nested_keys():
     ("data.test_fraction=0.65", "leaves under 10% for training"),
     ("encrypt.he.poly_modulus_degree=1000", "config key 'encrypt.he.poly_modulus_degree'"),
     ("distill", "must look like dotted.key=value"),
+    ("student.arch=nope", ("unknown model architecture 'nope' in student.arch "
+                           "(known: he_mlp, resnet18, student_cnn, teacher_cnn)")),
+    ("teacher.arch=resnet", "unknown model architecture 'resnet' in teacher.arch (known: he_mlp, resnet18, "),
+    ("student.hidden=[0]", "config key 'student.hidden.0': Input should be greater than 0"),
+    ("student.train.epochz=3", "unknown config key 'student.train.epochz'"),
+    ("teacher.width=64", ("config key 'teacher.width' is not an option of teacher.arch 'teacher_cnn' "
+                          "(its options: channels, fc;")),
 ])
 def test_bad_values_give_one_line_naming_the_key(override, message):
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
         load_config(None, [override])
-    assert message in str(caught.value)
     assert "\n" not in str(caught.value)
 
 
@@ -69,6 +82,160 @@ def test_unknown_names_in_registries_are_config_errors(digits):
 
 def test_config_is_frozen():
     config = load_config()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="Instance is frozen"):
         config.distill.temperature = 2.0  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="Instance is frozen"):
+        config.student.hidden = [8]  # type: ignore[misc]
     assert Path(DEFAULT_CONFIG).is_file()
+
+
+# Per-architecture options: `teacher` / `student` are discriminated unions on `arch`.
+
+def test_every_registered_architecture_has_options_in_both_sections():
+    from kdsec.models import MODELS
+
+    assert sorted(ARCHES["teacher"]) == sorted(ARCHES["student"]) == MODELS.names()
+
+
+@pytest.mark.parametrize(("section", "arch", "foreign", "options"), [
+    ("student", "he_mlp", "channels=[8]", "hidden, pool"),
+    ("student", "he_mlp", "width=8", "hidden, pool"),
+    ("student", "student_cnn", "hidden=[8]", "channels, fc"),
+    ("student", "teacher_cnn", "pool=2", "channels, fc"),
+    ("student", "resnet18", "fc=8", "width"),
+    ("teacher", "teacher_cnn", "width=8", "channels, fc"),
+    ("teacher", "he_mlp", "channels=[8]", "hidden, pool"),
+    ("teacher", "resnet18", "hidden=[8]", "width"),
+])
+def test_an_option_of_another_arch_is_one_line_naming_it_and_the_arch(section, arch, foreign, options):
+    key = foreign.split("=")[0]
+    message = (f"config key '{section}.{key}' is not an option of {section}.arch '{arch}' "
+               f"(its options: {options};")
+    with pytest.raises(ConfigError, match="^" + re.escape(message)) as caught:
+        load_config(None, [f"{section}.arch={arch}", f"{section}.{foreign}"])
+    assert "\n" not in str(caught.value)
+    # The same from a section that names the arch itself (a file section, a Prefect parameter).
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        config_from_dict({section: {"arch": arch, key: yaml.safe_load(foreign.split("=")[1])}})
+
+
+def test_an_option_of_another_arch_in_the_file_section_is_an_error(tmp_path):
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("student: {arch: student_cnn, channels: [8, 16], hidden: [64]}\n")
+    with pytest.raises(ConfigError, match=r"config key 'student\.hidden' is not an option of student\.arch "
+                                          r"'student_cnn' \(its options: channels, fc;"):
+        load_config(config_file)
+    # Overriding the arch does not excuse it: `hidden` was never an option of the file's arch.
+    with pytest.raises(ConfigError, match=r"config key 'student\.hidden' is not an option of student\.arch "
+                                          r"'student_cnn' in '.*config\.yaml' \(its options: channels, fc;"):
+        load_config(config_file, ["student.arch=he_mlp"])
+
+
+def test_sections_without_arch_get_the_default_arch():
+    config = config_from_dict({"teacher": {"channels": [8, 16]}, "student": {"hidden": [64, 16]}})
+    assert config.teacher == CNNTeacherConfig(channels=[8, 16])
+    assert config.student == HEMLPStudentConfig(hidden=[64, 16])
+
+
+def test_an_he_mlp_teacher_gets_he_mlp_defaults_and_keeps_the_teacher_training():
+    config = load_config(None, ["teacher.arch=he_mlp"])
+    assert isinstance(config.teacher, HEMLPTeacherConfig)
+    assert config.teacher.hidden == [32] and config.teacher.pool == 1
+    assert config.teacher.model_options() == {"hidden": [32]}
+    assert config.teacher.train == PipelineConfig().teacher.train  # the teacher's, not the student's
+    assert not hasattr(config.teacher, "channels")
+
+
+def test_an_arch_override_drops_the_files_options_of_its_old_arch():
+    # cifar10.yaml: teacher_cnn [64, 128] / 256, he_mlp student hidden [128], pool 4.
+    config = load_config(CIFAR10_CONFIG, ["student.arch=student_cnn", "teacher.arch=resnet18"])
+    assert config.student == CNNStudentConfig(arch="student_cnn", channels=[16, 32], fc=64,
+                                              train=config.student.train)
+    assert config.student.train.epochs == 60 and config.student.train.augment == "crop_flip"  # the file's
+    assert config.teacher == ResNetTeacherConfig(width=64, train=config.teacher.train)
+    assert config.teacher.train.epochs == 40  # the file's
+    # The new arch's options given with the override are kept.
+    config = load_config(CIFAR10_CONFIG, ["student.arch=student_cnn", "student.fc=128", "teacher.arch=resnet18",
+                                          "teacher.width=32"])
+    assert config.student.model_options() == {"channels": [16, 32], "fc": 128}
+    assert config.teacher.model_options() == {"width": 32}
+    # An override to the file's own arch changes nothing; another arch's option by --set is an error.
+    assert load_config(CIFAR10_CONFIG, ["student.arch=he_mlp"]) == load_config(CIFAR10_CONFIG)
+    with pytest.raises(ConfigError, match=r"^config key 'student\.pool' is not an option of student\.arch "
+                                          r"'student_cnn' \(its options: channels, fc;"):
+        load_config(CIFAR10_CONFIG, ["student.arch=student_cnn", "student.pool=4"])
+
+
+def test_an_arch_override_on_the_default_config_gives_the_documented_defaults():
+    assert load_config(None, ["student.arch=student_cnn"]).student == CNNStudentConfig()
+    assert load_config(None, ["student.arch=teacher_cnn"]).student == CNNStudentConfig(arch="teacher_cnn")
+    assert load_config(None, ["student.arch=resnet18"]).student == ResNetStudentConfig()
+    assert load_config(None, ["teacher.arch=student_cnn"]).teacher == CNNTeacherConfig(arch="student_cnn")
+    assert load_config(None, ["teacher.arch=resnet18"]).teacher == ResNetTeacherConfig()
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    # Exactly what ModelSpec.options got before (the former stages.arch_options): checkpoints depend on it.
+    (CNNTeacherConfig(), {"channels": [32, 64], "fc": 128}),
+    (CNNTeacherConfig(arch="student_cnn"), {"channels": [32, 64], "fc": 128}),
+    (ResNetTeacherConfig(), {"width": 64}),
+    (HEMLPTeacherConfig(), {"hidden": [32]}),
+    (HEMLPStudentConfig(), {"hidden": [32]}),
+    (HEMLPStudentConfig(hidden=[128], pool=4), {"hidden": [128], "pool": 4}),
+    (CNNStudentConfig(), {"channels": [16, 32], "fc": 64}),
+    (CNNStudentConfig(arch="teacher_cnn", channels=[8], fc=3), {"channels": [8], "fc": 3}),
+    (ResNetStudentConfig(), {"width": 32}),
+])
+def test_model_options_are_the_builders_keyword_arguments(options, expected):
+    from kdsec.models import ModelSpec, build_model
+
+    assert options.model_options() == expected
+    assert sorted(arch_option_names("teacher", options.arch)) == sorted(arch_option_names("student", options.arch))
+    assert set(expected) <= set(arch_option_names("student", options.arch))
+    build_model(ModelSpec(options.arch, (3, 32, 32), 10, options.model_options()))
+
+
+def test_default_model_options_are_unchanged():
+    config = load_config()
+    assert config.teacher.model_options() == {"channels": [32, 64], "fc": 128}
+    assert config.student.model_options() == {"hidden": [32]}
+    cifar10 = load_config(CIFAR10_CONFIG)
+    assert cifar10.teacher.model_options() == {"channels": [64, 128], "fc": 256}
+    assert cifar10.student.model_options() == {"hidden": [128], "pool": 4}
+
+
+@pytest.mark.parametrize(("options", "factor", "expected"), [
+    (HEMLPStudentConfig(hidden=[32, 3], pool=4), 0.5, {"hidden": [16, 2], "pool": 4}),
+    (HEMLPStudentConfig(hidden=[1]), 0.25, {"hidden": [1]}),
+    (CNNStudentConfig(), 2.0, {"channels": [32, 64], "fc": 128}),
+    (CNNStudentConfig(channels=[16, 33], fc=65), 0.5, {"channels": [8, 16], "fc": 32}),
+    (ResNetStudentConfig(), 1.5, {"width": 48}),
+])
+def test_scaled_multiplies_the_archs_widths_only(options, factor, expected):
+    from kdsec.sweep import scaled_student
+
+    scaled = scaled_student(options, factor)
+    assert type(scaled) is type(options) and scaled.arch == options.arch
+    assert scaled.model_options() == expected
+    assert scaled.train == options.train and scaled.dp == options.dp
+    assert scaled_student(options, 1.0) is options
+
+
+def test_a_sweep_member_scales_the_configured_student():
+    from kdsec.sweep import sweep_grid
+
+    config = load_config(None, ["student.arch=student_cnn", "sweep.width=[0.5]"])
+    (member,) = sweep_grid(config)
+    assert member.apply(config).student.model_options() == {"channels": [8, 16], "fc": 32}
+
+
+@pytest.mark.parametrize("overrides", [[], ["student.arch=resnet18", "teacher.arch=he_mlp", "teacher.pool=2"],
+                                       ["student.arch=teacher_cnn", "student.channels=[4]"]])
+def test_yaml_and_digest_round_trip_every_arch(tmp_path, overrides):
+    config = load_config(None, overrides)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config.to_yaml())
+    reloaded = load_config(saved)
+    assert reloaded == config and reloaded.digest() == config.digest()
+    assert config_from_dict(config.model_dump(mode="json")) == config
+    assert next(iter(yaml.safe_load(config.to_yaml())["student"])) == "arch"

@@ -90,15 +90,3 @@ def score_attack(member_scores: np.ndarray, non_member_scores: np.ndarray, low_f
         per_class_auc=per_class,
     )
 
-
-def loss_threshold_attack(model: nn.Module, x_members: np.ndarray, y_members: np.ndarray,
-                          x_non_members: np.ndarray, y_non_members: np.ndarray, low_fpr: float = 0.01,
-                          seed: int = 0) -> MembershipResult:
-    """Run the attack with as many members as non-members (drawn reproducibly from ``seed``)."""
-    count = min(len(y_members), len(y_non_members))
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(len(y_members), size=count, replace=False))
-    non_chosen = np.sort(rng.choice(len(y_non_members), size=count, replace=False))
-    member_loss = per_sample_loss(model, x_members[chosen], y_members[chosen])
-    non_member_loss = per_sample_loss(model, x_non_members[non_chosen], y_non_members[non_chosen])
-    return score_attack(-member_loss, -non_member_loss, low_fpr, attack="loss_threshold")

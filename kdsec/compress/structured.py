@@ -8,8 +8,6 @@ the weights that read them (a unit nobody reads, or that produces nothing, goes 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -87,10 +85,3 @@ def _prune_cnn(model: nn.Module, spec: ModelSpec, fraction: float) -> tuple[nn.M
     new_fc2.bias.copy_(fc2.bias)
     return smaller.eval(), new_spec
 
-
-def kept_fraction(before: ModelSpec, after: ModelSpec) -> float:
-    """Share of hidden units (or channels) kept, for reporting."""
-    def units(spec):
-        return sum(spec.options.get("hidden", [])) + sum(spec.options.get("channels", [])) + spec.options.get("fc", 0)
-
-    return units(after) / max(units(before), 1) if units(before) else math.nan

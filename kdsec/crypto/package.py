@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal
@@ -379,6 +379,14 @@ class AtRestResult:
     def passed(self) -> bool:
         return all((self.roundtrip_exact, self.tamper_rejected, self.wrong_key_rejected,
                     self.manifest_tamper_rejected, self.unsigned_rejected, self.model_signature_verified))
+
+    def metrics(self) -> dict[str, float]:
+        """Sizes and proofs as numbers (a proof is 1.0 when it held)."""
+        return {key: float(value) for key, value in asdict(self).items() if isinstance(value, (bool, int, float))}
+
+    def labels(self) -> dict[str, str]:
+        """Where the package is and which keys protect it (ids and sources, never key material)."""
+        return {key: value for key, value in asdict(self).items() if isinstance(value, str)}
 
 
 def protect_and_verify(destination: Path, encrypted: dict[str, bytes], plaintext: dict[str, bytes], *, name: str,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdsec import stages
+from kdsec.audit import run as audit_run
 from kdsec.config import DPConfig, TrainConfig, load_config
 from kdsec.data import prepare_data
 from kdsec.errors import ConfigError
@@ -55,7 +55,7 @@ def test_teacher_leakage_is_measured_on_the_teachers_members_not_the_students(tm
     fit(student, bundle.x_transfer, labels, bundle.x_transfer, labels,
         TrainConfig(epochs=120, patience=120, lr=3e-3, batch_size=32))
     relabelled = bundle.__class__(**{**bundle.__dict__, "y_transfer": labels})
-    (audit,) = stages.audit_models({"kd_student": student}, relabelled, config, {})
+    (audit,) = audit_run.audit_models({"kd_student": student}, relabelled, config, {})
     assert audit.member_split == "transfer"
     assert audit.membership.auc >= 0.9
     assert audit.teacher_leakage is not None

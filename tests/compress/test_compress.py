@@ -82,17 +82,18 @@ def _copy(model, tmp_path):
 @pytest.mark.parametrize("structured_epochs", [0, 3])
 def test_structured_variant_fine_tunes_by_its_own_setting_even_with_mask_fine_tuning_off(
         trained, digits, tmp_path, structured_epochs):
-    from kdsec import stages
+    from kdsec import trainers
+    from kdsec.compress import candidates
     from kdsec.compress import structured_prune
     from kdsec.config import CompressConfig
 
     checkpoint = save_checkpoint(trained, SPEC, tmp_path / "student.safetensors")
-    student = stages.TrainedModel("kd_student", str(checkpoint), SPEC.to_json(), 0.9, 0.9, 1, 1, 1, 1.0)
+    student = trainers.TrainedModel("kd_student", str(checkpoint), SPEC.to_json(), 0.9, 0.9, 1, 1, 1, 1.0)
     config = CompressConfig(sparsity=0.0, structured=0.5, finetune_epochs=0,
                             structured_finetune_epochs=structured_epochs, quantize=False, latency_repeats=3)
-    variants = {v.name: v for v in stages.compress_student(config, digits, student, TrainConfig(), 0, tmp_path)}
+    variants = {v.name: v for v in candidates.compress_student(config, digits, student, TrainConfig(), 0, tmp_path)}
     assert list(variants) == ["dense", "structured50"]
-    shipped = stages.load_variant(variants["structured50"]).state_dict()
+    shipped = candidates.load_variant(variants["structured50"]).state_dict()
     untuned = structured_prune(load_checkpoint(checkpoint)[0], SPEC, 0.5)[0].state_dict()
     changed = any(not torch.equal(shipped[name], untuned[name]) for name in untuned)
     assert changed == (structured_epochs > 0)

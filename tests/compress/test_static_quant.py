@@ -86,12 +86,14 @@ def test_tampered_static_file_is_rejected(cnn, digits, tmp_path):
 
 
 def test_compress_adds_static_variants_for_conv_students(cnn, digits, tmp_path):
-    from kdsec import stages
+    from kdsec import roles
+    from kdsec import trainers
+    from kdsec.compress import candidates
     from kdsec.config import CompressConfig
 
     checkpoint = save_checkpoint(cnn, SPEC, tmp_path / "student.safetensors")
-    student = stages.TrainedModel("kd_student", str(checkpoint), SPEC.to_json(), 0.9, 0.9, 1, 1, 1, 1.0)
-    variants = stages.compress_student(CompressConfig(finetune_epochs=1, latency_repeats=3, structured=0.5),
+    student = trainers.TrainedModel("kd_student", str(checkpoint), SPEC.to_json(), 0.9, 0.9, 1, 1, 1, 1.0)
+    variants = candidates.compress_student(CompressConfig(finetune_epochs=1, latency_repeats=3, structured=0.5),
                                        digits, student, TrainConfig(epochs=1), 0, tmp_path)
     names = [v.name for v in variants]
     assert names == ["dense", "pruned50", "pruned50_static_int8", "pruned50_int8", "structured50",
@@ -99,5 +101,5 @@ def test_compress_adds_static_variants_for_conv_students(cnn, digits, tmp_path):
     static = {v.name: v for v in variants if "static" in v.name}
     assert static["static_int8"].size_bytes < 0.35 * variants[0].size_bytes
     assert static["structured50_static_int8"].flops < variants[0].flops
-    assert stages.variant_source_role("variant:structured50_static_int8") == "variant:structured50"
-    assert stages.variant_source_role("variant:static_int8") == "kd_student"
+    assert roles.variant_source("variant:structured50_static_int8") == "variant:structured50"
+    assert roles.variant_source("variant:static_int8") == "kd_student"

@@ -1,13 +1,19 @@
+import copy
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from kdsec.config import HEConfig
-from kdsec.crypto.he import (BatchedServer, EncryptedModel, GridPlan, he_ops, plaintext_forward, run_encrypted_input,
-                             run_encrypted_model, encrypted_inference)
+from kdsec.compress import global_magnitude_prune, load_weights, quantize_dynamic_int8, save_int8
+from kdsec.compress.quantize import DynamicQuantLinear
+from kdsec.config import DataConfig, HEConfig, load_config
+from kdsec.crypto.he import (HE_FRIENDLY_ARCHS, BatchedServer, EncryptedModel, GridPlan, LinearOp, he_ops,
+                             plaintext_forward, run_encrypted_input, run_encrypted_model, encrypted_inference)
 from kdsec.crypto.seal import KeyHolder, PublicContext, plan_params, scratch
 from kdsec.errors import ConfigError, IntegrityError, KdsecError
-from kdsec.models import ModelSpec, build_model
+from kdsec.models import ModelSpec, build_model, save_checkpoint
+from kdsec.train import fit, seed_everything
 
 
 def _student(hidden=(16,), seed=0):
@@ -123,3 +129,111 @@ def test_encrypted_inference_runs_every_mode_and_writes_the_host_package(student
     names = {p.name for p in tmp_path.iterdir()}
     assert names == {"he_package.json", "encrypted_input.public_context.bin",
                      "encrypted_model.public_context.bin", "encrypted_model.weights.bin"}
+
+
+# --- the path the pipeline runs ------------------------------------------------------------------
+# The pipeline's ``homomorphic_inference`` stage loads the candidate from its file and calls
+# ``encrypted_inference(model, x_test[:max_samples or all], config.encrypt.he, package_dir)``.
+# The candidate is a trained he_mlp student, possibly magnitude-pruned (zeros), possibly int8.
+
+
+@pytest.fixture(scope="module")
+def default_config():
+    return load_config()
+
+
+@pytest.fixture(scope="module")
+def candidates(default_config, digits, tmp_path_factory):
+    """The default config's student, briefly trained on digits; its global magnitude-pruned copy at
+    ``compress.sparsity``; that copy in int8: checkpoint files, as the compression stage writes them."""
+    config = default_config
+    assert config.data == DataConfig()  # the ``digits`` fixture is the pipeline's data
+    assert config.student.arch in HE_FRIENDLY_ARCHS and config.student.pool == 1 and config.compress.sparsity > 0
+    spec = ModelSpec(config.student.arch, digits.input_shape, digits.num_classes,
+                     {"hidden": list(config.student.hidden)})
+    seed_everything(0)
+    dense = build_model(spec)
+    fit(dense, digits.x_train, digits.y_train, digits.x_val, digits.y_val,
+        config.student.train.model_copy(update={"epochs": 8, "patience": 8}))
+    pruned = global_magnitude_prune(copy.deepcopy(dense).cpu(), config.compress.sparsity)
+    folder = tmp_path_factory.mktemp("candidates")
+    return {"dense": save_checkpoint(dense.cpu(), spec, folder / "dense.safetensors"),
+            "pruned": save_checkpoint(pruned, spec, folder / "pruned.safetensors"),
+            "pruned_int8": save_int8(quantize_dynamic_int8(pruned), spec, folder / "pruned_int8.safetensors")}
+
+
+@pytest.mark.parametrize("variant", ["dense", "pruned", "pruned_int8"])
+def test_the_pipeline_entry_on_a_trained_candidate_passes_the_default_gate(default_config, digits, candidates,
+                                                                           variant, tmp_path, monkeypatch):
+    he, gate = default_config.encrypt.he, default_config.gates.min_he_agreement
+    model, _, weight_format = load_weights(candidates[variant])  # what load_variant does
+    assert weight_format == ("int8" if variant.endswith("int8") else "float")
+    assert any(isinstance(m, DynamicQuantLinear) for m in model.modules()) == variant.endswith("int8")
+    inputs = digits.x_test[: he.max_samples] if he.max_samples else digits.x_test  # homomorphic_inference's cap
+    with torch.inference_mode():
+        predictions = model(torch.as_tensor(inputs)).argmax(1).numpy()
+    assert (predictions == digits.y_test[: len(inputs)]).mean() >= 0.85  # a trained student, not a random one
+
+    weights = [op.weight for op in he_ops(model) if isinstance(op, LinearOp)]
+    total, nonzero = sum(w.size for w in weights), sum(int(np.count_nonzero(w)) for w in weights)
+    if variant == "dense":
+        assert nonzero == total
+    else:  # the zeros survive the file (and int8) round trip, so the batched host can skip them
+        assert nonzero == total - round(default_config.compress.sparsity * total)
+    batched_counts = []
+    infer = BatchedServer.infer
+
+    def counting_infer(self, features):
+        outputs = infer(self, features)
+        batched_counts.append(dict(self.public.counts))
+        return outputs
+
+    monkeypatch.setattr(BatchedServer, "infer", counting_infer)
+    result = encrypted_inference(model, inputs, he, tmp_path if he.log_packages else None)
+
+    # Every mode the default config enables ran, on the samples the pipeline gives it.
+    assert set(he.modes) == {"encrypted_input", "encrypted_model"} and he.latency_samples > 0 and he.log_packages
+    expected = {("encrypted_input", "batched"): len(inputs),
+                ("encrypted_input", "single"): min(he.latency_samples, len(inputs)),
+                ("encrypted_model", "batched"): len(inputs)}
+    assert {(r.mode, r.path): r.samples for r in result.runs} == expected
+    # One ciphertext of slots holds the whole split: the batched host ran once, multiplying by
+    # every kept weight at most once and by no pruned one.
+    assert len(batched_counts) == 1
+    if variant == "dense":
+        assert batched_counts[0]["multiply_plain"] == total
+    else:
+        assert 0 < batched_counts[0]["multiply_plain"] <= nonzero
+
+    for run in result.runs:
+        assert run.agreement >= gate and run.agreement_with_model >= gate, (run.mode, run.path)
+        assert 0 < run.max_abs_logit_error < 0.05, (run.mode, run.path)  # CKKS noise: real, and small
+        assert run.ms_per_sample >= run.server_ms_per_sample > 0 and not run.host_had_secret_key
+        assert run.scale_bits == he.scale_bits and run.poly_modulus_degree in (8192, 16384)
+        sizes = run.coeff_mod_bit_sizes
+        assert sizes[0] == sizes[-1] == he.scale_bits + he.integer_bits
+        assert set(sizes[1:-1]) == {he.scale_bits}
+        assert run.ciphertext_bytes_out > 0 and run.public_context_bytes > 0
+        assert (run.ciphertext_bytes_in > 0) == (run.mode == "encrypted_input")
+
+    # What the gate and summary.json read.
+    summary = result.as_dict()
+    batched, single = result.run("encrypted_input", "batched"), result.run("encrypted_input", "single")
+    assert json.loads(json.dumps(summary, allow_nan=False)) == summary
+    assert summary["enabled"] is True and summary["host_had_secret_key"] is False
+    assert summary["agreement"] == result.agreement == min(r.agreement for r in result.runs) >= gate
+    assert summary["samples"] == len(inputs) and summary["ms_per_sample"] == batched.ms_per_sample
+    assert summary["single_sample_ms"] == single.ms_per_sample
+    assert summary["runs"] == [r.as_dict() for r in result.runs]
+
+    # The host package: what each run says it hands the host is the files written.
+    files = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
+    index = json.loads((tmp_path / "he_package.json").read_text())
+    assert index["files"] == {name: {"sha256": index["files"][name]["sha256"], "bytes": size}
+                              for name, size in files.items() if name.endswith(".bin")}
+    assert batched.package_bytes == files["encrypted_input.public_context.bin"]
+    model_run = result.run("encrypted_model", "batched")
+    assert model_run.package_bytes == (files["encrypted_model.public_context.bin"]
+                                       + files["encrypted_model.weights.bin"])
+    assert index["structure"] == [layer for w in weights for layer in (["linear", *w.shape], ["square"])][:-1]
+    assert [(r["mode"], r["path"]) for r in index["runs"]] == [(r.mode, r.path) for r in result.runs]

@@ -27,16 +27,16 @@ def test_cifar10_config_runs_on_a_fixture(tmp_path, monkeypatch):
                  "encrypt.he.latency_samples=1", "gates.max_ece=0.4"]  # 25 epochs: under-confident (ECE ~0.18)
     with prefect_test_harness(server_startup_timeout=120):
         summary = kd_pipeline(config_path=str(CIFAR_CONFIG), overrides=overrides)
-    assert summary["data"]["name"] == "cifar10" and summary["data"]["input_shape"] == [3, 32, 32]
-    assert summary["verdict"] == "pass", summary["failed_gates"]
-    assert sum(summary["data"]["splits"].values()) == 700
-    assert summary["models"]["teacher"]["test_accuracy"] > 0.5  # tinted digits: learnable, like real data
-    names = [variant["name"] for variant in summary["variants"]]
+    assert summary.data.name == "cifar10" and summary.data.input_shape == [3, 32, 32]
+    assert summary.verdict == "pass", summary.failed_gates
+    assert sum(summary.data.splits.values()) == 700
+    assert summary.models["teacher"].test_accuracy > 0.5  # tinted digits: learnable, like real data
+    names = [variant["name"] for variant in summary.variants]
     assert names == ["dense", "pruned50", "pruned50_int8", "structured50", "structured50_int8"]
-    by_name = {variant["name"]: variant for variant in summary["variants"]}
+    by_name = {variant["name"]: variant for variant in summary.variants}
     assert by_name["structured50"]["params"] < 0.6 * by_name["dense"]["params"]
     assert by_name["structured50"]["flops"] < 0.6 * by_name["dense"]["flops"]
     assert by_name["pruned50"]["flops"] == by_name["dense"]["flops"]  # zeros do not shrink dense FLOPs
     # HE runs on the pooled input (192 features, not 3072): the pooling is the client's public preprocessing
-    assert summary["he"]["agreement"] >= 0.99
-    assert all(run["ciphertext_bytes_in"] > 0 for run in summary["he"]["runs"] if run["mode"] == "encrypted_input")
+    assert summary.he.agreement >= 0.99
+    assert all(run["ciphertext_bytes_in"] > 0 for run in summary.he.runs if run["mode"] == "encrypted_input")

@@ -53,54 +53,54 @@ def _cli(store: Path, *extra: str, env: dict[str, str] | None = None) -> subproc
 
 def test_passing_run_promotes_champion(in_store):
     summary = _flow()
-    assert summary["verdict"] == "pass" and summary["promoted"] and summary["failed_gates"] == []
-    assert set(summary["gates"]) == {"accuracy", "membership", "he", "at_rest", "extraction", "calibration"}
-    assert summary["data"]["splits"] == {"train": 897, "val": 180, "test": 360, "holdout": 360, "transfer": 0}
-    assert summary["models"]["teacher"]["test_accuracy"] > 0.9
-    assert summary["he"]["agreement"] >= 0.99 and summary["he"]["samples"] == 128
-    assert {"teacher", "scratch_student", "kd_student", "candidate"} <= set(summary["audit"])
-    assert {f"variant:{v['name']}" for v in summary["variants"] if v["name"] != "dense"} <= set(summary["audit"])
-    candidate_audit = summary["audit"]["candidate"]
-    assert set(candidate_audit["attacks"]) == {"loss", "rmia", "lira"}
-    strongest = candidate_audit["membership"]
-    assert strongest["tpr_at_low_fpr"] == max(a["tpr_at_low_fpr"] for a in candidate_audit["attacks"].values())
-    assert summary["audit_timing"]["seconds"] > 0
-    audit_json = json.loads((Path(summary["output_dir"]) / "audit.json").read_text())
-    assert audit_json["models"]["candidate"]["membership"]["auc"] == strongest["auc"]
-    assert audit_json["lineage"]["data"]["fingerprint"] == summary["data"]["fingerprint"]
-    assert Path(summary["report"]["html"]).read_text().count("data:image/png;base64") == 3
-    assert json.loads(Path(summary["summary_path"]).read_text())["run_id"] == summary["run_id"]
+    assert summary.verdict == "pass" and summary.promoted and summary.failed_gates == []
+    assert set(summary.gates) == {"accuracy", "membership", "he", "at_rest", "extraction", "calibration"}
+    assert summary.data.splits == {"train": 897, "val": 180, "test": 360, "holdout": 360, "transfer": 0}
+    assert summary.models["teacher"].test_accuracy > 0.9
+    assert summary.he.agreement >= 0.99 and summary.he.samples == 128
+    assert {"teacher", "scratch_student", "kd_student", "candidate"} <= set(summary.audit)
+    assert {f"variant:{v['name']}" for v in summary.variants if v["name"] != "dense"} <= set(summary.audit)
+    candidate_audit = summary.audit["candidate"]
+    assert set(candidate_audit.attacks) == {"loss", "rmia", "lira"}
+    strongest = candidate_audit.membership
+    assert strongest.tpr_at_low_fpr == max(a.tpr_at_low_fpr for a in candidate_audit.attacks.values())
+    assert summary.audit_timing.seconds > 0
+    audit_json = json.loads((Path(summary.output_dir) / "audit.json").read_text())
+    assert audit_json["models"]["candidate"]["membership"]["auc"] == strongest.auc
+    assert audit_json["lineage"]["data"]["fingerprint"] == summary.data.fingerprint
+    assert Path(summary.report.html).read_text().count("data:image/png;base64") == 3
+    assert json.loads(Path(summary.summary_path).read_text())["run_id"] == summary.run_id
 
     client = MlflowClient()
     version = client.get_model_version_by_alias("kdsec-student", "champion")
-    assert str(version.version) == str(summary["registry"]["version"])
+    assert str(version.version) == str(summary.registry.version)
     assert version.tags["gates"] == "pass"
-    assert all(version.tags[f"gate.{gate}"] == "pass" for gate in summary["gates"])
+    assert all(version.tags[f"gate.{gate}"] == "pass" for gate in summary.gates)
 
     # Nested runs per stage under one parent, with the summary, config and dataset logged.
-    parent = client.get_run(summary["run_id"])
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{summary['run_id']}'")
+    parent = client.get_run(summary.run_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{summary.run_id}'")
     assert {"data", "teacher", "scratch_student", "kd_student", "compress", "encrypt-at-rest", "homomorphic",
             "audit", "register"} <= {run.info.run_name for run in children}
-    assert {"summary.json", "config.yaml", "report"} <= {a.path for a in client.list_artifacts(summary["run_id"])}
+    assert {"summary.json", "config.yaml", "report"} <= {a.path for a in client.list_artifacts(summary.run_id)}
     by_name = {run.info.run_name: run for run in children}
     assert {"manifest.json", "model.json", "weights.safetensors.enc"} <= {
         a.path for a in client.list_artifacts(by_name["encrypt-at-rest"].info.run_id)}
     assert {"he_package.json", "encrypted_model.weights.bin", "encrypted_model.public_context.bin",
             "encrypted_input.public_context.bin"} <= {a.path for a in client.list_artifacts(by_name["homomorphic"].info.run_id)}
-    assert {(r["mode"], r["path"]) for r in summary["he"]["runs"]} == {
+    assert {(r["mode"], r["path"]) for r in summary.he.runs} == {
         ("encrypted_input", "batched"), ("encrypted_input", "single"), ("encrypted_model", "batched")}
-    assert not summary["he"]["host_had_secret_key"]
+    assert not summary.he.host_had_secret_key
     # The package in the run folder opens with the project's keys and holds the candidate's exact bytes.
     from kdsec.crypto.keys import load_or_create_signer, local_key_provider
     from kdsec.crypto.package import open_package
-    package = open_package(Path(summary["at_rest"]["package_path"]),
+    package = open_package(Path(summary.at_rest.package_path),
                            local_key_provider("KDSEC_MODEL_KEY", ".kdsec/keys/model.key", create=False),
                            load_or_create_signer("KDSEC_SIGNING_KEY", ".kdsec/keys/signing.pem").public)
-    candidate = next(v for v in summary["variants"] if v["name"] == summary["candidate"]["variant"])
+    candidate = next(v for v in summary.variants if v["name"] == summary.candidate.variant)
     assert package["weights.safetensors"] == Path(candidate["checkpoint"]).read_bytes()
-    assert version.tags["package.kek_id"] == summary["at_rest"]["kek_id"]
-    assert parent.inputs.dataset_inputs[0].dataset.digest == summary["data"]["fingerprint"]
+    assert version.tags["package.kek_id"] == summary.at_rest.kek_id
+    assert parent.inputs.dataset_inputs[0].dataset.digest == summary.data.fingerprint
 
     # The registered model predicts labels from raw 0-16 pixels, as numpy or DataFrame.
     model = mlflow.pyfunc.load_model("models:/kdsec-student@champion")
@@ -111,7 +111,7 @@ def test_passing_run_promotes_champion(in_store):
 
     # The key never reaches the summary or MLflow.
     key = (in_store / ".kdsec" / "keys" / "model.key").read_text().strip()
-    assert key not in json.dumps(summary)
+    assert key not in summary.model_dump_json()
     assert key not in json.dumps(parent.data.params) + json.dumps(parent.data.tags)
 
 
@@ -120,28 +120,28 @@ def test_second_run_reuses_the_cached_teacher_and_sweeps_on_threads(in_store):
     file: the cached teacher and the cached signals are reused, every member is a nested run
     under the `sweep` stage run, and the best by validation accuracy becomes the KD student."""
     summary = _flow("sweep.temperature=[2,4]", "sweep.width=[0.5,1]")
-    assert summary["teacher_cache"] == "hit"
+    assert summary.teacher_cache == "hit"
     # The teacher signals come from the first run's cache too (one logits file serves every member).
-    cache = summary["cache"]
+    cache = summary.cache
     assert cache["signals"] == {"hit": 1, "total": 1} and cache["references"]["total"] > 0
-    sweep = summary["sweep"]
+    sweep = summary.sweep
     assert sweep["task_runner"] == "threads" and len(sweep["members"]) == 4
     best = max(sweep["members"], key=lambda m: (m["val_accuracy"], -m["params"]))
     assert sweep["best"] == best["name"]
-    assert summary["distillation"]["temperature"] == best["temperature"]
-    assert summary["models"]["kd_student"]["params"] == best["params"]
-    assert summary["models"]["scratch_student"]["params"] == best["params"]  # baseline of the same size
-    assert list(summary["distillation"]["signals"]) == ["logits"]
+    assert summary.distillation["temperature"] == best["temperature"]
+    assert summary.models["kd_student"].params == best["params"]
+    assert summary.models["scratch_student"].params == best["params"]  # baseline of the same size
+    assert list(summary.distillation["signals"]) == ["logits"]
 
     client = MlflowClient()
     assert {"sweep/comparison.md", "sweep/comparison.csv", "sweep/pareto.png"} <= {
-        a.path for a in client.list_artifacts(summary["run_id"], "sweep")}
-    members = client.search_runs([client.get_run(summary["run_id"]).info.experiment_id],
+        a.path for a in client.list_artifacts(summary.run_id, "sweep")}
+    members = client.search_runs([client.get_run(summary.run_id).info.experiment_id],
                                  f"tags.mlflow.parentRunId = '{sweep['run_id']}'")
     assert {run.info.run_name for run in members} == {m["name"] for m in sweep["members"]}
     assert [run.info.run_name for run in members if run.data.tags["sweep.best"] == "true"] == [sweep["best"]]
     assert all(run.data.metrics["val_accuracy"] > 0.5 for run in members)
-    html = Path(summary["report"]["html"]).read_text()
+    html = Path(summary.report.html).read_text()
     assert f"best by validation accuracy: <b>{sweep['best']}</b>" in html
     assert html.count("data:image/png;base64") == 4  # the sweep's Pareto plot inlined too
 
@@ -155,9 +155,9 @@ def test_cli_impossible_threshold_exits_2_and_keeps_champion(in_store):
     summary_path = next(line.split("summary:", 1)[1].strip() for line in result.stdout.splitlines()
                         if line.startswith("summary:"))
     summary = json.loads((in_store / summary_path).read_text())
-    assert summary["verdict"] == "fail" and not summary["promoted"] and summary["failed_gates"] == ["accuracy"]
+    assert summary.verdict == "fail" and not summary.promoted and summary.failed_gates == ["accuracy"]
     assert str(client.get_model_version_by_alias("kdsec-student", "champion").version) == before
-    failed = client.get_model_version("kdsec-student", str(summary["registry"]["version"]))
+    failed = client.get_model_version("kdsec-student", str(summary.registry.version))
     assert failed.tags["gates"] == "fail" and failed.tags["gate.accuracy"] == "fail"
     assert "champion" not in (failed.aliases or [])
 
@@ -199,16 +199,16 @@ def test_approval_required_waits_for_a_reviewer(in_store):
     # Also: a separate transfer set for distillation and the DP-SGD defense, end to end.
     summary = _flow("tracking.require_approval=true", "data.transfer_fraction=0.25", "distill.transfer_set=transfer",
                     "student.dp.enabled=true", "student.dp.epochs=5")
-    version = str(summary["registry"]["version"])
-    assert summary["verdict"] == "pass" and not summary["promoted"] and summary["registry"]["awaiting_review"]
-    assert summary["data"]["splits"]["transfer"] == summary["teacher_leakage"]["transfer_split_size"] > 400
-    leakage = summary["teacher_leakage"]["students"]
+    version = str(summary.registry.version)
+    assert summary.verdict == "pass" and not summary.promoted and summary.registry.awaiting_review
+    assert summary.data.splits["transfer"] == summary.teacher_leakage["transfer_split_size"] > 400
+    leakage = summary.teacher_leakage["students"]
     assert leakage["kd_student"]["trained_on"] == "transfer" and leakage["scratch_student"]["trained_on"] == "train"
-    assert summary["audit"]["teacher"]["teacher_leakage"] is None
-    defense = summary["privacy_defense"]
+    assert summary.audit["teacher"].teacher_leakage is None
+    defense = summary.privacy_defense
     assert defense["enabled"] and 0 < defense["epsilon"] <= 8.0 * 1.01
-    assert summary["models"]["dp_student"]["privacy"]["epsilon"] == defense["epsilon"]
-    report = Path(summary["report"]["markdown"]).read_text()
+    assert summary.models["dp_student"].privacy["epsilon"] == defense["epsilon"]
+    report = Path(summary.report.markdown).read_text()
     assert "Teacher leakage through the students" in report and f"ε = {defense['epsilon']:.2f}" in report
     assert str(client.get_model_version_by_alias("kdsec-student", "candidate").version) == version
     assert str(client.get_model_version_by_alias("kdsec-student", "champion").version) == champion
@@ -220,7 +220,7 @@ def test_approval_required_waits_for_a_reviewer(in_store):
     # A local store authenticates nobody: the decision is recorded, marked unauthenticated.
     assert tags["review.status"] == "approved" and tags["review.reviewer"].startswith("local:")
     assert tags["review.authenticated"] == "false" and tags["kdsec.launched_by"] == tags["review.reviewer"]
-    run = client.get_run(summary["run_id"])
+    run = client.get_run(summary.run_id)
     audit = client.download_artifacts(run.info.run_id, "report/audit.json", str(in_store))
     assert tags["review.audit_sha256"] == hashlib.sha256(Path(audit).read_bytes()).hexdigest()
     assert json.loads(tags["review.history"])[-1]["comment"] == "audit read"
@@ -260,18 +260,18 @@ def test_conv_student_ships_without_homomorphic_inference_when_he_is_off(in_stor
     skipped, not failed; its variants include static int8 on oneDNN kernels, measured on one
     sample and on a batch."""
     summary = _flow("student.arch=student_cnn", "encrypt.he.enabled=false")
-    assert summary["he"] == {"enabled": False, "agreement": None, "samples": 0, "ms_per_sample": None,
+    assert summary.he.model_dump() == {"enabled": False, "agreement": None, "samples": 0, "ms_per_sample": None,
                              "single_sample_ms": None, "host_had_secret_key": False, "runs": []}
-    he_check = summary["gates"]["he"]["checks"][0]
-    assert he_check["level"] == "skipped" and he_check["value"] is None
-    assert summary["verdict"] == "pass" and summary["promoted"]
-    variants = {v["name"]: v for v in summary["variants"]}
+    he_check = summary.gates["he"].checks[0]
+    assert he_check.level == "skipped" and he_check.value is None
+    assert summary.verdict == "pass" and summary.promoted
+    variants = {v["name"]: v for v in summary.variants}
     assert {"static_int8", "structured50_static_int8", "pruned50_static_int8"} <= set(variants)
     assert variants["static_int8"]["size_bytes"] < 0.35 * variants["dense"]["size_bytes"]
     assert variants["static_int8"]["test_accuracy"] >= variants["dense"]["test_accuracy"] - 0.02
     assert all(v["batch_latency_ms"] > 0 for v in variants.values())
     assert variants["structured50"]["flops"] < variants["dense"]["flops"]
-    report = Path(summary["report"]["markdown"]).read_text()
+    report = Path(summary.report.markdown).read_text()
     assert "Homomorphic (CKKS): **off**" in report and "ms, batch of 256" in report
     # The champion now is whichever CNN variant was smallest and passing; served from raw pixels.
     model = mlflow.pyfunc.load_model("models:/kdsec-student@champion")

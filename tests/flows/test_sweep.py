@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from kdsec import stages
+from kdsec import trainers
 from kdsec.config import load_config
 from kdsec.distill import signals_key
 from kdsec.sweep import select_best, sweep_grid
@@ -22,13 +22,13 @@ def test_sweep_members_run_as_dask_tasks_from_stored_signals(digits, tmp_path, m
     monkeypatch.chdir(tmp_path)
     config = load_config(None, ["teacher.train.epochs=6", "student.train.epochs=6", "sweep.temperature=[2,6]",
                                 "sweep.loss=[hinton_kd,fitnets]", "sweep.task_runner=dask", "sweep.max_workers=2"])
-    teacher = stages.train_teacher(config, digits, tmp_path / "teacher.safetensors")
+    teacher = trainers.train_teacher(config, digits, tmp_path / "teacher.safetensors")
     signals = {}
     for member in sweep_grid(config):
         member_config = member.apply(config)
         kind = signals_key(member_config.distill)
         if kind not in signals:
-            signals[kind] = stages.store_teacher_signals(member_config, digits, teacher, tmp_path / f"{kind}.safetensors")
+            signals[kind] = trainers.store_teacher_signals(member_config, digits, teacher, tmp_path / f"{kind}.safetensors")
     assert set(signals) == {"logits", "fitnets:auto"}
     with prefect_test_harness(server_startup_timeout=120):
         results = run_sweep(config, digits, signals, tmp_path)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from kdsec.summary import Summary, read_summary
 from tests.conftest import SMALL_OVERRIDES
 
 pytestmark = pytest.mark.stack
@@ -144,10 +145,10 @@ def _kdsec(stack, config, secret, user, *args, cwd=ROOT):
                           env=env, timeout=600)
 
 
-def _summary(stack, config, secret, run_id: str, folder: Path) -> dict:
+def _summary(stack, config, secret, run_id: str, folder: Path) -> Summary:
     with _as(stack, secret, "reviewer-b"):
         path = _client(stack, config).download_artifacts(run_id, "summary.json", str(folder))
-    return json.loads(Path(path).read_text())
+    return read_summary(Path(path))
 
 
 # --- the stack -------------------------------------------------------------------------------------
@@ -224,11 +225,11 @@ def test_a_run_killed_mid_audit_is_closed_and_the_rerun_survives_an_mlflow_outag
     assert closed.info.status == "FAILED" and "Crashed" in closed.data.tags["kdsec.closed"]
     run = _parent_run(stack, config, secret, rerun)
     summary = _summary(stack, config, secret, run.info.run_id, tmp_path)
-    cache = summary["cache"]
+    cache = summary.cache
     FIGURES["rerun cache"] = cache
     assert cache["teacher"] == "hit" and cache["signals"]["hit"] == cache["signals"]["total"]
     assert cache["references"]["hit"] == cache["references"]["total"] > 0
-    assert summary["verdict"] == "pass" and summary["registry"]["awaiting_review"]
+    assert summary.verdict == "pass" and summary.registry.awaiting_review
     with _as(stack, secret, "admin"):
         client = _client(stack, config)
         versions = client.search_model_versions(f"name='{config['KDSEC_REGISTERED_MODEL']}'")

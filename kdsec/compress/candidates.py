@@ -1,0 +1,106 @@
+"""Compression driven end to end: the KD student's variants (pruned, structurally pruned, int8),
+each fine-tuned and measured, and the rule that selects the candidate to ship."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdsec.compress.measure import VariantMetrics, measure_variant
+from kdsec.compress.prune import global_magnitude_prune
+from kdsec.compress.quantize import load_int8, load_weights, quantize_dynamic_int8, save_int8, weights_format
+from kdsec.compress.static_quant import has_conv, load_static_int8, quantize_static_int8, save_static_int8
+from kdsec.compress.structured import structured_prune
+from kdsec.config import CompressConfig, GatesConfig, TrainConfig
+from kdsec.data import DataBundle
+from kdsec.models import ModelSpec, load_checkpoint, save_checkpoint
+from kdsec.train import Objective, cross_entropy_objective, fit, seed_everything
+
+
+def compress_student(config: CompressConfig, bundle: DataBundle, student, finetune: TrainConfig,
+                     seed: int, out_dir: Path, objective: Objective = cross_entropy_objective,
+                     split: str = "train") -> list[VariantMetrics]:
+    """Dense; globally magnitude-pruned (zeros); structurally pruned (smaller layers); and int8
+    copies of the pruned ones — each fine-tuned with ``objective`` on ``split`` (e.g. the
+    distiller's, so pruned students keep learning from the teacher) and measured."""
+    dense, spec = load_checkpoint(Path(student.checkpoint))
+    variants = [measure_variant("dense", dense, Path(student.checkpoint), bundle.x_test, bundle.y_test,
+                                config.latency_repeats)]
+    tune = finetune.model_copy(update={"lr": finetune.lr / 3})
+
+    def finetune_model(model, epochs: int) -> None:
+        if epochs:
+            seed_everything(seed)
+            fit(model, *bundle.split(split), bundle.x_val, bundle.y_val,
+                tune.model_copy(update={"epochs": epochs, "patience": epochs}), objective, seed=seed,
+                label="prune-finetune")
+
+    calibration = bundle.split(split)[0][:config.calibration_samples]
+
+    def add_static(name: str, model, model_spec: ModelSpec) -> None:
+        """Static int8 (calibrated activations) for conv students; measured as reloaded from its file."""
+        if not (config.static_int8 and has_conv(model)):
+            return
+        path = save_static_int8(quantize_static_int8(model, calibration), model_spec,
+                                out_dir / f"{name + '_' if name else ''}static_int8.safetensors")
+        reloaded, _ = load_static_int8(path)
+        variants.append(measure_variant(path.stem, reloaded, path, bundle.x_test, bundle.y_test,
+                                        config.latency_repeats))
+
+    def add(name: str, model, model_spec: ModelSpec, quantize: bool) -> None:
+        path = save_checkpoint(model, model_spec, out_dir / f"{name}.safetensors")
+        variants.append(measure_variant(name, model, path, bundle.x_test, bundle.y_test, config.latency_repeats))
+        add_static(name, model, model_spec)
+        if quantize:
+            int8_path = save_int8(quantize_dynamic_int8(model), model_spec, out_dir / f"{name}_int8.safetensors")
+            reloaded, _ = load_int8(int8_path)  # measure what ships: the model rebuilt from the file
+            variants.append(measure_variant(f"{name}_int8", reloaded, int8_path, bundle.x_test, bundle.y_test,
+                                            config.latency_repeats))
+
+    if config.sparsity > 0:
+        pruned, _ = load_checkpoint(Path(student.checkpoint))
+        # Iterative pruning shares the fine-tuning epochs out over its rounds.
+        per_round = -(-config.finetune_epochs // config.prune_steps)
+        global_magnitude_prune(pruned, config.sparsity, lambda model: finetune_model(model, per_round),
+                               config.prune_steps)
+        add(f"pruned{round(config.sparsity * 100)}", pruned, spec, config.quantize)
+    if config.structured > 0:
+        smaller, smaller_spec = structured_prune(dense, spec, config.structured)
+        finetune_model(smaller, config.structured_finetune_epochs)
+        add(f"structured{round(config.structured * 100)}", smaller, smaller_spec, config.quantize)
+    if config.quantize and len(variants) == 1:
+        path = save_int8(quantize_dynamic_int8(dense), spec, out_dir / "int8.safetensors")
+        reloaded, _ = load_int8(path)
+        variants.append(measure_variant("int8", reloaded, path, bundle.x_test, bundle.y_test,
+                                        config.latency_repeats))
+    add_static("", dense, spec)
+    return variants
+
+
+def variant_format(variant: VariantMetrics) -> str:
+    return weights_format(Path(variant.checkpoint))
+
+
+def load_variant(variant: VariantMetrics):
+    return load_weights(Path(variant.checkpoint))[0]
+
+
+SELECTION_RULES = {
+    "smallest_passing": "the smallest variant (bytes on disk) whose test accuracy passes the accuracy gate; "
+                        "the dense student if none does",
+    "most_accurate": "the variant with the highest test accuracy; ties go to the smaller one",
+}
+
+
+def select_candidate(variants: list[VariantMetrics], teacher_accuracy: float, gates: GatesConfig,
+                     rule: str) -> VariantMetrics:
+    if rule == "most_accurate":
+        return max(variants, key=lambda v: (v.test_accuracy, -v.size_bytes))
+    floor = max(gates.min_accuracy, teacher_accuracy - gates.max_drop)
+    passing = [v for v in variants if v.test_accuracy >= floor]
+    return min(passing, key=lambda v: (v.size_bytes, -v.test_accuracy)) if passing else variants[0]
+
+
+def compression_metrics(variants: list[VariantMetrics]) -> dict[str, float]:
+    """Every variant's numeric measurements, named ``<variant>.<measurement>``."""
+    return {f"{variant.name}.{key}": float(value) for variant in variants
+            for key, value in variant.as_dict().items() if isinstance(value, (int, float))}

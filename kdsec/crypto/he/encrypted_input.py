@@ -1,0 +1,239 @@
+"""Encrypted-input mode: the host holds the plaintext model and a public context; the client's
+data stays encrypted. Two paths:
+
+- *batched* (``BatchedServer``): one ciphertext per input feature, its slots holding that
+  feature for up to N/2 samples (CryptoNets). A Linear layer is a weighted sum of ciphertexts
+  with plaintext scalars, rescaled once per neuron; zero (pruned) weights, and neurons nothing
+  downstream reads, are skipped. No rotations.
+- *single* (``GridPlan``, ``SingleServer``): one sample in one ciphertext laid out as an R×C
+  grid, x copied into every row. Linear layers alternate between reducing along a row (result
+  in column 0) and along a column (result in row 0); each is one plaintext product plus log2
+  rotations, so latency does not grow with the number of weights.
+
+``run_encrypted_input`` is the round trip: client encrypts → host evaluates → client decrypts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kdsec.config import HEConfig
+from kdsec.crypto.he.program import LinearOp, Op, SquareOp, _chunks, _doubling, _linears, _params, _pow2
+from kdsec.crypto.he.result import HERun, _summarize
+from kdsec.crypto.seal import KeyHolder, PublicContext
+from kdsec.errors import KdsecError
+from kdsec.fileio import write_atomic
+
+
+# --- encrypted input, batched ----------------------------------------------------------------
+
+
+def _live_inputs(ops: list[Op]) -> list[np.ndarray]:
+    """For each op, which of its input values anything downstream reads (backward liveness)."""
+    needed = np.ones(len(ops[-1].bias), dtype=bool)
+    live: list[np.ndarray] = []
+    for op in reversed(ops):
+        if isinstance(op, LinearOp):
+            needed = (op.weight[needed] != 0).any(axis=0)
+        live.append(needed)
+    return live[::-1]
+
+
+class BatchedServer:
+    """Encrypted-input host, batched path: plaintext model, public context, no secret key."""
+
+    def __init__(self, public: PublicContext, ops: list[Op]) -> None:
+        self.public, self.ops, self.live = public, ops, _live_inputs(ops)
+
+    @staticmethod
+    def depth(ops: list[Op]) -> int:
+        return len(ops)
+
+    @staticmethod
+    def required_inputs(ops: list[Op]) -> list[int]:
+        """Input features some kept weight reads; the client encrypts and sends only these (this
+        tells the client which features a pruned model ignores, nothing about the weights)."""
+        return np.flatnonzero(_live_inputs(ops)[0]).tolist()
+
+    def infer(self, features: list) -> list:
+        """``features``: one ciphertext per required input (``required_inputs``). A value is a
+        ciphertext, a plain constant the host already knows (every weight feeding it was pruned),
+        or None (nothing downstream reads it)."""
+        values: list = [None] * self.ops[0].weight.shape[1]
+        required = np.flatnonzero(self.live[0])
+        if len(features) != len(required):
+            raise KdsecError(f"expected {len(required)} encrypted input features, got {len(features)}")
+        for index, ciphertext in zip(required, features):
+            values[index] = ciphertext
+        for index, op in enumerate(self.ops):
+            if isinstance(op, SquareOp):
+                values = [self._square(value) for value in values]
+                continue
+            needed = self.live[index + 1] if index + 1 < len(self.ops) else np.ones(len(op.bias), dtype=bool)
+            values = [self._neuron(values, row, float(bias)) if use else None
+                      for row, bias, use in zip(op.weight, op.bias, needed)]
+        return [self.public.encrypt(value) if isinstance(value, float) else value for value in values]
+
+    def _square(self, value):
+        if value is None or isinstance(value, float):
+            return value if value is None else value * value
+        return self.public.square(value, relinearize=False)
+
+    def _neuron(self, values: list, row: np.ndarray, bias: float):
+        total, constant = None, bias
+        for value, weight in zip(values, row):
+            if weight == 0.0 or value is None:
+                continue
+            if isinstance(value, float):
+                constant += value * weight
+                continue
+            term = self.public.multiply_plain(value, float(weight))
+            total = term if total is None else self.public.add_inplace(total, term)
+        if total is None:
+            return constant
+        return self.public.add_plain(self.public.rescale(self.public.relinearize(total)), constant)
+
+
+# --- encrypted input, single sample ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """The single-sample layout: an R×C grid; Linear ``t`` reduces along rows when ``t`` is even
+    (result in column 0) and along columns when odd (result in row 0)."""
+
+    rows: int
+    cols: int
+    steps: tuple[int, ...]
+
+    @classmethod
+    def for_ops(cls, ops: list[Op]) -> GridPlan:
+        linears = _linears(ops)
+        row_dims = [l.weight.shape[0] if t % 2 == 0 else l.weight.shape[1] for t, l in enumerate(linears)]
+        col_dims = [l.weight.shape[1] if t % 2 == 0 else l.weight.shape[0] for t, l in enumerate(linears)]
+        rows, cols = _pow2(max(row_dims)), _pow2(max(col_dims))
+        return cls(rows, cols, tuple(sorted(set(s for t in range(len(linears)) for s in cls._steps(linears, t, cols)))))
+
+    @staticmethod
+    def _steps(linears: list[LinearOp], t: int, cols: int) -> list[int]:
+        out_dim, in_dim = linears[t].weight.shape
+        spread = [] if t == 0 else (_doubling(out_dim, 1, -1) if t % 2 else _doubling(out_dim, cols, -1))
+        reduce = _doubling(in_dim, 1) if t % 2 == 0 else _doubling(in_dim, cols)
+        return spread + reduce
+
+    @staticmethod
+    def depth(ops: list[Op]) -> int:
+        return len(ops) + len(_linears(ops)) - 1  # a mask before every Linear but the first
+
+    @property
+    def slots(self) -> int:
+        return self.rows * self.cols
+
+    def encode_input(self, sample: np.ndarray) -> np.ndarray:
+        grid = np.zeros((self.rows, self.cols))
+        flat = sample.reshape(-1)
+        grid[:, : len(flat)] = flat
+        return grid.reshape(-1)
+
+    def output_slots(self, ops: list[Op]) -> np.ndarray:
+        linears = _linears(ops)
+        out_dim = linears[-1].weight.shape[0]
+        return np.arange(out_dim) * self.cols if (len(linears) - 1) % 2 == 0 else np.arange(out_dim)
+
+
+class SingleServer:
+    """Encrypted-input host, single-sample path (rotations; latency independent of weight count)."""
+
+    def __init__(self, public: PublicContext, ops: list[Op]) -> None:
+        self.public, self.ops, self.plan = public, ops, GridPlan.for_ops(ops)
+
+    def infer(self, ciphertexts: list) -> list:
+        (value,) = ciphertexts
+        rows, cols = self.plan.rows, self.plan.cols
+        linear_index = 0
+        for op in self.ops:
+            if isinstance(op, SquareOp):
+                value = self.public.square(value)
+                continue
+            out_dim, in_dim = op.weight.shape
+            grid = np.zeros((rows, cols))
+            bias = np.zeros((rows, cols))
+            if linear_index % 2 == 0:  # input copied along rows → reduce along each row into column 0
+                if linear_index:
+                    value = self._spread(value, mask_row=True, count=out_dim, stride=cols)
+                grid[:out_dim, :in_dim] = op.weight
+                bias[:out_dim, 0] = op.bias
+                reduce = _doubling(in_dim, 1)
+            else:  # input in column 0 → copy along columns, reduce down each column into row 0
+                value = self._spread(value, mask_row=False, count=out_dim, stride=1)
+                grid[:in_dim, :out_dim] = op.weight.T
+                bias[0, :out_dim] = op.bias
+                reduce = _doubling(in_dim, cols)
+            value = self.public.rescale(self.public.multiply_plain(value, grid.reshape(-1)))
+            value = self.public.rotate_and_sum(value, reduce)
+            value = self.public.add_plain(value, bias.reshape(-1))
+            linear_index += 1
+        return [value]
+
+    def _spread(self, value, mask_row: bool, count: int, stride: int):
+        """Keep only the previous result (row 0 or column 0), then copy it ``count`` times."""
+        mask = np.zeros((self.plan.rows, self.plan.cols))
+        if mask_row:
+            mask[0, :] = 1.0
+        else:
+            mask[:, 0] = 1.0
+        value = self.public.rescale(self.public.multiply_plain(value, mask.reshape(-1)))
+        return self.public.rotate_and_sum(value, _doubling(count, stride, -1))
+
+
+# --- the round trip: client encrypts, host evaluates, client decrypts -------------------------
+
+
+def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, path: str = "batched",
+                        wire: bool = True, package_dir: Path | None = None,
+                        model_predictions: np.ndarray | None = None) -> tuple[np.ndarray, HERun]:
+    """Client encrypts ``inputs`` → host (public context only) evaluates → client decrypts.
+    With ``wire``, ciphertexts and context cross as bytes, as they would over a network.
+    ``model_predictions`` (the deployed model's own labels) give ``agreement_with_model``."""
+    if path == "batched":
+        params = _params(config, BatchedServer.depth(ops), 1)
+        holder = KeyHolder(params)
+    else:
+        plan = GridPlan.for_ops(ops)
+        params = _params(config, GridPlan.depth(ops), plan.slots)
+        holder = KeyHolder(params, plan.steps)
+    context_bytes = holder.public_context()
+    if package_dir is not None and path == "batched":
+        write_atomic(package_dir / "encrypted_input.public_context.bin", context_bytes)
+    public = PublicContext.deserialize(context_bytes) if wire else holder.public
+    server = BatchedServer(public, ops) if path == "batched" else SingleServer(public, ops)
+    batch = params.slots if path == "batched" else 1
+    required = BatchedServer.required_inputs(ops)
+    logits, server_seconds, bytes_in, bytes_out = [], 0.0, 0, 0
+    started = time.perf_counter()
+    for chunk in _chunks(len(inputs), batch):
+        features = inputs[chunk].reshape(chunk.stop - chunk.start, -1).astype(np.float64)
+        if path == "batched":
+            encrypted = [holder.encrypt(features[:, index]) for index in required]
+        else:
+            encrypted = [holder.encrypt(plan.encode_input(features[0]))]
+        payload = holder.public.dump_ciphertexts(encrypted) if wire else None
+        server_started = time.perf_counter()
+        outputs = server.infer(public.load_ciphertexts(payload) if wire else encrypted)
+        reply = public.dump_ciphertexts(outputs) if wire else None
+        server_seconds += time.perf_counter() - server_started
+        if wire:
+            bytes_in, bytes_out = bytes_in + len(payload), bytes_out + len(reply)
+            outputs = holder.public.load_ciphertexts(reply)
+        if path == "batched":
+            logits.append(np.stack([holder.decrypt(ct)[: len(features)] for ct in outputs], axis=1))
+        else:
+            logits.append(holder.decrypt(outputs[0])[plan.output_slots(ops)][None, :])
+    elapsed = time.perf_counter() - started
+    return _summarize("encrypted_input", path, ops, inputs, np.concatenate(logits), elapsed, server_seconds,
+                      bytes_in, bytes_out, len(context_bytes), len(context_bytes), params,
+                      holder.secret_key_in(context_bytes), model_predictions)

@@ -1,0 +1,197 @@
+"""Prefect tasks that record a run in MLflow (and Prefect artifacts): each retries on transient
+failures of the tracking server, and none changes what the pipeline computes."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from prefect import get_run_logger, task
+from prefect import runtime as prefect_runtime
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from kdsec import tracking
+from kdsec.report import render_report
+from kdsec.compress.measure import VariantMetrics
+from kdsec.config import PipelineConfig
+from kdsec.data import DataBundle
+from kdsec.fileio import write_atomic
+from kdsec.gates import GateVerdict
+from kdsec.summary import ReportPaths, Summary, write_json
+from kdsec.sweep import MemberResult, comparison_table, pareto_plot
+from kdsec.trainers import TrainedModel
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """The MLflow parent run of one pipeline run and the folder its outputs go to."""
+
+    run_id: str
+    out_dir: Path
+    config_digest: str
+
+
+def _flow_run_ended(tags: dict[str, str]) -> str | None:
+    """Why a RUNNING MLflow run is over, judged by its Prefect flow run: a terminal state (e.g.
+    Crashed, as a worker reports a killed process), or, for a flow run on this host whose process
+    is gone, none yet — then it is marked Crashed here, so neither side stays RUNNING."""
+    flow_run_id = tags.get("kdsec.prefect_flow_run_id")
+    if not flow_run_id:
+        return None
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        try:
+            state = client.read_flow_run(flow_run_id).state
+        except ObjectNotFound:  # another (e.g. temporary) Prefect server's run
+            return None
+        if state is not None and state.is_final():
+            return f"its Prefect flow run {flow_run_id} is {state.name}"
+        if tags.get("kdsec.host") == socket.gethostname() and not tracking.process_alive(tags.get("kdsec.pid", "")):
+            client.set_flow_run_state(flow_run_id, Crashed(message="the flow-run process was killed"), force=True)
+            return f"its process {tags.get('kdsec.pid')} is gone (Prefect flow run {flow_run_id} marked Crashed)"
+    return None
+
+
+@task(name="open-run", cache_policy=NO_CACHE, **IO_RETRIES)
+def open_run_task(config: PipelineConfig) -> PipelineRun:
+    """Close runs whose process was killed, open this run's parent run (tagged with the config
+    digest, dataset and Prefect flow run), create its output folder and record the config there
+    and in MLflow."""
+    logger = get_run_logger()
+    experiment_id = tracking.configure(config.tracking.experiment)
+    for run_id in tracking.close_abandoned_runs(experiment_id, _flow_run_ended):
+        logger.warning("closed MLflow run %s as FAILED: its process was killed before it finished", run_id)
+    digest = config.digest()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    parent = tracking.start_parent_run(experiment_id, f"kd-pipeline-{stamp}",
+                                       {"kdsec.config_digest": digest, "kdsec.dataset": config.data.name,
+                                        "kdsec.prefect_flow_run_id": str(prefect_runtime.flow_run.id or "")})
+    out_dir = Path(config.tracking.output_dir) / f"{stamp}-{parent[:8]}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_file = write_atomic(out_dir / "config.yaml", config.to_yaml())
+    tracking.log_run_config(parent, config_file, config.model_dump(mode="json"))
+    return PipelineRun(parent, out_dir, digest)
+
+
+@task(name="track-data", cache_policy=NO_CACHE, **IO_RETRIES)
+def track_data_task(parent_run_id: str, bundle: DataBundle, data_file: Path) -> None:
+    dataset = mlflow.data.from_numpy(features=bundle.x_train.reshape(len(bundle.x_train), -1),
+                                     targets=bundle.y_train, name=f"{bundle.name}-train",
+                                     digest=bundle.fingerprint)
+    sizes = {f"split.{name}": count for name, count in bundle.sizes().items()}
+    with tracking.stage_run(parent_run_id, "data"):
+        mlflow.log_input(dataset, context="training")
+        mlflow.log_params({"data.fingerprint": bundle.fingerprint, **sizes})
+        mlflow.log_artifact(str(data_file))
+    tracking.log_dataset(parent_run_id, dataset, context="training")
+    client = MlflowClient()
+    client.set_tag(parent_run_id, "data.fingerprint", bundle.fingerprint)
+    for key, value in sizes.items():
+        client.log_metric(parent_run_id, key, float(value))
+
+
+@task(name="track-model", cache_policy=NO_CACHE, **IO_RETRIES)
+def track_model_task(parent_run_id: str, model: TrainedModel, cache: str = "miss") -> None:
+    with tracking.stage_run(parent_run_id, model.role):
+        mlflow.set_tag("kdsec.cache", cache)
+        for record in model.history:
+            mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
+        mlflow.log_metrics(model.metrics())
+        mlflow.log_artifact(model.checkpoint, artifact_path="checkpoints")
+
+
+@task(name="track-stage", cache_policy=NO_CACHE, **IO_RETRIES)
+def track_stage_task(parent_run_id: str, stage: str, metrics: dict[str, float], payload: dict,
+                     files: list[Path] = ()) -> None:
+    """A nested run for ``stage``: its metrics (NaN left out), ``<stage>.json`` and its files."""
+    with tracking.stage_run(parent_run_id, stage) as run:
+        mlflow.log_metrics({str(key): float(value) for key, value in metrics.items() if np.isfinite(value)})
+        tracking.log_dict_artifact(payload, f"{stage}.json", run.info.run_id)
+        for path in files:
+            mlflow.log_artifact(str(path))
+
+
+@task(name="track-sweep", cache_policy=NO_CACHE, **IO_RETRIES)
+def track_sweep_task(parent_run_id: str, config: PipelineConfig, members: list[tuple[TrainedModel, MemberResult]],
+                     best: MemberResult, out_dir: Path) -> dict:
+    """A ``sweep`` stage run with one nested run per member (its settings, curves and sizes);
+    the comparison table and the accuracy-vs-size Pareto plot go to the parent run."""
+    results = [result for _, result in members]
+    table = comparison_table(results, best)
+    (out_dir / "sweep").mkdir(parents=True, exist_ok=True)
+    table_path = write_atomic(out_dir / "sweep" / "comparison.md", table)
+    csv_path = write_atomic(out_dir / "sweep" / "comparison.csv",
+                            pd.DataFrame([result.row() for result in results]).to_csv(index=False))
+    plot_path = pareto_plot(results, best, out_dir / "sweep" / "pareto.png")
+    with tracking.stage_run(parent_run_id, "sweep") as sweep_run:
+        sweep_id = sweep_run.info.run_id
+        mlflow.log_params({"sweep.members": len(results), "sweep.task_runner": config.sweep.task_runner,
+                           "sweep.best": best.member.name, "sweep.selected_by": "val_accuracy"})
+    for trained, result in members:
+        with tracking.stage_run(sweep_id, result.member.name):
+            mlflow.log_params({"distill.temperature": result.member.temperature, "distill.alpha": result.member.alpha,
+                               "distill.loss": result.member.loss, "student.width_multiplier": result.member.width})
+            for record in trained.history:
+                mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
+            mlflow.log_metrics({"val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
+                                "params": result.params, "size_bytes": result.size_bytes, "flops": result.flops,
+                                "train_seconds": result.train_seconds})
+            mlflow.set_tag("sweep.best", str(result.member.name == best.member.name).lower())
+    client = MlflowClient()
+    for path in (table_path, csv_path, plot_path):
+        client.log_artifact(parent_run_id, str(path), artifact_path="sweep")
+    client.set_tag(parent_run_id, "sweep.best", best.member.name)
+    create_table_artifact(key="kd-sweep", table=[result.row() for result in results],
+                          description=f"distillation sweep: best {best.member.name} by validation accuracy")
+    return {"run_id": sweep_id, "table": str(table_path), "csv": str(csv_path), "plot": str(plot_path)}
+
+
+@task(name="track-gates", cache_policy=NO_CACHE, **IO_RETRIES)
+def track_gates_task(parent_run_id: str, metrics: dict[str, float], verdicts: list[GateVerdict]) -> None:
+    tracking.log_gates(parent_run_id, metrics, verdicts)
+
+
+@task(name="register-and-promote", cache_policy=NO_CACHE, **IO_RETRIES)
+def register_task(config: PipelineConfig, parent_run_id: str, bundle: DataBundle, candidate: VariantMetrics,
+                  verdicts: list[GateVerdict], extra_tags: dict[str, str]) -> dict:
+    """Register the candidate with its gate tags; move the alias only if every gate passed."""
+    from kdsec.compress.candidates import variant_format
+
+    serving = {"input_scale": bundle.input_scale, "class_names": bundle.class_names,
+               "normalization": bundle.normalization}
+    return tracking.register_and_promote(config.tracking, parent_run_id, Path(candidate.checkpoint),
+                                         variant_format(candidate), serving, verdicts, extra_tags)
+
+
+@task(name="publish-report", cache_policy=NO_CACHE, **IO_RETRIES)
+def report_task(parent_run_id: str, summary: Summary, out_dir: Path) -> Summary:
+    """Render the report, write ``summary.json`` and ``audit.json``, log them all to the parent run
+    (tagged ``gates`` = the verdict) and to Prefect's artifacts."""
+    report = render_report(summary, out_dir)
+    summary = summary.model_copy(update={"report": ReportPaths(markdown=str(report.markdown), html=str(report.html))})
+    summary_path = summary.write(out_dir / "summary.json")
+    audit_path = write_json(summary.audit_document(), out_dir / "audit.json")
+    client = MlflowClient()
+    client.log_artifact(parent_run_id, str(summary_path))
+    client.log_artifact(parent_run_id, str(audit_path), artifact_path="report")
+    for path in (report.markdown, report.html, *report.plots.values()):
+        client.log_artifact(parent_run_id, str(path), artifact_path="report")
+    client.set_tag(parent_run_id, "gates", summary.verdict)
+    create_markdown_artifact(key="kd-audit-report", markdown=report.markdown.read_text(),
+                             description=f"kdsec audit report ({summary.verdict})")
+    create_table_artifact(key="kd-gates", table=[
+        {"gate": name, "verdict": gate.verdict} for name, gate in summary.gates.items()])
+    return summary.model_copy(update={"summary_path": str(summary_path)})
+
