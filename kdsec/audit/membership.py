@@ -89,4 +89,3 @@ def score_attack(member_scores: np.ndarray, non_member_scores: np.ndarray, low_f
         tpr_at_low_fpr_ci=interval(tprs),
         per_class_auc=per_class,
     )
-

@@ -84,4 +84,3 @@ def _prune_cnn(model: nn.Module, spec: ModelSpec, fraction: float) -> tuple[nn.M
     new_fc2.weight.copy_(fc2.weight[:, kept_fc])
     new_fc2.bias.copy_(fc2.bias)
     return smaller.eval(), new_spec
-

@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -263,20 +264,349 @@ def test_worker_deploys_from_app_and_runs_in_data():
 
 # --- secrets -------------------------------------------------------------------------------------
 
+# A name that holds a secret: one of these words inside a part of it, a part ending in TOKEN, or a
+# part that is KEY, PASS, PWD... (parts: split at _, -, . and camelCase; KEYBOARD is no key).
+_SECRET_WORDS = re.compile(r"PASSWORD|PASSWD|PASSPHRASE|SECRET|CREDENTIAL|APIKEY|PRIVATEKEY|ACCESSKEY|TOKENS?$")
+_SECRET_PARTS = {"KEY", "KEYS", "PASS", "PWD", "PW", "PSK"}
+_RUN_SECRETS = "/run/secrets"
+_COMMANDS = ("command", "entrypoint", "healthcheck")  # keys under a service whose strings a shell may run
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]*")
+_ASSIGNMENT = re.compile(r"(?:^|(?<=[\s'\"(;&|]))(-{0,2}[A-Za-z_][\w.-]*)=([^\s'\";&|)]*)")
 
-def test_compose_has_no_literal_secrets(secret):
+
+def _name_parts(name: str) -> list[str]:
+    return [part for part in re.split(r"[^A-Z0-9]+", re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).upper()) if part]
+
+
+def _secret_name(name: str) -> bool:
+    return any(_SECRET_WORDS.search(part) or part in _SECRET_PARTS for part in _name_parts(name))
+
+
+def _closing(text: str, start: int, opening: str, closing: str) -> int | None:
+    """The index after the ``closing`` that matches ``text[start] == opening`` (nesting counted)."""
+    depth = 0
+    for index in range(start, len(text)):
+        depth += {opening: 1, closing: -1}.get(text[index], 0)
+        if depth == 0:
+            return index + 1
+    return None
+
+
+def _spans(text: str, shell: bool) -> list[tuple[int, int, list[str]]]:
+    """(start, end, defaults) of every variable reference in ``text``: compose's ``${NAME}``,
+    ``${NAME:?message}``, ``${NAME:-default}`` (the default is typed in: it is returned to be checked
+    too), ``$NAME``; ``$$`` is compose's literal dollar, and where a shell runs the string
+    (``shell``) ``$$NAME``, ``$${...}`` and ``$$(...)`` are references the shell resolves."""
+    found, index = [], 0
+    while (index := text.find("$", index)) >= 0:
+        start, escaped = index, text.startswith("$$", index)
+        index += 2 if escaped else 1
+        if escaped and not shell:
+            continue
+        if text.startswith("{", index) and (end := _closing(text, index, "{", "}")):
+            inner = text[index + 1:end - 1]
+            name = re.match(r"[A-Za-z_]\w*|[0-9#?*@!$-]", inner)
+            modifier = re.match(r":?[-+]", inner[name.end():]) if name else None  # a default, not a ?message
+            found.append((start, end, [inner[name.end() + modifier.end():]] if modifier else []))
+            index = end
+        elif escaped and text.startswith("(", index) and (end := _closing(text, index, "(", ")")):
+            found.append((start, end, []))  # $$(command): the shell's command substitution
+            index = end
+        elif name := re.match(r"[A-Za-z_]\w*" if not escaped else r"[A-Za-z_]\w*|[0-9#?*@!$-]", text[index:]):
+            found.append((start, index + name.end(), []))
+            index += name.end()
+    return found
+
+
+def _literal_text(text: str, shell: bool = False) -> str:
+    """What of ``text`` is typed in: the text less its variable references (plus their defaults)."""
+    parts, previous = [], 0
+    for start, end, defaults in _spans(text, shell):
+        parts += [text[previous:start], *(_literal_text(default, shell) for default in defaults)]
+        previous = end
+    return "".join([*parts, text[previous:]])
+
+
+def _is_literal(value: str, shell: bool = False) -> bool:
+    return bool(re.sub(r"[\s'\"]", "", _literal_text(value, shell)))
+
+
+def _masked(text: str, shell: bool) -> tuple[str, list[str]]:
+    """``text`` with each reference replaced by a placeholder (\\0index\\0) free of : @ / and spaces."""
+    references, masked, previous = [], [], 0
+    for start, end, _ in _spans(text, shell):
+        masked += [text[previous:start], f"\0{len(references)}\0"]
+        references.append(text[start:end])
+        previous = end
+    return "".join([*masked, text[previous:]]), references
+
+
+def _unmasked(text: str, references: list[str]) -> str:
+    return re.sub(r"\0(\d+)\0", lambda match: references[int(match.group(1))], text)
+
+
+def _secret_value(where: str, name: str, value, shell: bool = False) -> list[str]:
+    """A secret-named variable given a typed-in value (not a reference, not empty, not a *_FILE in
+    /run/secrets); a variable without a value (passed through from the host) is fine."""
+    if value is None or not _secret_name(str(name)):
+        return []
+    value = str(value)  # YAML makes 123456 an int
+    in_run_secrets = value == _RUN_SECRETS or value.startswith(_RUN_SECRETS + "/")
+    if _name_parts(str(name))[-1] in ("FILE", "DIR") and in_run_secrets:
+        return []
+    return [f"{where}: {name}"] if _is_literal(value, shell) else []
+
+
+def _urls(text: str, shell: bool = False):
+    """(password or None, query parameters) of each URL in ``text``, references kept whole."""
+    masked, references = _masked(text, shell)
+    for url in _URL.findall(masked):
+        user_info, at, _ = re.match(r"[^/?#]*", url.split("://", 1)[1]).group().rpartition("@")
+        password = _unmasked(user_info.split(":", 1)[1], references) if at and ":" in user_info else None
+        yield password, [(name, _unmasked(value, references))
+                         for name, value in re.findall(r"[?&;]([^=&#]+)=([^&#]*)", url)]
+
+
+def _url_passwords(where: str, text: str, shell: bool = False) -> list[str]:
+    """URLs with a typed-in password: scheme://user:password@host, or ?password=... in the query."""
+    findings = []
+    for password, query in _urls(text, shell):
+        if password is not None and _is_literal(password, shell):
+            findings.append(f"{where}: a password in a URL")
+        for name, value in query:
+            findings += _secret_value(f"{where}: a URL's query", name, value, shell)
+    return findings
+
+
+def _words(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError:  # not shell syntax (an unbalanced quote): words are enough here
+        return text.split()
+
+
+def _command_secrets(where: str, node) -> list[str]:
+    """In what a shell or an exec form runs: NAME=literal (PGPASSWORD=..., --password=..., a
+    libpq 'password=...') and --secret-flag literal."""
+    if isinstance(node, dict):  # a health check: its test
+        node = node.get("test") or []
+    items = [node] if isinstance(node, str) else [str(item) for item in node]
+    findings, word_lists = [], [items if isinstance(node, list) else []]
+    for text in items:
+        masked, references = _masked(text, shell=True)
+        for name, value in _ASSIGNMENT.findall(masked):
+            findings += _secret_value(where, name, _unmasked(value, references), shell=True)
+        word_lists.append([_unmasked(word, references) for word in _words(masked)])
+    for words in word_lists:
+        for flag, value in zip(words, words[1:]):
+            if flag.startswith("-") and "=" not in flag and not value.startswith("-"):
+                findings += _secret_value(where, flag, value, shell=True)
+    return findings
+
+
+def _paths(node, path=()):
+    """(path, string) for every string in a YAML document."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _paths(value, (*path, str(key)))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _paths(value, (*path, str(index)))
+    elif isinstance(node, str):
+        yield path, node
+
+
+def _variables(node) -> list[tuple[str, object]]:
+    """(name, value) of an environment or build args block, as a mapping or as a KEY=VALUE list
+    (a bare KEY, or a null value, is passed through from the host's environment)."""
+    if isinstance(node, dict):
+        return list(node.items())
+    return [(name, value[0] if value else None) for name, *value in (str(item).split("=", 1) for item in node or [])]
+
+
+def literal_secrets(compose_text: str) -> list[str]:
+    """Where a compose file types in a secret: a secret-named variable (environment, build args,
+    NAME=... in a command, entrypoint or health check) with a literal value, or a URL anywhere with
+    a literal password. References to the host's environment and /run/secrets files are fine."""
+    document = yaml.safe_load(compose_text) or {}
+    findings = []
+    for path, text in _paths(document):
+        shell = len(path) > 2 and path[0] == "services" and path[2] in _COMMANDS
+        findings += _url_passwords(".".join(path), text, shell)
+    for service_name, service in (document.get("services") or {}).items():
+        build = service.get("build") if isinstance(service.get("build"), dict) else {}
+        for block, variables in (("environment", service.get("environment")), ("build.args", build.get("args"))):
+            for name, value in _variables(variables):
+                findings += _secret_value(f"services.{service_name}.{block}", name, value)
+        for key in _COMMANDS:
+            if service.get(key) is not None:
+                findings += _command_secrets(f"services.{service_name}.{key}", service[key])
+    return sorted(set(findings))
+
+
+def dockerfile_literal_secrets(dockerfile_text: str) -> list[str]:
+    """Where a Dockerfile bakes in a secret: ENV NAME=literal (or ENV NAME literal), an ARG with a
+    literal default, NAME=literal or --secret-flag literal in RUN/CMD/ENTRYPOINT/HEALTHCHECK, or a
+    URL with a literal password."""
+    lines, start = [], None  # logical lines: continuations joined, comment lines dropped
+    for number, line in enumerate(dockerfile_text.splitlines(), 1):
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        if start is None:
+            start, pieces = number, []
+        pieces.append(line.rstrip().removesuffix("\\"))
+        if not line.rstrip().endswith("\\"):
+            lines.append((start, " ".join(pieces)))
+            start = None
+    findings = []
+    for number, line in lines:
+        instruction, _, arguments = line.strip().partition(" ")
+        instruction, where = instruction.upper(), f"line {number}"
+        findings += _url_passwords(where, arguments)
+        if instruction in ("ENV", "ARG"):
+            words = _words(arguments)
+            if instruction == "ENV" and words and "=" not in words[0]:  # the old form: ENV NAME value
+                pairs = [(words[0], " ".join(words[1:]))]
+            else:
+                pairs = _variables(words)
+            for name, value in pairs:
+                findings += _secret_value(f"{where}: {instruction}", name, value)
+        elif instruction in ("RUN", "CMD", "ENTRYPOINT", "HEALTHCHECK"):
+            findings += _command_secrets(where, arguments)
+    return sorted(set(findings))
+
+
+# Literal secrets, each with what the detector reports (where, never the value).
+_LITERAL_SECRETS = {
+    "mapping": ("services: {db: {environment: {POSTGRES_PASSWORD: hunter2}}}",
+                "services.db.environment: POSTGRES_PASSWORD"),
+    "list": ("services: {worker: {environment: [MLFLOW_TRACKING_PASSWORD=abc123]}}",
+             "services.worker.environment: MLFLOW_TRACKING_PASSWORD"),
+    "cloud key": ("services: {worker: {environment: {AWS_SECRET_ACCESS_KEY: AKIAIOSFODNN7EXAMPLE}}}",
+                  "services.worker.environment: AWS_SECRET_ACCESS_KEY"),
+    "number": ("services: {db: {environment: {POSTGRES_PASSWORD: 123456}}}",
+               "services.db.environment: POSTGRES_PASSWORD"),
+    "URL": ("services: {mlflow: {environment: {MLFLOW_BACKEND_STORE_URI: 'postgresql://kdsec:hunter2@db/kdsec'}}}",
+            "services.mlflow.environment.MLFLOW_BACKEND_STORE_URI: a password in a URL"),
+    "URL query": ("services: {x: {environment: {DATABASE_URL: 'postgresql://db/kdsec?user=kdsec&password=hunter2'}}}",
+                  "services.x.environment.DATABASE_URL: a URL's query: password"),
+    "URL, part typed": ("services: {x: {environment: {DB: 'postgresql://kdsec:pre${PG_PASS}@db/kdsec'}}}",
+                        "services.x.environment.DB: a password in a URL"),
+    "default": ("services: {db: {environment: {POSTGRES_PASSWORD: '${PG_PASS:-hunter2}'}}}",
+                "services.db.environment: POSTGRES_PASSWORD"),
+    "nested default": ("services: {db: {environment: {POSTGRES_PASSWORD: '${A:-${B:-hunter2}}'}}}",
+                       "services.db.environment: POSTGRES_PASSWORD"),
+    "part typed": ("services: {db: {environment: {POSTGRES_PASSWORD: 'pre-${PG_PASS:?set it}'}}}",
+                   "services.db.environment: POSTGRES_PASSWORD"),
+    "$$ is a dollar": ("services: {db: {environment: {POSTGRES_PASSWORD: $$PG_PASS}}}",
+                       "services.db.environment: POSTGRES_PASSWORD"),
+    "file elsewhere": ("services: {db: {environment: {POSTGRES_PASSWORD_FILE: ./pg-password.txt}}}",
+                       "services.db.environment: POSTGRES_PASSWORD_FILE"),
+    "camelCase": ("services: {x: {environment: {apiToken: abc123}}}", "services.x.environment: apiToken"),
+    "build arg": ("services: {x: {build: {context: ., args: [GITHUB_TOKEN=ghp_abc123]}}}",
+                  "services.x.build.args: GITHUB_TOKEN"),
+    "anchor": ("x-env: &env {POSTGRES_PASSWORD: hunter2}\nservices: {db: {environment: *env}}",
+               "services.db.environment: POSTGRES_PASSWORD"),
+    "command URL": ("services: {x: {command: [mlflow, server, --backend-store-uri, 'postgresql://k:hunter2@db/m']}}",
+                    "services.x.command.3: a password in a URL"),
+    "command assignment": ("services: {x: {command: [sh, -c, 'PGPASSWORD=hunter2 psql -h db']}}",
+                           "services.x.command: PGPASSWORD"),
+    "command flag": ("services: {x: {command: [app, --password, hunter2]}}", "services.x.command: --password"),
+    "command flag=": ("services: {x: {command: 'app --api-key=abc123'}}", "services.x.command: --api-key"),
+    "entrypoint": ("services: {x: {entrypoint: 'env API_TOKEN=abc123 app'}}", "services.x.entrypoint: API_TOKEN"),
+    "libpq string": ("services: {x: {command: \"psql 'host=db user=kdsec password=hunter2'\"}}",
+                     "services.x.command: password"),
+    "health check": ("services: {db: {healthcheck: {test: [CMD-SHELL, 'pg_isready -d postgresql://k:pw@db/k']}}}",
+                     "services.db.healthcheck.test.1: a password in a URL"),
+    "anywhere": ("x-notes: {backup: 'postgresql://kdsec:hunter2@db/kdsec'}\nservices: {}",
+                 "x-notes.backup: a password in a URL"),
+}
+_REFERENCES = {
+    "required": "services: {db: {environment: {POSTGRES_PASSWORD: '${POSTGRES_PASSWORD:?set it}'}}}",
+    "plain": "services: {db: {environment: ['POSTGRES_PASSWORD=${PG_PASS}', API_TOKEN=$API_TOKEN]}}",
+    "secret file": "services: {db: {environment: {POSTGRES_PASSWORD_FILE: /run/secrets/pg}}}",
+    "from the host": "services: {db: {environment: [POSTGRES_PASSWORD], build: {args: {GITHUB_TOKEN: null}}}}",
+    "empty": "services: {db: {environment: {POSTGRES_PASSWORD: '', API_TOKEN: null}}}",
+    "default is a reference": "services: {db: {environment: {POSTGRES_PASSWORD: '${A:-${B:?set it}}'}}}",
+    "URL without a password": "services: {x: {environment: {DB: 'postgresql://kdsec@db/kdsec'}}}",
+    "URL with a reference": "services: {x: {environment: {DB: 'postgresql://kdsec:${PG_PASS}@db/kdsec'}}}",
+    "URL, message with spaces": "services: {x: {environment: {DB: 'postgresql://${U:?a b: c}:${P:?x y}@db/k'}}}",
+    "not secret names": "services: {x: {environment: {KEYBOARD: us, TOKENIZER: bert, AUTH_CONFIG_PATH: /a.ini}}}",
+    "shell reference": "services: {x: {command: [sh, -ec, 'PGPASSWORD=$$PG_PASS psql; T=$$(cat /run/secrets/t) x']}}",
+    "flag from a file": "services: {x: {command: [app, --password-file, /run/secrets/pg, --token, '${TOKEN:?set}']}}",
+}
+_DOCKERFILE_SECRETS = {
+    "ENV": ("FROM python\nENV POSTGRES_PASSWORD=hunter2\n", "line 2: ENV: POSTGRES_PASSWORD"),
+    "old ENV": ("FROM python\nENV DB_PASSWORD hunter2\n", "line 2: ENV: DB_PASSWORD"),
+    "continued ENV": ("FROM python\nENV A=1 \\\n    # a comment\n    API_KEY=abc123\n", "line 2: ENV: API_KEY"),
+    "quoted ENV": ("FROM python\nENV SECRET_KEY=\"abc 123\"\n", "line 2: ENV: SECRET_KEY"),
+    "ARG default": ("FROM python\nARG GITHUB_TOKEN=ghp_abc123\n", "line 2: ARG: GITHUB_TOKEN"),
+    "RUN": ("FROM python\nRUN PGPASSWORD=hunter2 psql -h db\n", "line 2: PGPASSWORD"),
+    "URL": ("FROM python\nRUN pip install --index-url https://user:tok123@pypi.example/simple kdsec\n",
+            "line 2: a password in a URL"),
+}
+_DOCKERFILE_FINE = {
+    "ARG without default": "FROM python\nARG GITHUB_TOKEN\n",
+    "file": "FROM python\nENV PASSWORD_FILE=/run/secrets/pg\n",
+    "reference": "FROM python\nARG A\nENV API_TOKEN=${A} PATH=\"/app/.venv/bin:$PATH\"\n",
+    "not secret": "FROM python\nENV KEYBOARD=us PIP_INDEX_URL=https://pypi.example/simple\n",
+}
+
+
+@pytest.mark.parametrize("case", _LITERAL_SECRETS)
+def test_literal_secrets_are_found(case):
+    text, finding = _LITERAL_SECRETS[case]
+    assert literal_secrets(text) == [finding]
+
+
+@pytest.mark.parametrize("case", _REFERENCES)
+def test_references_are_not_literal_secrets(case):
+    assert literal_secrets(_REFERENCES[case]) == [], case
+
+
+def test_literal_secrets_say_where_not_what():
+    found = literal_secrets("services: {db: {environment: {POSTGRES_PASSWORD: hunter2, "
+                            "U: 'postgresql://k:hunter2@db/k'}}}")
+    assert found == ["services.db.environment.U: a password in a URL", "services.db.environment: POSTGRES_PASSWORD"]
+    assert not any("hunter2" in finding for finding in found)
+
+
+@pytest.mark.parametrize("case", _DOCKERFILE_SECRETS)
+def test_dockerfile_literal_secrets_are_found(case):
+    text, finding = _DOCKERFILE_SECRETS[case]
+    assert dockerfile_literal_secrets(text) == [finding]
+
+
+@pytest.mark.parametrize("case", _DOCKERFILE_FINE)
+def test_dockerfile_references_are_not_literal_secrets(case):
+    assert dockerfile_literal_secrets(_DOCKERFILE_FINE[case]) == [], case
+
+
+def test_compose_has_no_literal_secrets():
+    assert literal_secrets((ROOT / "docker" / "compose.yaml").read_text()) == []
+
+
+def test_dockerfiles_and_settings_have_no_literal_secrets():
+    dockerfiles = [path for path in (ROOT / "docker").glob("Dockerfile*") if path.suffix != ".dockerignore"]
+    assert dockerfiles
+    for path in dockerfiles:
+        assert dockerfile_literal_secrets(path.read_text()) == [], path.name
+    assert [name for name, value in SETTINGS.items() if _secret_value("stack.env", name, value)] == []
+
+
+def test_compose_secrets_are_required_host_variables(secret):
     for name, service in SERVICES.items():
-        for key, value in (service.get("environment") or {}).items():
-            if any(word in f"{key} {value}".lower() for word in ("password", "key", "secret", "token")):
+        for key, value in _variables(service.get("environment")):
+            if _secret_name(key) or any(password is not None for password, _ in _urls(str(value))):
                 variables = _references(str(value))
                 assert variables and set(variables) <= set(SETTINGS) | set(secret), (name, key)
                 if not value.startswith("postgresql"):
                     assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", value), (name, key)  # required, never defaulted
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), (name, port)  # Prefect's API has no authentication
-    for text in _strings(COMPOSE):  # credentials in URLs: variables only
-        for password in re.findall(r"://[^/\s:@]+:([^@\s]+)@", text):
-            assert password.startswith("${KDSEC_PG_PASSWORD:?"), text
+    # Credentials in URLs: the PostgreSQL password, required (Prefect's and MLflow's database URLs).
+    passwords = [password for text in _strings(COMPOSE) for password, _ in _urls(text) if password is not None]
+    assert passwords and all(password.startswith("${KDSEC_PG_PASSWORD:?") for password in passwords), passwords
 
 
 def test_keys_reach_the_worker_as_secret_files_owned_by_the_image_user():
