@@ -192,7 +192,7 @@ def _distill(cfg: PipelineConfig, bundle, teacher: TrainedModel, run, caches: di
 
 def _log_outcome(cfg: PipelineConfig, summary: Summary) -> None:
     logger = get_run_logger()
-    models, cand = summary.models, summary.audit[roles.CANDIDATE].membership
+    models, cand = summary.models, summary.candidate_audit.membership
     logger.info("teacher %.4f (cache %s); students: scratch %.4f, distilled %.4f; candidate %s %.4f (%d bytes)",
                 models[roles.TEACHER].test_accuracy, summary.teacher_cache, models[roles.SCRATCH_STUDENT].test_accuracy,
                 models[roles.KD_STUDENT].test_accuracy, summary.candidate.variant, summary.candidate.test_accuracy,

@@ -92,7 +92,7 @@ def _print_summary(summary) -> None:
         console.print(f"cache: teacher {cache['teacher']} · teacher signals {cache['signals']['hit']}/"
                       f"{cache['signals']['total']} reused · reference models {cache['references']['hit']}/"
                       f"{cache['references']['total']} reused")
-    attack = summary.audit[roles.CANDIDATE].membership
+    attack = summary.candidate_audit.membership
     console.print(f"audit: strongest membership attack on the candidate: {attack.attack} "
                   f"(AUC {attack.auc:.3f}, TPR {attack.tpr_at_low_fpr:.3f} at {attack.low_fpr} FPR); "
                   f"{summary.audit_timing.seconds:.1f} s, "

@@ -36,4 +36,6 @@ def preflight(config: PipelineConfig) -> None:
 
 def switched_off_gates(config: PipelineConfig) -> frozenset[str]:
     """Gates whose stage the config turns off: skipped, not failed, and the report says so."""
-    return frozenset() if config.encrypt.he.enabled else frozenset({"he"})
+    from kdsec.gates import Gate
+
+    return frozenset() if config.encrypt.he.enabled else frozenset({Gate.HE})

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from kdsec import roles
 from kdsec.errors import DataError
 from kdsec.fileio import read_bounded, write_atomic
+from kdsec.gates import CheckResult
 
 if TYPE_CHECKING:  # the model above is read without torch; only building a summary needs these
     from kdsec.audit.run import AuditOutcome, ModelAudit
@@ -45,22 +46,11 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class CheckSummary(_Exact):
-    gate: str
-    metric: str
-    value: float | None
-    threshold: float
-    direction: str
-    passed: bool
-    level: str = "pass"  # pass | warn | fail | skipped
-    warn_threshold: float | None = None
-
-
 class GateSummary(_Exact):
     verdict: str  # pass | fail
     level: str  # pass | warn | fail
     warnings: list[str]
-    checks: list[CheckSummary]
+    checks: list[CheckResult]  # kdsec.gates' own record of a check
 
 
 class DataSummary(_Exact):
@@ -187,12 +177,20 @@ class Summary(_Exact):
         """Every gate passed: promoted, awaiting review, or superseded by a later passing run."""
         return self.verdict == "pass"
 
+    @property
+    def candidate_audit(self) -> ModelAuditSummary:
+        return self.audit[roles.CANDIDATE]
+
+    @property
+    def teacher_audit(self) -> ModelAuditSummary:
+        return self.audit[roles.TEACHER]
+
     def extraction_fidelity(self) -> float | None:
         return next((row["fidelity"] for row in self.extraction if row["defense"] == "top1"), None)
 
     def headlines(self) -> dict[str, object]:
         """The figures a reviewer compares across versions (``kdsec report --compare``)."""
-        candidate = self.audit.get(roles.CANDIDATE)
+        candidate = self.candidate_audit
         return {
             "verdict": self.verdict,
             "warnings": ", ".join(self.warnings) or "none",
@@ -201,10 +199,10 @@ class Summary(_Exact):
             "candidate bytes": self.candidate.size_bytes,
             "teacher test accuracy": self.models[roles.TEACHER].test_accuracy,
             "distillation gain": self.distillation_gain,
-            "membership attack (strongest)": candidate.membership.attack if candidate else None,
-            "membership AUC": candidate.membership.auc if candidate else None,
-            "membership TPR @ low FPR": candidate.membership.tpr_at_low_fpr if candidate else None,
-            "candidate ECE": candidate.calibration.ece if candidate else None,
+            "membership attack (strongest)": candidate.membership.attack,
+            "membership AUC": candidate.membership.auc,
+            "membership TPR @ low FPR": candidate.membership.tpr_at_low_fpr,
+            "candidate ECE": candidate.calibration.ece,
             "extraction fidelity (top-1)": self.extraction_fidelity(),
             "HE agreement (min over modes)": self.he.agreement,
             "HE batched ms/sample": self.he.ms_per_sample,

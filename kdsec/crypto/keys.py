@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -26,8 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kdsec.crypto.model_key import KEY_BYTES, NONCE_BYTES, ModelKey, load_or_create_key
-from kdsec.errors import IntegrityError, KdsecError, KeyMaterialError
+from kdsec.crypto.model_key import (KEY_BYTES, NONCE_BYTES, ModelKey, create_once, load_or_create_key,
+                                    read_private_file)
+from kdsec.errors import IntegrityError, KeyMaterialError
 from kdsec.fileio import PRIVATE, PUBLIC, read_bounded, write_atomic
 
 SIGNING_ALGORITHM = "ECDSA-P256-SHA256"
@@ -147,18 +147,8 @@ def load_or_create_signer(signing_env: str, signing_file: str | Path) -> Signer:
     if text := os.environ.get(signing_env):
         return Signer(_parse_private(text.encode(), f"${signing_env}"), f"env:{signing_env}")
     path = Path(signing_file)
-    if not os.path.lexists(path):
-        try:
-            generate_key_file(path, "signing")
-        except KdsecError:  # another run created it first: use theirs
-            if not os.path.lexists(path):
-                raise
-    if path.is_symlink():
-        raise KeyMaterialError(f"signing key '{path}' is a symbolic link; point encrypt.signing_key_file at the key itself")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise KeyMaterialError(f"signing key '{path}' is readable by other users (mode {mode:o}); run: chmod 600 {path}")
-    data = read_bounded(path, KEY_FILE_LIMIT, "signing key", error=KeyMaterialError)
+    create_once(path, lambda: generate_key_file(path, "signing"))
+    data = read_private_file(path, KEY_FILE_LIMIT, "signing key", "encrypt.signing_key_file")
     signer = Signer(_parse_private(data, f"signing key '{path}'"), f"file:{path}")
     if not os.path.lexists(public_key_path(path)):
         write_atomic(public_key_path(path), signer.public_pem, mode=PUBLIC)

@@ -10,6 +10,7 @@ import binascii
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,17 +55,32 @@ def load_or_create_key(key_env: str | None, key_file: str | Path) -> ModelKey:
     if key_env and os.environ.get(key_env):
         return ModelKey(_decode_key(os.environ[key_env], f"${key_env}"), f"env:{key_env}")
     path = Path(key_file)
-    if not os.path.lexists(path):
+
+    def create() -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            write_atomic(path, base64.b64encode(os.urandom(KEY_BYTES)).decode() + "\n", mode=PRIVATE, overwrite=False)
-        except KdsecError:  # another run created it first: use theirs
-            if not os.path.lexists(path):
-                raise
+        write_atomic(path, base64.b64encode(os.urandom(KEY_BYTES)).decode() + "\n", mode=PRIVATE, overwrite=False)
+
+    create_once(path, create)
+    text = read_private_file(path, 4096, "key file", "encrypt.key_file").decode("ascii", errors="replace")
+    return ModelKey(_decode_key(text, f"key file '{path}'"), f"file:{path}")
+
+
+def create_once(path: Path, create: Callable[[], object]) -> None:
+    """Create a missing key file; when another run created it first, use theirs."""
+    if os.path.lexists(path):
+        return
+    try:
+        create()
+    except KdsecError:
+        if not os.path.lexists(path):
+            raise
+
+
+def read_private_file(path: Path, limit: int, what: str, config_key: str) -> bytes:
+    """A secret key file's bytes: a regular file (not a link) that only its owner can read."""
     if path.is_symlink():
-        raise KeyMaterialError(f"key file '{path}' is a symbolic link; point encrypt.key_file at the key itself")
+        raise KeyMaterialError(f"{what} '{path}' is a symbolic link; point {config_key} at the key itself")
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
-        raise KeyMaterialError(f"key file '{path}' is readable by other users (mode {mode:o}); run: chmod 600 {path}")
-    text = read_bounded(path, 4096, "key file", error=KeyMaterialError).decode("ascii", errors="replace")
-    return ModelKey(_decode_key(text, f"key file '{path}'"), f"file:{path}")
+        raise KeyMaterialError(f"{what} '{path}' is readable by other users (mode {mode:o}); run: chmod 600 {path}")
+    return read_bounded(path, limit, what, error=KeyMaterialError)
