@@ -291,11 +291,9 @@ def keygen(
 
 
 def _tracking(config: Optional[Path]):
-    import mlflow
+    from kdsec.tracking import connect
 
-    from kdsec.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri())
+    connect()
     return load_config(config, []).tracking
 
 

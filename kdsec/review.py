@@ -38,8 +38,6 @@ def compare_versions(model_name: str, first: str, second: str, destination: Path
 def reaudit(model_uri: str, out_root: Path) -> dict:
     """Audit one registered version alone, on the data it was trained on (rebuilt from the run's
     config and checked against the version's data fingerprint)."""
-    import mlflow
-
     from kdsec import roles
     from kdsec.audit.run import audit_models, extraction_audit, reference_models
     from kdsec.compress.quantize import DynamicQuantLinear, dequantized_copy, load_weights
@@ -47,13 +45,13 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
     from kdsec.data import prepare_data
     from kdsec.gates import AUDIT_GATES, audit_gate_metrics, evaluate_gates
 
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    tracking.connect()
     name, version = tracking.resolve_version(model_uri)
     run_id = tracking.version_pipeline_run(name, version)
     with tempfile.TemporaryDirectory() as scratch:
         config = load_config(tracking.download_run_artifact(run_id, "config.yaml", Path(scratch)), [])
     bundle = prepare_data(config.data)
-    expected = mlflow.MlflowClient().get_model_version(name, version).tags.get("data.fingerprint")
+    expected = tracking.version_tags(name, version).get("data.fingerprint")
     if expected and expected != bundle.fingerprint:
         raise DataError(f"the data under data.root no longer matches version {version} (fingerprint "
                         f"{bundle.fingerprint}, the version was trained on {expected})")
@@ -74,11 +72,10 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
                 "extraction": [asdict(r) for r in extraction],
                 "gates": {verdict.name: verdict.as_dict() for verdict in verdicts}}
     write_atomic(folder / "audit.json", json.dumps(document, indent=2, default=str))
-    client = mlflow.MlflowClient()
-    for key, value in {"reaudit.time": stamp, "reaudit.attack": audit.membership.attack,
-                       "reaudit.membership_auc": f"{audit.membership.auc:.4f}",
-                       "reaudit.membership_tpr_at_low_fpr": f"{audit.membership.tpr_at_low_fpr:.4f}",
-                       "reaudit.verdict": "pass" if all(v.passed for v in verdicts) else "fail"}.items():
-        client.set_model_version_tag(name, version, key, value)
+    tracking.tag_version(name, version, {
+        "reaudit.time": stamp, "reaudit.attack": audit.membership.attack,
+        "reaudit.membership_auc": f"{audit.membership.auc:.4f}",
+        "reaudit.membership_tpr_at_low_fpr": f"{audit.membership.tpr_at_low_fpr:.4f}",
+        "reaudit.verdict": "pass" if all(v.passed for v in verdicts) else "fail"})
     return {"path": folder / "audit.json", "audit": audit, "extraction": extraction, "verdicts": verdicts,
             "name": name, "version": version}

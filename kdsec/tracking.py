@@ -32,6 +32,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def connect() -> None:
+    """Point MLflow at the tracking store (``tracking_uri``)."""
+    mlflow.set_tracking_uri(tracking_uri())
+
+
 def configure(experiment: str) -> str:
     """Point MLflow at the tracking store and experiment; return the experiment id."""
     mlflow.set_tracking_uri(tracking_uri())
@@ -295,6 +300,16 @@ def log_gates(run_id: str, metrics: dict[str, float], verdicts: list[GateVerdict
 
 def _pipeline_run(run_id: str) -> str:
     return MlflowClient().get_run(run_id).data.tags.get("mlflow.parentRunId", run_id)
+
+
+def version_tags(model_name: str, version: str) -> dict[str, str]:
+    return dict(_version(model_name, version).tags)
+
+
+def tag_version(model_name: str, version: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, str(version), key, value)
 
 
 def _version(model_name: str, version: str):

@@ -151,6 +151,12 @@ def test_second_run_reuses_the_cached_teacher_and_sweeps_on_threads(in_store):
 def test_cli_impossible_threshold_exits_2_and_keeps_champion(in_store):
     client = MlflowClient()
     before = str(client.get_model_version_by_alias("kdsec-student", "champion").version)
+    # Cached entries whose files were deleted since: computed again, counted as misses.
+    cache = in_store / ".kdsec" / "cache"
+    gone = [*(cache / "teachers").rglob("teacher.safetensors"), *(cache / "signals").glob("*.safetensors"),
+            sorted((cache / "references").rglob("model.safetensors"))[0]]
+    for path in gone:
+        path.unlink()
     result = _cli(in_store, "gates.min_accuracy=1.0")
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     assert "gate(s) failed: accuracy" in result.stdout
@@ -158,6 +164,10 @@ def test_cli_impossible_threshold_exits_2_and_keeps_champion(in_store):
                         if line.startswith("summary:"))
     summary = read_summary(in_store / summary_path)
     assert summary.verdict == "fail" and not summary.promoted and summary.failed_gates == ["accuracy"]
+    assert all(path.is_file() for path in gone)
+    assert summary.teacher_cache == summary.cache["teacher"] == "miss"
+    assert summary.cache["signals"]["hit"] == 0
+    assert summary.cache["references"]["hit"] == summary.cache["references"]["total"] - 1
     assert str(client.get_model_version_by_alias("kdsec-student", "champion").version) == before
     failed = client.get_model_version("kdsec-student", str(summary.registry.version))
     assert failed.tags["gates"] == "fail" and failed.tags["gate.accuracy"] == "fail"
