@@ -24,8 +24,8 @@ from kdsec.crypto.package import AtRestResult
 from kdsec.crypto.he import HEResult
 from kdsec.distill import signals_key
 from kdsec.fileio import write_atomic
-from kdsec.gates import evaluate_gates, gate_metrics
-from kdsec.preflight import preflight, switched_off_gates
+from kdsec.gates import evaluate_gates, gate_metrics, switched_off_gates
+from kdsec.preflight import preflight
 from kdsec.summary import Summary, build_summary
 from kdsec.sweep import select_best, sweep_grid
 from kdsec.trainers import TrainedModel
@@ -52,10 +52,11 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
         bundle = prepare_data_task(cfg)
         track_data_task(run.run_id, bundle, bundle.save(run.out_dir / "splits.npz"))
 
-        caches: dict = {}
-        teacher = _cached(train_teacher_task, caches, "teacher", cfg, bundle, cache.teacher_checkpoint(cfg, bundle))
-        track_model_task(run.run_id, teacher, _cache_counts(caches)["teacher"])
-        cfg, student, signals, sweep = _distill(cfg, bundle, teacher, run, caches)
+        cache_hits: dict = {}
+        teacher = _cached(train_teacher_task, cache_hits, "teacher", cfg, bundle, cache.teacher_checkpoint(cfg, bundle))
+        teacher_cache = _cache_counts(cache_hits)["teacher"]
+        track_model_task(run.run_id, teacher, teacher_cache)
+        cfg, student, signals, sweep = _distill(cfg, bundle, teacher, run, cache_hits)
         own_signals = signals[signals_key(cfg.distill)]
         scratch = train_scratch_task(cfg, bundle, run.out_dir / "scratch_student.safetensors")  # same arch
         trained = [teacher, scratch, student]
@@ -77,10 +78,10 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
         track_stage_task(run.run_id, "homomorphic", he.metrics(), he.as_dict(), sorted(run.out_dir.glob("he/*")))
 
         started = time.perf_counter()
-        references = _references(cfg, bundle, caches)
+        references = _references(cfg, bundle, cache_hits)
         models = {model.role: model.load() for model in trained}
-        models.update({roles.variant(v.name): load_variant(v) for v in variants if v.name != roles.DENSE})
-        audit = audit_task(cfg, bundle, models, references, roles.variant(candidate.name), teacher.train_seconds,
+        models.update({roles.variant_role(v.name): load_variant(v) for v in variants if v.name != roles.DENSE})
+        audit = audit_task(cfg, bundle, models, references, roles.variant_role(candidate.name), teacher.train_seconds,
                            time.perf_counter() - started)
         track_stage_task(run.run_id, "audit", audit.metrics(),
                          {"models": list(audit.by_role), "reference_models": audit.reference_models})
@@ -96,7 +97,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
 
         summary = build_summary(
             run_id=run.run_id, config_digest=run.config_digest, code_version=code_version("."), bundle=bundle,
-            models=trained, teacher_cache=_cache_counts(caches)["teacher"], caches=_cache_counts(caches),
+            models=trained, teacher_cache=teacher_cache, caches=_cache_counts(cache_hits),
             variants=variants, candidate=candidate, selection=cfg.compress.selection, at_rest=at_rest, he=he,
             audit=audit, verdicts=verdicts, registry=registration, output_dir=run.out_dir, sweep=sweep,
             distill={**cfg.distill.model_dump(mode="json"), "student": cfg.student.model_options(),
@@ -121,17 +122,17 @@ def _resolve(config: dict | None, config_path: str | None, overrides: list[str] 
     return cfg
 
 
-def _cached(task, caches: dict, kind: str, *args):
+def _cached(task, cache_hits: dict, kind: str, *args):
     """The task's (possibly cached) result; computed again when the cached entry's file (a
-    checkpoint or a signal file) has gone missing. Counts hits into ``caches[kind]``."""
+    checkpoint or a signal file) has gone missing. Counts hits into ``cache_hits[kind]``."""
     state = task(*args, return_state=True)
-    return _fresh(task, state, caches, kind, args)
+    return _result_or_recompute(task, state, cache_hits, kind, args)
 
 
-def _fresh(task, state, caches: dict, kind: str, args: tuple):
+def _result_or_recompute(task, state, cache_hits: dict, kind: str, args: tuple):
     result = state.result()
     path = result.checkpoint if isinstance(result, TrainedModel) else result
-    counts = caches.setdefault(kind, {"hit": 0, "total": 0})
+    counts = cache_hits.setdefault(kind, {"hit": 0, "total": 0})
     counts["total"] += 1
     if not Path(path).is_file():
         return task.with_options(refresh_cache=True)(*args)
@@ -139,30 +140,30 @@ def _fresh(task, state, caches: dict, kind: str, args: tuple):
     return result
 
 
-def _cache_counts(caches: dict) -> dict:
+def _cache_counts(cache_hits: dict) -> dict:
     """The summary's ``cache``: the teacher hit or missed; signals and references as counts."""
-    return {**caches, "teacher": "hit" if caches["teacher"]["hit"] else "miss"}
+    return {**cache_hits, "teacher": "hit" if cache_hits["teacher"]["hit"] else "miss"}
 
 
-def _references(config: PipelineConfig, bundle, caches: dict) -> dict[str, list[str]]:
+def _references(config: PipelineConfig, bundle, cache_hits: dict) -> dict[str, list[str]]:
     """K reference models per architecture, trained as parallel tasks (``audit.parallel_references``
     at a time) and cached like the teacher: same data + architecture + training + code → same models."""
     jobs = [(group, index, reference_checkpoint(config, bundle, group, index))
             for group in reference_plan(config, bundle) for index in range(config.audit.reference_models)]
     references: dict[str, list[str]] = {}
     width = config.audit.parallel_references
-    caches.setdefault("references", {"hit": 0, "total": 0})
+    cache_hits.setdefault("references", {"hit": 0, "total": 0})
     for start in range(0, len(jobs), width):
         wave = [(job, train_reference_task.submit(config, bundle, *job)) for job in jobs[start:start + width]]
         for (group, index, checkpoint), future in wave:
             future.wait()
-            path = _fresh(train_reference_task, future.state, caches, "references",
+            path = _result_or_recompute(train_reference_task, future.state, cache_hits, "references",
                           (config, bundle, group, index, checkpoint))
             references.setdefault(group, []).append(path)
     return references
 
 
-def _distill(cfg: PipelineConfig, bundle, teacher: TrainedModel, run, caches: dict):
+def _distill(cfg: PipelineConfig, bundle, teacher: TrainedModel, run, cache_hits: dict):
     """The distilled student: one, or the best member of the ``sweep`` grid by validation
     accuracy. Returns the config with the chosen settings, the student, the signal files (one
     per kind) and the sweep record (None without a sweep)."""
@@ -171,7 +172,7 @@ def _distill(cfg: PipelineConfig, bundle, teacher: TrainedModel, run, caches: di
     for member in members:  # one stored signal file per kind the members need
         member_cfg = member.apply(cfg)
         if (kind := signals_key(member_cfg.distill)) not in signals:
-            signals[kind] = _cached(teacher_signals_task, caches, "signals", member_cfg, bundle, teacher,
+            signals[kind] = _cached(teacher_signals_task, cache_hits, "signals", member_cfg, bundle, teacher,
                                     cache.signals_path(member_cfg, bundle, teacher.checkpoint))
     if len(members) == 1:
         cfg = members[0].apply(cfg)

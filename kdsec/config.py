@@ -455,12 +455,15 @@ def _drop_options_of_replaced_arch(tree: dict[str, Any], written: dict[str, dict
                 or not isinstance(file_arch, str) or file_arch not in ARCHES[section]):
             continue
         own_options = arch_option_names(section, file_arch)
+        new_arch = node.get("arch")
+        kept = arch_option_names(section, new_arch) if new_arch in ARCHES[section] else set()
         for key in file_section:
             if key in _SHARED_FIELDS[section] or key in given:
                 continue
             if key not in own_options:
                 raise ConfigError(_not_an_option(section, key, file_arch, f" in '{config_path}'"))
-            del node[key]
+            if key not in kept:  # an option both archs take (teacher_cnn ↔ student_cnn) keeps its value
+                del node[key]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
@@ -474,6 +477,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     the file or by ``--set``, is an error naming it and the arch.
     """
     config_path = Path(path) if path is not None else DEFAULT_CONFIG
+    tree = _read_tree(config_path)
+    written = {section: dict(tree[section]) for section in ARCHES if isinstance(tree.get(section), dict)}
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    _drop_options_of_replaced_arch(tree, written, overrides, config_path)
+    return config_from_dict(tree)
+
+
+def _read_tree(config_path: Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise ConfigError(f"config file '{config_path}' not found (pass --config PATH to an existing YAML file)")
     try:
@@ -484,10 +496,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"config file '{config_path}' is not valid YAML{where}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file '{config_path}' must hold a mapping of sections, not {type(tree).__name__}")
-    written = {section: dict(tree[section]) for section in ARCHES if isinstance(tree.get(section), dict)}
-    for assignment in overrides:
-        _apply_override(tree, assignment)
-    _drop_options_of_replaced_arch(tree, written, overrides, config_path)
+    return tree
+
+
+def load_run_config(path: str | Path) -> PipelineConfig:
+    """The ``config.yaml`` a pipeline run saved, as ``kdsec audit`` re-reads it: also one saved
+    before per-architecture options, which held every architecture's options in ``teacher`` and
+    ``student``; the options that are not the section's arch are dropped (they never applied)."""
+    tree = _read_tree(Path(path))
+    for section in ARCHES:
+        node = tree.get(section)
+        if isinstance(node, dict) and node.get("arch", _DEFAULT_ARCH[section]) in ARCHES[section]:
+            options = arch_option_names(section, node.get("arch", _DEFAULT_ARCH[section]))
+            tree[section] = {key: value for key, value in node.items()
+                             if key in _SHARED_FIELDS[section] or key in options}
     return config_from_dict(tree)
 
 

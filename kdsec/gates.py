@@ -6,15 +6,15 @@ import operator
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
-from kdsec.config import GatesConfig
+from kdsec.config import GatesConfig, PipelineConfig
 
 OPERATORS = {">=": operator.ge, "<=": operator.le}
 
 
 @dataclass(frozen=True)
 class GateCheck:
-    gate: str
-    metric: str
+    gate: Gate
+    metric: Metric
     threshold_key: str  # the config key that sets the fail threshold
     direction: str  # ">=" or "<="
     warn_key: str | None = None  # the config key of the warn threshold, if the check has one
@@ -129,6 +129,11 @@ def gate_metrics(teacher_accuracy: float, candidate_accuracy: float, candidate_a
         **({Metric.HE_AGREEMENT: he.agreement} if he.enabled else {}),
         **{metric: float(getattr(at_rest, metric.removeprefix("at_rest."))) for metric in _AT_REST},
     }
+
+
+def switched_off_gates(config: PipelineConfig) -> frozenset[str]:
+    """Gates whose stage the config turns off: skipped, not failed, and the report says so."""
+    return frozenset() if config.encrypt.he.enabled else frozenset({Gate.HE})
 
 
 def _threshold(gates: GatesConfig, key: str) -> float:

@@ -33,9 +33,3 @@ def preflight(config: PipelineConfig) -> None:
     local_key_provider(config.encrypt.key_env, config.encrypt.key_file)
     load_or_create_signer(config.encrypt.signing_key_env, config.encrypt.signing_key_file)
 
-
-def switched_off_gates(config: PipelineConfig) -> frozenset[str]:
-    """Gates whose stage the config turns off: skipped, not failed, and the report says so."""
-    from kdsec.gates import Gate
-
-    return frozenset() if config.encrypt.he.enabled else frozenset({Gate.HE})

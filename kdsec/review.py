@@ -39,9 +39,9 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
     """Audit one registered version alone, on the data it was trained on (rebuilt from the run's
     config and checked against the version's data fingerprint)."""
     from kdsec import roles
-    from kdsec.audit.run import audit_models, extraction_audit, reference_models
+    from kdsec.audit.run import audit_models, extraction_audit, reference_checkpoints
     from kdsec.compress.quantize import DynamicQuantLinear, dequantized_copy, load_weights
-    from kdsec.config import load_config
+    from kdsec.config import load_run_config
     from kdsec.data import prepare_data
     from kdsec.gates import AUDIT_GATES, audit_gate_metrics, evaluate_gates
 
@@ -49,7 +49,7 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
     name, version = tracking.resolve_version(model_uri)
     run_id = tracking.version_pipeline_run(name, version)
     with tempfile.TemporaryDirectory() as scratch:
-        config = load_config(tracking.download_run_artifact(run_id, "config.yaml", Path(scratch)), [])
+        config = load_run_config(tracking.download_run_artifact(run_id, "config.yaml", Path(scratch)))
     bundle = prepare_data(config.data)
     expected = tracking.version_tags(name, version).get("data.fingerprint")
     if expected and expected != bundle.fingerprint:
@@ -60,7 +60,7 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
     model.eval()
     int8 = any(isinstance(module, DynamicQuantLinear) for module in model.modules())
     surrogate = dequantized_copy(model, spec) if int8 else None
-    references = {"student": reference_models(config, bundle, "student")}  # cached, or trained now
+    references = {roles.STUDENTS: reference_checkpoints(config, bundle, roles.STUDENTS)}  # cached, or trained now
     (audit,) = audit_models({roles.CANDIDATE: model}, bundle, config, references, {roles.CANDIDATE: surrogate})
     extraction = extraction_audit(config, bundle, model)
     verdicts = [v for v in evaluate_gates(audit_gate_metrics(audit, extraction), config.gates) if v.name in AUDIT_GATES]

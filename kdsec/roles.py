@@ -13,12 +13,13 @@ KD_STUDENT = "kd_student"
 DP_STUDENT = "dp_student"
 CANDIDATE = "candidate"
 DENSE = "dense"  # the variant name of the uncompressed KD student
+STUDENTS = "student"  # the reference-model group of every student-architecture model (audit)
 
 _VARIANT = "variant:"
 _SWEEP = "sweep:"
 
 
-def variant(name: str) -> str:
+def variant_role(name: str) -> str:
     """The audited role of a compressed variant; the dense variant is the KD student itself."""
     return KD_STUDENT if name == DENSE else f"{_VARIANT}{name}"
 
@@ -37,7 +38,7 @@ def variant_source(role: str) -> str | None:
     if not role.endswith("int8"):
         return None
     source = role.removeprefix(_VARIANT).removesuffix("int8").rstrip("_").removesuffix("static").rstrip("_")
-    return variant(source) if source else KD_STUDENT
+    return variant_role(source) if source else KD_STUDENT
 
 
 def is_distilled(role: str) -> bool:
@@ -47,4 +48,4 @@ def is_distilled(role: str) -> bool:
 
 def reference_group(role: str) -> str:
     """Which reference models an audited model is compared with: its own architecture's."""
-    return TEACHER if role == TEACHER else "student"
+    return TEACHER if role == TEACHER else STUDENTS

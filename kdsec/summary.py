@@ -12,11 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from typing import TYPE_CHECKING
-
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer
 
 from kdsec import roles
 from kdsec.errors import DataError
@@ -32,7 +30,7 @@ if TYPE_CHECKING:  # the model above is read without torch; only building a summ
     from kdsec.gates import GateVerdict
     from kdsec.trainers import TrainedModel
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8  # 8: registry versions are always strings (see the README's migration notes)
 SUMMARY_LIMIT = 64 * 1024 * 1024  # a summary.json read back (e.g. a registered version's) is at most this
 
 
@@ -69,7 +67,14 @@ class ModelSummary(_Exact):
     epochs_run: int
     train_seconds: float
     checkpoint: str
-    privacy: dict[str, float] | None = None
+    privacy: dict[str, Any] | None = None  # DP-SGD accounting: only the DP student has the key
+
+    @model_serializer(mode="wrap")
+    def _privacy_only_where_spent(self, handler) -> dict:
+        data = handler(self)
+        if data.get("privacy") is None:
+            data.pop("privacy", None)
+        return data
 
 
 class CandidateSummary(_Exact):
@@ -118,6 +123,10 @@ class AtRestSummary(_Open):
 
 
 class RegistrySummary(_Exact):
+    # Versions are strings (as a tracking server returns them); a local store's ints, as
+    # schema 7 and earlier recorded them, are read as strings.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
     model: str
     version: str
     model_uri: str
@@ -152,7 +161,7 @@ class Summary(_Exact):
     data: DataSummary
     models: dict[str, ModelSummary]
     teacher_cache: str
-    cache: dict[str, Any]
+    cache: dict[str, Any] = {}  # absent from summaries written before the cache counts
     distillation_gain: float
     distillation: dict[str, Any]
     sweep: dict[str, Any] | None
@@ -212,7 +221,7 @@ class Summary(_Exact):
 
     def audit_document(self) -> dict:
         """``audit.json``: the review team's machine-readable audit, from the same data as the report."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="python")  # NaN stays NaN, as in summary.json
         return {"schema_version": SCHEMA_VERSION, "run_id": self.run_id, "verdict": self.verdict,
                 "lineage": {"data": data["data"], "config_digest": self.config_digest,
                             "code_version": self.code_version},
@@ -272,7 +281,7 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
                   models: list[TrainedModel], teacher_cache: str, variants: list[VariantMetrics],
                   candidate: VariantMetrics, selection: str, at_rest: AtRestResult, he: HEResult,
                   audit: AuditOutcome, verdicts: list[GateVerdict], registry: dict, output_dir: Path,
-                  sweep: dict | None = None, distill: dict | None = None, caches: dict | None = None) -> Summary:
+                  caches: dict, sweep: dict | None = None, distill: dict | None = None) -> Summary:
     from kdsec.compress.candidates import SELECTION_RULES
 
     by_role = {model.role: model for model in models}
@@ -288,7 +297,7 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
                              "checkpoint": model.checkpoint,
                              **({"privacy": model.privacy} if model.privacy else {})} for model in models},
         teacher_cache=teacher_cache,
-        cache=caches or {"teacher": teacher_cache},
+        cache=caches,
         distillation_gain=(by_role[roles.KD_STUDENT].test_accuracy
                            - by_role[roles.SCRATCH_STUDENT].test_accuracy),
         distillation=distill or {},

@@ -39,7 +39,7 @@ def connect() -> None:
 
 def configure(experiment: str) -> str:
     """Point MLflow at the tracking store and experiment; return the experiment id."""
-    mlflow.set_tracking_uri(tracking_uri())
+    connect()
     return mlflow.set_experiment(experiment).experiment_id
 
 

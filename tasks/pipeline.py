@@ -104,5 +104,6 @@ def train_reference_task(config: PipelineConfig, bundle: DataBundle, group: str,
 
 @task(name="audit", cache_policy=NO_CACHE)
 def audit_task(config: PipelineConfig, bundle: DataBundle, models: dict, references: dict[str, list[str]],
-               candidate_role: str, teacher_train_seconds: float, already_spent: float) -> AuditOutcome:
-    return audit_pipeline(config, bundle, models, references, candidate_role, teacher_train_seconds, already_spent)
+               candidate_role: str, teacher_train_seconds: float, reference_seconds: float) -> AuditOutcome:
+    return audit_pipeline(config, bundle, models, references, candidate_role, teacher_train_seconds,
+                          reference_seconds)

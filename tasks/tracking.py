@@ -64,11 +64,12 @@ def _flow_run_ended(tags: dict[str, str]) -> str | None:
     return None
 
 
-@task(name="open-run", cache_policy=NO_CACHE, **IO_RETRIES)
+@task(name="open-run", cache_policy=NO_CACHE)
 def open_run_task(config: PipelineConfig) -> PipelineRun:
     """Close runs whose process was killed, open this run's parent run (tagged with the config
     digest, dataset and Prefect flow run), create its output folder and record the config there
-    and in MLflow."""
+    and in MLflow. No retries: a retry would open a second parent run; if recording fails after
+    the run is open, it is closed as FAILED before the error goes up."""
     logger = get_run_logger()
     experiment_id = tracking.configure(config.tracking.experiment)
     for run_id in tracking.close_abandoned_runs(experiment_id, _flow_run_ended):
@@ -78,10 +79,14 @@ def open_run_task(config: PipelineConfig) -> PipelineRun:
     parent = tracking.start_parent_run(experiment_id, f"kd-pipeline-{stamp}",
                                        {"kdsec.config_digest": digest, "kdsec.dataset": config.data.name,
                                         "kdsec.prefect_flow_run_id": str(prefect_runtime.flow_run.id or "")})
-    out_dir = Path(config.tracking.output_dir) / f"{stamp}-{parent[:8]}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_file = write_atomic(out_dir / "config.yaml", config.to_yaml())
-    tracking.log_run_config(parent, config_file, config.model_dump(mode="json"))
+    try:
+        out_dir = Path(config.tracking.output_dir) / f"{stamp}-{parent[:8]}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config_file = write_atomic(out_dir / "config.yaml", config.to_yaml())
+        tracking.log_run_config(parent, config_file, config.model_dump(mode="json"))
+    except BaseException:
+        tracking.finish_run(parent, False)
+        raise
     return PipelineRun(parent, out_dir, digest)
 
 

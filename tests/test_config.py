@@ -5,7 +5,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from kdsec.config import (ARCHES, DEFAULT_CONFIG, CNNStudentConfig, CNNTeacherConfig, HEMLPStudentConfig,
+from kdsec.config import (ARCHES, load_run_config, DEFAULT_CONFIG, CNNStudentConfig, CNNTeacherConfig, HEMLPStudentConfig,
                           HEMLPTeacherConfig, PipelineConfig, ResNetStudentConfig, ResNetTeacherConfig,
                           arch_option_names, config_from_dict, load_config)
 from kdsec.errors import ConfigError
@@ -239,3 +239,23 @@ def test_yaml_and_digest_round_trip_every_arch(tmp_path, overrides):
     assert reloaded == config and reloaded.digest() == config.digest()
     assert config_from_dict(config.model_dump(mode="json")) == config
     assert next(iter(yaml.safe_load(config.to_yaml())["student"])) == "arch"
+
+
+def test_switching_between_archs_that_share_options_keeps_the_files_values():
+    """teacher_cnn ↔ student_cnn take the same options: an arch override keeps the file's widths."""
+    config = load_config(DEFAULT_CONFIG.parent / "cifar10.yaml", ["teacher.arch=student_cnn"])
+    assert config.teacher.arch == "student_cnn"
+    assert config.teacher.model_options() == {"channels": [64, 128], "fc": 256}
+
+
+def test_a_run_config_saved_before_per_arch_options_still_loads(tmp_path):
+    """``kdsec audit`` re-reads a registered version's config.yaml; one saved when every
+    architecture's options sat in teacher/student loads with only its own arch's options."""
+    old = tmp_path / "config.yaml"
+    old.write_text("teacher: {arch: teacher_cnn, channels: [32, 64], fc: 128, width: 64}\n"
+                   "student: {arch: he_mlp, hidden: [32], pool: 1, channels: [16, 32], fc: 64, width: 32}\n")
+    with pytest.raises(ConfigError, match="'teacher.width' is not an option of teacher.arch 'teacher_cnn'"):
+        load_config(old, [])
+    config = load_run_config(old)
+    assert config.teacher.model_options() == {"channels": [32, 64], "fc": 128}
+    assert config.student.model_options() == {"hidden": [32]}

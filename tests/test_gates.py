@@ -69,7 +69,7 @@ def test_a_gate_whose_stage_is_switched_off_is_skipped_not_failed():
     he = next(v for v in evaluate_gates(metrics, GatesConfig(), frozenset({"he"})) if v.name == "he")
     assert he.passed and [c.level for c in he.checks] == ["skipped"]
     from kdsec.config import load_config
-    from kdsec.preflight import switched_off_gates
+    from kdsec.gates import switched_off_gates
     assert switched_off_gates(load_config(None, ["encrypt.he.enabled=false"])) == {"he"}
     assert switched_off_gates(load_config(None, [])) == frozenset()
 

@@ -48,7 +48,7 @@ class ModelAudit:
 def reference_plan(config: PipelineConfig, bundle: DataBundle) -> dict[str, tuple[ModelSpec, TrainConfig]]:
     """The architecture and training of each reference-model group (see ``roles.reference_group``)."""
     return {roles.TEACHER: (teacher_spec(config, bundle), config.teacher.train),
-            "student": (student_spec(config, bundle), config.student.train)}
+            roles.STUDENTS: (student_spec(config, bundle), config.student.train)}
 
 
 def reference_checkpoint(config: PipelineConfig, bundle: DataBundle, group: str, index: int) -> Path:
@@ -67,7 +67,7 @@ def train_reference_model(config: PipelineConfig, bundle: DataBundle, group: str
                                config.seed * 1000 + index, checkpoint))
 
 
-def reference_models(config: PipelineConfig, bundle: DataBundle, group: str) -> list[str]:
+def reference_checkpoints(config: PipelineConfig, bundle: DataBundle, group: str) -> list[str]:
     """The ``audit.reference_models`` references of ``group``: the cached ones, the rest trained now."""
     paths = []
     for index in range(config.audit.reference_models):
@@ -223,12 +223,12 @@ class AuditOutcome:
 
 
 def audit_pipeline(config: PipelineConfig, bundle: DataBundle, models: dict, references: dict[str, list[str]],
-                   candidate_role: str, teacher_train_seconds: float, already_spent: float = 0.0) -> AuditOutcome:
+                   candidate_role: str, teacher_train_seconds: float, reference_seconds: float = 0.0) -> AuditOutcome:
     """Audit every model of a run and attack the candidate (``candidate_role``) for extraction.
-    ``already_spent``: seconds the audit already took before (training its reference models)."""
+    ``reference_seconds``: what training (or loading) its reference models took, part of the audit's cost."""
     started = time.perf_counter()
     audits = audit_models(models, bundle, config, references, float_sources(models))
     extraction = extraction_audit(config, bundle, models[candidate_role])
     audits.append(replace(next(a for a in audits if a.role == candidate_role), role=roles.CANDIDATE))
-    return AuditOutcome(audits, extraction, already_spent + time.perf_counter() - started, teacher_train_seconds,
+    return AuditOutcome(audits, extraction, reference_seconds + time.perf_counter() - started, teacher_train_seconds,
                         config.audit.reference_models)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kdsec import roles
 from kdsec.compress.measure import VariantMetrics, measure_variant
 from kdsec.compress.prune import global_magnitude_prune
 from kdsec.compress.quantize import load_int8, load_weights, quantize_dynamic_int8, save_int8, weights_format
@@ -23,7 +24,7 @@ def compress_student(config: CompressConfig, bundle: DataBundle, student, finetu
     copies of the pruned ones — each fine-tuned with ``objective`` on ``split`` (e.g. the
     distiller's, so pruned students keep learning from the teacher) and measured."""
     dense, spec = load_checkpoint(Path(student.checkpoint))
-    variants = [measure_variant("dense", dense, Path(student.checkpoint), bundle.x_test, bundle.y_test,
+    variants = [measure_variant(roles.DENSE, dense, Path(student.checkpoint), bundle.x_test, bundle.y_test,
                                 config.latency_repeats)]
     tune = finetune.model_copy(update={"lr": finetune.lr / 3})
 

@@ -220,6 +220,9 @@ def test_approval_required_waits_for_a_reviewer(in_store):
     defense = summary.privacy_defense
     assert defense["enabled"] and 0 < defense["epsilon"] <= 8.0 * 1.01
     assert summary.models["dp_student"].privacy["epsilon"] == defense["epsilon"]
+    written = json.loads(Path(summary.summary_path).read_text())["models"]
+    assert isinstance(written["dp_student"]["privacy"]["steps"], int)
+    assert all("privacy" not in written[role] for role in written if role != "dp_student")
     report = Path(summary.report.markdown).read_text()
     assert "Teacher leakage through the students" in report and f"ε = {defense['epsilon']:.2f}" in report
     assert str(client.get_model_version_by_alias("kdsec-student", "candidate").version) == version
