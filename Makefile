@@ -12,17 +12,26 @@ export MLFLOW_ENABLE_TELEMETRY := false
 # A first start of the temporary Prefect server (database migrations) can pass the 20 s default.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: run test bench bench-gates bench-he bench-audit bench-compress sync uv clean mlflow-ui prefect-ui \
+.PHONY: run prefect-stop prefect-status test bench bench-gates bench-he bench-audit bench-compress sync uv clean mlflow-ui prefect-ui \
 	stack-up stack-down stack-status stack-test
 
 uv:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 
+# Bytecode compiled once at sync: the first `kdsec run` does not pay for it on import.
 sync: uv
-	@$(UV) sync --frozen --quiet
+	@$(UV) sync --frozen --quiet --compile-bytecode
 
+# Runs attach to a local Prefect server that the first `make run` starts in the background
+# (no server start per run; history in its UI); `make prefect-stop` stops it.
 run: sync
-	$(UV) run --frozen kdsec run $(ARGS)
+	KDSEC_LOCAL_SERVER=1 $(UV) run --frozen kdsec run $(ARGS)
+
+prefect-stop:
+	@$(UV) run --frozen python -m flows.local_server stop
+
+prefect-status:
+	@$(UV) run --frozen python -m flows.local_server status
 
 test: sync
 	$(UV) run --frozen pytest $(ARGS)
@@ -61,7 +70,7 @@ mlflow-ui: sync
 	$(UV) run --frozen mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
 
 prefect-ui: sync
-	$(UV) run --frozen prefect server start --host 127.0.0.1 --port 4200
+	@$(UV) run --frozen python -m flows.local_server start
 
 clean:
 	rm -rf outputs mlruns mlartifacts mlflow.db .kdsec/cache

@@ -53,6 +53,15 @@ def run(
     logging.getLogger("kdsec").setLevel(logging.INFO)
     # The CLI is the one place in kdsec that reaches the orchestration layer, lazily, so that
     # importing the library never imports Prefect.
+    if os.environ.get("KDSEC_LOCAL_SERVER") == "1" and not os.environ.get("PREFECT_API_URL"):
+        from flows import local_server  # before Prefect reads its settings: sets PREFECT_API_URL
+
+        try:
+            url = local_server.ensure()
+        except (OSError, RuntimeError) as exc:
+            raise _fail(str(exc)) from None
+        err.print(f"Prefect: local server {url.removesuffix('/api')} (its UI keeps the run history; "
+                  "stop it with: make prefect-stop)", highlight=False)
     from flows.kd_pipeline import kd_pipeline, start_temporary_server
 
     try:
