@@ -102,7 +102,7 @@ def main() -> None:
         subprocess.run([str(clone / ".venv/bin/python"), "-m", "flows.local_server", "stop"], cwd=clone, env=env,
                        capture_output=True)
 
-    console = Console()
+    console = Console(width=140)
     table = Table(title="From a fresh clone: what `make run` costs (2-core CPU, uv cache warm)")
     for column in ("step", "seconds", "share of cold", "note"):
         table.add_column(column)

@@ -22,6 +22,7 @@ from kdsec.compress.candidates import compression_metrics, load_variant, select_
 from kdsec.config import PipelineConfig, config_from_dict, load_config
 from kdsec.crypto.package import AtRestResult
 from kdsec.crypto.he import HEResult
+from kdsec.device import parallel_share, torch_threads
 from kdsec.distill import signals_key
 from kdsec.fileio import write_atomic
 from kdsec.gates import evaluate_gates, gate_metrics, switched_off_gates
@@ -153,13 +154,14 @@ def _references(config: PipelineConfig, bundle, cache_hits: dict) -> dict[str, l
     references: dict[str, list[str]] = {}
     width = config.audit.parallel_references
     cache_hits.setdefault("references", {"hit": 0, "total": 0})
-    for start in range(0, len(jobs), width):
-        wave = [(job, train_reference_task.submit(config, bundle, *job)) for job in jobs[start:start + width]]
-        for (group, index, checkpoint), future in wave:
-            future.wait()
-            path = _result_or_recompute(train_reference_task, future.state, cache_hits, "references",
-                          (config, bundle, group, index, checkpoint))
-            references.setdefault(group, []).append(path)
+    with torch_threads(parallel_share(width)):  # one torch thread per training at once: no oversubscription
+        for start in range(0, len(jobs), width):
+            wave = [(job, train_reference_task.submit(config, bundle, *job)) for job in jobs[start:start + width]]
+            for (group, index, checkpoint), future in wave:
+                future.wait()
+                path = _result_or_recompute(train_reference_task, future.state, cache_hits, "references",
+                                            (config, bundle, group, index, checkpoint))
+                references.setdefault(group, []).append(path)
     return references
 
 

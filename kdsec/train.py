@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +35,12 @@ class FitResult:
     epochs_run: int
     best_val_accuracy: float
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+# Held around ``seed_everything`` + building a model where trainings run in parallel threads
+# (reference models, extraction copies): initialisation is the only use of the global RNG (``fit``
+# shuffles with its own generator), so each model starts exactly as it would alone.
+INIT_LOCK = threading.Lock()
 
 
 def seed_everything(seed: int) -> None:

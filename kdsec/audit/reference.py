@@ -16,7 +16,6 @@ offline attacks assume; population samples are each IN for about half of them.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +26,9 @@ from torch import nn
 from kdsec.config import TrainConfig
 from kdsec.data import DataBundle
 from kdsec.models import ModelSpec, build_model, save_checkpoint
-from kdsec.train import fit, predict_logits, seed_everything
+from kdsec.train import INIT_LOCK, fit, predict_logits, seed_everything
 
 
-_INIT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -72,7 +70,7 @@ def train_reference(spec: ModelSpec, train: TrainConfig, x_population: np.ndarra
                     mask: np.ndarray, seed: int, checkpoint: Path) -> Path:
     """One reference model on the IN half of the population (early stopping on the OUT half).
     Safe to run in parallel threads: initialization (the only use of the global RNG) is locked."""
-    with _INIT_LOCK:
+    with INIT_LOCK:
         seed_everything(seed)
         model = build_model(spec)
     fit(model, x_population[mask], y_population[mask], x_population[~mask], y_population[~mask], train, seed=seed,

@@ -207,3 +207,32 @@ def test_predict_logits_are_the_models_outputs_in_order(digits):
     with torch.no_grad():
         expected = model.eval()(torch.as_tensor(digits.x_test)).numpy()
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fast_roc_is_sklearns_to_the_last_bit_and_so_is_the_bootstrap():
+    """``membership.roc``/``auc`` replace sklearn's validated calls in the bootstrap: same curve,
+    same AUC and TPR (ties and collinear runs included), and the bootstrap interval is the one the
+    sklearn loop gave with the same seed."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from kdsec.audit.membership import auc, roc, score_attack
+
+    rng = np.random.default_rng(3)
+    for scores in (rng.normal(size=300), np.round(rng.normal(size=300), 1), np.repeat(np.arange(10.0), 30)):
+        truth = (rng.random(300) < 0.5).astype(float)
+        fpr, tpr = roc(truth, scores)
+        sk_fpr, sk_tpr, _ = roc_curve(truth, scores)
+        assert np.array_equal(fpr, sk_fpr) and np.array_equal(tpr, sk_tpr)
+        assert auc(fpr, tpr) == pytest.approx(roc_auc_score(truth, scores), abs=1e-15)
+
+    members, non_members = rng.normal(0.3, 1, 200), rng.normal(0, 1, 200)
+    result = score_attack(members, non_members, 0.05, "loss", bootstrap=50, seed=7)
+    draws, aucs, tprs = np.random.default_rng(7), [], []
+    truth = np.r_[np.ones(200), np.zeros(200)]
+    for _ in range(50):
+        scores = np.r_[draws.choice(members, 200), draws.choice(non_members, 200)]
+        sk_fpr, sk_tpr, _ = roc_curve(truth, scores)
+        aucs.append(roc_auc_score(truth, scores))
+        tprs.append(sk_tpr[sk_fpr <= 0.05].max())
+    assert result.auc_ci == pytest.approx((np.percentile(aucs, 2.5), np.percentile(aucs, 97.5)), abs=1e-12)
+    assert result.tpr_at_low_fpr_ci == pytest.approx((np.percentile(tprs, 2.5), np.percentile(tprs, 97.5)))
