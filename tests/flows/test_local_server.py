@@ -62,3 +62,14 @@ def test_a_recorded_pid_that_is_not_a_prefect_server_is_never_signalled(tmp_path
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_bad_config_fails_before_any_server_starts(tmp_path):
+    """`make run` with a bad --set: one line on stderr, exit 1, and no server was started."""
+    home = tmp_path / "home"
+    result = subprocess.run([sys.executable, "-m", "kdsec.cli", "run", "--set", "compress.sparsity=2"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**os.environ, "PREFECT_HOME": str(home), "KDSEC_LOCAL_SERVER": "1"})
+    assert result.returncode == 1
+    assert "compress.sparsity" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (home / "kdsec-server.json").exists()
