@@ -338,7 +338,8 @@ def report_command(
 ) -> None:
     """Fetch a version's audit report (HTML, Markdown, audit.json); with --compare, a side-by-side table."""
     from kdsec import tracking
-    from kdsec.review import compare_versions, fetch_report
+    from kdsec.review import compare_versions, fetch_report, version_state
+    from kdsec.summary import read_summary
 
     try:
         settings = _tracking(config)
@@ -349,11 +350,18 @@ def report_command(
 
         first = number(version)
         paths = fetch_report(name, first, out)
+        state = version_state(name, first)
+        summary = read_summary(paths["summary"])
         rows = compare_versions(name, first, number(compare), out) if compare else None
     except KdsecError as exc:
         raise _fail(str(exc)) from None
-    console.print(f"{name} v{first} (run {paths['run_id']}):\n  {paths['html']}\n  {paths['markdown']}\n"
-                  f"  {paths['audit']}")
+    style = "green" if summary.verdict == "pass" else "bold red"
+    failed = f"; failed: {', '.join(summary.failed_gates)}" if summary.failed_gates else ""
+    warned = f"; warnings: {', '.join(summary.warnings)}" if summary.warnings else ""
+    console.print(f"{name} v{first}: [{style}]{summary.verdict.upper()}[/]{failed}{warned}", highlight=False)
+    console.print(f"  candidate {summary.candidate.variant}, test accuracy {summary.candidate.test_accuracy:.4f}; "
+                  f"aliases: {', '.join(state['aliases']) or 'none'}; review: {state['review']}", highlight=False)
+    console.print(f"  run {paths['run_id']}:\n  {paths['html']}\n  {paths['markdown']}\n  {paths['audit']}")
     if rows:
         table = Table(title=f"{name}: v{first} vs v{number(compare)}", title_justify="left")
         for column in ("metric", f"v{first}", f"v{number(compare)}", "change"):

@@ -10,6 +10,8 @@ but a regular file, check the size from ``fstat`` before reading, and read in bo
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import stat
 import tempfile
@@ -84,3 +86,20 @@ def read_bounded(path: Path, limit: int, what: str = "file", expected: int | Non
     if expected is not None and len(data) != expected:
         raise error(f"{what} '{path}' changed while being read: {len(data)} bytes, expected {expected}")
     return data
+
+
+def strict_json(document, indent: int | None = 2) -> str:
+    """``document`` as strict JSON (RFC 8259: what ``JSON.parse`` and strict parsers accept): a
+    NaN or infinite float — an empty calibration bin, a metric with nothing to measure — becomes
+    ``null``; anything else json cannot hold is written as its ``str``."""
+    return json.dumps(_finite(document), indent=indent, default=str, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value

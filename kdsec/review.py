@@ -6,7 +6,6 @@ Everything reads from the MLflow registry and the kd-pipeline run that produced 
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -14,7 +13,7 @@ from pathlib import Path
 
 from kdsec import tracking
 from kdsec.errors import DataError
-from kdsec.fileio import write_atomic
+from kdsec.fileio import strict_json, write_atomic
 from kdsec.summary import read_summary
 
 
@@ -26,6 +25,16 @@ def fetch_report(model_name: str, version: str, destination: Path) -> dict:
     summary = tracking.download_run_artifact(run_id, "summary.json", folder)
     return {"run_id": run_id, "html": report / "report.html", "markdown": report / "report.md",
             "audit": report / "audit.json", "summary": summary}
+
+
+def version_state(model_name: str, version: str) -> dict:
+    """What the registry says of a version beyond its report: its aliases and its review."""
+    tags = tracking.version_tags(model_name, version)
+    status = tags.get("review.status")
+    if status and tags.get("review.reviewer"):
+        status += f" by {tags['review.reviewer']}" + (f" ({tags['review.time']})" if tags.get("review.time") else "")
+    return {"aliases": tracking.version_aliases(model_name, version),
+            "review": status or ("not required" if tags.get("gates") == "pass" else "none (gates failed)")}
 
 
 def compare_versions(model_name: str, first: str, second: str, destination: Path) -> list[tuple[str, object, object]]:
@@ -71,7 +80,7 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
                 "data_fingerprint": bundle.fingerprint, "time": stamp, "audit": asdict(audit),
                 "extraction": [asdict(r) for r in extraction],
                 "gates": {verdict.name: verdict.as_dict() for verdict in verdicts}}
-    write_atomic(folder / "audit.json", json.dumps(document, indent=2, default=str))
+    write_atomic(folder / "audit.json", strict_json(document))
     tracking.tag_version(name, version, {
         "reaudit.time": stamp, "reaudit.attack": audit.membership.attack,
         "reaudit.membership_auc": f"{audit.membership.auc:.4f}",

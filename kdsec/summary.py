@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer
 
 from kdsec import roles
 from kdsec.errors import DataError
-from kdsec.fileio import read_bounded, write_atomic
+from kdsec.fileio import read_bounded, strict_json, write_atomic
 from kdsec.gates import CheckResult
 
 if TYPE_CHECKING:  # the model above is read without torch; only building a summary needs these
@@ -93,8 +93,8 @@ class MembershipSummary(_Open):
 
 class CalibrationSummary(_Open):
     ece: float
-    bin_confidence: list[float]
-    bin_accuracy: list[float]
+    bin_confidence: list[float | None]  # NaN in memory for an empty bin; null in the written JSON
+    bin_accuracy: list[float | None]
 
 
 class ModelAuditSummary(_Open):
@@ -231,12 +231,12 @@ class Summary(_Exact):
                 "he": data["he"]}
 
     def write(self, path: Path) -> Path:
-        """``summary.json`` (without ``summary_path``, which says where this very file is)."""
+        """``summary.json``, strict JSON (without ``summary_path``, which says where this very file is)."""
         return write_json(self.model_dump(mode="python", exclude={"summary_path"}), path)
 
 
 def write_json(document: dict, path: Path) -> Path:
-    return write_atomic(path, json.dumps(document, indent=2, default=str))
+    return write_atomic(path, strict_json(document))
 
 
 def read_summary(path: Path) -> Summary:

@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 
 import kdsec
 from kdsec.errors import KdsecError
-from kdsec.fileio import write_atomic
+from kdsec.fileio import strict_json, write_atomic
 from kdsec.gates import GateVerdict, all_passed
 
 PACKAGE_DIR = Path(kdsec.__file__).resolve().parent
@@ -142,7 +142,7 @@ def stage_run(parent_run_id: str, stage: str) -> Iterator[mlflow.ActiveRun]:
 
 
 def log_dict_artifact(payload: dict, name: str, run_id: str) -> None:
-    MlflowClient().log_text(run_id, json.dumps(payload, indent=2, default=str), name)
+    MlflowClient().log_text(run_id, strict_json(payload), name)
 
 
 def log_student_model(checkpoint: Path, checkpoint_format: str, input_scale: float, class_names: list[str],
@@ -304,6 +304,10 @@ def _pipeline_run(run_id: str) -> str:
 
 def version_tags(model_name: str, version: str) -> dict[str, str]:
     return dict(_version(model_name, version).tags)
+
+
+def version_aliases(model_name: str, version: str) -> list[str]:
+    return sorted(_version(model_name, version).aliases or [])
 
 
 def tag_version(model_name: str, version: str, tags: dict[str, str]) -> None:

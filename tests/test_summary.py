@@ -38,3 +38,11 @@ def test_unknown_top_level_keys_are_rejected():
     assert Summary.model_config["extra"] == "forbid"
     with pytest.raises(ValueError, match="surprise"):
         Summary.model_validate({"surprise": 1})
+
+
+def test_strict_json_writes_null_for_what_is_not_a_number():
+    from kdsec.fileio import strict_json
+
+    text = strict_json({"bins": [0.5, float("nan")], "inf": float("-inf"), "nested": [{"x": float("nan")}]})
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in strict JSON")) == {
+        "bins": [0.5, None], "inf": None, "nested": [{"x": None}]}

@@ -50,7 +50,7 @@ def _reliability_plot(summary: Summary) -> plt.Figure:
     figure, axis = plt.subplots(figsize=(5, 4.5))
     for role in (roles.TEACHER, roles.CANDIDATE):
         bins = summary.audit[role].calibration
-        points = [(c, a) for c, a in zip(bins.bin_confidence, bins.bin_accuracy) if c == c]
+        points = [(c, a) for c, a in zip(bins.bin_confidence, bins.bin_accuracy) if c is not None and c == c]
         axis.plot(*zip(*points), "o-", label=f"{role} (ECE {bins.ece:.3f})")
     axis.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfect calibration")
     axis.set(xlabel="confidence", ylabel="accuracy", title="Reliability diagram (test split)")

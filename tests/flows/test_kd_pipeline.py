@@ -72,6 +72,13 @@ def test_passing_run_promotes_champion(in_store):
     assert audit_json["lineage"]["data"]["fingerprint"] == summary.data.fingerprint
     assert Path(summary.report.html).read_text().count("data:image/png;base64") == 3
     assert json.loads(Path(summary.summary_path).read_text())["run_id"] == summary.run_id
+    # Strict JSON (JavaScript's JSON.parse would refuse NaN): empty calibration bins are null.
+    def refuse(constant):
+        raise AssertionError(f"{constant} in a file that must be strict JSON")
+
+    for name in ("summary.json", "audit.json"):
+        json.loads((Path(summary.output_dir) / name).read_text(), parse_constant=refuse)
+    assert read_summary(Path(summary.summary_path)).headlines() == summary.headlines()
 
     client = MlflowClient()
     version = client.get_model_version_by_alias("kdsec-student", "champion")
@@ -256,6 +263,11 @@ def test_report_compares_two_versions_and_reaudit_reproduces_the_audit(in_store)
     code, out = _kdsec("report", "champion", "--compare", "1", "--out", "reports")
     assert code == 0, out
     assert "membership AUC" in out and (in_store / "reports").is_dir()
+    # The verdict, the aliases and the review state come first, not only paths.
+    assert ": PASS" in out.splitlines()[0]
+    assert "champion" in out.split("aliases:", 1)[1].split(";", 1)[0]
+    reviewed = MlflowClient().get_model_version_by_alias("kdsec-student", "champion").tags
+    assert f"review: {reviewed.get('review.status', 'not required')}" in out
     assert list((in_store / "reports").rglob("report.html")) and list((in_store / "reports").rglob("audit.json"))
 
     champion = MlflowClient().get_model_version_by_alias("kdsec-student", "champion")
