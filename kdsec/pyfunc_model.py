@@ -16,6 +16,18 @@ import pandas as pd
 import torch
 
 
+def check_pixel_range(values: np.ndarray, input_scale: float) -> None:
+    """Raw pixels lie in [0, 1/input_scale] (0–16 for digits, 0–255 for 8-bit images). Values
+    outside, or a batch that looks already scaled to [0, 1] where the range is wider, would give
+    silently wrong labels: refused with what was expected."""
+    high = 1.0 / input_scale
+    low_seen, high_seen = float(np.min(values)), float(np.max(values))
+    if not (np.isfinite(low_seen) and np.isfinite(high_seen)) or low_seen < 0 or high_seen > high * (1 + 1e-6):
+        raise ValueError(f"pixel values must be raw values in [0, {high:g}]; got values in [{low_seen:g}, {high_seen:g}]")
+    if high >= 2 and 0 < high_seen <= 1:
+        raise ValueError(f"pixel values look scaled to [0, 1]; send raw values in [0, {high:g}] (the model scales them)")
+
+
 class StudentModel(mlflow.pyfunc.PythonModel):
     """Loads a float or int8 safetensors checkpoint; predicts class labels."""
 
@@ -38,6 +50,7 @@ class StudentModel(mlflow.pyfunc.PythonModel):
         values = values.reshape(len(values), -1)
         if values.shape[1] != features:
             raise ValueError(f"expected {features} pixel values per row, got {values.shape[1]}")
+        check_pixel_range(values, self.input_scale)
         inputs = torch.as_tensor(values.astype(np.float32) * self.input_scale).reshape(-1, *self.spec.input_shape)
         if self.mean is not None:
             inputs = (inputs - self.mean) / self.std

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -37,10 +38,17 @@ def connect() -> None:
     mlflow.set_tracking_uri(tracking_uri())
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the MLflow UI opens a model-training experiment in its runs view
+
+
 def configure(experiment: str) -> str:
-    """Point MLflow at the tracking store and experiment; return the experiment id."""
+    """Point MLflow at the tracking store and experiment (tagged as model training, not GenAI);
+    return the experiment id."""
     connect()
-    return mlflow.set_experiment(experiment).experiment_id
+    found = mlflow.set_experiment(experiment)
+    if EXPERIMENT_KIND not in (found.tags or {}):
+        MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, "custom_model_development")
+    return found.experiment_id
 
 
 # --- who is acting ----------------------------------------------------------------------------
@@ -146,9 +154,15 @@ def log_dict_artifact(payload: dict, name: str, run_id: str) -> None:
 
 
 def log_student_model(checkpoint: Path, checkpoint_format: str, input_scale: float, class_names: list[str],
-                      normalization=None) -> str:
+                      normalization=None, example=None) -> str:
     """Log the candidate, in the active run, as a pyfunc model that predicts labels from raw
-    pixels; return its URI."""
+    pixels, with its input/output signature and ``example`` (a few rows of raw pixels) as the
+    input example; return its URI."""
+    signature = None
+    if example is not None:
+        from mlflow.models import infer_signature
+
+        signature = infer_signature(np.asarray(example, dtype=np.float64), np.zeros(len(example), dtype=np.int64))
     with tempfile.TemporaryDirectory() as scratch:
         serving = Path(scratch) / "serving.json"
         write_atomic(serving, json.dumps({"format": checkpoint_format, "input_scale": input_scale,
@@ -159,6 +173,8 @@ def log_student_model(checkpoint: Path, checkpoint_format: str, input_scale: flo
             artifacts={"checkpoint": str(checkpoint), "serving": str(serving)},
             code_paths=[str(PACKAGE_DIR)],
             pip_requirements=_pip_requirements(),
+            signature=signature,
+            input_example=None if example is None else np.asarray(example, dtype=np.float64),
         )
     return info.model_uri
 
@@ -178,10 +194,30 @@ def champion_version(model_name: str, alias: str) -> str | None:
         return None
 
 
+def version_description(verdicts: list[GateVerdict], parent_run_id: str) -> str:
+    """What a reviewer reads first on a version's page: PASSED or FAILED, the failing and
+    warning checks with their values, every gate's figures, and where the run and report are."""
+    failed = [check for verdict in verdicts for check in verdict.checks if check.level == "fail"]
+    warned = [check for verdict in verdicts for check in verdict.checks if check.level == "warn"]
+
+    def figure(check) -> str:
+        value = "missing" if check.value is None else f"{check.value:.4f}"
+        return f"{check.metric} {value} (needs {check.direction} {check.threshold:g})"
+
+    lines = ["FAILED: " + "; ".join(figure(check) for check in failed) if failed else "PASSED: every gate"]
+    if warned:
+        lines.append("Warnings: " + "; ".join(f"{check.metric} {check.value:.4f} (warn past {check.warn_threshold:g})"
+                                              for check in warned))
+    lines.append("Gates: " + ", ".join(f"{verdict.name} {verdict.level}" for verdict in verdicts))
+    lines.append(f"Pipeline run: {parent_run_id} (report: runs:/{parent_run_id}/report/report.html)")
+    return "\n".join(lines)
+
+
 def register_candidate(model_uri: str, model_name: str, verdicts: list[GateVerdict], run_id: str,
                        extra_tags: dict[str, str]) -> str:
     """Register a new version carrying every gate's verdict and who launched it as tags (set at
-    creation, in one call: there is no half-tagged version); return the version."""
+    creation, in one call: there is no half-tagged version), described for a reviewer, with the
+    pipeline's parent run as its source run; return the version."""
     client = MlflowClient()
     try:
         client.create_registered_model(model_name)
@@ -191,12 +227,15 @@ def register_candidate(model_uri: str, model_name: str, verdicts: list[GateVerdi
     tags = {f"gate.{verdict.name}": verdict.verdict for verdict in verdicts}
     tags.update({f"gate.{verdict.name}.warn": ",".join(verdict.warnings) for verdict in verdicts if verdict.warnings})
     tags["gates"] = "pass" if all_passed(verdicts) else "fail"
+    tags["verdict"] = "PASSED" if all_passed(verdicts) else "FAILED"
     tags["kdsec.launched_by"] = identity().name
     tags[RUN_STARTED] = str(MlflowClient().get_run(_pipeline_run(run_id)).info.start_time)
     tags.update(extra_tags)
     # A tracking server accepts a ``models:/<id>`` source only together with that logged model's id.
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
-    version = client.create_model_version(model_name, model_uri, run_id=run_id, tags=tags, model_id=model_id)
+    parent = _pipeline_run(run_id)
+    version = client.create_model_version(model_name, model_uri, run_id=parent, tags=tags, model_id=model_id,
+                                          description=version_description(verdicts, parent))
     return version.version
 
 
@@ -247,7 +286,7 @@ def register_and_promote(settings, parent_run_id: str, checkpoint: Path, checkpo
     previous = champion_version(settings.registered_model, settings.alias)
     with stage_run(parent_run_id, "register") as run:
         model_uri = log_student_model(checkpoint, checkpoint_format, serving["input_scale"],
-                                      serving["class_names"], serving.get("normalization"))
+                                      serving["class_names"], serving.get("normalization"), serving.get("example"))
         version = register_candidate(model_uri, settings.registered_model, verdicts, run.info.run_id, extra_tags)
     passed = all_passed(verdicts)
     holder = None

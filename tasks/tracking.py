@@ -175,7 +175,7 @@ def register_task(config: PipelineConfig, parent_run_id: str, bundle: DataBundle
     from kdsec.compress.candidates import variant_format
 
     serving = {"input_scale": bundle.input_scale, "class_names": bundle.class_names,
-               "normalization": bundle.normalization}
+               "normalization": bundle.normalization, "example": bundle.raw_rows(bundle.x_test[:5])}
     return tracking.register_and_promote(config.tracking, parent_run_id, Path(candidate.checkpoint),
                                          variant_format(candidate), serving, verdicts, extra_tags)
 
@@ -194,6 +194,10 @@ def report_task(parent_run_id: str, summary: Summary, out_dir: Path) -> Summary:
     for path in (report.markdown, report.html, *report.plots.values()):
         client.log_artifact(parent_run_id, str(path), artifact_path="report")
     client.set_tag(parent_run_id, "gates", summary.verdict)
+    # Runs told apart in the runs list: dataset, candidate and verdict in the name.
+    name = client.get_run(parent_run_id).info.run_name or ""
+    client.update_run(parent_run_id, name=name.replace(
+        "kd-pipeline", f"{summary.data.name}-{summary.candidate.variant}-{summary.verdict.upper()}", 1))
     create_markdown_artifact(key="kd-audit-report", markdown=report.markdown.read_text(),
                              description=f"kdsec audit report ({summary.verdict})")
     create_table_artifact(key="kd-gates", table=[

@@ -49,6 +49,15 @@ class DataBundle:
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
 
+    def raw_rows(self, inputs: np.ndarray) -> np.ndarray:
+        """Model inputs turned back into what a user sends a served model: one row of raw pixel
+        values per sample (undoing the normalization and ``input_scale``)."""
+        values = inputs.astype(np.float64)
+        if self.normalization is not None:
+            mean, std = (np.asarray(v, dtype=np.float64)[None, :, None, None] for v in self.normalization)
+            values = values * std + mean
+        return np.round(values / self.input_scale, 4).reshape(len(values), -1)
+
     def sizes(self) -> dict[str, int]:
         return {name: int(len(self.split(name)[1])) for name in SPLITS}
 

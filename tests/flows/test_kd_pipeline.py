@@ -117,6 +117,20 @@ def test_passing_run_promotes_champion(in_store):
     predictions = model.predict(digits.data[:300])
     assert np.array_equal(predictions, model.predict(pd.DataFrame(digits.data[:300])))
     assert (predictions == digits.target[:300]).mean() > 0.85
+    # Its signature and input example are logged; pixels outside 0-16, or already scaled to 0-1,
+    # are refused instead of silently mislabelled.
+    assert model.metadata.get_input_schema() is not None and model.metadata.get_output_schema() is not None
+    with pytest.raises(Exception, match=r"raw values in \[0, 16\]"):
+        model.predict(digits.data[:5] * 2)
+    with pytest.raises(Exception, match=r"look scaled to \[0, 1\]"):
+        model.predict(digits.data[:5] / 16)
+    # What a reviewer sees in the registry: verdict first, a description, the pipeline run as source.
+    assert version.tags["verdict"] == "PASSED" and version.run_id == summary.run_id
+    assert version.description.startswith("PASSED") and f"runs:/{summary.run_id}/report/report.html" in version.description
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    named = client.get_run(summary.run_id).info.run_name
+    assert named.startswith(f"digits-{summary.candidate.variant}-PASS-")
 
     # The key never reaches the summary or MLflow.
     key = (in_store / ".kdsec" / "keys" / "model.key").read_text().strip()
@@ -178,6 +192,7 @@ def test_cli_impossible_threshold_exits_2_and_keeps_champion(in_store):
     assert str(client.get_model_version_by_alias("kdsec-student", "champion").version) == before
     failed = client.get_model_version("kdsec-student", str(summary.registry.version))
     assert failed.tags["gates"] == "fail" and failed.tags["gate.accuracy"] == "fail"
+    assert failed.tags["verdict"] == "FAILED" and failed.description.startswith("FAILED: candidate.test_accuracy")
     assert "champion" not in (failed.aliases or [])
 
 
