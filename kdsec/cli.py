@@ -45,6 +45,10 @@ def run(
         preflight(resolved)
     except KdsecError as exc:
         raise _fail(str(exc)) from None
+    # No telemetry calls (a machine may have no internet; Prefect would print an error line).
+    for setting in ("PREFECT_SERVER_ANALYTICS_ENABLED", "MLFLOW_ENABLE_TELEMETRY"):
+        os.environ.setdefault(setting, "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     # kdsec logs epoch progress through the "kdsec" logger; let Prefect show it with its own.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "kdsec")
     # The first start of the temporary Prefect server migrates its database; on a busy 2-core
@@ -338,7 +342,7 @@ def report_command(
 ) -> None:
     """Fetch a version's audit report (HTML, Markdown, audit.json); with --compare, a side-by-side table."""
     from kdsec import tracking
-    from kdsec.review import compare_versions, fetch_report, version_state
+    from kdsec.review import compare_configs, compare_versions, fetch_report, version_state
     from kdsec.summary import read_summary
 
     try:
@@ -353,6 +357,7 @@ def report_command(
         state = version_state(name, first)
         summary = read_summary(paths["summary"])
         rows = compare_versions(name, first, number(compare), out) if compare else None
+        changed_config = compare_configs(name, first, number(compare), out) if compare else []
     except KdsecError as exc:
         raise _fail(str(exc)) from None
     style = "green" if summary.verdict == "pass" else "bold red"
@@ -373,10 +378,18 @@ def report_command(
             change = "" if left == right else (f"{left - right:+.4g}" if numeric else "changed")
             table.add_row(label, f"{style}{cell(left)}", f"{style}{cell(right)}", f"{style}{change}")
         console.print(table)
+    if changed_config:
+        console.print(f"config keys that differ (v{first} → v{number(compare)}): "
+                      + "; ".join(f"{key}: {left!r} → {right!r}" for key, left, right in changed_config),
+                      highlight=False, soft_wrap=True)
+    elif rows:
+        console.print("config: the same in both versions")
     if open_browser:
         import webbrowser
 
-        webbrowser.open(paths["html"].resolve().as_uri())
+        uri = paths["html"].resolve().as_uri()
+        if not webbrowser.open(uri):
+            console.print(f"no browser could be opened here; the report is at {paths['html'].resolve()}")
 
 
 @app.command("audit")
@@ -407,8 +420,9 @@ def audit_command(
                   f"{audit.temperature.ece_after:.4f}); FGSM accuracy "
                   + ", ".join(f"ε={e}: {a:.3f}" for e, a in zip(audit.robustness.epsilons, audit.robustness.accuracy)))
     failed = [v.name for v in result["verdicts"] if not v.passed]
+    warned = [metric for verdict in result["verdicts"] for metric in verdict.warnings]
     console.print(("[red]failed: " + ", ".join(failed)) if failed else "[green]membership, extraction and "
-                  "calibration gates pass[/]")
+                  "calibration gates pass[/]" + (f" [yellow](warnings: {', '.join(warned)})[/]" if warned else ""))
     console.print(f"audit: {result['path']}")
     raise typer.Exit(EXIT_GATE_FAILED if failed else EXIT_PROMOTED)
 

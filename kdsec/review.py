@@ -37,6 +37,20 @@ def version_state(model_name: str, version: str) -> dict:
             "review": status or ("not required" if tags.get("gates") == "pass" else "none (gates failed)")}
 
 
+def compare_configs(model_name: str, first: str, second: str, destination: Path) -> list[tuple[str, object, object]]:
+    """The config keys whose values differ between the runs of two versions (their config.yaml)."""
+    from kdsec.config import load_run_config
+
+    trees = []
+    for version in (first, second):
+        folder = destination / f"{model_name}-v{version}"
+        path = tracking.download_run_artifact(tracking.version_pipeline_run(model_name, version), "config.yaml", folder)
+        trees.append(tracking.flatten(load_run_config(path).model_dump(mode="json")))
+    left, right = trees
+    return [(key, left.get(key), right.get(key)) for key in sorted(set(left) | set(right))
+            if left.get(key) != right.get(key)]
+
+
 def compare_versions(model_name: str, first: str, second: str, destination: Path) -> list[tuple[str, object, object]]:
     """Headline metrics of two versions side by side (``Summary.headlines`` of their summary.json)."""
     left = read_summary(fetch_report(model_name, first, destination)["summary"]).headlines()

@@ -216,8 +216,8 @@ def version_description(verdicts: list[GateVerdict], parent_run_id: str) -> str:
 def register_candidate(model_uri: str, model_name: str, verdicts: list[GateVerdict], run_id: str,
                        extra_tags: dict[str, str]) -> str:
     """Register a new version carrying every gate's verdict and who launched it as tags (set at
-    creation, in one call: there is no half-tagged version), described for a reviewer, with the
-    pipeline's parent run as its source run; return the version."""
+    creation, in one call: there is no half-tagged version), described for a reviewer; the
+    pipeline's parent run is tagged with it; return the version."""
     client = MlflowClient()
     try:
         client.create_registered_model(model_name)
@@ -234,8 +234,11 @@ def register_candidate(model_uri: str, model_name: str, verdicts: list[GateVerdi
     # A tracking server accepts a ``models:/<id>`` source only together with that logged model's id.
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
     parent = _pipeline_run(run_id)
-    version = client.create_model_version(model_name, model_uri, run_id=parent, tags=tags, model_id=model_id,
+    version = client.create_model_version(model_name, model_uri, run_id=run_id, tags=tags, model_id=model_id,
                                           description=version_description(verdicts, parent))
+    # The pipeline's parent run records the version it registered (its source run is the nested
+    # `register` run that logged the model, under that parent).
+    client.set_tag(parent, "kdsec.registered_version", f"{model_name}/{version.version}")
     return version.version
 
 

@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 from sklearn.datasets import load_digits
@@ -125,7 +126,8 @@ def test_passing_run_promotes_champion(in_store):
     with pytest.raises(Exception, match=r"look scaled to \[0, 1\]"):
         model.predict(digits.data[:5] / 16)
     # What a reviewer sees in the registry: verdict first, a description, the pipeline run as source.
-    assert version.tags["verdict"] == "PASSED" and version.run_id == summary.run_id
+    assert version.tags["verdict"] == "PASSED"
+    assert client.get_run(summary.run_id).data.tags["kdsec.registered_version"] == f"kdsec-student/{version.version}"
     assert version.description.startswith("PASSED") and f"runs:/{summary.run_id}/report/report.html" in version.description
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -218,12 +220,12 @@ def test_cli_errors_exit_1_with_one_line_and_register_nothing(in_store, extra, e
     assert len(MlflowClient().search_model_versions("name='kdsec-student'")) == versions
 
 
-def _kdsec(*args: str):
+def _kdsec(*args: str, env: dict[str, str] | None = None):
     from typer.testing import CliRunner
 
     from kdsec.cli import app
 
-    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200", **(env or {})})
     return result.exit_code, result.output
 
 
@@ -281,8 +283,26 @@ def test_report_compares_two_versions_and_reaudit_reproduces_the_audit(in_store)
     # The verdict, the aliases and the review state come first, not only paths.
     assert ": PASS" in out.splitlines()[0]
     assert "champion" in out.split("aliases:", 1)[1].split(";", 1)[0]
-    reviewed = MlflowClient().get_model_version_by_alias("kdsec-student", "champion").tags
-    assert f"review: {reviewed.get('review.status', 'not required')}" in out
+    reviewed = MlflowClient().get_model_version_by_alias("kdsec-student", "champion")
+    assert f"review: {reviewed.tags.get('review.status', 'not required')}" in out
+    # --compare names the config keys whose values differ between the two runs.
+    runs = {summary.registry.version: yaml.safe_load((Path(summary.output_dir) / "config.yaml").read_text())
+            for summary in map(read_summary, (in_store / "outputs").rglob("summary.json"))}
+
+    def leaves(tree, prefix=""):
+        return {key: value for name, node in tree.items()
+                for key, value in (leaves(node, f"{prefix}{name}.").items() if isinstance(node, dict)
+                                   else [(f"{prefix}{name}", node)])}
+
+    left, right = leaves(runs[str(reviewed.version)]), leaves(runs["1"])
+    differing = {key for key in set(left) | set(right) if left.get(key) != right.get(key)}
+    if differing:
+        assert all(f"{key}:" in out for key in differing), (differing, out)
+    else:
+        assert "config: the same in both versions" in out
+    # --open where no browser can be opened says where the report is.
+    code, out = _kdsec("report", "champion", "--open", "--out", "reports", env={"BROWSER": "false"})
+    assert code == 0 and "no browser could be opened here; the report is at" in out
     assert list((in_store / "reports").rglob("report.html")) and list((in_store / "reports").rglob("audit.json"))
 
     champion = MlflowClient().get_model_version_by_alias("kdsec-student", "champion")
