@@ -98,7 +98,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
 
         summary = build_summary(
             run_id=run.run_id, config_digest=run.config_digest, code_version=code_version("."), bundle=bundle,
-            models=trained, teacher_cache=teacher_cache, caches=_cache_counts(cache_hits),
+            models=trained, caches=_cache_counts(cache_hits),
             variants=variants, candidate=candidate, selection=cfg.compress.selection, at_rest=at_rest, he=he,
             audit=audit, verdicts=verdicts, registry=registration, output_dir=run.out_dir, sweep=sweep,
             distill={**cfg.distill.model_dump(mode="json"), "student": cfg.student.model_options(),

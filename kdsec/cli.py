@@ -356,7 +356,7 @@ def report_command(
         paths = fetch_report(name, first, out)
         state = version_state(name, first)
         summary = read_summary(paths["summary"])
-        rows = compare_versions(name, first, number(compare), out) if compare else None
+        rows = compare_versions(name, summary, number(compare), out) if compare else None
         changed_config = compare_configs(name, first, number(compare), out) if compare else []
     except KdsecError as exc:
         raise _fail(str(exc)) from None

@@ -14,7 +14,7 @@ from pathlib import Path
 from kdsec import tracking
 from kdsec.errors import DataError
 from kdsec.fileio import strict_json, write_atomic
-from kdsec.summary import read_summary
+from kdsec.summary import Summary, read_summary
 
 
 def fetch_report(model_name: str, version: str, destination: Path) -> dict:
@@ -29,11 +29,11 @@ def fetch_report(model_name: str, version: str, destination: Path) -> dict:
 
 def version_state(model_name: str, version: str) -> dict:
     """What the registry says of a version beyond its report: its aliases and its review."""
-    tags = tracking.version_tags(model_name, version)
+    tags, aliases = tracking.version_tags_and_aliases(model_name, version)
     status = tags.get("review.status")
     if status and tags.get("review.reviewer"):
         status += f" by {tags['review.reviewer']}" + (f" ({tags['review.time']})" if tags.get("review.time") else "")
-    return {"aliases": tracking.version_aliases(model_name, version),
+    return {"aliases": aliases,
             "review": status or ("not required" if tags.get("gates") == "pass" else "none (gates failed)")}
 
 
@@ -51,9 +51,10 @@ def compare_configs(model_name: str, first: str, second: str, destination: Path)
             if left.get(key) != right.get(key)]
 
 
-def compare_versions(model_name: str, first: str, second: str, destination: Path) -> list[tuple[str, object, object]]:
-    """Headline metrics of two versions side by side (``Summary.headlines`` of their summary.json)."""
-    left = read_summary(fetch_report(model_name, first, destination)["summary"]).headlines()
+def compare_versions(model_name: str, first: Summary, second: str, destination: Path) -> list[tuple[str, object, object]]:
+    """Headline metrics of a version already read (``first``) and another, side by side
+    (``Summary.headlines`` of their summary.json)."""
+    left = first.headlines()
     right = read_summary(fetch_report(model_name, second, destination)["summary"]).headlines()
     return [(label, left[label], right[label]) for label in left]
 
@@ -74,7 +75,7 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         config = load_run_config(tracking.download_run_artifact(run_id, "config.yaml", Path(scratch)))
     bundle = prepare_data(config.data)
-    expected = tracking.version_tags(name, version).get("data.fingerprint")
+    expected = tracking.version_tags_and_aliases(name, version)[0].get("data.fingerprint")
     if expected and expected != bundle.fingerprint:
         raise DataError(f"the data under data.root no longer matches version {version} (fingerprint "
                         f"{bundle.fingerprint}, the version was trained on {expected})")

@@ -278,7 +278,7 @@ def privacy_defense(models: dict[str, TrainedModel], audits: dict[str, ModelAudi
 
 
 def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle: DataBundle,
-                  models: list[TrainedModel], teacher_cache: str, variants: list[VariantMetrics],
+                  models: list[TrainedModel], variants: list[VariantMetrics],
                   candidate: VariantMetrics, selection: str, at_rest: AtRestResult, he: HEResult,
                   audit: AuditOutcome, verdicts: list[GateVerdict], registry: dict, output_dir: Path,
                   caches: dict, sweep: dict | None = None, distill: dict | None = None) -> Summary:
@@ -296,7 +296,7 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
                              "epochs_run": model.epochs_run, "train_seconds": model.train_seconds,
                              "checkpoint": model.checkpoint,
                              **({"privacy": model.privacy} if model.privacy else {})} for model in models},
-        teacher_cache=teacher_cache,
+        teacher_cache=caches["teacher"],
         cache=caches,
         distillation_gain=(by_role[roles.KD_STUDENT].test_accuracy
                            - by_role[roles.SCRATCH_STUDENT].test_accuracy),

@@ -226,14 +226,14 @@ def register_candidate(model_uri: str, model_name: str, verdicts: list[GateVerdi
             raise
     tags = {f"gate.{verdict.name}": verdict.verdict for verdict in verdicts}
     tags.update({f"gate.{verdict.name}.warn": ",".join(verdict.warnings) for verdict in verdicts if verdict.warnings})
-    tags["gates"] = "pass" if all_passed(verdicts) else "fail"
-    tags["verdict"] = "PASSED" if all_passed(verdicts) else "FAILED"
+    passed = all_passed(verdicts)
+    tags["gates"], tags["verdict"] = ("pass", "PASSED") if passed else ("fail", "FAILED")
     tags["kdsec.launched_by"] = identity().name
-    tags[RUN_STARTED] = str(MlflowClient().get_run(_pipeline_run(run_id)).info.start_time)
+    parent = _pipeline_run(run_id)
+    tags[RUN_STARTED] = str(client.get_run(parent).info.start_time)
     tags.update(extra_tags)
     # A tracking server accepts a ``models:/<id>`` source only together with that logged model's id.
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
-    parent = _pipeline_run(run_id)
     version = client.create_model_version(model_name, model_uri, run_id=run_id, tags=tags, model_id=model_id,
                                           description=version_description(verdicts, parent))
     # The pipeline's parent run records the version it registered (its source run is the nested
@@ -344,12 +344,10 @@ def _pipeline_run(run_id: str) -> str:
     return MlflowClient().get_run(run_id).data.tags.get("mlflow.parentRunId", run_id)
 
 
-def version_tags(model_name: str, version: str) -> dict[str, str]:
-    return dict(_version(model_name, version).tags)
-
-
-def version_aliases(model_name: str, version: str) -> list[str]:
-    return sorted(_version(model_name, version).aliases or [])
+def version_tags_and_aliases(model_name: str, version: str) -> tuple[dict[str, str], list[str]]:
+    """A version's tags and aliases, from one read of the registry."""
+    found = _version(model_name, version)
+    return dict(found.tags), sorted(found.aliases or [])
 
 
 def tag_version(model_name: str, version: str, tags: dict[str, str]) -> None:

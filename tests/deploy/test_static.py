@@ -553,15 +553,21 @@ _DOCKERFILE_FINE = {
 }
 
 
-@pytest.mark.parametrize("case", _LITERAL_SECRETS)
-def test_literal_secrets_are_found(case):
-    text, finding = _LITERAL_SECRETS[case]
-    assert literal_secrets(text) == [finding]
+# Each detector against its known-bad cases (exactly the one finding) and known-good ones (none).
+_FOUND = [(literal_secrets, case, *found) for case, found in _LITERAL_SECRETS.items()]
+_FOUND += [(dockerfile_literal_secrets, case, *found) for case, found in _DOCKERFILE_SECRETS.items()]
+_FINE = [(literal_secrets, case, text) for case, text in _REFERENCES.items()]
+_FINE += [(dockerfile_literal_secrets, case, text) for case, text in _DOCKERFILE_FINE.items()]
 
 
-@pytest.mark.parametrize("case", _REFERENCES)
-def test_references_are_not_literal_secrets(case):
-    assert literal_secrets(_REFERENCES[case]) == [], case
+@pytest.mark.parametrize("detector,case,text,finding", _FOUND, ids=[f"{d.__name__}:{c}" for d, c, *_ in _FOUND])
+def test_literal_secrets_are_found(detector, case, text, finding):
+    assert detector(text) == [finding]
+
+
+@pytest.mark.parametrize("detector,case,text", _FINE, ids=[f"{d.__name__}:{c}" for d, c, _ in _FINE])
+def test_references_are_not_literal_secrets(detector, case, text):
+    assert detector(text) == [], case
 
 
 def test_literal_secrets_say_where_not_what():
@@ -569,17 +575,6 @@ def test_literal_secrets_say_where_not_what():
                             "U: 'postgresql://k:hunter2@db/k'}}}")
     assert found == ["services.db.environment.U: a password in a URL", "services.db.environment: POSTGRES_PASSWORD"]
     assert not any("hunter2" in finding for finding in found)
-
-
-@pytest.mark.parametrize("case", _DOCKERFILE_SECRETS)
-def test_dockerfile_literal_secrets_are_found(case):
-    text, finding = _DOCKERFILE_SECRETS[case]
-    assert dockerfile_literal_secrets(text) == [finding]
-
-
-@pytest.mark.parametrize("case", _DOCKERFILE_FINE)
-def test_dockerfile_references_are_not_literal_secrets(case):
-    assert dockerfile_literal_secrets(_DOCKERFILE_FINE[case]) == [], case
 
 
 def test_compose_has_no_literal_secrets():
