@@ -51,6 +51,39 @@ def configure(experiment: str) -> str:
     return found.experiment_id
 
 
+UI_URL_ENV = "KDSEC_MLFLOW_UI_URL"  # where reviewers open the MLflow UI, when it is not the tracking URI
+LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui` on a local store
+
+
+def ui_base() -> tuple[str, str]:
+    """The MLflow UI's address for links in reports, and a note on how to reach it: ``$KDSEC_MLFLOW_UI_URL``;
+    else the tracking server (an http(s) URI, credentials never included); else ``make mlflow-ui``'s."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if configured := os.environ.get(UI_URL_ENV):
+        return configured.rstrip("/"), ""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        netloc += f":{parts.port}" if parts.port else ""
+        return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", "")), ""
+    return LOCAL_UI, "local store: open it with make mlflow-ui"
+
+
+def ui_links(run_id: str, model_name: str | None = None, version: str | None = None) -> dict[str, str]:
+    """``run_url`` (the run's page), ``version_url`` (the registered version's page) and ``ui_note``."""
+    base, note = ui_base()
+    experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+    links = {"run_url": f"{base}/#/experiments/{experiment_id}/runs/{run_id}", "ui_note": note}
+    if model_name and version:
+        from urllib.parse import quote
+
+        links["version_url"] = f"{base}/#/models/{quote(model_name, safe='')}/versions/{quote(str(version), safe='')}"
+    return links
+
+
 # --- who is acting ----------------------------------------------------------------------------
 
 
@@ -142,11 +175,27 @@ def log_dataset(run_id: str, dataset, context: str) -> None:
     MlflowClient().log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
 
 
+Span = tuple[float, float]  # a stage's (start, end) wall-clock time, seconds since the epoch
+
+
 @contextmanager
-def stage_run(parent_run_id: str, stage: str) -> Iterator[mlflow.ActiveRun]:
-    """A nested run for one pipeline stage, under the pipeline's parent run (any thread)."""
-    with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id) as run:
+def stage_run(parent_run_id: str, stage: str, span: Span | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A nested run for one pipeline stage, under the pipeline's parent run (any thread). Stages
+    are recorded after they ran: with ``span`` the run carries the stage's real start and end
+    times, not the milliseconds its recording took."""
+    if span is None:
+        with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id) as run:
+            yield run
+        return
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    created = client.create_run(parent.info.experiment_id, start_time=int(span[0] * 1000), run_name=stage,
+                                tags={MLFLOW_PARENT_RUN_ID: parent_run_id})
+    with mlflow.start_run(run_id=created.info.run_id, nested=True) as run:
         yield run
+    client.set_terminated(created.info.run_id, "FINISHED", end_time=int(span[1] * 1000))
 
 
 def log_dict_artifact(payload: dict, name: str, run_id: str) -> None:

@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from kdsec import tracking
-from kdsec.report import render_report
+from kdsec.report import ReportContext, render_report
 from kdsec.compress.measure import VariantMetrics
 from kdsec.config import PipelineConfig
 from kdsec.data import DataBundle
@@ -27,6 +27,7 @@ from kdsec.gates import GateVerdict
 from kdsec.summary import ReportPaths, Summary, write_json
 from kdsec.sweep import MemberResult, comparison_table, pareto_plot
 from kdsec.trainers import TrainedModel
+from kdsec.tracking import Span
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
 
@@ -91,12 +92,12 @@ def open_run_task(config: PipelineConfig) -> PipelineRun:
 
 
 @task(name="track-data", cache_policy=NO_CACHE, **IO_RETRIES)
-def track_data_task(parent_run_id: str, bundle: DataBundle, data_file: Path) -> None:
+def track_data_task(parent_run_id: str, bundle: DataBundle, data_file: Path, span: Span | None = None) -> None:
     dataset = mlflow.data.from_numpy(features=bundle.x_train.reshape(len(bundle.x_train), -1),
                                      targets=bundle.y_train, name=f"{bundle.name}-train",
                                      digest=bundle.fingerprint)
     sizes = {f"split.{name}": count for name, count in bundle.sizes().items()}
-    with tracking.stage_run(parent_run_id, "data"):
+    with tracking.stage_run(parent_run_id, "data", span):
         mlflow.log_input(dataset, context="training")
         mlflow.log_params({"data.fingerprint": bundle.fingerprint, **sizes})
         mlflow.log_artifact(str(data_file))
@@ -108,8 +109,8 @@ def track_data_task(parent_run_id: str, bundle: DataBundle, data_file: Path) -> 
 
 
 @task(name="track-model", cache_policy=NO_CACHE, **IO_RETRIES)
-def track_model_task(parent_run_id: str, model: TrainedModel, cache: str = "miss") -> None:
-    with tracking.stage_run(parent_run_id, model.role):
+def track_model_task(parent_run_id: str, model: TrainedModel, cache: str = "miss", span: Span | None = None) -> None:
+    with tracking.stage_run(parent_run_id, model.role, span):
         mlflow.set_tag("kdsec.cache", cache)
         for record in model.history:
             mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
@@ -119,9 +120,10 @@ def track_model_task(parent_run_id: str, model: TrainedModel, cache: str = "miss
 
 @task(name="track-stage", cache_policy=NO_CACHE, **IO_RETRIES)
 def track_stage_task(parent_run_id: str, stage: str, metrics: dict[str, float], payload: dict,
-                     files: list[Path] = ()) -> None:
-    """A nested run for ``stage``: its metrics (NaN left out), ``<stage>.json`` and its files."""
-    with tracking.stage_run(parent_run_id, stage) as run:
+                     files: list[Path] = (), span: Span | None = None) -> None:
+    """A nested run for ``stage`` (its real start and end with ``span``): its metrics (NaN left
+    out), ``<stage>.json`` and its files."""
+    with tracking.stage_run(parent_run_id, stage, span) as run:
         mlflow.log_metrics({str(key): float(value) for key, value in metrics.items() if np.isfinite(value)})
         tracking.log_dict_artifact(payload, f"{stage}.json", run.info.run_id)
         for path in files:
@@ -130,7 +132,7 @@ def track_stage_task(parent_run_id: str, stage: str, metrics: dict[str, float], 
 
 @task(name="track-sweep", cache_policy=NO_CACHE, **IO_RETRIES)
 def track_sweep_task(parent_run_id: str, config: PipelineConfig, members: list[tuple[TrainedModel, MemberResult]],
-                     best: MemberResult, out_dir: Path) -> dict:
+                     best: MemberResult, out_dir: Path, span: Span | None = None) -> dict:
     """A ``sweep`` stage run with one nested run per member (its settings, curves and sizes);
     the comparison table and the accuracy-vs-size Pareto plot go to the parent run."""
     results = [result for _, result in members]
@@ -140,7 +142,7 @@ def track_sweep_task(parent_run_id: str, config: PipelineConfig, members: list[t
     csv_path = write_atomic(out_dir / "sweep" / "comparison.csv",
                             pd.DataFrame([result.row() for result in results]).to_csv(index=False))
     plot_path = pareto_plot(results, best, out_dir / "sweep" / "pareto.png")
-    with tracking.stage_run(parent_run_id, "sweep") as sweep_run:
+    with tracking.stage_run(parent_run_id, "sweep", span) as sweep_run:
         sweep_id = sweep_run.info.run_id
         mlflow.log_params({"sweep.members": len(results), "sweep.task_runner": config.sweep.task_runner,
                            "sweep.best": best.member.name, "sweep.selected_by": "val_accuracy"})
@@ -184,7 +186,11 @@ def register_task(config: PipelineConfig, parent_run_id: str, bundle: DataBundle
 def report_task(parent_run_id: str, summary: Summary, out_dir: Path) -> Summary:
     """Render the report, write ``summary.json`` and ``audit.json``, log them all to the parent run
     (tagged ``gates`` = the verdict) and to Prefect's artifacts."""
-    report = render_report(summary, out_dir)
+    run = MlflowClient().get_run(parent_run_id)
+    started = datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    context = ReportContext(created=started, **tracking.ui_links(parent_run_id, summary.registry.model,
+                                                                 summary.registry.version))
+    report = render_report(summary, out_dir, context)
     summary = summary.model_copy(update={"report": ReportPaths(markdown=str(report.markdown), html=str(report.html))})
     summary_path = summary.write(out_dir / "summary.json")
     audit_path = write_json(summary.audit_document(), out_dir / "audit.json")
@@ -195,7 +201,7 @@ def report_task(parent_run_id: str, summary: Summary, out_dir: Path) -> Summary:
         client.log_artifact(parent_run_id, str(path), artifact_path="report")
     client.set_tag(parent_run_id, "gates", summary.verdict)
     # Runs told apart in the runs list: dataset, candidate and verdict in the name.
-    name = client.get_run(parent_run_id).info.run_name or ""
+    name = run.info.run_name or ""
     client.update_run(parent_run_id, name=name.replace(
         "kd-pipeline", f"{summary.data.name}-{summary.candidate.variant}-{summary.verdict.upper()}", 1))
     create_markdown_artifact(key="kd-audit-report", markdown=report.markdown.read_text(),

@@ -1,0 +1,145 @@
+"""The audit report as a reviewer reads it, rendered from a real run's summary.json (a default
+digits run; its ROC arrays thinned to keep the file small): the banner in every outcome, the
+warnings, warn-only gates, names, plots, and — in a real headless Chromium — no overflow at 1280 px."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+import subprocess
+from html import unescape
+from pathlib import Path
+
+import pytest
+
+from kdsec.gates import CheckResult
+from kdsec.report import ReportContext, render_report
+from kdsec.summary import read_summary
+
+FIXTURE = Path(__file__).parent / "fixtures" / "summary.json"
+CONTEXT = ReportContext(created="2026-11-29 14:09 UTC", run_url="http://127.0.0.1:5000/#/experiments/1/runs/abc",
+                        version_url="http://127.0.0.1:5000/#/models/kdsec-student/versions/3",
+                        ui_note="local store: open it with make mlflow-ui")
+
+
+@pytest.fixture(scope="module")
+def summary():
+    return read_summary(FIXTURE)
+
+
+def _render(summary, tmp_path, **registry):
+    if registry:
+        summary = summary.model_copy(update={"registry": summary.registry.model_copy(update=registry),
+                                             "promoted": registry.get("promoted", summary.promoted)})
+    report = render_report(summary, tmp_path, CONTEXT)
+    return report.html.read_text(), report.markdown.read_text()
+
+
+def _failing(summary, gate="accuracy", value=0.93):
+    gates = dict(summary.gates)
+    first = gates[gate].checks[0]
+    failed = CheckResult(**{**first.__dict__, "value": value, "passed": False, "level": "fail"})
+    gates[gate] = gates[gate].model_copy(update={"verdict": "fail", "level": "fail",
+                                                 "checks": [failed, *gates[gate].checks[1:]]})
+    return summary.model_copy(update={"gates": gates, "verdict": "fail", "failed_gates": [gate], "promoted": False,
+                                      "registry": summary.registry.model_copy(update={"promoted": False})})
+
+
+def _banner(html: str) -> str:
+    return unescape(re.search(r'<div class="banner (\w+)" role="status">(.*?)</div>', html, re.S).group(0))
+
+
+def test_promoted_with_warnings_says_so_in_both_formats(summary, tmp_path):
+    assert summary.warnings == ["candidate.membership_auc", "candidate.extraction_fidelity_top1"]
+    html, markdown = _render(summary, tmp_path)
+    banner = _banner(html)
+    assert 'class="banner warn"' in banner and "PASSED — promoted: kdsec-student version 3 is now 'champion'" in banner
+    assert "Passed with 2 warning(s)" in banner and "Membership-inference AUC (strongest attack) 0.5752" in banner
+    assert "PASSED — promoted: kdsec-student version 3 is now 'champion'" in markdown
+    assert "2 check(s) passed but are past their warn level" in html and "past their warn level" in markdown
+    # human names, the key on hover (HTML) and in a column (Markdown)
+    assert '<abbr title="candidate.ece">Expected calibration error</abbr>' in html
+    assert "| Calibration | Expected calibration error | `candidate.ece` | pass |" in markdown
+    assert "run started <b>2026-11-29 14:09 UTC</b>" in html and CONTEXT.version_url in html and CONTEXT.run_url in html
+    assert all(f'href="#{anchor}"' in html and f'id="{anchor}"' in html for anchor in ("gates", "plots", "lineage"))
+
+
+def test_awaiting_review_names_the_version_alias_and_the_command(summary, tmp_path):
+    html, markdown = _render(summary, tmp_path, promoted=False, awaiting_review=True, candidate_alias="candidate",
+                             champion="2")
+    banner = _banner(html)
+    assert 'class="banner review"' in banner
+    assert "awaiting review: kdsec-student version 3 holds 'candidate', not yet 'champion'" in banner
+    assert "kdsec review approve 3" in banner and "'champion' stays at version 2" in banner
+    assert "kdsec review approve 3" in markdown and "Not promoted. Failed gate(s): none" not in html
+
+
+def test_failed_run_names_the_failing_check_and_the_champion_that_stays(summary, tmp_path):
+    html, markdown = _render(_failing(summary), tmp_path)
+    banner = _banner(html)
+    assert 'class="banner fail"' in banner and "FAILED — not promoted" in banner
+    assert "Accuracy: Candidate test accuracy 0.9300 (needs >= 0.9500)" in banner
+    assert "'champion' stays at version 2" in banner and "Also past a warn level" in banner
+    assert "FAILED — not promoted" in markdown and '<tr class="fail">' in html
+
+
+def test_superseded_run_says_by_which_version(summary, tmp_path):
+    html, _ = _render(summary, tmp_path, promoted=False, superseded_by="4")
+    assert "PASSED — not promoted: superseded by version 4" in _banner(html)
+
+
+def test_warn_only_gates_are_marked(summary, tmp_path):
+    gates = dict(summary.gates)
+    membership = gates["membership"]
+    gates["membership"] = membership.model_copy(update={"checks": [
+        CheckResult(**{**check.__dict__, "threshold": 1.0}) for check in membership.checks]})
+    html, markdown = _render(summary.model_copy(update={"gates": gates}), tmp_path)
+    assert "Warn-only gate(s):</b> Membership privacy" in html and "**Warn-only gate(s):** Membership privacy" in markdown
+    assert html.count("warn-only</span>") == 2
+
+
+def test_candidate_is_listed_once_and_plots_are_drawn_to_be_read(summary, tmp_path):
+    html, markdown = _render(summary, tmp_path)
+    membership = html.split('id="privacy"')[1].split("<h3>")[0]
+    assert membership.count("★ candidate") == 1 and "<td>candidate</td>" not in membership
+    assert html.count("data:image/png;base64") == 3 and 'href="roc.png"' in html
+    for name in ("roc", "reliability", "accuracy_vs_size"):
+        width, height = struct.unpack(">II", (tmp_path / f"{name}.png").read_bytes()[16:24])
+        assert width == 900 and height >= 800  # 6 in at 150 dpi: crisp at ~560 px, full size on click
+        assert f"]({name}.png)" in markdown
+
+
+def test_per_class_table_has_models_as_rows(summary, tmp_path):
+    html, markdown = _render(summary, tmp_path)
+    assert "<h3>Per-class test accuracy</h3>" in html
+    header = re.search(r"<tr><th>model \\ class</th>(.*?)</tr>", html).group(1)
+    assert header.count("<th>") == 10
+    assert "| model \\ class | 0 | 1 |" in markdown
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (make screenshots installs it)")
+@pytest.mark.parametrize("width", [1280, 1400])
+def test_nothing_overflows_in_a_real_browser(summary, tmp_path, width):
+    """Chromium lays the report out at ``width`` px: the page does not scroll sideways and no table
+    needs its own scrollbar."""
+    html, _ = _render(summary, tmp_path)
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("</body>", "<script>document.body.dataset.overflow = String("
+                                  "document.documentElement.scrollWidth - document.documentElement.clientWidth);"
+                                  "document.body.dataset.scrolled = String([...document.querySelectorAll('.scroll')]"
+                                  ".filter(e => e.scrollWidth > e.clientWidth).length);</script></body>"))
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},900", "--dump-dom",
+                          probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert int(re.search(r'data-overflow="(-?\d+)"', dom).group(1)) <= 0
+    assert re.search(r'data-scrolled="(\d+)"', dom).group(1) == "0"
+
+
+def test_values_from_the_run_are_escaped(summary, tmp_path):
+    """A dataset's name and class names come from files a user supplied: markup in them is text."""
+    hostile = "<img src=x onerror=alert(1)>"
+    data = summary.data.model_copy(update={"name": hostile})
+    html, _ = _render(summary.model_copy(update={"data": data}), tmp_path)
+    assert hostile not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
