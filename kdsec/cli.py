@@ -205,6 +205,28 @@ def encrypt(
                   f"KEK {', '.join(info.kek_ids)}, signer {info.signer_key_id})")
 
 
+def _print_registered(package_version: str) -> None:
+    """Which registry version ships this package, where a tracking store is at hand (the package
+    itself is sealed before registration, so it records its run, not its version)."""
+    import os
+
+    if not (os.environ.get("MLFLOW_TRACKING_URI") or Path("mlflow.db").is_file()):
+        console.print("registry: no tracking store here (set MLFLOW_TRACKING_URI) — not looked up")
+        return
+    from kdsec import tracking
+
+    try:
+        tracking.connect()
+        found = tracking.package_versions(package_version)
+    except Exception as exc:  # the package checks above stand on their own; the lookup is extra
+        console.print(f"registry: not looked up ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        return
+    for name, version, aliases in found:
+        console.print(f"registry: [b]{name} version {version}[/]" + (f" ({', '.join(aliases)})" if aliases else ""))
+    if not found:
+        console.print(f"registry: no registered version records package {package_version} in {tracking.tracking_uri()}")
+
+
 @app.command()
 def verify(
     package: Annotated[Path, typer.Argument(help="package folder")],
@@ -221,8 +243,9 @@ def verify(
         trusted = _trusted_key(encrypt_cfg, public_key)
         verified = read_verified(package, trusted)
         payload = verified[0]
-        console.print(f"[green]signature ok[/]: {payload['model']['name']} v{payload['model']['version']}, "
+        console.print(f"[green]signature ok[/]: {payload['model']['name']} from run {payload['model']['version']}, "
                       f"signed by {payload['signer']['key_id']}; {len(payload['files'])} files match their SHA-256")
+        _print_registered(str(payload["model"]["version"]))
         verify_model_signature(package, trusted)
         console.print("[green]OpenSSF model signature ok[/]: model.sig covers exactly the package's files "
                       "(model_signing verify key … checks the same)")
@@ -332,6 +355,37 @@ def review_command(
                   f"sha256 {result['audit_sha256'][:16]}…; '{settings.alias}' is version {result['champion'] or 'none'}")
 
 
+def _print_version(name: str, version: str, summary, state: dict) -> None:
+    """One screen on a registered version: verdict, each gate at its worst check (value, warn and
+    fail levels), candidate, aliases, review state and history."""
+    from kdsec.report.view import gate_rows
+
+    style = "green" if summary.verdict == "pass" else "bold red"
+    failed = f" — failed: {', '.join(summary.failed_gates)}" if summary.failed_gates else ""
+    warned = f" — {len(summary.warnings)} warning(s)" if summary.warnings else ""
+    console.print(f"[b]{name} v{version}[/]: [{style}]{summary.verdict.upper()}[/]{failed}{warned}", highlight=False)
+    console.print(f"  candidate {summary.candidate.variant} · test accuracy {summary.candidate.test_accuracy:.4f} · "
+                  f"{summary.candidate.size_bytes} bytes · dataset {summary.data.name}", highlight=False)
+    console.print(f"  aliases: {', '.join(state['aliases']) or 'none'} · review: {state['review']}", highlight=False)
+    for entry in state.get("history", [])[-5:]:
+        comment = f" — {entry.get('comment')}" if entry.get("comment") else ""
+        console.print(f"    {entry.get('time', '?')} {entry.get('status', '?')} by {entry.get('reviewer', '?')}{comment}",
+                      highlight=False, markup=False)
+    table = Table(box=None, pad_edge=False, show_header=True, header_style="dim")
+    for column in ("gate", "level", "check (worst)", "value", "warns unless", "fails unless"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    order = {"fail": 0, "warn": 1, "pass": 2, "skipped": 3}
+    by_gate: dict = {}
+    for row in gate_rows(summary):
+        by_gate.setdefault(row.gate, []).append(row)
+    for gate, rows in by_gate.items():
+        row = min(rows, key=lambda r: order.get(r.level, 4))
+        colour = {"pass": "green", "warn": "yellow", "fail": "bold red"}.get(row.level, "dim")
+        table.add_row(gate, f"[{colour}]{row.level}[/]", row.label + (" (warn-only)" if row.warn_only else ""),
+                      row.value, row.warn_at or "—", row.fail_at)
+    console.print(table)
+
+
 @app.command("report")
 def report_command(
     version: Annotated[str, typer.Argument(help="model version (or an alias, e.g. champion)")] = "champion",
@@ -360,13 +414,9 @@ def report_command(
         changed_config = compare_configs(name, first, number(compare), out) if compare else []
     except KdsecError as exc:
         raise _fail(str(exc)) from None
-    style = "green" if summary.verdict == "pass" else "bold red"
-    failed = f"; failed: {', '.join(summary.failed_gates)}" if summary.failed_gates else ""
-    warned = f"; warnings: {', '.join(summary.warnings)}" if summary.warnings else ""
-    console.print(f"{name} v{first}: [{style}]{summary.verdict.upper()}[/]{failed}{warned}", highlight=False)
-    console.print(f"  candidate {summary.candidate.variant}, test accuracy {summary.candidate.test_accuracy:.4f}; "
-                  f"aliases: {', '.join(state['aliases']) or 'none'}; review: {state['review']}", highlight=False)
-    console.print(f"  run {paths['run_id']}:\n  {paths['html']}\n  {paths['markdown']}\n  {paths['audit']}")
+    _print_version(name, first, summary, state)
+    console.print(f"  run {paths['run_id']}:\n  {paths['html']}\n  {paths['markdown']}\n  {paths['audit']}",
+                  highlight=False, soft_wrap=True)
     if rows:
         table = Table(title=f"{name}: v{first} vs v{number(compare)}", title_justify="left")
         for column in ("metric", f"v{first}", f"v{number(compare)}", "change"):
@@ -398,10 +448,17 @@ def audit_command(
     out: Annotated[Path, typer.Option(help="where audit.json goes")] = Path("outputs"),
 ) -> None:
     """Re-audit one registered version alone (membership with reference models, extraction, trust)."""
+    import time
+
     from kdsec.review import reaudit
 
+    started = time.perf_counter()
+
+    def step(message: str) -> None:
+        console.print(f"[dim]{time.perf_counter() - started:6.1f} s[/] {message}", highlight=False)
+
     try:
-        result = reaudit(model_uri, out)
+        result = reaudit(model_uri, out, step)
     except KdsecError as exc:
         raise _fail(str(exc)) from None
     audit = result["audit"]
@@ -427,6 +484,22 @@ def audit_command(
     raise typer.Exit(EXIT_GATE_FAILED if failed else EXIT_PROMOTED)
 
 
+@app.command("relocate-store")
+def relocate_store_command(
+    previous: Annotated[Path, typer.Option("--from", help="the project folder's previous absolute path")],
+    store: Annotated[Path, typer.Option(help="the local SQLite store")] = Path("mlflow.db"),
+) -> None:
+    """After moving a project folder: point the local MLflow store's recorded artifact locations
+    (absolute paths, as MLflow stores them) at the folder's new place (the current directory)."""
+    from kdsec.tracking import relocate_store
+
+    try:
+        changed = relocate_store(store, previous, Path.cwd())
+    except KdsecError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"{store}: {changed} recorded location(s) moved from {previous} to {Path.cwd()}", highlight=False)
+
+
 @app.command("show-config")
 def show_config(
     config: Annotated[Optional[Path], typer.Option("--config", "-c")] = None,
@@ -440,6 +513,8 @@ def show_config(
 
 
 def main() -> None:
+    # Reviewer commands print one screen: no per-file download bars from MLflow.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         app()
     except KeyboardInterrupt:

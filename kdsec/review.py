@@ -6,6 +6,9 @@ Everything reads from the MLflow registry and the kd-pipeline run that produced 
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 import tempfile
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -33,7 +36,11 @@ def version_state(model_name: str, version: str) -> dict:
     status = tags.get("review.status")
     if status and tags.get("review.reviewer"):
         status += f" by {tags['review.reviewer']}" + (f" ({tags['review.time']})" if tags.get("review.time") else "")
-    return {"aliases": aliases,
+    try:
+        history = json.loads(tags.get("review.history", "[]"))
+    except ValueError:
+        history = []
+    return {"aliases": aliases, "history": history if isinstance(history, list) else [],
             "review": status or ("not required" if tags.get("gates") == "pass" else "none (gates failed)")}
 
 
@@ -59,9 +66,9 @@ def compare_versions(model_name: str, first: Summary, second: str, destination: 
     return [(label, left[label], right[label]) for label in left]
 
 
-def reaudit(model_uri: str, out_root: Path) -> dict:
+def reaudit(model_uri: str, out_root: Path, step: Callable[[str], None] = lambda message: None) -> dict:
     """Audit one registered version alone, on the data it was trained on (rebuilt from the run's
-    config and checked against the version's data fingerprint)."""
+    config and checked against the version's data fingerprint); ``step`` hears of each stage."""
     from kdsec import roles
     from kdsec.audit.run import audit_models, extraction_audit, reference_checkpoints
     from kdsec.compress.quantize import DynamicQuantLinear, dequantized_copy, load_weights
@@ -72,6 +79,7 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
     tracking.connect()
     name, version = tracking.resolve_version(model_uri)
     run_id = tracking.version_pipeline_run(name, version)
+    step(f"{name} version {version} (pipeline run {run_id}): reading its config and data")
     with tempfile.TemporaryDirectory() as scratch:
         config = load_run_config(tracking.download_run_artifact(run_id, "config.yaml", Path(scratch)))
     bundle = prepare_data(config.data)
@@ -84,9 +92,14 @@ def reaudit(model_uri: str, out_root: Path) -> dict:
     model.eval()
     int8 = any(isinstance(module, DynamicQuantLinear) for module in model.modules())
     surrogate = dequantized_copy(model, spec) if int8 else None
-    references = {roles.STUDENTS: reference_checkpoints(config, bundle, roles.STUDENTS)}  # cached, or trained now
+    step(f"data {bundle.name} (fingerprint {bundle.fingerprint}) matches; weights loaded"
+         + (" (int8; FGSM on its float copy)" if int8 else ""))
+    references = {roles.STUDENTS: reference_checkpoints(config, bundle, roles.STUDENTS, step)}  # cached, or trained now
+    step("membership attacks (LOSS, RMIA, LiRA), calibration, robustness")
     (audit,) = audit_models({roles.CANDIDATE: model}, bundle, config, references, {roles.CANDIDATE: surrogate})
+    step(f"knockoff extraction ({config.audit.extraction_queries} queries)")
     extraction = extraction_audit(config, bundle, model)
+    step("gates, audit.json, version tags")
     verdicts = [v for v in evaluate_gates(audit_gate_metrics(audit, extraction), config.gates) if v.name in AUDIT_GATES]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     folder = out_root / f"audit-{name}-v{version}-{stamp}"

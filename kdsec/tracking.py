@@ -84,6 +84,35 @@ def ui_links(run_id: str, model_name: str | None = None, version: str | None = N
     return links
 
 
+def relocate_store(database: Path, old_root: Path, new_root: Path) -> int:
+    """Rewrite a local SQLite store after its project folder moved from ``old_root`` to
+    ``new_root``: MLflow records absolute artifact locations (experiments, runs, logged models,
+    model versions), so every text value under ``old_root`` (plain or ``file://``) is moved under
+    ``new_root``, in one transaction. Returns how many values changed."""
+    import sqlite3
+
+    old, new = str(old_root).rstrip("/"), str(new_root).rstrip("/")
+    if not old_root.is_absolute() or old == new:
+        raise KdsecError(f"--from must be the folder's previous absolute path, not '{old_root}'")
+    if not database.is_file() or database.is_symlink():
+        raise KdsecError(f"no SQLite tracking store at '{database}' (a regular file)")
+    changed = 0
+    with sqlite3.connect(database) as connection:
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            columns = [row[1] for row in connection.execute(f'PRAGMA table_info("{table}")')
+                       if row[2].upper() in ("TEXT", "") or row[2].upper().startswith("VARCHAR")]
+            for column in columns:
+                for prefix in (old, f"file://{old}"):
+                    replacement = new if prefix == old else f"file://{new}"
+                    cursor = connection.execute(
+                        f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
+                        f'WHERE "{column}" = ? OR substr("{column}", 1, ?) = ?',
+                        (replacement, len(prefix) + 1, prefix, len(prefix) + 1, prefix + "/"))
+                    changed += cursor.rowcount
+    return changed
+
+
 # --- who is acting ----------------------------------------------------------------------------
 
 
@@ -458,6 +487,15 @@ def review(model_name: str, version: str, decision: str, comment: str, champion_
     return {"version": str(version), "status": status, "reviewer": reviewer.name,
             "authenticated": reviewer.authenticated, "audit_sha256": record["audit_sha256"],
             "champion": champion_version(model_name, champion_alias)}
+
+
+def package_versions(package_version: str) -> list[tuple[str, str, list[str]]]:
+    """The registered versions whose encrypted package is ``package_version`` (the pipeline run id
+    a package records): (model, version, aliases)."""
+    client = MlflowClient()
+    safe = package_version.replace("'", "")
+    found = client.search_model_versions(f"tags.`package.version` = '{safe}'")
+    return [(v.name, str(v.version), version_tags_and_aliases(v.name, str(v.version))[1]) for v in found]
 
 
 def resolve_version(model_uri: str) -> tuple[str, str]:

@@ -8,6 +8,8 @@ accuracy, FGSM robustness, and a model-extraction attack on the candidate. The p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -67,14 +69,20 @@ def train_reference_model(config: PipelineConfig, bundle: DataBundle, group: str
                                config.seed * 1000 + index, checkpoint))
 
 
-def reference_checkpoints(config: PipelineConfig, bundle: DataBundle, group: str) -> list[str]:
-    """The ``audit.reference_models`` references of ``group``: the cached ones, the rest trained now."""
+def reference_checkpoints(config: PipelineConfig, bundle: DataBundle, group: str,
+                          step: Callable[[str], None] | None = None) -> list[str]:
+    """The ``audit.reference_models`` references of ``group``: the cached ones, the rest trained now
+    (``step`` hears of each)."""
     paths = []
-    for index in range(config.audit.reference_models):
+    total = config.audit.reference_models
+    for index in range(total):
         path = reference_checkpoint(config, bundle, group, index)
-        if not path.is_file():
+        cached = path.is_file()
+        if not cached:
             train_reference_model(config, bundle, group, index, path)
         paths.append(str(path))
+        if step:
+            step(f"reference model {index + 1}/{total} ({group}): {'cached' if cached else 'trained'}")
     return paths
 
 
