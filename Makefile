@@ -12,8 +12,8 @@ export MLFLOW_ENABLE_TELEMETRY := false
 # A first start of the temporary Prefect server (database migrations) can pass the 20 s default.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: run prefect-stop prefect-status test bench bench-gates bench-he bench-audit bench-compress sync uv clean mlflow-ui prefect-ui \
-	stack-up stack-down stack-status stack-test
+.PHONY: run prefect-stop prefect-status test bench bench-gates bench-he bench-audit bench-compress bench-explain sync uv clean mlflow-ui prefect-ui \
+	stack-up stack-down stack-status stack-test screenshots
 
 uv:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -48,6 +48,9 @@ bench-he: sync
 bench-compress: sync
 	$(UV) run --frozen python benchmarks/distill_compress.py
 
+bench-explain: sync
+	$(UV) run --frozen python benchmarks/explain_seeds.py
+
 bench-audit: sync
 	$(UV) sync --frozen --quiet --group bench
 	$(UV) run --frozen --group bench python benchmarks/audit_toolkits.py
@@ -65,6 +68,13 @@ stack-status: sync
 # A team's day on its own stack (own folder and ports), stopped at the end even on failure.
 stack-test: sync
 	$(UV) run --frozen pytest -m stack tests/stack -p no:cacheprovider -s $(ARGS)
+
+# What a reviewer sees, in a real headless Chromium (Debian's, installed here if missing):
+# the latest run's report and the MLflow UI on the local store, into docs/screenshots/.
+screenshots: sync
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } \
+		|| { echo "error: could not install Chromium (apt-get install chromium, as root)"; exit 1; }
+	$(UV) run --frozen python docs/screenshots.py $(ARGS)
 
 mlflow-ui: sync
 	$(UV) run --frozen mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

@@ -30,9 +30,9 @@ from kdsec.preflight import preflight
 from kdsec.summary import Summary, build_summary
 from kdsec.sweep import select_best, sweep_grid
 from kdsec.trainers import TrainedModel
-from tasks.pipeline import (at_rest_task, audit_task, compress_task, distill_task, he_task, prepare_data_task,
-                            teacher_signals_task, train_dp_task, train_reference_task, train_scratch_task,
-                            train_teacher_task)
+from tasks.pipeline import (at_rest_task, audit_task, compress_task, distill_task, explain_task, he_task,
+                            prepare_data_task, teacher_signals_task, train_dp_task, train_reference_task,
+                            train_scratch_task, train_teacher_task)
 from tasks.tracking import (open_run_task, register_task, report_task, track_data_task, track_gates_task,
                             track_model_task, track_stage_task, track_sweep_task)
 from flows.sweep import run_sweep
@@ -50,34 +50,45 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
     run = open_run_task(cfg)
     succeeded = False
     try:
+        clock = _Clock()
         bundle = prepare_data_task(cfg)
-        track_data_task(run.run_id, bundle, bundle.save(run.out_dir / "splits.npz"))
+        track_data_task(run.run_id, bundle, bundle.save(run.out_dir / "splits.npz"), clock.span())
 
         cache_hits: dict = {}
+        clock.start()
         teacher = _cached(train_teacher_task, cache_hits, "teacher", cfg, bundle, cache.teacher_checkpoint(cfg, bundle))
         teacher_cache = _cache_counts(cache_hits)["teacher"]
-        track_model_task(run.run_id, teacher, teacher_cache)
+        track_model_task(run.run_id, teacher, teacher_cache, clock.span())
+        clock.start()
         cfg, student, signals, sweep = _distill(cfg, bundle, teacher, run, cache_hits)
+        spans = {roles.KD_STUDENT: clock.span()}
         own_signals = signals[signals_key(cfg.distill)]
         scratch = train_scratch_task(cfg, bundle, run.out_dir / "scratch_student.safetensors")  # same arch
+        spans[roles.SCRATCH_STUDENT] = clock.span(after=spans[roles.KD_STUDENT])
         trained = [teacher, scratch, student]
         if cfg.student.dp.enabled:
             trained.append(train_dp_task(cfg, bundle, run.out_dir / "dp_student.safetensors"))
+            spans[roles.DP_STUDENT] = clock.span(after=spans[roles.SCRATCH_STUDENT])
         for model in trained[1:]:
-            track_model_task(run.run_id, model)
+            track_model_task(run.run_id, model, "miss", spans[model.role])
 
+        clock.start()
         variants = compress_task(cfg, bundle, student, run.out_dir, own_signals)
         candidate = select_candidate(variants, teacher.test_accuracy, cfg.gates, cfg.compress.selection)
         track_stage_task(run.run_id, "compress", compression_metrics(variants),
                          {"variants": [v.as_dict() for v in variants], "candidate": candidate.name},
-                         [Path(v.checkpoint) for v in variants[1:]])
+                         [Path(v.checkpoint) for v in variants[1:]], clock.span())
+        clock.start()
 
         at_rest: AtRestResult = at_rest_task(cfg, bundle, candidate, run.out_dir / "package", run.run_id)
         track_stage_task(run.run_id, "encrypt-at-rest", at_rest.metrics(), at_rest.labels(),
-                         sorted((run.out_dir / "package").iterdir()))
+                         sorted((run.out_dir / "package").iterdir()), clock.span())
+        clock.start()
         he: HEResult = he_task(cfg, bundle, candidate, run.out_dir / "he")
-        track_stage_task(run.run_id, "homomorphic", he.metrics(), he.as_dict(), sorted(run.out_dir.glob("he/*")))
+        track_stage_task(run.run_id, "homomorphic", he.metrics(), he.as_dict(), sorted(run.out_dir.glob("he/*")),
+                         clock.span())
 
+        clock.start()
         started = time.perf_counter()
         references = _references(cfg, bundle, cache_hits)
         models = {model.role: model.load() for model in trained}
@@ -85,10 +96,15 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
         audit = audit_task(cfg, bundle, models, references, roles.variant_role(candidate.name), teacher.train_seconds,
                            time.perf_counter() - started)
         track_stage_task(run.run_id, "audit", audit.metrics(),
-                         {"models": list(audit.by_role), "reference_models": audit.reference_models})
+                         {"models": list(audit.by_role), "reference_models": audit.reference_models}, span=clock.span())
+        clock.start()
+        explanations = explain_task(cfg, bundle, models, roles.variant_role(candidate.name), run.out_dir)
+        if explanations is not None:
+            track_stage_task(run.run_id, "explain", explanations.metrics(), explanations.as_dict(),
+                             [Path(explanations.figure)], span=clock.span())
 
         metrics = gate_metrics(teacher.test_accuracy, candidate.test_accuracy, audit.candidate, he, at_rest,
-                               audit.extraction)
+                               audit.extraction, explanations)
         verdicts = evaluate_gates(metrics, cfg.gates, switched_off_gates(cfg))
         track_gates_task(run.run_id, metrics, verdicts)
         registration = register_task(cfg, run.run_id, bundle, candidate, verdicts, {
@@ -101,6 +117,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
             models=trained, caches=_cache_counts(cache_hits),
             variants=variants, candidate=candidate, selection=cfg.compress.selection, at_rest=at_rest, he=he,
             audit=audit, verdicts=verdicts, registry=registration, output_dir=run.out_dir, sweep=sweep,
+            explanations=explanations,
             distill={**cfg.distill.model_dump(mode="json"), "student": cfg.student.model_options(),
                      "signals": signals})
         summary = report_task(run.run_id, summary, run.out_dir)
@@ -109,6 +126,21 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
         return summary
     finally:
         tracking.finish_run(run.run_id, succeeded)
+
+
+class _Clock:
+    """Stage spans for the stage runs, which are recorded after their stage ran: ``start()``
+    before a stage, ``span()`` (its start, now) when recording it."""
+
+    def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        self.mark = time.time()
+
+    def span(self, after: tuple[float, float] | None = None) -> tuple[float, float]:
+        """(start, now); ``after`` a span: (its end, now), for stages that ran back to back."""
+        return (after[1] if after else self.mark), time.time()
 
 
 def _resolve(config: dict | None, config_path: str | None, overrides: list[str] | None) -> PipelineConfig:
@@ -180,9 +212,10 @@ def _distill(cfg: PipelineConfig, bundle, teacher: TrainedModel, run, cache_hits
         cfg = members[0].apply(cfg)
         student = distill_task(cfg, bundle, run.out_dir / "kd_student.safetensors", signals[signals_key(cfg.distill)])
         return cfg, student, signals, None
+    started = time.time()
     results = run_sweep(cfg, bundle, signals, run.out_dir)
     best = select_best([result for _, result in results])
-    tracked = track_sweep_task(run.run_id, cfg, results, best, run.out_dir)
+    tracked = track_sweep_task(run.run_id, cfg, results, best, run.out_dir, (started, time.time()))
     trained = next(model for model, result in results if result.member.name == best.member.name)
     checkpoint = write_atomic(run.out_dir / "kd_student.safetensors", Path(trained.checkpoint).read_bytes())
     student = replace(trained, role=roles.KD_STUDENT, checkpoint=str(checkpoint))

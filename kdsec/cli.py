@@ -329,6 +329,9 @@ def keygen(
 def _tracking(config: Optional[Path]):
     from kdsec.tracking import connect
 
+    # Reviewer commands print one screen: no per-file download bars from MLflow.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
     connect()
     return load_config(config, []).tracking
 
@@ -513,8 +516,6 @@ def show_config(
 
 
 def main() -> None:
-    # Reviewer commands print one screen: no per-file download bars from MLflow.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         app()
     except KeyboardInterrupt:

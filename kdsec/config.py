@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from kdsec.errors import ConfigError
 
@@ -327,6 +328,37 @@ class AuditConfig(Section):
     extraction_decimals: Annotated[int, Field(ge=0, le=6)] = 1  # the "rounded probabilities" defense
 
 
+# The Captum methods kdsec.explain.ATTRIBUTIONS registers (a test checks they are the same).
+AttributionMethod = Literal["integrated_gradients", "saliency"]
+
+
+class ExplainConfig(Section):
+    """The explanation trust check: Captum attributions of every model on a seeded sample of test
+    images, compared with the teacher's (Spearman, top-k overlap) and checked for faithfulness
+    (deletion curve against a random order)."""
+
+    enabled: bool = True  # false: no attributions, the explanation gate is skipped
+    methods: Annotated[list[AttributionMethod], Field(min_length=1)] = ["integrated_gradients", "saliency"]
+    # The method the explanation gate reads: saliency, because Integrated Gradients multiplies by
+    # the input, so even a random student's IG maps follow the digit's strokes (benchmarks/explain_seeds.py).
+    primary: AttributionMethod = "saliency"
+    sample_size: PositiveInt = 100  # test images explained (at most the test split)
+    misclassified_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.25  # of the sample, misclassified by a student
+    top_k_percent: Annotated[float, Field(gt=0.0, le=100.0)] = 20.0  # top-k overlap: of each image's non-black pixels
+    deletion_steps: Annotated[int, Field(ge=1, le=1000)] = 16  # points of the deletion curve after the clean one
+    ig_steps: Annotated[int, Field(ge=2, le=1024)] = 32  # Integrated Gradients path steps
+    bootstrap: Annotated[int, Field(ge=0, le=5000)] = 200  # resamples (of images) for the 95% intervals
+    seed: int = 0  # the sample, the random deletion order and the bootstrap
+
+    @field_validator("primary")
+    @classmethod
+    def _primary_is_computed(cls, primary: str, info: ValidationInfo) -> str:
+        methods = info.data.get("methods", [primary])  # absent when methods itself was invalid
+        if primary not in methods:
+            raise ValueError(f"it is not in explain.methods {list(methods)}; add it there or pick one of them")
+        return primary
+
+
 class GatesConfig(Section):
     min_accuracy: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
     max_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.03
@@ -346,6 +378,14 @@ class GatesConfig(Section):
     warn_extraction_fidelity: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
     max_ece: Annotated[float, Field(ge=0.0, le=1.0)] = 0.10
     warn_ece: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    # Explanation gate: the candidate's mean Spearman agreement with the teacher's attributions
+    # (explain.primary, saliency), set from benchmarks/explain_seeds.py (digits, 5 seeds, 100 images):
+    # the default candidate scores 0.128-0.237 (lowest 95% bound 0.087); students unrelated to the
+    # teacher, explained as a run's candidate, score at most 0.018 (random initialisation, highest
+    # bound 0.055) and -0.001 (trained on shuffled labels). 0.07 is the middle of that gap; warn
+    # below 0.10. A scratch student scores 0.046-0.107: it agrees less than a distilled one.
+    min_explanation_spearman: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.07
+    warn_explanation_spearman: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.10
 
     @model_validator(mode="after")
     def _warn_before_fail(self):
@@ -354,6 +394,9 @@ class GatesConfig(Section):
             if getattr(self, warn) > getattr(self, fail):
                 raise ValueError(f"gates.{warn} ({getattr(self, warn)}) must not exceed gates.{fail} "
                                  f"({getattr(self, fail)})")
+        if self.warn_explanation_spearman < self.min_explanation_spearman:
+            raise ValueError(f"gates.warn_explanation_spearman ({self.warn_explanation_spearman}) must not be "
+                             f"below gates.min_explanation_spearman ({self.min_explanation_spearman})")
         return self
 
 
@@ -381,6 +424,7 @@ class PipelineConfig(Section):
     compress: CompressConfig = CompressConfig()
     encrypt: EncryptConfig = EncryptConfig()
     audit: AuditConfig = AuditConfig()
+    explain: ExplainConfig = ExplainConfig()
     gates: GatesConfig = GatesConfig()
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0

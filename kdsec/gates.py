@@ -66,6 +66,7 @@ class Gate(StrEnum):
     AT_REST = "at_rest"
     EXTRACTION = "extraction"
     CALIBRATION = "calibration"
+    EXPLANATION = "explanation"
 
 
 class Metric(StrEnum):
@@ -84,6 +85,7 @@ class Metric(StrEnum):
     MODEL_SIGNATURE_VERIFIED = "at_rest.model_signature_verified"
     EXTRACTION_FIDELITY = "candidate.extraction_fidelity_top1"
     ECE = "candidate.ece"
+    EXPLANATION_SPEARMAN = "candidate.explanation_spearman"
 
 
 # Each at_rest check is the AtRestResult field of the same name (after the "at_rest." prefix).
@@ -100,6 +102,8 @@ GATE_CHECKS = (
     GateCheck(Gate.EXTRACTION, Metric.EXTRACTION_FIDELITY, "max_extraction_fidelity", "<=",
               "warn_extraction_fidelity", optional=True),
     GateCheck(Gate.CALIBRATION, Metric.ECE, "max_ece", "<=", "warn_ece"),
+    GateCheck(Gate.EXPLANATION, Metric.EXPLANATION_SPEARMAN, "min_explanation_spearman", ">=",
+              "warn_explanation_spearman"),
 )
 
 # The gates an audit alone decides (``kdsec audit`` re-runs them on a registered version).
@@ -119,21 +123,24 @@ def audit_gate_metrics(candidate_audit, extraction: list = ()) -> dict[str, floa
 
 
 def gate_metrics(teacher_accuracy: float, candidate_accuracy: float, candidate_audit, he, at_rest,
-                 extraction: list = ()) -> dict[str, float]:
+                 extraction: list = (), explanations=None) -> dict[str, float]:
     """Every metric a gate reads, from the run's results (``he``: an ``HEResult``; ``at_rest``: an
-    ``AtRestResult``). A switched-off HE stage leaves its metric out: the he gate is skipped."""
+    ``AtRestResult``; ``explanations``: an ``ExplainResult``, None when ``explain.enabled`` is
+    false). A switched-off stage leaves its metric out: its gate is skipped."""
     return {
         **audit_gate_metrics(candidate_audit, extraction),
         Metric.TEST_ACCURACY: candidate_accuracy,
         Metric.ACCURACY_DROP: teacher_accuracy - candidate_accuracy,
         **({Metric.HE_AGREEMENT: he.agreement} if he.enabled else {}),
         **{metric: float(getattr(at_rest, metric.removeprefix("at_rest."))) for metric in _AT_REST},
+        **({Metric.EXPLANATION_SPEARMAN: explanations.candidate_spearman} if explanations is not None else {}),
     }
 
 
 def switched_off_gates(config: PipelineConfig) -> frozenset[str]:
     """Gates whose stage the config turns off: skipped, not failed, and the report says so."""
-    return frozenset() if config.encrypt.he.enabled else frozenset({Gate.HE})
+    off = {Gate.HE: not config.encrypt.he.enabled, Gate.EXPLANATION: not config.explain.enabled}
+    return frozenset(gate for gate, switched_off in off.items() if switched_off)
 
 
 def _threshold(gates: GatesConfig, key: str) -> float:

@@ -27,10 +27,11 @@ if TYPE_CHECKING:  # the model above is read without torch; only building a summ
     from kdsec.crypto.he import HEResult
     from kdsec.crypto.package import AtRestResult
     from kdsec.data import DataBundle
+    from kdsec.explain import ExplainResult
     from kdsec.gates import GateVerdict
     from kdsec.trainers import TrainedModel
 
-SCHEMA_VERSION = 8  # 8: registry versions are always strings (see the README's migration notes)
+SCHEMA_VERSION = 9  # 9: explanations (see the README's migration notes)
 SUMMARY_LIMIT = 64 * 1024 * 1024  # a summary.json read back (e.g. a registered version's) is at most this
 
 
@@ -122,6 +123,55 @@ class AtRestSummary(_Open):
     signer_key_id: str
 
 
+Interval = tuple[float | None, float | None]  # a bootstrap 95% interval; null when not computed
+
+
+class ExplanationScores(_Open):
+    """One model under one attribution method (``kdsec.explain.MethodScores``)."""
+
+    method: str
+    spearman: float | None  # agreement with the teacher; None for the teacher itself
+    spearman_ci: Interval
+    top_k_overlap: float | None
+    top_k_overlap_ci: Interval
+    deletion_auc: float
+    deletion_auc_ci: Interval
+    faithfulness_gap: float
+    faithfulness_gap_ci: Interval
+    deletion_curve: list[float]
+
+
+class ModelExplanationSummary(_Open):
+    role: str
+    attributed_with: str  # the model's own role, or "<role> (float source)" for int8 variants
+    sample_accuracy: float
+    random_deletion_auc: float
+    random_deletion_auc_ci: Interval
+    random_deletion_curve: list[float]
+    methods: dict[str, ExplanationScores]
+
+
+class ExplanationsSummary(_Open):
+    """The explanation trust check (``kdsec.explain.ExplainResult``)."""
+
+    method: str  # the primary method: what the explanation gate reads
+    methods: list[str]
+    candidate_role: str
+    sample: dict[str, Any]  # size, seed, indices, misclassified, figure_rows (test-split indices)
+    models: dict[str, ModelExplanationSummary]  # per role, ``candidate`` included
+    fractions: list[float]  # share of pixels removed at each point of the deletion curves
+    top_k_percent: float
+    figure: str | None
+    seconds: float
+    target: str
+    baseline: str
+    he_note: str
+
+    @property
+    def candidate(self) -> ModelExplanationSummary:
+        return self.models[roles.CANDIDATE]
+
+
 class RegistrySummary(_Exact):
     # Versions are strings (as a tracking server returns them); a local store's ints, as
     # schema 7 and earlier recorded them, are read as strings.
@@ -174,6 +224,7 @@ class Summary(_Exact):
     teacher_leakage: dict[str, Any]
     privacy_defense: dict[str, Any]
     audit_timing: AuditTiming
+    explanations: ExplanationsSummary | None = None  # None with explain.enabled false, and before schema 9
     gates: dict[str, GateSummary]
     warnings: list[str]
     registry: RegistrySummary
@@ -197,6 +248,12 @@ class Summary(_Exact):
     def extraction_fidelity(self) -> float | None:
         return next((row["fidelity"] for row in self.extraction if row["defense"] == "top1"), None)
 
+    def explanation_agreement(self) -> float | None:
+        """The candidate's Spearman agreement with the teacher's attributions (the explanation gate's metric)."""
+        if self.explanations is None:
+            return None
+        return self.explanations.candidate.methods[self.explanations.method].spearman
+
     def headlines(self) -> dict[str, object]:
         """The figures a reviewer compares across versions (``kdsec report --compare``)."""
         candidate = self.candidate_audit
@@ -212,6 +269,7 @@ class Summary(_Exact):
             "membership AUC": candidate.membership.auc,
             "membership TPR @ low FPR": candidate.membership.tpr_at_low_fpr,
             "candidate ECE": candidate.calibration.ece,
+            "explanation agreement (Spearman)": self.explanation_agreement(),
             "extraction fidelity (top-1)": self.extraction_fidelity(),
             "HE agreement (min over modes)": self.he.agreement,
             "HE batched ms/sample": self.he.ms_per_sample,
@@ -228,7 +286,7 @@ class Summary(_Exact):
                 "gates": data["gates"], "models": data["audit"], "extraction": data["extraction"],
                 "teacher_leakage": data["teacher_leakage"], "privacy_defense": data["privacy_defense"],
                 "timing": data["audit_timing"], "candidate": data["candidate"], "at_rest": data["at_rest"],
-                "he": data["he"]}
+                "he": data["he"], "explanations": data["explanations"]}
 
     def write(self, path: Path) -> Path:
         """``summary.json``, strict JSON (without ``summary_path``, which says where this very file is)."""
@@ -281,7 +339,8 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
                   models: list[TrainedModel], variants: list[VariantMetrics],
                   candidate: VariantMetrics, selection: str, at_rest: AtRestResult, he: HEResult,
                   audit: AuditOutcome, verdicts: list[GateVerdict], registry: dict, output_dir: Path,
-                  caches: dict, sweep: dict | None = None, distill: dict | None = None) -> Summary:
+                  caches: dict, sweep: dict | None = None, distill: dict | None = None,
+                  explanations: ExplainResult | None = None) -> Summary:
     from kdsec.compress.candidates import SELECTION_RULES
 
     by_role = {model.role: model for model in models}
@@ -313,6 +372,7 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
         privacy_defense=privacy_defense(by_role, audit.by_role),
         audit_timing={"seconds": audit.seconds, "teacher_train_seconds": audit.teacher_train_seconds,
                       "ratio_to_teacher_training": audit.ratio_to_teacher_training},
+        explanations=explanations.as_dict() if explanations is not None else None,
         gates={verdict.name: verdict.as_dict() for verdict in verdicts},
         warnings=[metric for verdict in verdicts for metric in verdict.warnings],
         registry=registry,

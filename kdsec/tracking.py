@@ -288,6 +288,9 @@ def version_description(verdicts: list[GateVerdict], parent_run_id: str) -> str:
                                               for check in warned))
     lines.append("Gates: " + ", ".join(f"{verdict.name} {verdict.level}" for verdict in verdicts))
     lines.append(f"Pipeline run: {parent_run_id} (report: runs:/{parent_run_id}/report/report.html)")
+    links = ui_links(parent_run_id)
+    lines.append(f"Open the run and its report in the MLflow UI: {links['run_url']}"
+                 + (f" ({links['ui_note']})" if links["ui_note"] else ""))
     return "\n".join(lines)
 
 
@@ -302,10 +305,11 @@ def register_candidate(model_uri: str, model_name: str, verdicts: list[GateVerdi
     except MlflowException as exc:
         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
             raise
-    tags = {f"gate.{verdict.name}": verdict.verdict for verdict in verdicts}
-    tags.update({f"gate.{verdict.name}.warn": ",".join(verdict.warnings) for verdict in verdicts if verdict.warnings})
     passed = all_passed(verdicts)
-    tags["gates"], tags["verdict"] = ("pass", "PASSED") if passed else ("fail", "FAILED")
+    # The verdict first: the registry lists a version's tags in the order they were set.
+    tags = {"verdict": "PASSED" if passed else "FAILED", "gates": "pass" if passed else "fail"}
+    tags.update({f"gate.{verdict.name}": verdict.verdict for verdict in verdicts})
+    tags.update({f"gate.{verdict.name}.warn": ",".join(verdict.warnings) for verdict in verdicts if verdict.warnings})
     tags["kdsec.launched_by"] = identity().name
     parent = _pipeline_run(run_id)
     tags[RUN_STARTED] = str(client.get_run(parent).info.start_time)

@@ -19,6 +19,7 @@ from kdsec.crypto.he import HEResult
 from kdsec.crypto.package import AtRestResult
 from kdsec.crypto.protect import homomorphic_inference, package_metadata, protect_at_rest
 from kdsec.data import DataBundle, prepare_data
+from kdsec.explain import ExplainResult, explain_models
 from kdsec.sweep import MemberResult, SweepMember
 from kdsec.trainers import (TrainedModel, distill_member, distill_student, distiller_for, store_teacher_signals,
                             train_dp_student, train_scratch_student, train_teacher)
@@ -107,3 +108,13 @@ def audit_task(config: PipelineConfig, bundle: DataBundle, models: dict, referen
                candidate_role: str, teacher_train_seconds: float, reference_seconds: float) -> AuditOutcome:
     return audit_pipeline(config, bundle, models, references, candidate_role, teacher_train_seconds,
                           reference_seconds)
+
+
+@task(name="explain", cache_policy=NO_CACHE)
+def explain_task(config: PipelineConfig, bundle: DataBundle, models: dict, candidate_role: str,
+                 out_dir: Path) -> ExplainResult | None:
+    """Attributions of every model against the teacher's, and the figure; None when ``explain.enabled``
+    is false (the explanation gate is then skipped)."""
+    if not config.explain.enabled:
+        return None
+    return explain_models(models, bundle, config.explain, candidate_role, out_dir)

@@ -9,13 +9,14 @@ GOOD = {
     "he.agreement": 1.0, "at_rest.roundtrip_exact": 1.0, "at_rest.tamper_rejected": 1.0,
     "at_rest.wrong_key_rejected": 1.0, "at_rest.manifest_tamper_rejected": 1.0, "at_rest.unsigned_rejected": 1.0,
     "at_rest.model_signature_verified": 1.0,
-    "candidate.extraction_fidelity_top1": 0.9, "candidate.ece": 0.02,
+    "candidate.extraction_fidelity_top1": 0.9, "candidate.ece": 0.02, "candidate.explanation_spearman": 0.2,
 }
 
 
 def test_all_gates_pass_on_good_metrics():
     verdicts = evaluate_gates(GOOD, GatesConfig())
-    assert [v.name for v in verdicts] == ["accuracy", "membership", "he", "at_rest", "extraction", "calibration"]
+    assert [v.name for v in verdicts] == ["accuracy", "membership", "he", "at_rest", "extraction", "calibration",
+                                          "explanation"]
     assert all_passed(verdicts)
 
 
@@ -26,6 +27,7 @@ def test_each_gate_fails_alone_and_names_itself():
         "he": {"he.agreement": 0.9},
         "at_rest": {"at_rest.tamper_rejected": 0.0},
         "calibration": {"candidate.ece": math.nan},
+        "explanation": {"candidate.explanation_spearman": 0.0},
     }
     for gate, change in breaking.items():
         verdicts = evaluate_gates({**GOOD, **change}, GatesConfig())

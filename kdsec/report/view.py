@@ -86,6 +86,7 @@ class ReportView:
     sections: list[tuple[str, str]] = field(default_factory=list)  # (anchor, title): the contents
     membership_rows: list[dict] = field(default_factory=list)
     per_class: dict = field(default_factory=dict)
+    explanations: list[dict] = field(default_factory=list)
 
 
 def _warn_only(direction: str, threshold: float) -> bool:
@@ -98,8 +99,9 @@ def gate_rows(summary: Summary) -> list[GateRow]:
     for name, gate in summary.gates.items():
         for check in gate.checks:
             warn = f"{check.direction} {check.warn_threshold:.4f}" if check.warn_threshold is not None else ""
+            value = "— (stage off)" if check.level == "skipped" and check.value is None else number(check.value)
             rows.append(GateRow(name, gate_label(name), check.level, check.metric, metric_label(check.metric),
-                                number(check.value), f"{check.direction} {check.threshold:.4f}", warn,
+                                value, f"{check.direction} {check.threshold:.4f}", warn,
                                 _warn_only(check.direction, check.threshold)))
     return rows
 
@@ -161,6 +163,26 @@ def _per_class(summary: Summary, candidate_role: str) -> dict:
     return {"classes": classes, "models": models}
 
 
+METHOD_LABELS = {"integrated_gradients": "Integrated Gradients", "saliency": "Saliency"}
+
+
+def explanation_rows(summary: Summary, candidate_role: str) -> list[dict]:
+    """One row per model (the candidate once, as the variant it is): per method, agreement with
+    the teacher and faithfulness, with their intervals."""
+    found = summary.explanations
+    if not found:
+        return []
+    rows = []
+    for role, model in found.models.items():
+        if role == roles.CANDIDATE and candidate_role in found.models:
+            continue
+        rows.append({"role": role, "candidate": role in (candidate_role, roles.CANDIDATE),
+                     "attributed_with": model.attributed_with if model.attributed_with != role else "",
+                     "accuracy": model.sample_accuracy, "random": model.random_deletion_auc,
+                     "methods": model.methods})
+    return rows
+
+
 def build_view(summary: Summary, context: ReportContext | None = None) -> ReportView:
     rows = gate_rows(summary)
     candidate_role = roles.variant_role(summary.candidate.variant)
@@ -173,7 +195,9 @@ def build_view(summary: Summary, context: ReportContext | None = None) -> Report
     sections = [("gates", "Gates"), ("plots", "Plots"), ("models", "Data and models"),
                 ("compression", "Compression"), ("encryption", "Encryption"),
                 ("privacy", "Membership privacy"), ("extraction", "Model extraction"),
-                ("trust", "Calibration, robustness, per-class accuracy"), ("lineage", "Lineage")]
+                ("trust", "Calibration, robustness, per-class accuracy"),
+                *([("explanations", "Explanations")] if summary.explanations else []), ("lineage", "Lineage")]
     return ReportView(summary, context or ReportContext(), banner(summary, rows), rows,
                       [row for row in rows if row.level == "warn"], warn_only, candidate_role, sections,
-                      _membership_rows(summary, candidate_role), _per_class(summary, candidate_role))
+                      _membership_rows(summary, candidate_role), _per_class(summary, candidate_role),
+                      explanation_rows(summary, candidate_role))

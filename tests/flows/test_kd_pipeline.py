@@ -57,7 +57,8 @@ def _cli(store: Path, *extra: str, env: dict[str, str] | None = None) -> subproc
 def test_passing_run_promotes_champion(in_store):
     summary = _flow()
     assert summary.verdict == "pass" and summary.promoted and summary.failed_gates == []
-    assert set(summary.gates) == {"accuracy", "membership", "he", "at_rest", "extraction", "calibration"}
+    assert set(summary.gates) == {"accuracy", "membership", "he", "at_rest", "extraction", "calibration",
+                                  "explanation"}
     assert summary.data.splits == {"train": 897, "val": 180, "test": 360, "holdout": 360, "transfer": 0}
     assert summary.models["teacher"].test_accuracy > 0.9
     assert summary.he.agreement >= 0.99 and summary.he.samples == 128
@@ -68,6 +69,10 @@ def test_passing_run_promotes_champion(in_store):
     strongest = candidate_audit.membership
     assert strongest.tpr_at_low_fpr == max(a.tpr_at_low_fpr for a in candidate_audit.attacks.values())
     assert summary.audit_timing.seconds > 0
+    explanations = summary.explanations  # every audited model explained against the teacher
+    assert set(summary.audit) <= set(explanations.models) and explanations.method == "saliency"
+    assert summary.gates["explanation"].checks[0].value == explanations.candidate.methods["saliency"].spearman
+    assert Path(explanations.figure).is_file()
     audit_json = json.loads((Path(summary.output_dir) / "audit.json").read_text())
     assert audit_json["models"]["candidate"]["membership"]["auc"] == strongest.auc
     assert audit_json["lineage"]["data"]["fingerprint"] == summary.data.fingerprint
@@ -91,9 +96,16 @@ def test_passing_run_promotes_champion(in_store):
     parent = client.get_run(summary.run_id)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{summary.run_id}'")
     assert {"data", "teacher", "scratch_student", "kd_student", "compress", "encrypt-at-rest", "homomorphic",
-            "audit", "register"} <= {run.info.run_name for run in children}
+            "audit", "explain", "register"} <= {run.info.run_name for run in children}
     assert {"summary.json", "config.yaml", "report"} <= {a.path for a in client.list_artifacts(summary.run_id)}
     by_name = {run.info.run_name: run for run in children}
+    # Stage runs carry their stage's real span (they are recorded after the stage ran), in order.
+    spans = {name: (run.info.start_time, run.info.end_time) for name, run in by_name.items()}
+    assert spans["audit"][1] - spans["audit"][0] >= 900 * summary.audit_timing.seconds
+    assert spans["teacher"][1] - spans["teacher"][0] >= 900 * summary.models["teacher"].train_seconds
+    assert spans["data"][0] <= spans["teacher"][0] <= spans["compress"][0] <= spans["audit"][0]
+    report = Path(summary.report.html).read_text()
+    assert f"/runs/{summary.run_id}" in report and f"/versions/{summary.registry.version}" in report
     assert {"manifest.json", "model.json", "weights.safetensors.enc"} <= {
         a.path for a in client.list_artifacts(by_name["encrypt-at-rest"].info.run_id)}
     assert {"he_package.json", "encrypted_model.weights.bin", "encrypted_model.public_context.bin",
@@ -282,7 +294,8 @@ def test_report_compares_two_versions_and_reaudit_reproduces_the_audit(in_store)
     assert "membership AUC" in out and (in_store / "reports").is_dir()
     # The verdict, the aliases and the review state come first, not only paths.
     assert ": PASS" in out.splitlines()[0]
-    assert "champion" in out.split("aliases:", 1)[1].split(";", 1)[0]
+    assert "champion" in out.split("aliases:", 1)[1].split("·", 1)[0]
+    assert all(gate in out for gate in ("accuracy", "membership", "calibration")) and "warns unless" in out
     reviewed = MlflowClient().get_model_version_by_alias("kdsec-student", "champion")
     assert f"review: {reviewed.tags.get('review.status', 'not required')}" in out
     # --compare names the config keys whose values differ between the two runs.

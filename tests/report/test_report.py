@@ -25,7 +25,9 @@ CONTEXT = ReportContext(created="2026-11-29 14:09 UTC", run_url="http://127.0.0.
 
 @pytest.fixture(scope="module")
 def summary():
-    return read_summary(FIXTURE)
+    """The run's summary; its attribution grid (a file of that run, not kept here) left out."""
+    found = read_summary(FIXTURE)
+    return found.model_copy(update={"explanations": found.explanations.model_copy(update={"figure": None})})
 
 
 def _render(summary, tmp_path, **registry):
@@ -54,9 +56,9 @@ def test_promoted_with_warnings_says_so_in_both_formats(summary, tmp_path):
     assert summary.warnings == ["candidate.membership_auc", "candidate.extraction_fidelity_top1"]
     html, markdown = _render(summary, tmp_path)
     banner = _banner(html)
-    assert 'class="banner warn"' in banner and "PASSED — promoted: kdsec-student version 3 is now 'champion'" in banner
+    assert 'class="banner warn"' in banner and "PASSED — promoted: kdsec-student version 4 is now 'champion'" in banner
     assert "Passed with 2 warning(s)" in banner and "Membership-inference AUC (strongest attack) 0.5752" in banner
-    assert "PASSED — promoted: kdsec-student version 3 is now 'champion'" in markdown
+    assert "PASSED — promoted: kdsec-student version 4 is now 'champion'" in markdown
     assert "2 check(s) passed but are past their warn level" in html and "past their warn level" in markdown
     # human names, the key on hover (HTML) and in a column (Markdown)
     assert '<abbr title="candidate.ece">Expected calibration error</abbr>' in html
@@ -67,12 +69,12 @@ def test_promoted_with_warnings_says_so_in_both_formats(summary, tmp_path):
 
 def test_awaiting_review_names_the_version_alias_and_the_command(summary, tmp_path):
     html, markdown = _render(summary, tmp_path, promoted=False, awaiting_review=True, candidate_alias="candidate",
-                             champion="2")
+                             champion="3")
     banner = _banner(html)
     assert 'class="banner review"' in banner
-    assert "awaiting review: kdsec-student version 3 holds 'candidate', not yet 'champion'" in banner
-    assert "kdsec review approve 3" in banner and "'champion' stays at version 2" in banner
-    assert "kdsec review approve 3" in markdown and "Not promoted. Failed gate(s): none" not in html
+    assert "awaiting review: kdsec-student version 4 holds 'candidate', not yet 'champion'" in banner
+    assert "kdsec review approve 4" in banner and "'champion' stays at version 3" in banner
+    assert "kdsec review approve 4" in markdown and "Not promoted. Failed gate(s): none" not in html
 
 
 def test_failed_run_names_the_failing_check_and_the_champion_that_stays(summary, tmp_path):
@@ -80,13 +82,13 @@ def test_failed_run_names_the_failing_check_and_the_champion_that_stays(summary,
     banner = _banner(html)
     assert 'class="banner fail"' in banner and "FAILED — not promoted" in banner
     assert "Accuracy: Candidate test accuracy 0.9300 (needs >= 0.9500)" in banner
-    assert "'champion' stays at version 2" in banner and "Also past a warn level" in banner
+    assert "'champion' stays at version 3" in banner and "Also past a warn level" in banner
     assert "FAILED — not promoted" in markdown and '<tr class="fail">' in html
 
 
 def test_superseded_run_says_by_which_version(summary, tmp_path):
-    html, _ = _render(summary, tmp_path, promoted=False, superseded_by="4")
-    assert "PASSED — not promoted: superseded by version 4" in _banner(html)
+    html, _ = _render(summary, tmp_path, promoted=False, superseded_by="5")
+    assert "PASSED — not promoted: superseded by version 5" in _banner(html)
 
 
 def test_warn_only_gates_are_marked(summary, tmp_path):
@@ -143,3 +145,32 @@ def test_values_from_the_run_are_escaped(summary, tmp_path):
     data = summary.data.model_copy(update={"name": hostile})
     html, _ = _render(summary.model_copy(update={"data": data}), tmp_path)
     assert hostile not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+
+
+def test_explanations_section_lists_every_model_once_with_intervals(summary, tmp_path):
+    explanations = summary.explanations
+    assert explanations is not None and explanations.method == "saliency"
+    html, markdown = _render(summary, tmp_path)
+    section = unescape(html.split('<h2 id="explanations">')[1].split("<h2 ")[0])
+    assert 'href="#explanations"' in html and "<h3>Saliency (gated)</h3>" in section
+    candidate = explanations.candidate.methods["saliency"]
+    assert f"{candidate.spearman:.3f}" in section and section.count("★ candidate") == len(explanations.methods)
+    assert "maps from variant:structured50 (float source)" in section and explanations.he_note in section
+    assert "## Explanations" in markdown and "### Saliency (gated)" in markdown
+    figure = tmp_path / "attributions.png"  # the grid travels with the report (inlined, and beside it)
+    figure.write_bytes(_png())
+    report = render_report(summary.model_copy(update={"explanations": explanations.model_copy(
+        update={"figure": str(figure)})}), tmp_path / "out", CONTEXT)
+    assert (tmp_path / "out" / "explanations.png").read_bytes() == figure.read_bytes()
+    assert report.html.read_text().count("data:image/png;base64") == 4 and "](explanations.png)" in report.markdown.read_text()
+
+
+def _png() -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    plt.figure(figsize=(1, 1)).savefig(buffer, format="png")
+    plt.close("all")
+    return buffer.getvalue()
