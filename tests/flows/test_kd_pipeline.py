@@ -76,7 +76,7 @@ def test_passing_run_promotes_champion(in_store):
     audit_json = json.loads((Path(summary.output_dir) / "audit.json").read_text())
     assert audit_json["models"]["candidate"]["membership"]["auc"] == strongest.auc
     assert audit_json["lineage"]["data"]["fingerprint"] == summary.data.fingerprint
-    assert Path(summary.report.html).read_text().count("data:image/png;base64") == 3
+    assert Path(summary.report.html).read_text().count("data:image/png;base64") == 4  # + the attribution grid
     assert json.loads(Path(summary.summary_path).read_text())["run_id"] == summary.run_id
     # Strict JSON (JavaScript's JSON.parse would refuse NaN): empty calibration bins are null.
     def refuse(constant):
@@ -180,7 +180,7 @@ def test_second_run_reuses_the_cached_teacher_and_sweeps_on_threads(in_store):
     assert all(run.data.metrics["val_accuracy"] > 0.5 for run in members)
     html = Path(summary.report.html).read_text()
     assert f"best by validation accuracy: <b>{sweep['best']}</b>" in html
-    assert html.count("data:image/png;base64") == 4  # the sweep's Pareto plot inlined too
+    assert html.count("data:image/png;base64") == 5  # the sweep's Pareto plot and the attribution grid too
 
 
 def test_cli_impossible_threshold_exits_2_and_keeps_champion(in_store):
