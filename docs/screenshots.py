@@ -143,13 +143,14 @@ def main() -> None:
             mlflow.set_tracking_uri(f"sqlite:///{store}")
             experiment = mlflow.get_run(summary.run_id).info.experiment_id
             base = f"http://127.0.0.1:{port}/#"
+            view = "?workflowType=machine_learning"  # the UI's model-training view (its default is GenAI)
             model, version = summary.registry.model, summary.registry.version
             print("MLflow UI:")
-            shoot(f"{base}/experiments/{experiment}", args.out / "mlflow-runs.png", args.width, 800, profile, 15000)
-            shoot(f"{base}/experiments/{experiment}/runs/{summary.run_id}", args.out / "mlflow-run.png",
+            shoot(f"{base}/experiments/{experiment}/runs{view}", args.out / "mlflow-runs.png", args.width + 320, 800, profile, 15000)
+            shoot(f"{base}/experiments/{experiment}/runs/{summary.run_id}{view}", args.out / "mlflow-run.png",
                   args.width, 1000, profile, 15000)
-            shoot(f"{base}/models/{model}", args.out / "mlflow-model.png", args.width, 800, profile, 15000)
-            shoot(f"{base}/models/{model}/versions/{version}", args.out / "mlflow-version.png",
+            shoot(f"{base}/models/{model}{view}", args.out / "mlflow-model.png", args.width + 320, 900, profile, 15000)
+            shoot(f"{base}/models/{model}/versions/{version}{view}", args.out / "mlflow-version.png",
                   args.width, 1100, profile, 15000)
         finally:
             stop(server)

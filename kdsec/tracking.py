@@ -53,6 +53,7 @@ def configure(experiment: str) -> str:
 
 UI_URL_ENV = "KDSEC_MLFLOW_UI_URL"  # where reviewers open the MLflow UI, when it is not the tracking URI
 LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui` on a local store
+ML_VIEW = "workflowType=machine_learning"  # the MLflow UI's model-training view, not its GenAI one
 
 
 def ui_base() -> tuple[str, str]:
@@ -76,11 +77,13 @@ def ui_links(run_id: str, model_name: str | None = None, version: str | None = N
     """``run_url`` (the run's page), ``version_url`` (the registered version's page) and ``ui_note``."""
     base, note = ui_base()
     experiment_id = MlflowClient().get_run(run_id).info.experiment_id
-    links = {"run_url": f"{base}/#/experiments/{experiment_id}/runs/{run_id}", "ui_note": note}
+    # The UI's GenAI / model-training switch is a per-browser setting; the link picks model training.
+    links = {"run_url": f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}", "ui_note": note}
     if model_name and version:
         from urllib.parse import quote
 
-        links["version_url"] = f"{base}/#/models/{quote(model_name, safe='')}/versions/{quote(str(version), safe='')}"
+        links["version_url"] = (f"{base}/#/models/{quote(model_name, safe='')}/versions/{quote(str(version), safe='')}"
+                                f"?{ML_VIEW}")
     return links
 
 
