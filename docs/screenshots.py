@@ -33,6 +33,8 @@ def chromium() -> str:
 
 def shoot(url: str, target: Path, width: int, height: int, profile: Path, wait_ms: int = 8000) -> Path:
     """One screenshot of ``url`` at ``width``×``height``."""
+    # --no-sandbox: Chromium's sandbox needs user namespaces these machines may not give; the pages
+    # shown are the project's own report and a loopback MLflow UI.
     subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
                     "--hide-scrollbars", f"--user-data-dir={profile}", f"--virtual-time-budget={wait_ms}",
@@ -84,6 +86,19 @@ def latest_run(outputs: Path) -> Path:
     return runs[-1]
 
 
+def awaiting_review(outputs: Path) -> Path | None:
+    """The latest run whose version waits for a reviewer (make run ARGS="--set tracking.require_approval=true")."""
+    import json
+
+    for run in sorted((path.parent for path in outputs.glob("*/summary.json")), reverse=True):
+        try:
+            if json.loads((run / "summary.json").read_text())["registry"].get("awaiting_review"):
+                return run if (run / "report.html").is_file() else None
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -113,8 +128,11 @@ def stop(server: subprocess.Popen) -> None:
     try:
         os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and its workers
         server.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
         os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=20)
 
 
 def main() -> None:
@@ -132,6 +150,11 @@ def main() -> None:
         profile = Path(scratch)
         print(f"report of run {summary.run_id} ({summary.verdict}):")
         report_sections(run_dir / "report.html", args.out, args.width, profile)
+        waiting = awaiting_review(ROOT / "outputs")
+        if waiting is not None:  # the banner of the latest run that waits for a reviewer
+            print(f"banner of run {waiting.name} (awaiting review):")
+            whole = shoot((waiting / "report.html").as_uri(), profile / "review.png", args.width, 560, profile)
+            shutil.copyfile(whole, args.out / "report-awaiting-review.png")
         store = ROOT / "mlflow.db"
         if not store.is_file():
             sys.exit("error: no local store (mlflow.db) to show")
@@ -144,7 +167,9 @@ def main() -> None:
             experiment = mlflow.get_run(summary.run_id).info.experiment_id
             base = f"http://127.0.0.1:{port}/#"
             view = "?workflowType=machine_learning"  # the UI's model-training view (its default is GenAI)
-            model, version = summary.registry.model, summary.registry.version
+            from urllib.parse import quote
+
+            model, version = quote(summary.registry.model, safe=""), quote(summary.registry.version, safe="")
             print("MLflow UI:")
             shoot(f"{base}/experiments/{experiment}/runs{view}", args.out / "mlflow-runs.png", args.width + 320, 800, profile, 15000)
             shoot(f"{base}/experiments/{experiment}/runs/{summary.run_id}{view}", args.out / "mlflow-run.png",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -205,26 +206,32 @@ def encrypt(
                   f"KEK {', '.join(info.kek_ids)}, signer {info.signer_key_id})")
 
 
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def _print_registered(package_version: str) -> None:
     """Which registry version ships this package, where a tracking store is at hand (the package
-    itself is sealed before registration, so it records its run, not its version)."""
-    import os
-
+    itself is sealed before registration, so it records its run, not its version). A tracking
+    server that does not answer at once is not waited for: the package checks stand on their own."""
     if not (os.environ.get("MLFLOW_TRACKING_URI") or Path("mlflow.db").is_file()):
         console.print("registry: no tracking store here (set MLFLOW_TRACKING_URI) — not looked up")
         return
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from kdsec import tracking
 
+    where = tracking.redact(tracking.tracking_uri())
     try:
         tracking.connect()
         found = tracking.package_versions(package_version)
-    except Exception as exc:  # the package checks above stand on their own; the lookup is extra
-        console.print(f"registry: not looked up ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+    except Exception as exc:  # an extra lookup: never fails a package that verified
+        console.print(f"registry: not looked up ({type(exc).__name__} from {where})", highlight=False)
         return
     for name, version, aliases in found:
         console.print(f"registry: [b]{name} version {version}[/]" + (f" ({', '.join(aliases)})" if aliases else ""))
     if not found:
-        console.print(f"registry: no registered version records package {package_version} in {tracking.tracking_uri()}")
+        console.print(f"registry: no registered version records package {package_version} in {where}",
+                      highlight=False)
 
 
 @app.command()
@@ -243,9 +250,11 @@ def verify(
         trusted = _trusted_key(encrypt_cfg, public_key)
         verified = read_verified(package, trusted)
         payload = verified[0]
-        console.print(f"[green]signature ok[/]: {payload['model']['name']} from run {payload['model']['version']}, "
-                      f"signed by {payload['signer']['key_id']}; {len(payload['files'])} files match their SHA-256")
-        _print_registered(str(payload["model"]["version"]))
+        version = str(payload["model"]["version"])
+        run = RUN_ID.fullmatch(version) is not None  # the pipeline seals a package with its run id
+        console.print(f"[green]signature ok[/]: {payload['model']['name']} "
+                      f"{'from run ' + version if run else 'v' + version}, signed by {payload['signer']['key_id']}; "
+                      f"{len(payload['files'])} files match their SHA-256")
         verify_model_signature(package, trusted)
         console.print("[green]OpenSSF model signature ok[/]: model.sig covers exactly the package's files "
                       "(model_signing verify key … checks the same)")
@@ -254,6 +263,8 @@ def verify(
             console.print(f"[green]decrypts ok[/]: {', '.join(sorted(files))}")
     except KdsecError as exc:
         raise _fail(str(exc)) from None
+    if run:
+        _print_registered(version)
 
 
 @app.command()
@@ -493,14 +504,15 @@ def relocate_store_command(
     store: Annotated[Path, typer.Option(help="the local SQLite store")] = Path("mlflow.db"),
 ) -> None:
     """After moving a project folder: point the local MLflow store's recorded artifact locations
-    (absolute paths, as MLflow stores them) at the folder's new place (the current directory)."""
+    (absolute paths, as MLflow stores them) at the folder's new place (the folder holding the store)."""
     from kdsec.tracking import relocate_store
 
     try:
-        changed = relocate_store(store, previous, Path.cwd())
+        changed = relocate_store(store, previous)
     except KdsecError as exc:
         raise _fail(str(exc)) from None
-    console.print(f"{store}: {changed} recorded location(s) moved from {previous} to {Path.cwd()}", highlight=False)
+    console.print(f"{store}: {changed} recorded artifact location(s) moved from {previous} to "
+                  f"{store.resolve().parent}", highlight=False)
 
 
 @app.command("show-config")

@@ -56,21 +56,31 @@ LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui` on a local store
 ML_VIEW = "workflowType=machine_learning"  # the MLflow UI's model-training view, not its GenAI one
 
 
-def ui_base() -> tuple[str, str]:
-    """The MLflow UI's address for links in reports, and a note on how to reach it: ``$KDSEC_MLFLOW_UI_URL``;
-    else the tracking server (an http(s) URI, credentials never included); else ``make mlflow-ui``'s."""
+def redact(uri: str) -> str:
+    """A URI without its user name and password (for links and anything printed)."""
     from urllib.parse import urlsplit, urlunsplit
 
-    if configured := os.environ.get(UI_URL_ENV):
-        return configured.rstrip("/"), ""
+    parts = urlsplit(uri)
+    if not parts.netloc or "@" not in parts.netloc:
+        return uri
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[1], parts.path, parts.query, parts.fragment))
+
+
+def ui_base() -> tuple[str, str]:
+    """The MLflow UI's address for links in reports, and a note on how to reach it: ``$KDSEC_MLFLOW_UI_URL``
+    (http or https only); else the tracking server (an http(s) URI); else, for a local store,
+    ``make mlflow-ui``'s. Credentials are never part of it."""
+    configured = os.environ.get(UI_URL_ENV, "")
+    if configured:
+        if not configured.startswith(("http://", "https://")):
+            raise KdsecError(f"{UI_URL_ENV} must be an http(s) address, not '{redact(configured)}'")
+        return redact(configured).rstrip("/"), ""
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
-        parts = urlsplit(uri)
-        host = parts.hostname or ""
-        netloc = f"[{host}]" if ":" in host else host
-        netloc += f":{parts.port}" if parts.port else ""
-        return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", "")), ""
-    return LOCAL_UI, "local store: open it with make mlflow-ui"
+        return redact(uri).split("?", 1)[0].split("#", 1)[0].rstrip("/"), ""
+    if uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri:
+        return LOCAL_UI, "local store: open it with make mlflow-ui"
+    return LOCAL_UI, f"set {UI_URL_ENV} to where your team's MLflow UI is served"
 
 
 def ui_links(run_id: str, model_name: str | None = None, version: str | None = None) -> dict[str, str]:
@@ -87,32 +97,45 @@ def ui_links(run_id: str, model_name: str | None = None, version: str | None = N
     return links
 
 
-def relocate_store(database: Path, old_root: Path, new_root: Path) -> int:
+# The columns where MLflow records an artifact location (absolute for a local store); nothing
+# else (params, tags, descriptions: the run's history) is rewritten.
+LOCATION_COLUMNS = {"experiments": ("artifact_location",), "runs": ("artifact_uri",),
+                    "model_versions": ("source", "storage_location"), "logged_models": ("artifact_location",)}
+
+
+def relocate_store(database: Path, old_root: Path, new_root: Path | None = None) -> int:
     """Rewrite a local SQLite store after its project folder moved from ``old_root`` to
-    ``new_root``: MLflow records absolute artifact locations (experiments, runs, logged models,
-    model versions), so every text value under ``old_root`` (plain or ``file://``) is moved under
-    ``new_root``, in one transaction. Returns how many values changed."""
+    ``new_root`` (default: the folder that holds the store): MLflow records absolute artifact
+    locations, so each one under ``old_root`` (plain or ``file://``) is moved under ``new_root``,
+    in one transaction. Returns how many values changed."""
     import sqlite3
 
-    old, new = str(old_root).rstrip("/"), str(new_root).rstrip("/")
-    if not old_root.is_absolute() or old == new:
-        raise KdsecError(f"--from must be the folder's previous absolute path, not '{old_root}'")
+    old = os.path.normpath(str(old_root))
+    new = os.path.normpath(str(new_root if new_root is not None else database.resolve().parent))
+    if not os.path.isabs(old) or old == "/" or old == new:
+        raise KdsecError(f"--from must be the folder's previous absolute path (not '/', not the current one), "
+                         f"not '{old_root}'")
+    if new.startswith(old + "/"):
+        raise KdsecError(f"the new place {new} is inside the old one {old}: a folder cannot have moved there")
     if not database.is_file() or database.is_symlink():
         raise KdsecError(f"no SQLite tracking store at '{database}' (a regular file)")
     changed = 0
-    with sqlite3.connect(database) as connection:
-        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        for table in tables:
-            columns = [row[1] for row in connection.execute(f'PRAGMA table_info("{table}")')
-                       if row[2].upper() in ("TEXT", "") or row[2].upper().startswith("VARCHAR")]
-            for column in columns:
-                for prefix in (old, f"file://{old}"):
-                    replacement = new if prefix == old else f"file://{new}"
-                    cursor = connection.execute(
-                        f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
-                        f'WHERE "{column}" = ? OR substr("{column}", 1, ?) = ?',
-                        (replacement, len(prefix) + 1, prefix, len(prefix) + 1, prefix + "/"))
-                    changed += cursor.rowcount
+    try:
+        with sqlite3.connect(database) as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            for table, columns in LOCATION_COLUMNS.items():
+                if table not in tables:
+                    continue
+                present = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+                for column in (c for c in columns if c in present):
+                    for prefix, replacement in ((old, new), (f"file://{old}", f"file://{new}")):
+                        cursor = connection.execute(
+                            f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                            f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                            (replacement, len(prefix) + 1, prefix, len(prefix) + 1, prefix + "/"))
+                        changed += cursor.rowcount
+    except sqlite3.Error as exc:
+        raise KdsecError(f"'{database}' could not be rewritten: {exc}") from None
     return changed
 
 
@@ -223,8 +246,10 @@ def stage_run(parent_run_id: str, stage: str, span: Span | None = None) -> Itera
 
     client = MlflowClient()
     parent = client.get_run(parent_run_id)
+    from mlflow.tracking.context.registry import resolve_tags
+
     created = client.create_run(parent.info.experiment_id, start_time=int(span[0] * 1000), run_name=stage,
-                                tags={MLFLOW_PARENT_RUN_ID: parent_run_id})
+                                tags=resolve_tags({MLFLOW_PARENT_RUN_ID: parent_run_id}))
     with mlflow.start_run(run_id=created.info.run_id, nested=True) as run:
         yield run
     client.set_terminated(created.info.run_id, "FINISHED", end_time=int(span[1] * 1000))

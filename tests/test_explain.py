@@ -74,10 +74,10 @@ def test_a_pipeline_run_on_digits_explains_every_model_and_draws_the_grid(digits
         for scores in result.models[role].methods.values():
             low, high = scores.spearman_ci
             assert low <= scores.spearman <= high and 0 <= scores.top_k_overlap <= 1
-    # Faithful maps: removing the pixels Integrated Gradients ranks first breaks the models sooner than
-    # removing random ones.
+    # Faithful maps: removing the ink pixels Integrated Gradients ranks first breaks the models sooner
+    # than removing ink pixels in a random order (both orders leave the black pixels for last).
     for role in (roles.TEACHER, roles.KD_STUDENT):
-        assert result.models[role].methods["integrated_gradients"].faithfulness_gap > 0.1
+        assert result.models[role].methods["integrated_gradients"].faithfulness_gap_ci[0] > 0
     # The int8 candidate has its float source's maps but its own deletion curve.
     assert result.models[roles.CANDIDATE].methods["saliency"].spearman == \
         result.models[roles.KD_STUDENT].methods["saliency"].spearman

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 
 def _make_store(root: Path) -> tuple[str, str]:
@@ -20,6 +21,7 @@ def _make_store(root: Path) -> tuple[str, str]:
     experiment = mlflow.set_experiment("kdsec")
     with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
         mlflow.log_dict({"verdict": "pass"}, "report/summary.json")
+        mlflow.log_param("data.root", str(root / "data"))  # history: stays as it was recorded
     client = MlflowClient()
     client.create_registered_model("kdsec-student")
     version = client.create_model_version("kdsec-student", f"{run.info.artifact_uri}/report", run.info.run_id)
@@ -34,7 +36,7 @@ def test_a_moved_project_reads_its_store_after_relocate(tmp_path, monkeypatch):
     shutil.move(old, new)
     monkeypatch.chdir(new)
     mlflow.set_tracking_uri(f"sqlite:///{new / 'mlflow.db'}")
-    with pytest.raises(Exception):  # before: the store still points at the old folder
+    with pytest.raises((OSError, MlflowException)):  # before: the store still points at the old folder
         mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="report/summary.json", dst_path=str(tmp_path / "a"))
 
     done = subprocess.run([sys.executable, "-m", "kdsec.cli", "relocate-store", "--from", str(old)], cwd=new,
@@ -45,11 +47,16 @@ def test_a_moved_project_reads_its_store_after_relocate(tmp_path, monkeypatch):
     assert '"pass"' in Path(path).read_text()
     source = MlflowClient().get_model_version("kdsec-student", version).source
     assert source.startswith(str(new)) and str(old) not in source
-    assert str(old) not in MlflowClient().get_run(run_id).info.artifact_uri
+    run = MlflowClient().get_run(run_id)
+    assert str(old) not in run.info.artifact_uri and run.data.params["data.root"] == str(old / "data")
+    again = subprocess.run([sys.executable, "-m", "kdsec.cli", "relocate-store", "--from", str(old)], cwd=new,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "0 recorded artifact location(s)" in again.stdout  # idempotent
 
 
 def test_relocate_refuses_a_relative_origin_and_a_missing_store(tmp_path):
-    for args, message in ((["--from", "relative/path"], "previous absolute path"),
+    for args, message in ((["--from", "relative/path"], "previous absolute path"), (["--from", "/"], "not '/'"),
+                          (["--from", str(tmp_path.parent)], "inside the old one"),
                           (["--from", "/elsewhere", "--store", "absent.db"], "no SQLite tracking store")):
         done = subprocess.run([sys.executable, "-m", "kdsec.cli", "relocate-store", *args], cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)

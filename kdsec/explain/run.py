@@ -132,7 +132,7 @@ def explain_models(models: dict, bundle: DataBundle, config: ExplainConfig, cand
     informative = np.abs(inputs - baseline[None, :, None, None]).max(1) > 0  # (N, H, W): not the baseline
     fractions = deletion_fractions(informative[0].size, config.deletion_steps)
     draws = bootstrap_indices(len(labels), config.bootstrap, config.seed)
-    shuffled = random_order(len(labels), informative[0].size, config.seed)
+    shuffled = random_order(informative, config.seed)
 
     def deletion(model, order: np.ndarray) -> np.ndarray:
         return deletion_correct(model, inputs, labels, order, baseline, config.deletion_steps)
@@ -144,7 +144,7 @@ def explain_models(models: dict, bundle: DataBundle, config: ExplainConfig, cand
         scores = {}
         for method in config.methods:
             own, teacher = maps[method, sources[role]], maps[method, roles.TEACHER]
-            correct = deletion(model, importance_order(own))
+            correct = deletion(model, importance_order(own, informative))
             areas = curve_area(correct, fractions)
             agreement = role != roles.TEACHER
             rho, rho_ci = _mean(spearman(own, teacher, informative) if agreement else None, draws)

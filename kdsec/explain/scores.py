@@ -54,15 +54,21 @@ def _top(values: np.ndarray, keep: np.ndarray, k: np.ndarray) -> np.ndarray:
     return (position < k) & keep
 
 
-def importance_order(maps: np.ndarray) -> np.ndarray:
-    """Pixel indices of each map, most attributed first (ties by position: deterministic)."""
-    return np.argsort(-maps.reshape(len(maps), -1), axis=1, kind="stable")
+def importance_order(maps: np.ndarray, informative: np.ndarray) -> np.ndarray:
+    """Pixel indices of each map, most attributed first among the image's informative (not black)
+    pixels, then the black ones (deleting those changes nothing); ties by position: deterministic."""
+    flat = maps.reshape(len(maps), -1).astype(np.float64)
+    scale = np.abs(flat).max() + 1.0
+    return np.argsort(-(flat + scale * informative.reshape(len(maps), -1)), axis=1, kind="stable")
 
 
-def random_order(count: int, pixels: int, seed: int) -> np.ndarray:
-    """A seeded random pixel order per image: the baseline a faithful map must beat."""
+def random_order(informative: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded random order of each image's informative pixels, then its black ones: the baseline a
+    faithful map must beat. (Drawn over all pixels, half of a digit's "deletions" would black out
+    pixels that are black already, and any ink-first order would beat it.)"""
     rng = np.random.default_rng(seed)
-    return np.argsort(rng.random((count, pixels)), axis=1)
+    flat = informative.reshape(len(informative), -1)
+    return np.argsort(rng.random(flat.shape) - flat, axis=1)
 
 
 def deletion_fractions(pixels: int, steps: int) -> np.ndarray:

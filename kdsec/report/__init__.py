@@ -21,6 +21,8 @@ from kdsec.summary import Summary  # noqa: E402
 
 _ENV = Environment(loader=PackageLoader("kdsec.report", "templates"), autoescape=select_autoescape(["html", "html.j2"]),
                    trim_blocks=True, lstrip_blocks=True)
+_ENV.filters["md"] = lambda text: (str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
+                                   .replace(">", "&gt;"))  # a name from the user's data, in Markdown
 _ENV.globals.update(zip=zip, metric_label=metric_label, number=number, method_labels=METHOD_LABELS)
 
 __all__ = ["Report", "ReportContext", "render_report"]

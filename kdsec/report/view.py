@@ -89,9 +89,13 @@ class ReportView:
     explanations: list[dict] = field(default_factory=list)
 
 
-def _warn_only(direction: str, threshold: float) -> bool:
-    # Gate metrics are fractions in [0, 1]: "<= 1" or ">= 0" can never fail.
-    return (direction == "<=" and threshold >= 1.0) or (direction == ">=" and threshold <= 0.0)
+# The range of each gate metric (fractions in [0, 1] unless listed): a threshold at its end cannot fail.
+METRIC_RANGES = {"candidate.explanation_spearman": (-1.0, 1.0)}
+
+
+def _warn_only(metric: str, direction: str, threshold: float) -> bool:
+    low, high = METRIC_RANGES.get(metric, (0.0, 1.0))
+    return (direction == "<=" and threshold >= high) or (direction == ">=" and threshold <= low)
 
 
 def gate_rows(summary: Summary) -> list[GateRow]:
@@ -102,7 +106,7 @@ def gate_rows(summary: Summary) -> list[GateRow]:
             value = "— (stage off)" if check.level == "skipped" and check.value is None else number(check.value)
             rows.append(GateRow(name, gate_label(name), check.level, check.metric, metric_label(check.metric),
                                 value, f"{check.direction} {check.threshold:.4f}", warn,
-                                _warn_only(check.direction, check.threshold)))
+                                _warn_only(check.metric, check.direction, check.threshold)))
     return rows
 
 

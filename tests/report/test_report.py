@@ -74,7 +74,7 @@ def test_awaiting_review_names_the_version_alias_and_the_command(summary, tmp_pa
     assert 'class="banner review"' in banner
     assert "awaiting review: kdsec-student version 4 holds 'candidate', not yet 'champion'" in banner
     assert "kdsec review approve 4" in banner and "'champion' stays at version 3" in banner
-    assert "kdsec review approve 4" in markdown and "Not promoted. Failed gate(s): none" not in html
+    assert "kdsec review approve 4" in markdown
 
 
 def test_failed_run_names_the_failing_check_and_the_champion_that_stays(summary, tmp_path):
@@ -141,10 +141,11 @@ def test_nothing_overflows_in_a_real_browser(summary, tmp_path, width):
 
 def test_values_from_the_run_are_escaped(summary, tmp_path):
     """A dataset's name and class names come from files a user supplied: markup in them is text."""
-    hostile = "<img src=x onerror=alert(1)>"
+    hostile = "<img src=x onerror=alert(1)>|"
     data = summary.data.model_copy(update={"name": hostile})
-    html, _ = _render(summary.model_copy(update={"data": data}), tmp_path)
-    assert hostile not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    html, markdown = _render(summary.model_copy(update={"data": data}), tmp_path)
+    assert hostile not in html and "&lt;img src=x onerror=alert(1)&gt;|" in html
+    assert hostile not in markdown and "&lt;img src=x onerror=alert(1)&gt;\\|" in markdown
 
 
 def test_explanations_section_lists_every_model_once_with_intervals(summary, tmp_path):
@@ -174,3 +175,19 @@ def _png() -> bytes:
     plt.figure(figsize=(1, 1)).savefig(buffer, format="png")
     plt.close("all")
     return buffer.getvalue()
+
+
+def test_a_spearman_gate_at_zero_can_still_fail_so_it_is_not_warn_only(summary, tmp_path):
+    gates = dict(summary.gates)
+    explanation = gates["explanation"]
+    gates["explanation"] = explanation.model_copy(update={"checks": [
+        CheckResult(**{**check.__dict__, "threshold": 0.0}) for check in explanation.checks]})
+    html, _ = _render(summary.model_copy(update={"gates": gates}), tmp_path)
+    assert "Warn-only gate(s)" not in html
+
+
+def test_without_homomorphic_inference_the_explanations_do_not_claim_it(summary, tmp_path):
+    he = summary.he.model_copy(update={"enabled": False, "runs": [], "agreement": None})
+    html, markdown = _render(summary.model_copy(update={"he": he}), tmp_path)
+    assert summary.explanations.he_note not in unescape(html) and "Homomorphic inference is off in this run." in html
+    assert "Homomorphic (CKKS): <b>off</b>" in html and "Homomorphic (CKKS): **off**" in markdown
