@@ -86,6 +86,9 @@ class Robustness:
     source: str  # "white-box", or the surrogate the examples were crafted on (transfer)
 
 
+FGSM_CHUNK = 2048  # images attacked at once (their input gradients are the memory that counts)
+
+
 def fgsm_robustness(model, inputs: np.ndarray, labels: np.ndarray, epsilons: list[float],
                     surrogate=None, surrogate_name: str = "surrogate") -> Robustness:
     """Accuracy under the fast gradient sign method on inputs scaled to [0, 1]. A model without
@@ -94,23 +97,26 @@ def fgsm_robustness(model, inputs: np.ndarray, labels: np.ndarray, epsilons: lis
     import torch
     from torch.nn import functional as F
 
-    x = torch.as_tensor(inputs, dtype=torch.float32).requires_grad_(True)
-    y = torch.as_tensor(labels)
-    source = "white-box"
-    loss = F.cross_entropy(model.cpu().eval()(x), y)
-    if loss.requires_grad:
-        with warnings.catch_warnings():  # quantized ops warn that they have no gradient
-            warnings.simplefilter("ignore")
-            loss.backward()
-    if x.grad is None or not x.grad.any():
-        if surrogate is None:
-            raise ValueError("the model has no input gradients (e.g. int8); pass its float source as surrogate")
-        source, x.grad = f"transfer from {surrogate_name}", None
-        F.cross_entropy(surrogate.cpu().eval()(x), y).backward()
-    direction = x.grad.sign()
-    accuracy = []
-    with torch.no_grad():
-        for epsilon in epsilons:
-            adversarial = (x + epsilon * direction).clamp(0.0, 1.0)
-            accuracy.append(float((model(adversarial).argmax(1) == y).float().mean()))
+    model, source, correct = model.cpu().eval(), "white-box", np.zeros(len(epsilons))
+    for start in range(0, len(inputs), FGSM_CHUNK):  # in chunks: one batch's gradients in memory, not the split's
+        x = torch.as_tensor(inputs[start:start + FGSM_CHUNK], dtype=torch.float32).requires_grad_(True)
+        y = torch.as_tensor(labels[start:start + FGSM_CHUNK])
+        if source == "white-box":
+            loss = F.cross_entropy(model(x), y)
+            if loss.requires_grad:
+                with warnings.catch_warnings():  # quantized ops warn that they have no gradient
+                    warnings.simplefilter("ignore")
+                    loss.backward()
+            if x.grad is None or not x.grad.any():
+                if surrogate is None:
+                    raise ValueError("the model has no input gradients (e.g. int8); pass its float source as surrogate")
+                source, x.grad = f"transfer from {surrogate_name}", None
+        if source != "white-box":
+            F.cross_entropy(surrogate.cpu().eval()(x), y).backward()
+        direction = x.grad.sign()
+        with torch.no_grad():
+            for index, epsilon in enumerate(epsilons):
+                adversarial = (x + epsilon * direction).clamp(0.0, 1.0)
+                correct[index] += float((model(adversarial).argmax(1) == y).sum())
+    accuracy = [float(count / max(len(inputs), 1)) for count in correct]
     return Robustness(list(epsilons), accuracy, source)

@@ -71,8 +71,9 @@ class DataBundle:
 
 def _fingerprint(inputs: np.ndarray, labels: np.ndarray, config: DataConfig) -> str:
     digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(inputs).tobytes())
-    digest.update(np.ascontiguousarray(labels).tobytes())
+    # The arrays' buffers themselves (the same bytes as .tobytes()), not a copy of all images.
+    digest.update(np.ascontiguousarray(inputs))
+    digest.update(np.ascontiguousarray(labels))
     split_spec = f"{config.name}|{config.seed}|{config.val_fraction}|{config.test_fraction}|{config.holdout_fraction}"
     if config.transfer_fraction:  # default splits keep the fingerprints they always had
         split_spec += f"|transfer={config.transfer_fraction}"
@@ -112,8 +113,10 @@ def prepare_data(config: DataConfig) -> DataBundle:
     normalization = _normalization(arrays["x_train"], config)
     if normalization is not None:
         mean, std = (np.asarray(v, dtype=np.float32)[None, :, None, None] for v in normalization)
-        arrays.update({key: ((value - mean) / std).astype(np.float32) for key, value in arrays.items()
-                       if key.startswith("x_")})
+        for key, value in arrays.items():  # in place: each split is already a copy of its own
+            if key.startswith("x_"):
+                value -= mean
+                value /= std
     return DataBundle(
         name=config.name,
         class_names=raw.class_names,

@@ -107,7 +107,9 @@ def _as_raw(data: np.ndarray, labels: np.ndarray, class_names: list[str], config
     if labels.min() < 0 or labels.max() >= len(class_names):
         raise DataError(f"{config.name} under {_where(config, root)} is corrupt: labels outside "
                         f"0..{len(class_names) - 1}")
-    return RawDataset(inputs=data.astype(np.float32) / 255.0, labels=labels.astype(np.int64),
+    inputs = data.astype(np.float32)
+    inputs /= 255.0  # in place: one float copy of the images at a time (70,000 MNIST images: 220 MB)
+    return RawDataset(inputs=inputs, labels=labels.astype(np.int64),
                       class_names=[str(name) for name in class_names], input_scale=1.0 / 255.0)
 
 
