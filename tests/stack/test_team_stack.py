@@ -195,7 +195,9 @@ def test_the_cron_deployment_creates_scheduled_runs(team):
 
 def test_a_run_killed_mid_audit_is_closed_and_the_rerun_survives_an_mlflow_outage(team, tmp_path):
     stack, config, secret = team
-    killed = _trigger(config)
+    # 2000 bootstrap resamples per interval keep its audit task running for tens of seconds (the
+    # small config's audit takes about a second, shorter than this test's polling): time to kill it there.
+    killed = _trigger(config, [*FAST, "audit.bootstrap=2000"])
     deadline = time.monotonic() + 900
     while not _task_running(config, killed, "audit"):
         assert time.monotonic() < deadline, "the run never reached its audit"
