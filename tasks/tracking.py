@@ -186,7 +186,8 @@ def register_task(config: PipelineConfig, parent_run_id: str, bundle: DataBundle
 def report_task(parent_run_id: str, summary: Summary, out_dir: Path) -> Summary:
     """Render the report, write ``summary.json`` and ``audit.json``, log them all to the parent run
     (tagged ``gates`` = the verdict) and to Prefect's artifacts."""
-    run = MlflowClient().get_run(parent_run_id)
+    client = MlflowClient()
+    run = client.get_run(parent_run_id)
     started = datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     context = ReportContext(created=started, **tracking.ui_links(parent_run_id, summary.registry.model,
                                                                  summary.registry.version))
@@ -194,7 +195,6 @@ def report_task(parent_run_id: str, summary: Summary, out_dir: Path) -> Summary:
     summary = summary.model_copy(update={"report": ReportPaths(markdown=str(report.markdown), html=str(report.html))})
     summary_path = summary.write(out_dir / "summary.json")
     audit_path = write_json(summary.audit_document(), out_dir / "audit.json")
-    client = MlflowClient()
     client.log_artifact(parent_run_id, str(summary_path))
     client.log_artifact(parent_run_id, str(audit_path), artifact_path="report")
     for path in (report.markdown, report.html, *report.plots.values()):

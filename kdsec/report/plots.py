@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from kdsec import roles  # noqa: E402
 from kdsec.gates import Gate, Metric  # noqa: E402
+from kdsec.report.view import once  # noqa: E402
 from kdsec.summary import Summary  # noqa: E402
 
 STYLE = {"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 9.5, "axes.grid": True, "grid.alpha": 0.3}
@@ -25,8 +26,7 @@ def _threshold(summary: Summary, gate: str, metric: str) -> float | None:
 
 def _audited(summary: Summary) -> list[str]:
     """Each audited model once: the candidate is the variant it was selected from."""
-    candidate = roles.variant_role(summary.candidate.variant)
-    return [role for role in summary.audit if not (role == roles.CANDIDATE and candidate in summary.audit)]
+    return once(summary.audit, roles.variant_role(summary.candidate.variant))
 
 
 def roc_plot(summary: Summary) -> plt.Figure:

@@ -146,12 +146,17 @@ def banner(summary: Summary, rows: list[GateRow]) -> Banner:
     return Banner("warn", f"PASSED — not promoted: {model} version {version}", [*warning_line, champion])
 
 
+def once(role_keys, candidate_role: str) -> list[str]:
+    """Roles with the candidate listed once: as the variant it was selected from, when that is there."""
+    keys = list(role_keys)
+    return [role for role in keys if not (role == roles.CANDIDATE and candidate_role in keys)]
+
+
 def _membership_rows(summary: Summary, candidate_role: str) -> list[dict]:
     """Every model's attacks, the candidate once (as the variant it is, marked)."""
     rows = []
-    for role, audit in summary.audit.items():
-        if role == roles.CANDIDATE and candidate_role in summary.audit:
-            continue
+    for role in once(summary.audit, candidate_role):
+        audit = summary.audit[role]
         name = role + (" ★ candidate" if role in (candidate_role, roles.CANDIDATE) else "")
         for index, (attack, result) in enumerate(audit.attacks.items()):
             rows.append({"model": name if index == 0 else "", "role": role, "attack": attack, "r": result,
@@ -162,8 +167,7 @@ def _membership_rows(summary: Summary, candidate_role: str) -> list[dict]:
 def _per_class(summary: Summary, candidate_role: str) -> dict:
     """Models as rows, classes as columns (ten columns fit; nine model columns did not)."""
     classes = list(summary.teacher_audit.per_class["accuracy"])
-    models = {role: audit.per_class["accuracy"] for role, audit in summary.audit.items()
-              if not (role == roles.CANDIDATE and candidate_role in summary.audit)}
+    models = {role: summary.audit[role].per_class["accuracy"] for role in once(summary.audit, candidate_role)}
     return {"classes": classes, "models": models}
 
 
@@ -177,9 +181,8 @@ def explanation_rows(summary: Summary, candidate_role: str) -> list[dict]:
     if not found:
         return []
     rows = []
-    for role, model in found.models.items():
-        if role == roles.CANDIDATE and candidate_role in found.models:
-            continue
+    for role in once(found.models, candidate_role):
+        model = found.models[role]
         rows.append({"role": role, "candidate": role in (candidate_role, roles.CANDIDATE),
                      "attributed_with": model.attributed_with if model.attributed_with != role else "",
                      "accuracy": model.sample_accuracy, "random": model.random_deletion_auc,

@@ -91,12 +91,15 @@ def test_superseded_run_says_by_which_version(summary, tmp_path):
     assert "PASSED — not promoted: superseded by version 5" in _banner(html)
 
 
+def _thresholds(summary, gate: str, threshold: float):
+    """The summary with every check of ``gate`` failing at ``threshold``."""
+    checks = [CheckResult(**{**check.__dict__, "threshold": threshold}) for check in summary.gates[gate].checks]
+    return summary.model_copy(update={"gates": {**summary.gates,
+                                                gate: summary.gates[gate].model_copy(update={"checks": checks})}})
+
+
 def test_warn_only_gates_are_marked(summary, tmp_path):
-    gates = dict(summary.gates)
-    membership = gates["membership"]
-    gates["membership"] = membership.model_copy(update={"checks": [
-        CheckResult(**{**check.__dict__, "threshold": 1.0}) for check in membership.checks]})
-    html, markdown = _render(summary.model_copy(update={"gates": gates}), tmp_path)
+    html, markdown = _render(_thresholds(summary, "membership", 1.0), tmp_path)
     assert "Warn-only gate(s):</b> Membership privacy" in html and "**Warn-only gate(s):** Membership privacy" in markdown
     assert html.count("warn-only</span>") == 2
 
@@ -178,11 +181,7 @@ def _png() -> bytes:
 
 
 def test_a_spearman_gate_at_zero_can_still_fail_so_it_is_not_warn_only(summary, tmp_path):
-    gates = dict(summary.gates)
-    explanation = gates["explanation"]
-    gates["explanation"] = explanation.model_copy(update={"checks": [
-        CheckResult(**{**check.__dict__, "threshold": 0.0}) for check in explanation.checks]})
-    html, _ = _render(summary.model_copy(update={"gates": gates}), tmp_path)
+    html, _ = _render(_thresholds(summary, "explanation", 0.0), tmp_path)
     assert "Warn-only gate(s)" not in html
 
 
