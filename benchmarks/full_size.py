@@ -4,6 +4,9 @@ full-size SYNTHETIC files in the official formats, timed per stage.
     make bench-full                                   # MNIST-format, 70,000 images (~7 min on 2 cores)
     python benchmarks/full_size.py --dataset cifar10  # 60,000 CIFAR-10 python-pickle images
     python benchmarks/full_size.py --max-samples 3000 # a quick try of the same path
+    python benchmarks/full_size.py --dataset fashion_mnist --data-root /path/with/FashionMNIST/raw/..
+                                                      # the REAL files instead (e.g. Debian's
+                                                      # dataset-fashion-mnist, gunzipped)
 
 The files hold scikit-learn's handwritten digits, each drawn at a random position and contrast
 with pixel noise (tests/vision_fixtures.py, ``varied_digit_images``; tinted per class for
@@ -152,9 +155,12 @@ def print_report(dataset: str, images: int, write_seconds: float, result: dict, 
                  max_samples: int) -> bool:
     summary = result["summary"]
     console = Console(width=150)
-    size = f"{max_samples:,} of {images:,}" if max_samples else f"{images:,}"
-    table = Table(title=f"configs/{dataset}.yaml on {size} synthetic images in the official format "
-                        f"({os.cpu_count()} CPU cores)")
+    if images:
+        size = f"{max_samples:,} of {images:,}" if max_samples else f"{images:,}"
+        what = f"{size} synthetic images in the official format"
+    else:
+        what = "the real official files" + (f" ({max_samples:,} samples)" if max_samples else "")
+    table = Table(title=f"configs/{dataset}.yaml on {what} ({os.cpu_count()} CPU cores)")
     for column in ("stage", "seconds", "share of wall", "peak RSS GiB (tree, 1 s samples)"):
         table.add_column(column)
     wall = result["wall_seconds"]
@@ -167,12 +173,13 @@ def print_report(dataset: str, images: int, write_seconds: float, result: dict, 
     table.add_row("start-up, imports, orchestration, report (rest)", f"{wall - staged:.1f}",
                   f"{(wall - staged) / wall:.2f}")
     table.add_row("[b]kdsec run, wall[/]", f"{wall:.1f}", "1.00")
-    table.add_row("writing the synthetic files (not part of the run)", f"{write_seconds:.1f}", "")
+    if images:
+        table.add_row("writing the synthetic files (not part of the run)", f"{write_seconds:.1f}", "")
     console.print(table)
 
     models = summary["models"]
     he = summary["he"]
-    facts = Table(title="accuracy (synthetic data: a sanity check), HE, memory")
+    facts = Table(title=f"accuracy ({'synthetic data: a sanity check' if images else 'real data'}), HE, memory")
     facts.add_column("measure")
     facts.add_column("value")
     for role in ("teacher", "scratch_student", "kd_student"):
@@ -205,15 +212,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=sorted(BUDGETS), default="mnist")
     parser.add_argument("--max-samples", type=int, default=0, help="data.max_samples for a quick try (0 = all)")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="run on the real official files under this folder instead of synthetic ones")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix=f"kdsec-full-{args.dataset}-"))
     try:
         data_root, workdir = scratch / "data", scratch / "work"
         workdir.mkdir(parents=True)
-        images, write_seconds = write_files(args.dataset, data_root)
-        print(f"wrote {images:,} synthetic {args.dataset} images in {write_seconds:.1f} s under {data_root}; "
-              f"running the pipeline (log: {scratch / 'run.log'})", flush=True)
+        if args.data_root:
+            data_root, images, write_seconds = args.data_root.resolve(), 0, 0.0
+            print(f"real {args.dataset} files under {data_root}; running the pipeline (log: {scratch / 'run.log'})",
+                  flush=True)
+        else:
+            images, write_seconds = write_files(args.dataset, data_root)
+            print(f"wrote {images:,} synthetic {args.dataset} images in {write_seconds:.1f} s under {data_root}; "
+                  f"running the pipeline (log: {scratch / 'run.log'})", flush=True)
         result = run_pipeline(args.dataset, data_root, workdir, args.max_samples, scratch / "run.log")
         (scratch / "result.json").write_text(json.dumps({k: v for k, v in result.items() if k != "summary"}, indent=2))
         met = print_report(args.dataset, images, write_seconds, result, BUDGETS[args.dataset], args.max_samples)

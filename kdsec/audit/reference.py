@@ -29,8 +29,6 @@ from kdsec.models import ModelSpec, build_model, save_checkpoint
 from kdsec.train import INIT_LOCK, fit, predict_logits, seed_everything
 
 
-
-
 @dataclass(frozen=True)
 class AuditSamples:
     """Who is audited: members (a training subset as large as the holdout), non-members (the
@@ -117,9 +115,14 @@ def rmia_scores(target: Signals, reference: Signals, population_in: np.ndarray, 
 
     ratio_z = target.population / prior(reference.population, ~population_in)
 
+    # The fraction of z with ratio_x / ratio_z > gamma, i.e. ratio_z < ratio_x / gamma: a binary
+    # search in the sorted population ratios (O(n log n); the pairwise matrix was 14,000 × 21,000
+    # float64 = 2.3 GiB on MNIST-sized data).
+    sorted_z = np.sort(ratio_z)
+
     def score(target_p, reference_p):
         ratio_x = target_p / prior(reference_p)
-        return (ratio_x[:, None] / ratio_z[None, :] > gamma).mean(axis=1)
+        return np.searchsorted(sorted_z, ratio_x / gamma, side="left") / len(sorted_z)
 
     return score(target.members, reference.members), score(target.non_members, reference.non_members)
 

@@ -140,3 +140,21 @@ def test_bootstrap_intervals_bracket_the_estimate_and_the_population_value():
     assert result.tpr_at_low_fpr_ci[0] <= result.tpr_at_low_fpr <= result.tpr_at_low_fpr_ci[1]
     assert result.tpr_at_low_fpr_ci[0] < 1 - norm.cdf(norm.ppf(0.95) - 0.5) < result.tpr_at_low_fpr_ci[1]
     assert result.balanced_accuracy == pytest.approx(norm.cdf(0.25), abs=0.02)
+
+
+def test_rmia_scores_match_the_pairwise_definition_without_building_the_matrix():
+    """The binary-search form equals the paper's pairwise count (ratio_x / ratio_z > gamma) on random
+    signals, for several gammas."""
+    rng = np.random.default_rng(3)
+    target = Signals(rng.uniform(0.01, 1, 300), rng.uniform(0.01, 1, 300), rng.uniform(0.01, 1, 500))
+    reference = Signals(rng.uniform(0.01, 1, (4, 300)), rng.uniform(0.01, 1, (4, 300)), rng.uniform(0.01, 1, (4, 500)))
+    population_in = rng.random((4, 500)) < 0.5
+    for gamma in (0.5, 1.0, 2.0):
+        members, non_members = rmia_scores(target, reference, population_in, gamma=gamma)
+        prior = lambda values, out=None: 0.5 * (1.3 * (values.mean(0) if out is None else  # noqa: E731
+                                                      (values * out).sum(0) / np.maximum(out.sum(0), 1)) + 0.7)
+        ratio_z = target.population / prior(reference.population, ~population_in)
+        for mine, target_p, reference_p in ((members, target.members, reference.members),
+                                            (non_members, target.non_members, reference.non_members)):
+            pairwise = ((target_p / prior(reference_p))[:, None] / ratio_z[None, :] > gamma).mean(axis=1)
+            np.testing.assert_allclose(mine, pairwise)
