@@ -81,12 +81,7 @@ def main() -> None:
     reference = {}
     with console.status(f"{config.audit.reference_models} reference models per architecture (cached)"):
         for group in ("teacher", "student"):
-            paths = []
-            for index in range(config.audit.reference_models):
-                path = audit_run.reference_checkpoint(config, bundle, group, index)
-                if not path.is_file():
-                    audit_run.train_reference_model(config, bundle, group, index, path)
-                paths.append(path)
+            paths, _ = audit_run.reference_checkpoints(config, bundle, group)
             reference[group] = signals([load_checkpoint(path)[0] for path in paths], samples)
     masks = reference_masks(config.audit.reference_models, len(samples.y_population), config.seed)
 

@@ -13,10 +13,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 from prefect import flow, get_run_logger
 
 from kdsec import cache, roles, tracking
-from kdsec.audit.run import reference_checkpoint, reference_plan
+from kdsec.audit.run import reference_plan
 from kdsec.cache import code_version
 from kdsec.compress.candidates import compression_metrics, load_variant, select_candidate
 from kdsec.config import PipelineConfig, config_from_dict, load_config
@@ -31,7 +32,7 @@ from kdsec.summary import Summary, build_summary
 from kdsec.sweep import select_best, sweep_grid
 from kdsec.trainers import TrainedModel
 from tasks.pipeline import (at_rest_task, audit_task, compress_task, distill_task, explain_task, he_task,
-                            prepare_data_task, teacher_signals_task, train_dp_task, train_reference_task,
+                            prepare_data_task, teacher_signals_task, train_dp_task, train_references_task,
                             train_scratch_task, train_teacher_task)
 from tasks.tracking import (open_run_task, register_task, report_task, track_data_task, track_gates_task,
                             track_model_task, track_stage_task, track_sweep_task)
@@ -179,21 +180,24 @@ def _cache_counts(cache_hits: dict) -> dict:
 
 
 def _references(config: PipelineConfig, bundle, cache_hits: dict) -> dict[str, list[str]]:
-    """K reference models per architecture, trained as parallel tasks (``audit.parallel_references``
-    at a time) and cached like the teacher: same data + architecture + training + code → same models."""
-    jobs = [(group, index, reference_checkpoint(config, bundle, group, index))
-            for group in reference_plan(config, bundle) for index in range(config.audit.reference_models)]
+    """K reference models per architecture group, cached like the teacher by files named by their
+    key (same data + architecture + training + code → same models). ``audit.parallel_references``
+    tasks run at once, one torch thread each; each task trains its share of a group's models
+    together (one vectorized step for all of them), so every core has an even share of each group."""
+    width = max(1, config.audit.parallel_references)
+    shares = [[int(i) for i in chunk] for chunk in np.array_split(np.arange(config.audit.reference_models), width)]
+    jobs = [(group, share) for group in reference_plan(config, bundle) for share in shares if share]
+    counts = cache_hits.setdefault("references", {"hit": 0, "total": 0})
     references: dict[str, list[str]] = {}
-    width = config.audit.parallel_references
-    cache_hits.setdefault("references", {"hit": 0, "total": 0})
     with torch_threads(parallel_share(width)):  # one torch thread per training at once: no oversubscription
         for start in range(0, len(jobs), width):
-            wave = [(job, train_reference_task.submit(config, bundle, *job)) for job in jobs[start:start + width]]
-            for (group, index, checkpoint), future in wave:
-                future.wait()
-                path = _result_or_recompute(train_reference_task, future.state, cache_hits, "references",
-                                            (config, bundle, group, index, checkpoint))
-                references.setdefault(group, []).append(path)
+            wave = [(group, train_references_task.submit(config, bundle, group, share))
+                    for group, share in jobs[start:start + width]]
+            for group, future in wave:
+                paths, hits = future.result()
+                references.setdefault(group, []).extend(paths)
+                counts["total"] += len(paths)
+                counts["hit"] += hits
     return references
 
 

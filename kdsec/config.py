@@ -161,6 +161,31 @@ class HEMLPOptions(ArchOptions):
         return self.model_copy(update={"hidden": [_scale(h, factor) for h in self.hidden]})
 
 
+class HECNNOptions(ArchOptions):
+    """he_cnn, the HE-friendly CNN: [AvgPool(pool) →] [Conv → [BatchNorm] → [AvgPool(conv_pool)] → x²]
+    × len(channels) → Flatten → [Linear → x²] × len(hidden) → Linear. The defaults are CryptoNets'
+    layout (28×28: 5×13×13 = 845 → 100 → 10); under HE each run of affine layers is one Linear map."""
+
+    arch: Literal["he_cnn"] = "he_cnn"
+    channels: Annotated[list[PositiveInt], Field(min_length=1)] = [5]  # output channels of each conv layer
+    kernel: PositiveInt = 5
+    stride: PositiveInt = 2
+    padding: Annotated[int, Field(ge=0)] = 1
+    conv_pool: PositiveInt = 1  # average-pool each conv layer's maps (before x²)
+    hidden: list[PositiveInt] = [100]  # width of each hidden fully connected layer
+    batchnorm: bool = False  # BatchNorm after each conv (folded into the conv's Linear map under HE)
+    pool: PositiveInt = 1  # average-pool the input first (done by the client before encryption under HE)
+
+    def model_options(self) -> dict[str, Any]:
+        return {"channels": list(self.channels), "kernel": self.kernel, "stride": self.stride,
+                "padding": self.padding, "conv_pool": self.conv_pool, "hidden": list(self.hidden),
+                "batchnorm": self.batchnorm, "pool": self.pool}
+
+    def scaled(self, factor: float) -> Self:
+        return self.model_copy(update={"channels": [_scale(c, factor) for c in self.channels],
+                                       "hidden": [_scale(h, factor) for h in self.hidden]})
+
+
 # The section classes come first in each class's bases so that the YAML reads arch, options, train(, dp).
 
 class TeacherSection(Section):
@@ -180,6 +205,10 @@ class ResNetTeacherConfig(TeacherSection, ResNetOptions):
 
 class HEMLPTeacherConfig(TeacherSection, HEMLPOptions):
     """Teacher defaults: hidden [32], pool 1."""
+
+
+class HECNNTeacherConfig(TeacherSection, HECNNOptions):
+    """Teacher defaults: channels [5], kernel 5, stride 2, padding 1, hidden [100] (CryptoNets)."""
 
 
 class StudentSection(Section):
@@ -209,6 +238,10 @@ class HEMLPStudentConfig(StudentSection, HEMLPOptions):
     """Student defaults: hidden [32], pool 1 (he_mlp is the default student: CKKS can run it)."""
 
 
+class HECNNStudentConfig(StudentSection, HECNNOptions):
+    """Student defaults: channels [5], kernel 5, stride 2, padding 1, hidden [100] (CryptoNets)."""
+
+
 TEACHER_ARCH = "teacher_cnn"  # the default teacher.arch
 STUDENT_ARCH = "he_mlp"  # the default student.arch
 
@@ -220,9 +253,9 @@ def _with_default_arch(default: str):
     return BeforeValidator(fill)
 
 
-TeacherConfig = Annotated[CNNTeacherConfig | ResNetTeacherConfig | HEMLPTeacherConfig,
+TeacherConfig = Annotated[CNNTeacherConfig | ResNetTeacherConfig | HEMLPTeacherConfig | HECNNTeacherConfig,
                           Field(discriminator="arch"), _with_default_arch(TEACHER_ARCH)]
-StudentConfig = Annotated[CNNStudentConfig | ResNetStudentConfig | HEMLPStudentConfig,
+StudentConfig = Annotated[CNNStudentConfig | ResNetStudentConfig | HEMLPStudentConfig | HECNNStudentConfig,
                           Field(discriminator="arch"), _with_default_arch(STUDENT_ARCH)]
 
 
@@ -285,7 +318,8 @@ class CompressConfig(Section):
     # (student_cnn [32, 64] on digits, 2 seeds: accuracy change −0.56 pt after 20 epochs, +0.14 after 60).
     structured_finetune_epochs: Annotated[int, Field(ge=0)] = 60
     quantize: bool = True
-    # Static post-training int8 (torchao PT2E, calibrated) for students with conv layers.
+    # Static post-training int8 (torchao PT2E, calibrated) for students with conv layers; not with
+    # encrypt.he.enabled (its graph has no homomorphic form, so an he_cnn candidate never is one).
     static_int8: bool = True
     calibration_samples: PositiveInt = 256  # from the training split
     latency_repeats: PositiveInt = 30
@@ -293,7 +327,7 @@ class CompressConfig(Section):
 
 
 class HEConfig(Section):
-    # Homomorphic inference of the candidate. It needs an HE-friendly student (he_mlp: Linear
+    # Homomorphic inference of the candidate. It needs an HE-friendly student (he_mlp, he_cnn: affine
     # layers and x²); with a conv student (ReLU, max-pool) turn it off: the he gate is then skipped.
     enabled: bool = True
     # "auto": the smallest ring that holds the layout's depth at 128-bit security.
@@ -500,13 +534,16 @@ def _drop_options_of_replaced_arch(tree: dict[str, Any], written: dict[str, dict
             continue
         own_options = arch_option_names(section, file_arch)
         new_arch = node.get("arch")
-        kept = arch_option_names(section, new_arch) if new_arch in ARCHES[section] else set()
+        # Archs of one options class (teacher_cnn ↔ student_cnn) keep the file's values; an option
+        # name two classes share (he_mlp's and he_cnn's hidden) takes the new arch's default.
+        same_options = isinstance(new_arch, str) and ARCHES[section].get(new_arch) is ARCHES[section][file_arch]
+        kept = set(own_options) if same_options else set()
         for key in file_section:
             if key in _SHARED_FIELDS[section] or key in given:
                 continue
             if key not in own_options:
                 raise ConfigError(_not_an_option(section, key, file_arch, f" in '{config_path}'"))
-            if key not in kept:  # an option both archs take (teacher_cnn ↔ student_cnn) keeps its value
+            if key not in kept:
                 del node[key]
 
 

@@ -8,12 +8,12 @@ from kdsec.errors import ConfigError
 
 def preflight(config: PipelineConfig) -> None:
     """Unknown catalog names, a loss or a stage the student cannot take (spatial features,
-    structured pruning, homomorphic inference), a malformed or exposed encryption key: each is a
-    one-line ``KdsecError`` now, not after training."""
+    structured pruning, homomorphic inference, an HE layout that does not fit), a malformed or
+    exposed encryption key: each is a one-line ``KdsecError`` now, not after training."""
     from kdsec.compress.structured import SUPPORTED as STRUCTURED_ARCHS
     from kdsec.crypto.he import HE_FRIENDLY_ARCHS
     from kdsec.crypto.keys import load_or_create_signer, local_key_provider
-    from kdsec.data import DATASETS
+    from kdsec.data import DATASETS, DECLARED_SHAPES
     from kdsec.distill import LOSSES
     from kdsec.models import MODELS
 
@@ -22,7 +22,7 @@ def preflight(config: PipelineConfig) -> None:
     MODELS.get(config.student.arch)
     if LOSSES.get(config.distill.loss).feature == "spatial" and config.student.arch == "he_mlp":
         raise ConfigError(f"distill.loss '{config.distill.loss}' needs spatial feature maps, but the he_mlp "
-                          "student has none; use fitnets or hinton_kd, or a conv student")
+                          "student has none; use fitnets or hinton_kd, or a conv student (e.g. he_cnn)")
     if config.compress.structured > 0 and config.student.arch not in STRUCTURED_ARCHS:
         raise ConfigError(f"compress.structured: structured pruning supports {', '.join(STRUCTURED_ARCHS)}, "
                           f"not the '{config.student.arch}' student; set compress.structured=0")
@@ -30,6 +30,31 @@ def preflight(config: PipelineConfig) -> None:
         raise ConfigError(f"student.arch '{config.student.arch}' has no homomorphic form (ReLU, max-pool); "
                           f"use an HE-friendly student ({', '.join(HE_FRIENDLY_ARCHS)}) or set "
                           "encrypt.he.enabled=false to ship it without encrypted inference")
+    if config.encrypt.he.enabled and config.data.name in DECLARED_SHAPES:
+        _check_he_layouts(config)
     local_key_provider(config.encrypt.key_env, config.encrypt.key_file)
     load_or_create_signer(config.encrypt.signing_key_env, config.encrypt.signing_key_file)
 
+
+def _check_he_layouts(config: PipelineConfig) -> None:
+    """The HE layouts (which depend on shapes, not weights) of the smallest candidate each sweep
+    member can ship — structurally pruned when ``compress.structured`` is on — built untrained on
+    the dataset's declared shape: if even that one does not fit, the run would fail after training.
+    The HE stage checks the chosen candidate again, before anything is encrypted."""
+    import torch
+
+    from kdsec.compress.structured import structured_prune
+    from kdsec.crypto.he import check_layouts, he_program
+    from kdsec.data import DECLARED_SHAPES
+    from kdsec.models import ModelSpec, build_model
+    from kdsec.sweep import scaled_student
+
+    input_shape, num_classes = DECLARED_SHAPES[config.data.name]
+    for width in config.sweep.width or [1.0]:
+        student = scaled_student(config.student, width)
+        spec = ModelSpec(student.arch, input_shape, num_classes, student.model_options())
+        with torch.random.fork_rng(devices=[]):  # initial weights are drawn: leave the run's RNG alone
+            model = build_model(spec)
+            if config.compress.structured > 0:
+                model, _ = structured_prune(model, spec, config.compress.structured)
+        check_layouts(he_program(model)[1], config.encrypt.he)

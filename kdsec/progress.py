@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
@@ -11,6 +12,10 @@ from typing import Protocol
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 logger = logging.getLogger("kdsec")
+
+# Away from a terminal a line is logged at every fifth of the work, and at least this often
+# while steps keep finishing (a full-size epoch takes ~10-60 s: each one gets its line).
+LOG_EVERY_SECONDS = 10.0
 
 
 class Advance(Protocol):
@@ -30,11 +35,14 @@ def progress(label: str, total: int) -> Iterator[Advance]:
         return
     step = 0
     every = max(1, total // 5)
+    last = time.monotonic()
 
     def advance(status: str) -> None:
-        nonlocal step
+        nonlocal step, last
         step += 1
-        if step % every == 0 or step == total:
+        now = time.monotonic()
+        if step % every == 0 or step == total or now - last >= LOG_EVERY_SECONDS:
+            last = now
             logger.info("%s %d/%d %s", label, step, total, status)
 
     yield advance

@@ -95,7 +95,7 @@ def reaudit(model_uri: str, out_root: Path, step: Callable[[str], None] = lambda
     step(f"data {bundle.name} (fingerprint {bundle.fingerprint}) "
          + ("matches the version's" if expected else "(the version records no fingerprint to check)") + "; weights loaded"
          + (" (int8; FGSM on its float copy)" if int8 else ""))
-    references = {roles.STUDENTS: reference_checkpoints(config, bundle, roles.STUDENTS, step)}  # cached, or trained now
+    references = {roles.STUDENTS: reference_checkpoints(config, bundle, roles.STUDENTS, step)[0]}  # cached, or trained now
     step("membership attacks (" + ("LOSS, RMIA, LiRA" if config.audit.reference_models else "LOSS") +
          "), calibration, robustness")
     (audit,) = audit_models({roles.CANDIDATE: model}, bundle, config, references, {roles.CANDIDATE: surrogate})

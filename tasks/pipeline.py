@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from kdsec import cache
-from kdsec.audit.run import AuditOutcome, audit_pipeline, reference_plan, train_reference_model
+from kdsec.audit.run import AuditOutcome, audit_pipeline, reference_checkpoints
 from kdsec.compress.candidates import compress_student
 from kdsec.compress.measure import VariantMetrics
 from kdsec.config import PipelineConfig
@@ -77,7 +77,8 @@ def compress_task(config: PipelineConfig, bundle: DataBundle, student: TrainedMo
                   signals: str) -> list[VariantMetrics]:
     """Pruned and quantized variants, fine-tuned with the distiller's objective on the stored signals."""
     return compress_student(config.compress, bundle, student, config.student.train, config.seed, out_dir,
-                            distiller_for(config, bundle, None, signals).objective, config.distill.transfer_set)
+                            distiller_for(config, bundle, None, signals).objective, config.distill.transfer_set,
+                            homomorphic=config.encrypt.he.enabled)
 
 
 @task(name="encrypt-at-rest", cache_policy=NO_CACHE)
@@ -91,16 +92,13 @@ def he_task(config: PipelineConfig, bundle: DataBundle, candidate: VariantMetric
     return homomorphic_inference(config, bundle, candidate, package_dir)
 
 
-def _reference_key(context: TaskRunContext, parameters: dict) -> str:
-    config: PipelineConfig = parameters["config"]
-    spec, train = reference_plan(config, parameters["bundle"])[parameters["group"]]
-    return cache.reference_key(parameters["bundle"].fingerprint, spec, train, parameters["index"], config.seed)
-
-
-@task(name="train-reference", cache_key_fn=_reference_key, persist_result=True)
-def train_reference_task(config: PipelineConfig, bundle: DataBundle, group: str, index: int,
-                         checkpoint: Path) -> str:
-    return train_reference_model(config, bundle, group, index, checkpoint)
+@task(name="train-references", cache_policy=NO_CACHE)
+def train_references_task(config: PipelineConfig, bundle: DataBundle, group: str,
+                          indices: list[int]) -> tuple[list[str], int]:
+    """Reference models ``indices`` of ``group`` (paths) and how many were cached: cached by file,
+    each named by its key (data, architecture, training, index, seed, code), the missing ones
+    trained together."""
+    return reference_checkpoints(config, bundle, group, indices=indices)
 
 
 @task(name="audit", cache_policy=NO_CACHE)

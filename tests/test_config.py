@@ -6,8 +6,8 @@ import yaml
 from pydantic import ValidationError
 
 from kdsec.config import (ARCHES, load_run_config, DEFAULT_CONFIG, CNNStudentConfig, CNNTeacherConfig, HEMLPStudentConfig,
-                          HEMLPTeacherConfig, PipelineConfig, ResNetStudentConfig, ResNetTeacherConfig,
-                          arch_option_names, config_from_dict, load_config)
+                          HEMLPTeacherConfig, HECNNStudentConfig, PipelineConfig, ResNetStudentConfig,
+                          ResNetTeacherConfig, arch_option_names, config_from_dict, load_config)
 from kdsec.errors import ConfigError
 
 CIFAR10_CONFIG = DEFAULT_CONFIG.parent / "cifar10.yaml"
@@ -38,8 +38,8 @@ def test_dotted_overrides_reach_nested_keys():
     ("encrypt.he.poly_modulus_degree=1000", "config key 'encrypt.he.poly_modulus_degree'"),
     ("distill", "must look like dotted.key=value"),
     ("student.arch=nope", ("unknown model architecture 'nope' in student.arch "
-                           "(known: he_mlp, resnet18, student_cnn, teacher_cnn)")),
-    ("teacher.arch=resnet", "unknown model architecture 'resnet' in teacher.arch (known: he_mlp, resnet18, "),
+                           "(known: he_cnn, he_mlp, resnet18, student_cnn, teacher_cnn)")),
+    ("teacher.arch=resnet", "unknown model architecture 'resnet' in teacher.arch (known: he_cnn, he_mlp, "),
     ("student.hidden=[0]", "config key 'student.hidden.0': Input should be greater than 0"),
     ("student.train.epochz=3", "unknown config key 'student.train.epochz'"),
     ("teacher.width=64", ("config key 'teacher.width' is not an option of teacher.arch 'teacher_cnn' "
@@ -106,6 +106,7 @@ def test_every_registered_architecture_has_options_in_both_sections():
     ("teacher", "teacher_cnn", "width=8", "channels, fc"),
     ("teacher", "he_mlp", "channels=[8]", "hidden, pool"),
     ("teacher", "resnet18", "hidden=[8]", "width"),
+    ("student", "he_cnn", "fc=8", "channels, kernel, stride, padding, conv_pool, hidden, batchnorm, pool"),
 ])
 def test_an_option_of_another_arch_is_one_line_naming_it_and_the_arch(section, arch, foreign, options):
     key = foreign.split("=")[0]
@@ -172,6 +173,13 @@ def test_an_arch_override_on_the_default_config_gives_the_documented_defaults():
     assert load_config(None, ["student.arch=resnet18"]).student == ResNetStudentConfig()
     assert load_config(None, ["teacher.arch=student_cnn"]).teacher == CNNTeacherConfig(arch="student_cnn")
     assert load_config(None, ["teacher.arch=resnet18"]).teacher == ResNetTeacherConfig()
+    # he_cnn takes he_mlp's option names hidden and pool too, but not the file's he_mlp values.
+    assert load_config(None, ["student.arch=he_cnn"]).student == HECNNStudentConfig()
+
+
+def test_an_he_cnn_has_at_least_one_conv_layer():
+    with pytest.raises(ConfigError, match=r"^config key 'student\.channels': List should have at least 1 item"):
+        load_config(None, ["student.arch=he_cnn", "student.channels=[]"])
 
 
 @pytest.mark.parametrize(("options", "expected"), [
@@ -185,6 +193,8 @@ def test_an_arch_override_on_the_default_config_gives_the_documented_defaults():
     (CNNStudentConfig(), {"channels": [16, 32], "fc": 64}),
     (CNNStudentConfig(arch="teacher_cnn", channels=[8], fc=3), {"channels": [8], "fc": 3}),
     (ResNetStudentConfig(), {"width": 32}),
+    (HECNNStudentConfig(), {"channels": [5], "kernel": 5, "stride": 2, "padding": 1, "conv_pool": 1, "hidden": [100],
+                            "batchnorm": False, "pool": 1}),
 ])
 def test_model_options_are_the_builders_keyword_arguments(options, expected):
     from kdsec.models import ModelSpec, build_model
@@ -210,6 +220,9 @@ def test_default_model_options_are_unchanged():
     (CNNStudentConfig(), 2.0, {"channels": [32, 64], "fc": 128}),
     (CNNStudentConfig(channels=[16, 33], fc=65), 0.5, {"channels": [8, 16], "fc": 32}),
     (ResNetStudentConfig(), 1.5, {"width": 48}),
+    (HECNNStudentConfig(channels=[6, 3], hidden=[100], kernel=3, pool=2), 0.5,
+     {"channels": [3, 2], "kernel": 3, "stride": 2, "padding": 1, "conv_pool": 1, "hidden": [50], "batchnorm": False,
+      "pool": 2}),
 ])
 def test_scaled_multiplies_the_archs_widths_only(options, factor, expected):
     from kdsec.sweep import scaled_student

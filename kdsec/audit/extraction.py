@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from kdsec.config import TrainConfig
 from kdsec.models import ModelSpec, build_model
-from kdsec.train import fit, predict_logits, seed_everything
+from kdsec.train import can_fit_together, fit, fit_ensemble, predict_logits, seed_everything
 
 DEFENSES = ("probabilities", "rounded", "top1")
 
@@ -52,15 +52,27 @@ def soft_label_objective(targets: torch.Tensor):
 def extraction_attack(victim, queries: np.ndarray, query_source: str, x_eval: np.ndarray, y_eval: np.ndarray,
                       copy_spec: ModelSpec, train: TrainConfig, decimals: int = 1, seed: int = 0,
                       defenses: tuple[str, ...] = DEFENSES) -> list[ExtractionResult]:
+    """One knockoff copy per defense, each trained on the victim's answers to the same queries
+    (soft-label cross-entropy) from the same initialization; the copies train together
+    (``fit_ensemble``) where the architecture allows."""
     victim_predictions = predict_logits(victim.cpu(), x_eval).argmax(1)
-    results = []
-    for defense in defenses:
-        answers = _answers(victim, queries, defense, decimals)
+    answers = [_answers(victim, queries, defense, decimals) for defense in defenses]
+    copies = []
+    for _ in defenses:
         seed_everything(seed)
-        copy = build_model(copy_spec)
-        # The attacker has no labelled validation data: it stops on its own query answers.
-        fit(copy, queries, answers.argmax(1), queries, answers.argmax(1), train,
-            soft_label_objective(torch.as_tensor(answers)), seed=seed, label=f"extraction-{defense}")
+        copies.append(build_model(copy_spec))
+    # The attacker has no labelled validation data: it stops on its own query answers.
+    if len(copies) > 1 and can_fit_together(copies[0], train):
+        hard = np.stack([answer.argmax(1) for answer in answers])
+        stacked = np.stack([queries] * len(copies))
+        fit_ensemble(copies, stacked, hard, stacked, hard, train, [seed] * len(copies), label="extraction",
+                     soft_targets=np.stack(answers))
+    else:
+        for copy, answer, defense in zip(copies, answers, defenses):
+            fit(copy, queries, answer.argmax(1), queries, answer.argmax(1), train,
+                soft_label_objective(torch.as_tensor(answer)), seed=seed, label=f"extraction-{defense}")
+    results = []
+    for copy, defense in zip(copies, defenses):
         predictions = predict_logits(copy, x_eval).argmax(1)
         results.append(ExtractionResult(defense, len(queries), query_source,
                                         float((predictions == y_eval).mean()),

@@ -26,7 +26,7 @@ from torch import nn
 from kdsec.config import TrainConfig
 from kdsec.data import DataBundle
 from kdsec.models import ModelSpec, build_model, save_checkpoint
-from kdsec.train import INIT_LOCK, fit, predict_logits, seed_everything
+from kdsec.train import INIT_LOCK, can_fit_together, fit, fit_ensemble, predict_logits, seed_everything
 
 
 @dataclass(frozen=True)
@@ -64,16 +64,28 @@ def reference_masks(count: int, size: int, seed: int) -> np.ndarray:
     return masks
 
 
-def train_reference(spec: ModelSpec, train: TrainConfig, x_population: np.ndarray, y_population: np.ndarray,
-                    mask: np.ndarray, seed: int, checkpoint: Path) -> Path:
-    """One reference model on the IN half of the population (early stopping on the OUT half).
-    Safe to run in parallel threads: initialization (the only use of the global RNG) is locked."""
+def train_references(spec: ModelSpec, train: TrainConfig, x_population: np.ndarray, y_population: np.ndarray,
+                     masks: np.ndarray, seeds: list[int], checkpoints: list[Path]) -> list[Path]:
+    """Reference models, one per row of ``masks``: each on the IN half of the population, early
+    stopping on its OUT half. Trained all at once (``fit_ensemble``: one vectorized step for all,
+    each model's own data, order, optimizer state and stopping) where the architecture allows,
+    else one after the other. Initialization (the only use of the global RNG) is locked, so
+    trainings in parallel threads start each model exactly as it would alone."""
     with INIT_LOCK:
-        seed_everything(seed)
-        model = build_model(spec)
-    fit(model, x_population[mask], y_population[mask], x_population[~mask], y_population[~mask], train, seed=seed,
-        label="reference")
-    return save_checkpoint(model, spec, checkpoint)
+        models = []
+        for seed in seeds:
+            seed_everything(seed)
+            models.append(build_model(spec))
+    if len(models) > 1 and can_fit_together(models[0], train):
+        fit_ensemble(models, np.stack([x_population[mask] for mask in masks]),
+                     np.stack([y_population[mask] for mask in masks]),
+                     np.stack([x_population[~mask] for mask in masks]),
+                     np.stack([y_population[~mask] for mask in masks]), train, list(seeds), label="reference")
+    else:
+        for model, mask, seed in zip(models, masks, seeds, strict=True):
+            fit(model, x_population[mask], y_population[mask], x_population[~mask], y_population[~mask], train,
+                seed=seed, label="reference")
+    return [save_checkpoint(model, spec, checkpoint) for model, checkpoint in zip(models, checkpoints, strict=True)]
 
 
 def true_label_probability(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> np.ndarray:

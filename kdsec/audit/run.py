@@ -20,12 +20,13 @@ from kdsec import cache, roles
 from kdsec.audit.extraction import ExtractionResult, extraction_attack
 from kdsec.audit.membership import MembershipResult, per_sample_loss, score_attack
 from kdsec.audit.reference import (AuditSamples, Signals, audit_samples, lira_scores, reference_masks, rmia_scores,
-                                  signals, train_reference)
+                                  signals, train_references)
 from kdsec.audit.trust import (Calibration, PerClass, Robustness, TemperatureScaling, calibration, fgsm_robustness,
                                per_class, temperature_scaling)
 from kdsec.config import PipelineConfig, TrainConfig
 from kdsec.data import DataBundle
 from kdsec.models import ModelSpec, load_checkpoint
+from kdsec.progress import progress
 from kdsec.train import predict_logits
 from kdsec.trainers import student_spec, teacher_spec
 
@@ -59,31 +60,34 @@ def reference_checkpoint(config: PipelineConfig, bundle: DataBundle, group: str,
     return cache.reference_checkpoint(bundle.fingerprint, spec, train, index, config.seed, config.tracking.cache_dir)
 
 
-def train_reference_model(config: PipelineConfig, bundle: DataBundle, group: str, index: int,
-                          checkpoint: Path) -> str:
-    """Reference model ``index`` of ``group``, trained on its seeded half of the population split."""
+def train_reference_models(config: PipelineConfig, bundle: DataBundle, group: str, indices: list[int]) -> list[str]:
+    """Reference models ``indices`` of ``group``, each on its seeded half of the population split,
+    trained together (``train_references``) and stored where ``reference_checkpoint`` caches them."""
     spec, train = reference_plan(config, bundle)[group]
     samples = audit_samples(bundle, config.seed)
     masks = reference_masks(config.audit.reference_models, len(samples.y_population), config.seed)
-    return str(train_reference(spec, train, samples.x_population, samples.y_population, masks[index],
-                               config.seed * 1000 + index, checkpoint))
+    paths = train_references(spec, train, samples.x_population, samples.y_population, masks[indices],
+                             [config.seed * 1000 + index for index in indices],
+                             [reference_checkpoint(config, bundle, group, index) for index in indices])
+    return [str(path) for path in paths]
 
 
 def reference_checkpoints(config: PipelineConfig, bundle: DataBundle, group: str,
-                          step: Callable[[str], None] | None = None) -> list[str]:
-    """The ``audit.reference_models`` references of ``group``: the cached ones, the rest trained now
-    (``step`` hears of each)."""
-    paths = []
-    total = config.audit.reference_models
-    for index in range(total):
-        path = reference_checkpoint(config, bundle, group, index)
-        cached = path.is_file()
-        if not cached:
-            train_reference_model(config, bundle, group, index, path)
-        paths.append(str(path))
+                          step: Callable[[str], None] | None = None,
+                          indices: list[int] | None = None) -> tuple[list[str], int]:
+    """References ``indices`` (default: all ``audit.reference_models``) of ``group``: the cached
+    ones, the rest trained now together (``step`` hears of both), and how many were cached."""
+    indices = list(range(config.audit.reference_models)) if indices is None else indices
+    total = len(indices)
+    paths = [reference_checkpoint(config, bundle, group, index) for index in indices]
+    missing = [index for index, path in zip(indices, paths) if not path.is_file()]
+    if step:
+        step(f"reference models ({group}): {total - len(missing)}/{total} cached")
+    if missing:
+        train_reference_models(config, bundle, group, missing)
         if step:
-            step(f"reference model {index + 1}/{total} ({group}): {'cached' if cached else 'trained'}")
-    return paths
+            step(f"reference models ({group}): {len(missing)} trained")
+    return [str(path) for path in paths], total - len(missing)
 
 
 def trained_split(role: str, config: PipelineConfig) -> str:
@@ -111,12 +115,14 @@ def audit_models(models: dict, bundle: DataBundle, config: PipelineConfig, refer
             loaded = [load_checkpoint(Path(path))[0] for path in references[group]]
             reference.update({(group, split): signals(loaded, samples[split]) for split in needed})
     audits = []
-    for role, model in models.items():
-        group = roles.reference_group(role)
-        teacher_view = None if role == roles.TEACHER else (samples["train"], reference.get((group, "train")))
-        audits.append(audit_model(role, model, bundle, config, samples[splits[role]],
-                                  reference.get((group, splits[role])), (surrogates or {}).get(role),
-                                  splits[role], teacher_view))
+    with progress("audit", len(models)) as advance:
+        for role, model in models.items():
+            group = roles.reference_group(role)
+            teacher_view = None if role == roles.TEACHER else (samples["train"], reference.get((group, "train")))
+            audits.append(audit_model(role, model, bundle, config, samples[splits[role]],
+                                      reference.get((group, splits[role])), (surrogates or {}).get(role),
+                                      splits[role], teacher_view))
+            advance(role)
     return audits
 
 

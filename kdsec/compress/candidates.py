@@ -19,10 +19,11 @@ from kdsec.train import Objective, cross_entropy_objective, fit, seed_everything
 
 def compress_student(config: CompressConfig, bundle: DataBundle, student, finetune: TrainConfig,
                      seed: int, out_dir: Path, objective: Objective = cross_entropy_objective,
-                     split: str = "train") -> list[VariantMetrics]:
+                     split: str = "train", homomorphic: bool = False) -> list[VariantMetrics]:
     """Dense; globally magnitude-pruned (zeros); structurally pruned (smaller layers); and int8
     copies of the pruned ones — each fine-tuned with ``objective`` on ``split`` (e.g. the
-    distiller's, so pruned students keep learning from the teacher) and measured."""
+    distiller's, so pruned students keep learning from the teacher) and measured. With
+    ``homomorphic`` (the candidate must run under CKKS) every variant keeps a homomorphic form."""
     dense, spec = load_checkpoint(Path(student.checkpoint))
     variants = [measure_variant(roles.DENSE, dense, Path(student.checkpoint), bundle.x_test, bundle.y_test,
                                 config.latency_repeats)]
@@ -38,8 +39,10 @@ def compress_student(config: CompressConfig, bundle: DataBundle, student, finetu
     calibration = bundle.split(split)[0][:config.calibration_samples]
 
     def add_static(name: str, model, model_spec: ModelSpec) -> None:
-        """Static int8 (calibrated activations) for conv students; measured as reloaded from its file."""
-        if not (config.static_int8 and has_conv(model)):
+        """Static int8 (calibrated activations) for conv students; measured as reloaded from its file.
+        Not for a candidate that must run under CKKS (an he_cnn student): the PT2E graph has no
+        homomorphic form, and the smallest-passing rule would pick it."""
+        if not (config.static_int8 and has_conv(model)) or homomorphic:
             return
         path = save_static_int8(quantize_static_int8(model, calibration), model_spec,
                                 out_dir / f"{name + '_' if name else ''}static_int8.safetensors")

@@ -87,6 +87,12 @@ class HEParams:
         A public key is one; a relinearization or rotation key is one per data prime."""
         return 2 * self.poly_modulus_degree * len(self.coeff_mod_bit_sizes) * 8
 
+    @property
+    def ciphertext_bytes(self) -> int:
+        """One fresh ciphertext in memory: two polynomials over every data prime, 8 bytes a coefficient
+        (an upper bound: one at a lower level has fewer primes)."""
+        return 2 * self.poly_modulus_degree * (len(self.coeff_mod_bit_sizes) - 1) * 8
+
     def resident_bytes(self, rotation_keys: int) -> int:
         """Estimated memory a host holds for a context: the keys uncompressed (the public key twice:
         the encryptor keeps a copy; one relinearization key) plus SEAL's per-level precomputed

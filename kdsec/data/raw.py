@@ -23,3 +23,11 @@ class RawDataset:
 
 
 DATASETS: Catalog[Callable[[DataConfig], RawDataset]] = Catalog("dataset", "data.name")
+
+
+# One sample's shape (C, H, W) and the class count of the datasets whose format fixes them, known
+# before any file is read (preflight checks the student's HE layouts on them). imagefolder's
+# classes are its folders: not known until it is read.
+DECLARED_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
+    "digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10)}

@@ -7,6 +7,7 @@ import math
 
 from torch import nn
 
+from kdsec.errors import ConfigError
 from kdsec.models.catalog import MODELS
 
 
@@ -36,11 +37,60 @@ class HEMLP(nn.Module):
         layers.append(nn.Flatten())
         width = math.prod(input_shape)
         for size in hidden:
-            linear = nn.Linear(width, size)
-            # x² grows fast; a smaller start keeps early activations (and gradients) bounded.
-            nn.init.normal_(linear.weight, std=0.5 / math.sqrt(width))
-            nn.init.zeros_(linear.bias)
-            layers += [linear, Square()]
+            layers += [_small(nn.Linear(width, size), width), Square()]
+            width = size
+        layers.append(nn.Linear(width, num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def _small(layer: nn.Linear | nn.Conv2d, fan_in: int) -> nn.Linear | nn.Conv2d:
+    """x² grows fast; a smaller start keeps early activations (and gradients) bounded."""
+    nn.init.normal_(layer.weight, std=0.5 / math.sqrt(fan_in))
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+@MODELS.register("he_cnn")
+class HECNN(nn.Module):
+    """[AvgPool(pool) →] [Conv → [BatchNorm] → [AvgPool(conv_pool)] → x²] × len(channels) → Flatten →
+    [Linear → x²] × len(hidden) → Linear.
+
+    Every layer but x² is affine, so the HE engine composes each run of them into one Linear map
+    (a convolution becomes a sparse matrix, BatchNorm is folded in). The defaults are CryptoNets'
+    layout: on 28×28 inputs, 5 maps of 13×13 (845) → 100 → classes."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: list[int] = (5,),
+                 kernel: int = 5, stride: int = 2, padding: int = 1, conv_pool: int = 1,
+                 hidden: list[int] = (100,), batchnorm: bool = False, pool: int = 1) -> None:
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        in_channels, height, width_px = input_shape
+        layers: list[nn.Module] = []
+        if pool > 1:
+            layers.append(nn.AvgPool2d(pool))
+            height, width_px = height // pool, width_px // pool
+        for index, out_channels in enumerate(channels):
+            layers.append(_small(nn.Conv2d(in_channels, out_channels, kernel, stride, padding),
+                                 in_channels * kernel * kernel))
+            if batchnorm:
+                layers.append(nn.BatchNorm2d(out_channels))
+            height, width_px = ((size + 2 * padding - kernel) // stride + 1 for size in (height, width_px))
+            if conv_pool > 1:
+                layers.append(nn.AvgPool2d(conv_pool))
+                height, width_px = height // conv_pool, width_px // conv_pool
+            if height < 1 or width_px < 1:
+                raise ConfigError(f"he_cnn: the {input_shape[1]}×{input_shape[2]} input shrinks to nothing at "
+                                  f"conv layer {index + 1}; lower kernel, stride, conv_pool or pool, or use fewer "
+                                  "channels")
+            layers.append(Square())
+            in_channels = out_channels
+        layers.append(nn.Flatten())
+        width = in_channels * height * width_px
+        for size in hidden:
+            layers += [_small(nn.Linear(width, size), width), Square()]
             width = size
         layers.append(nn.Linear(width, num_classes))
         self.layers = nn.Sequential(*layers)

@@ -6,7 +6,7 @@ from scipy.stats import norm
 
 from kdsec.audit.membership import score_attack
 from kdsec.audit.reference import (AuditSamples, Signals, audit_samples, lira_scores, reference_masks, rmia_scores,
-                                   signals, train_reference, true_label_probability)
+                                   signals, train_references, true_label_probability)
 from kdsec.config import TrainConfig
 from kdsec.models import ModelSpec, build_model, load_checkpoint
 from kdsec.train import fit, predict_logits
@@ -21,9 +21,9 @@ def references(digits, tmp_path_factory):
     x_population = np.concatenate([digits.x_val, digits.x_test])
     y_population = np.concatenate([digits.y_val, digits.y_test])
     masks = reference_masks(6, len(y_population), seed=0)
-    models = [load_checkpoint(train_reference(SPEC, TRAIN, x_population, y_population, mask, seed,
-                                              folder / f"ref{seed}.safetensors"))[0]
-              for seed, mask in enumerate(masks)]
+    paths = train_references(SPEC, TRAIN, x_population, y_population, masks, list(range(len(masks))),
+                             [folder / f"ref{seed}.safetensors" for seed in range(len(masks))])
+    models = [load_checkpoint(path)[0] for path in paths]
     return x_population, y_population, masks, models
 
 

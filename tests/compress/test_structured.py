@@ -30,7 +30,9 @@ def _kept(original: nn.Linear | nn.Conv2d, smaller: nn.Linear | nn.Conv2d) -> to
 
 @pytest.mark.parametrize("spec", [ModelSpec("he_mlp", (1, 8, 8), 10, {"hidden": [32, 16]}),
                                   ModelSpec("student_cnn", (3, 16, 16), 10, {"channels": [8, 16], "fc": 32}),
-                                  ModelSpec("teacher_cnn", (1, 8, 8), 10, {"channels": [32, 64], "fc": 128})])
+                                  ModelSpec("teacher_cnn", (1, 8, 8), 10, {"channels": [32, 64], "fc": 128}),
+                                  ModelSpec("he_cnn", (1, 8, 8), 10, {"channels": [8, 4], "kernel": 3, "stride": 1,
+                                                                     "conv_pool": 2, "hidden": [16]})])
 def test_smaller_model_equals_the_original_with_removed_units_silenced(spec, tmp_path):
     torch.manual_seed(0)
     model = build_model(spec).eval()

@@ -20,7 +20,9 @@ from prefect.testing.utilities import prefect_test_harness
 from sklearn.datasets import load_digits
 
 from flows.kd_pipeline import kd_pipeline
+from kdsec.audit.run import reference_checkpoint
 from kdsec.config import load_config
+from kdsec.data import prepare_data
 from kdsec.gates import AUDIT_GATES
 from kdsec.summary import read_summary
 from tests.conftest import SMALL_OVERRIDES
@@ -188,8 +190,11 @@ def test_cli_impossible_threshold_exits_2_and_keeps_champion(in_store):
     before = str(client.get_model_version_by_alias("kdsec-student", "champion").version)
     # Cached entries whose files were deleted since: computed again, counted as misses.
     cache = in_store / ".kdsec" / "cache"
-    gone = [*(cache / "teachers").rglob("teacher.safetensors"), *(cache / "signals").glob("*.safetensors"),
-            sorted((cache / "references").rglob("model.safetensors"))[0]]
+    config = load_config(None, [*SMALL_OVERRIDES, "gates.min_accuracy=1.0"])
+    # One of this config's own reference models (the store also caches other configs' ones).
+    reference = in_store / reference_checkpoint(config, prepare_data(config.data), "student", 1)
+    assert reference.is_file()
+    gone = [*(cache / "teachers").rglob("teacher.safetensors"), *(cache / "signals").glob("*.safetensors"), reference]
     for path in gone:
         path.unlink()
     result = _cli(in_store, "gates.min_accuracy=1.0")
@@ -216,9 +221,10 @@ def test_cli_impossible_threshold_exits_2_and_keeps_champion(in_store):
     (["--config", "missing.yaml"], {}, "config file 'missing.yaml' not found"),
     ([], {"KDSEC_MODEL_KEY": "not-a-key"}, "$KDSEC_MODEL_KEY must hold a 32-byte key"),
     (["student.arch=student_cnn"], {}, "student.arch 'student_cnn' has no homomorphic form (ReLU, max-pool); "
-                                       "use an HE-friendly student (he_mlp) or set encrypt.he.enabled=false"),
+                                       "use an HE-friendly student (he_mlp, he_cnn) or set encrypt.he.enabled=false"),
     (["student.arch=resnet18", "encrypt.he.enabled=false"], {},
-     "compress.structured: structured pruning supports he_mlp, teacher_cnn, student_cnn, not the 'resnet18' student"),
+     "compress.structured: structured pruning supports he_mlp, he_cnn, teacher_cnn, student_cnn, not the 'resnet18' "
+     "student"),
 ])
 def test_cli_errors_exit_1_with_one_line_and_register_nothing(in_store, extra, env, message):
     versions = len(MlflowClient().search_model_versions("name='kdsec-student'"))

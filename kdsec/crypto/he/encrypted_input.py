@@ -27,6 +27,7 @@ from kdsec.crypto.he.result import HERun, _summarize
 from kdsec.crypto.seal import KeyHolder, PublicContext
 from kdsec.errors import KdsecError
 from kdsec.fileio import write_atomic
+from kdsec.progress import progress
 
 
 # --- encrypted input, batched ----------------------------------------------------------------
@@ -200,7 +201,7 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
     With ``wire``, ciphertexts and context cross as bytes, as they would over a network.
     ``model_predictions`` (the deployed model's own labels) give ``agreement_with_model``."""
     if path == "batched":
-        params = _params(config, BatchedServer.depth(ops), 1)
+        plan, params = None, _params(config, BatchedServer.depth(ops), 1)
         holder = KeyHolder(params)
     else:
         plan = GridPlan.for_ops(ops)
@@ -215,25 +216,38 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
     required = BatchedServer.required_inputs(ops)
     logits, server_seconds, bytes_in, bytes_out = [], 0.0, 0, 0
     started = time.perf_counter()
-    for chunk in _chunks(len(inputs), batch):
-        features = inputs[chunk].reshape(chunk.stop - chunk.start, -1).astype(np.float64)
-        if path == "batched":
-            encrypted = [holder.encrypt(features[:, index]) for index in required]
-        else:
-            encrypted = [holder.encrypt(plan.encode_input(features[0]))]
-        payload = holder.public.dump_ciphertexts(encrypted) if wire else None
-        server_started = time.perf_counter()
-        outputs = server.infer(public.load_ciphertexts(payload) if wire else encrypted)
-        reply = public.dump_ciphertexts(outputs) if wire else None
-        server_seconds += time.perf_counter() - server_started
-        if wire:
-            bytes_in, bytes_out = bytes_in + len(payload), bytes_out + len(reply)
-            outputs = holder.public.load_ciphertexts(reply)
-        if path == "batched":
-            logits.append(np.stack([holder.decrypt(ct)[: len(features)] for ct in outputs], axis=1))
-        else:
-            logits.append(holder.decrypt(outputs[0])[plan.output_slots(ops)][None, :])
+    chunks = list(_chunks(len(inputs), batch))
+    with progress(f"HE encrypted input ({path})", len(chunks)) as advance:
+        for chunk in chunks:
+            chunk_logits, seconds, sent, received = _round_trip(holder, public, server, plan, required, ops,
+                                                                inputs[chunk], wire)
+            logits.append(chunk_logits)
+            server_seconds, bytes_in, bytes_out = server_seconds + seconds, bytes_in + sent, bytes_out + received
+            advance(f"{chunk.stop}/{len(inputs)} samples")
     elapsed = time.perf_counter() - started
     return _summarize("encrypted_input", path, ops, inputs, np.concatenate(logits), elapsed, server_seconds,
                       bytes_in, bytes_out, len(context_bytes), len(context_bytes), params,
                       holder.secret_key_in(context_bytes), model_predictions)
+
+
+def _round_trip(holder: KeyHolder, public: PublicContext, server, plan: GridPlan | None, required: list[int],
+                ops: list[Op], samples: np.ndarray, wire: bool) -> tuple[np.ndarray, float, int, int]:
+    """One ciphertext batch (``plan``: the single-sample layout, None for batched): the client
+    encrypts, the host evaluates, the client decrypts. (logits, host seconds, bytes in, bytes out)."""
+    features = samples.reshape(len(samples), -1).astype(np.float64)
+    if plan is None:
+        encrypted = [holder.encrypt(features[:, index]) for index in required]
+    else:
+        encrypted = [holder.encrypt(plan.encode_input(features[0]))]
+    payload = holder.public.dump_ciphertexts(encrypted) if wire else None
+    server_started = time.perf_counter()
+    outputs = server.infer(public.load_ciphertexts(payload) if wire else encrypted)
+    reply = public.dump_ciphertexts(outputs) if wire else None
+    seconds = time.perf_counter() - server_started
+    if wire:
+        outputs = holder.public.load_ciphertexts(reply)
+    if plan is None:
+        logits = np.stack([holder.decrypt(ct)[: len(features)] for ct in outputs], axis=1)
+    else:
+        logits = holder.decrypt(outputs[0])[plan.output_slots(ops)][None, :]
+    return logits, seconds, len(payload) if wire else 0, len(reply) if wire else 0

@@ -23,6 +23,7 @@ from kdsec.crypto.he.program import Op, SquareOp, _chunks, _doubling, _linears, 
 from kdsec.crypto.he.result import HERun, _summarize
 from kdsec.crypto.seal import KeyHolder, PublicContext, pack, scratch, unpack
 from kdsec.fileio import write_atomic
+from kdsec.progress import progress
 
 
 def _block(ops: list[Op]) -> int:
@@ -39,6 +40,13 @@ def encrypted_model_steps(ops: list[Op]) -> tuple[int, ...]:
         if t < len(linears) - 1:
             steps.update(range(-1, -linear.weight.shape[0], -1))
     return tuple(sorted(steps))
+
+
+def encrypted_model_ciphertexts(ops: list[Op]) -> int:
+    """How many weight ciphertexts ``EncryptedModel.encrypt`` makes: one per input feature of the
+    first layer and its bias; a weight row and a bias per output neuron of every later layer."""
+    linears = _linears(ops)
+    return linears[0].weight.shape[1] + 1 + sum(2 * linear.weight.shape[0] for linear in linears[1:])
 
 
 def encrypted_model_depth(ops: list[Op]) -> int:
@@ -190,16 +198,20 @@ def run_encrypted_model(ops: list[Op], inputs: np.ndarray, config: HEConfig, wir
     host = EncryptedModelHost(host_model)
     logits, server_seconds, bytes_out = [], 0.0, 0
     started = time.perf_counter()
-    for chunk in _chunks(len(inputs), model.samples_per_ciphertext):
-        server_started = time.perf_counter()
-        outputs = host.infer(inputs[chunk])
-        reply = public.dump_ciphertexts(outputs) if wire else None
-        server_seconds += time.perf_counter() - server_started
-        if wire:
-            bytes_out += len(reply)
-            outputs = holder.public.load_ciphertexts(reply)
-        count = chunk.stop - chunk.start
-        logits.append(np.stack([holder.decrypt(ct)[: count * model.block: model.block] for ct in outputs], axis=1))
+    chunks = list(_chunks(len(inputs), model.samples_per_ciphertext))
+    with progress("HE encrypted model", len(chunks)) as advance:
+        for chunk in chunks:
+            server_started = time.perf_counter()
+            outputs = host.infer(inputs[chunk])
+            reply = public.dump_ciphertexts(outputs) if wire else None
+            server_seconds += time.perf_counter() - server_started
+            if wire:
+                bytes_out += len(reply)
+                outputs = holder.public.load_ciphertexts(reply)
+            count = chunk.stop - chunk.start
+            logits.append(np.stack([holder.decrypt(ct)[: count * model.block: model.block] for ct in outputs],
+                                   axis=1))
+            advance(f"{chunk.stop}/{len(inputs)} samples")
     elapsed = time.perf_counter() - started
     return _summarize("encrypted_model", "batched", ops, inputs, np.concatenate(logits), elapsed, server_seconds,
                       0, bytes_out, len(context_bytes), len(context_bytes) + len(weights), params,

@@ -1,9 +1,13 @@
 """Lowering an HE-friendly torch model to the operations every mode evaluates, and what they share.
 
-A student becomes a list of ops (``LinearOp`` with float64 weight and bias, ``SquareOp`` for x²);
-an input average pooling is public and linear, so ``he_program`` moves it to the client and
-``he_ops`` folds it into the first Linear layer. int8 (``DynamicQuantLinear``) layers are
-dequantized; pruned (zero) weights stay zeros for the encrypted-input path to skip.
+A student becomes a list of ops (``LinearOp`` with float64 weight and bias, ``SquareOp`` for x²).
+The model is read as the chain of its leaf layers (checked against its own forward pass), and
+every maximal run of affine layers — Linear, int8 ``DynamicQuantLinear`` (dequantized), Conv2d,
+average pooling, BatchNorm (eval), Flatten, Identity, Dropout (eval) — is composed into ONE
+``LinearOp``: a convolution becomes a sparse matrix, BatchNorm is folded in before encryption.
+The leading parameter-free layers (an input average pooling) are public: ``he_program`` moves
+them to the client, ``he_ops`` folds them into the first Linear map. Pruned (zero) weights stay
+zeros for the encrypted-input path to skip.
 ``plaintext_forward`` is the same arithmetic in float64, the reference decrypted logits are
 compared with; ``model_structure`` is what a host may know of the model (shapes, never weights).
 Layout helpers the modes share: powers of two, rotation-step ladders, CKKS parameters from a
@@ -12,7 +16,10 @@ layout's multiplicative depth (``_params``), samples in ciphertext-sized chunks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,49 +44,60 @@ class SquareOp:
     pass
 
 
-@dataclass(frozen=True)
-class PoolOp:
-    """An input average pooling; folded into the first Linear layer (it is linear too)."""
-
-    module: nn.Module
-
-
 Op = LinearOp | SquareOp
 
 
-# Students whose every layer has a homomorphic form (Linear, x², input average pooling).
-HE_FRIENDLY_ARCHS = ("he_mlp",)
+# Students whose every layer has a homomorphic form (affine layers and x²).
+HE_FRIENDLY_ARCHS = ("he_mlp", "he_cnn")
+
+# Layers that are affine maps of their input in eval mode: a run of them is one Linear map.
+AFFINE = (nn.Linear, DynamicQuantLinear, nn.Conv2d, nn.AvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten,
+          nn.Identity, nn.Dropout)
+# Affine layers that leave the (flattened) values as they are.
+RESHAPES = (nn.Flatten, nn.Identity, nn.Dropout)
+# Parameter-free layers a client may apply itself, before it encrypts: public preprocessing.
+PUBLIC = (nn.AvgPool2d, *RESHAPES)
+# Layers measured on the identity basis of their input cost an (outputs × inputs) float64 matrix:
+# 3×32×32 inputs are 3072 columns (75 MB per 3072 outputs); past this many inputs they are refused.
+MAX_BASIS_INPUTS = 20_000
+_BASIS_CHUNK = 512  # basis vectors evaluated at once
+
+
+@dataclass(frozen=True)
+class _Layer:
+    name: str
+    module: nn.Module
+    input_shape: tuple[int, ...]  # of one sample
 
 
 def he_program(model: nn.Module) -> tuple[Callable[[np.ndarray], np.ndarray], list[Op]]:
-    """(client-side preprocessing, HE operations). An input average pooling is public and
-    linear: the client pools before it encrypts, so the host never touches the full-size input
-    (3072 → 192 ciphertexts for 32×32×3 with pool 4)."""
-    ops: list[Op] = []
-    _collect(model, "", ops)
-    if ops and isinstance(ops[0], PoolOp):
-        pool, shape = ops.pop(0).module, getattr(model, "input_shape", None)
-        if shape is None:
-            raise KdsecError("a model with input pooling must record its input_shape")
-
-        def preprocess(inputs: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                tensor = torch.as_tensor(np.asarray(inputs, dtype=np.float64).reshape(len(inputs), *shape))
-                return pool(tensor).reshape(len(inputs), -1).numpy()
-    else:
+    """(client-side preprocessing, HE operations). The leading parameter-free layers (an input
+    average pooling) are public and linear: the client applies them before it encrypts, so the
+    host never touches the full-size input (3072 → 192 ciphertexts for 32×32×3 with pool 4)."""
+    layers = _chain(model)
+    public = next((i for i, layer in enumerate(layers) if not isinstance(layer.module, PUBLIC)), len(layers))
+    ops = _lower(layers[public:])
+    _check(ops)
+    client = [layer for layer in layers[:public] if not isinstance(layer.module, RESHAPES)]
+    if not client:
         def preprocess(inputs: np.ndarray) -> np.ndarray:
             return np.asarray(inputs).reshape(len(inputs), -1)
-    _check(ops)
+        return preprocess, ops
+    shape, modules = client[0].input_shape, [_float64(layer.module) for layer in client]
+
+    def preprocess(inputs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            values = torch.as_tensor(np.asarray(inputs, dtype=np.float64).reshape(len(inputs), *shape))
+            for module in modules:
+                values = module(values)
+            return values.reshape(len(inputs), -1).numpy()
     return preprocess, ops
 
 
 def he_ops(model: nn.Module) -> list[Op]:
     """The model as a sequence of HE operations on its raw (flattened) input, an input pooling
-    folded into the first Linear layer; or an error naming the first layer that has none."""
-    ops: list[Op] = []
-    _collect(model, "", ops)
-    if ops and isinstance(ops[0], PoolOp):
-        ops = _fold_pool(ops, getattr(model, "input_shape", None))
+    folded into the first Linear map; or an error naming the first layer that has none."""
+    ops = _lower(_chain(model))
     _check(ops)
     return ops
 
@@ -89,37 +107,130 @@ def _check(ops: list) -> None:
         raise KdsecError("an HE student must start and end with a Linear layer")
 
 
-def _collect(module: nn.Module, name: str, ops: list[Op]) -> None:
+def _leaves(module: nn.Module, name: str = "") -> list[tuple[str, nn.Module]]:
+    """Every leaf layer (an int8 Linear counts as one), in registration order."""
+    children = list(module.named_children())
+    if isinstance(module, DynamicQuantLinear) or not children:
+        return [(name or type(module).__name__, module)]
+    return [leaf for child_name, child in children for leaf in _leaves(child, f"{name}.{child_name}".lstrip("."))]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """BatchNorm and Dropout as inference runs them; each module's own mode restored after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _chain(model: nn.Module) -> list[_Layer]:
+    """The model's leaf layers with each one's input shape, once each has a homomorphic form and
+    applying them in order is checked (on a random input) to be the model's own forward pass."""
+    leaves = _leaves(model)
+    for name, module in leaves:
+        if not isinstance(module, (Square, *AFFINE)):
+            raise KdsecError(f"layer '{name}' ({type(module).__name__}) has no homomorphic form; "
+                             "use an HE-friendly student (e.g. student.arch: he_mlp or he_cnn)")
+    shape = getattr(model, "input_shape", None)
+    if shape is None and isinstance(leaves[0][1], (nn.Linear, DynamicQuantLinear)):
+        shape = (leaves[0][1].in_features,)
+    if shape is None:
+        raise KdsecError(f"the {type(model).__name__} model must record its input_shape to run under HE")
+    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype, device = (parameter.dtype, parameter.device) if parameter is not None else (torch.float32, "cpu")
+    sample = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    values = sample.to(device, dtype)
+    shapes = []
+    with _eval_mode(model), torch.no_grad():
+        try:
+            for _, module in leaves:
+                shapes.append(tuple(values.shape[1:]))
+                values = module(values)
+            expected = model(sample.to(device, dtype))
+            chain = values.shape == expected.shape and torch.allclose(values, expected, rtol=1e-5, atol=1e-6)
+        except (RuntimeError, ValueError):
+            chain = False
+    if not chain:
+        raise KdsecError(f"the model is not a plain chain of layers: its forward pass is not its {len(leaves)} leaf "
+                         "layers applied in order, so it cannot be lowered to HE operations")
+    return [_Layer(name, module, layer_shape) for (name, module), layer_shape in zip(leaves, shapes)]
+
+
+def _lower(layers: list[_Layer]) -> list[Op]:
+    """x² → ``SquareOp``; each maximal run of affine layers → one ``LinearOp`` (W₂W₁, W₂b₁ + b₂).
+    Linear layers compose from their weights exactly; the layers between them (convolutions,
+    poolings, BatchNorm) are measured together, as one map, on the basis of their input."""
+    ops: list[Op] = []
+    run: tuple[np.ndarray, np.ndarray] | None = None  # the affine run so far (None: nothing yet)
+    measured: list[_Layer] = []  # consecutive non-Linear affine layers not yet in ``run``
+
+    def extend(weight: np.ndarray, bias: np.ndarray) -> None:
+        nonlocal run
+        run = (weight, bias) if run is None else (weight @ run[0], weight @ run[1] + bias)
+
+    def flush() -> None:
+        if any(not isinstance(layer.module, RESHAPES) for layer in measured):
+            extend(*_measured(measured))
+        measured.clear()
+
+    for layer in layers:
+        if isinstance(layer.module, (nn.Linear, DynamicQuantLinear)):
+            flush()
+            extend(*_linear(layer))
+        elif isinstance(layer.module, Square):
+            flush()
+            if run is not None:
+                ops.append(LinearOp(*run))
+                run = None
+            ops.append(SquareOp())
+        else:
+            measured.append(layer)
+    flush()
+    if run is not None:
+        ops.append(LinearOp(*run))
+    return ops
+
+
+def _linear(layer: _Layer) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) of a Linear (or dequantized int8 Linear) layer on flattened values, exactly: one
+    copy of W per row of a multi-dimensional input."""
+    module = layer.module
     if isinstance(module, DynamicQuantLinear):
-        weight, bias = module._weight_bias()
-        ops.append(LinearOp(weight.dequantize().double().numpy(), _bias(bias, weight.shape[0])))
-    elif isinstance(module, nn.Linear):
-        ops.append(LinearOp(module.weight.detach().cpu().double().numpy(), _bias(module.bias, module.out_features)))
-    elif isinstance(module, Square):
-        ops.append(SquareOp())
-    elif isinstance(module, nn.Flatten):
-        pass
-    elif isinstance(module, nn.AvgPool2d) and not ops:
-        ops.append(PoolOp(module))
-    elif children := list(module.named_children()):
-        for child_name, child in children:
-            _collect(child, f"{name}.{child_name}".lstrip("."), ops)
+        quantized, bias = module._weight_bias()
+        weight, bias = quantized.dequantize().double().numpy(), _bias(bias, quantized.shape[0])
     else:
-        raise KdsecError(f"layer '{name}' ({type(module).__name__}) has no homomorphic form; "
-                         "use an HE-friendly student (e.g. student.arch: he_mlp)")
+        weight, bias = module.weight.detach().cpu().double().numpy(), _bias(module.bias, module.out_features)
+    rows = math.prod(layer.input_shape[:-1])
+    return (weight, bias) if rows == 1 else (np.kron(np.eye(rows), weight), np.tile(bias, rows))
 
 
-def _fold_pool(ops: list, input_shape: tuple[int, ...] | None) -> list:
-    """W · pool(x) = (W · P) · x: the pooling matrix P comes from pooling the identity basis."""
-    if input_shape is None or len(ops) < 2 or not isinstance(ops[1], LinearOp):
-        raise KdsecError("an input average pooling must be followed by a Linear layer and the model must "
-                         "record its input_shape")
-    size = int(np.prod(input_shape))
+def _measured(layers: list[_Layer]) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive affine layers f as one matrix: b = f(0), column i = f(e_i) − b, evaluated on a
+    float64 copy, a chunk of basis vectors at a time. The matrix is (outputs × inputs) float64
+    (3×32×32 inputs: 3072 columns, 75 MB per 3072 outputs); past ``MAX_BASIS_INPUTS`` inputs the
+    layer is refused."""
+    shape, size = layers[0].input_shape, math.prod(layers[0].input_shape)
+    if size > MAX_BASIS_INPUTS:
+        raise KdsecError(f"layer '{layers[0].name}' ({type(layers[0].module).__name__}) has {size} inputs "
+                         f"({'×'.join(map(str, shape))}), over the {MAX_BASIS_INPUTS} its HE form can be measured "
+                         "on; pool the input first (student.pool) or use a smaller input")
+    module = nn.Sequential(*(_float64(layer.module) for layer in layers))
     with torch.no_grad():
-        basis = torch.eye(size, dtype=torch.float64).reshape(size, *input_shape)
-        pooled = ops[0].module(basis).reshape(size, -1).numpy()  # row i: pool(e_i)
-    linear = ops[1]
-    return [LinearOp(linear.weight @ pooled.T, linear.bias), *ops[2:]]
+        bias = module(torch.zeros(1, *shape, dtype=torch.float64)).reshape(-1)
+        columns = []
+        for chunk in _chunks(size, _BASIS_CHUNK):
+            basis = torch.zeros(chunk.stop - chunk.start, size, dtype=torch.float64)
+            basis[torch.arange(len(basis)), torch.arange(chunk.start, chunk.stop)] = 1.0
+            columns.append(module(basis.reshape(-1, *shape)).reshape(len(basis), -1) - bias)
+    return torch.cat(columns).T.contiguous().numpy(), bias.numpy()
+
+
+def _float64(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).cpu().double().eval()
 
 
 def _bias(bias, size: int) -> np.ndarray:

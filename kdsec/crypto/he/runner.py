@@ -1,7 +1,8 @@
 """The entry the pipeline calls (its ``homomorphic_inference`` stage): ``encrypted_inference`` runs
 every configured mode/path on the candidate and writes the host package (public contexts,
 encrypted weights, ``he_package.json``: structure, layouts, parameters, file digests; never the
-secret key).
+secret key). ``check_layouts`` says from shapes alone, before anything is encrypted (and in
+preflight, on the untrained student), whether every configured layout fits.
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ import torch
 from torch import nn
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.encrypted_input import GridPlan, run_encrypted_input
-from kdsec.crypto.he.encrypted_model import encrypted_model_steps, run_encrypted_model
-from kdsec.crypto.he.program import Op, he_program, model_structure
+from kdsec.crypto.he.encrypted_input import BatchedServer, GridPlan, run_encrypted_input
+from kdsec.crypto.he.encrypted_model import (_block, encrypted_model_ciphertexts, encrypted_model_depth,
+                                             encrypted_model_steps, run_encrypted_model)
+from kdsec.crypto.he.program import Op, _params, he_program, model_structure
 from kdsec.crypto.he.result import HEResult, HERun
+from kdsec.crypto.seal import MAX_MODULUS_BITS, MAX_ROTATIONS
+from kdsec.errors import ConfigError
 from kdsec.fileio import write_atomic
+
+MAX_ENCRYPTED_MODEL_BYTES = 8 << 30  # encrypted weights and keys the owner builds and the host holds
 
 
 def encrypted_inference(model: nn.Module, inputs: np.ndarray, config: HEConfig,
@@ -29,6 +35,7 @@ def encrypted_inference(model: nn.Module, inputs: np.ndarray, config: HEConfig,
     ``config.latency_samples``), compare with plaintext and with the deployed model itself, and
     write the host packages (public contexts, encrypted weights, ``he_package.json``) to ``package_dir``."""
     preprocess, ops = he_program(model)
+    check_layouts(ops, config)
     with torch.inference_mode():
         predictions = model.cpu().eval()(torch.as_tensor(inputs)).argmax(1).numpy()
     inputs = preprocess(inputs)  # public preprocessing on the client, before encryption
@@ -47,6 +54,42 @@ def encrypted_inference(model: nn.Module, inputs: np.ndarray, config: HEConfig,
     if package_dir is not None:
         _write_package_index(package_dir, ops, runs)
     return result
+
+
+def check_layouts(ops: list[Op], config: HEConfig) -> None:
+    """Each configured mode's layout fits a secure ring (slots, depth, rotation keys) and the
+    encrypted model fits in memory, judged from the ops' shapes: a one-line ``ConfigError`` naming
+    the setting to change, before any key is made or anything is encrypted."""
+    ring = max(MAX_MODULUS_BITS) if config.poly_modulus_degree == "auto" else config.poly_modulus_degree
+    slots = ring // 2
+    if "encrypted_input" in config.modes:
+        _params(config, BatchedServer.depth(ops), 1)
+        if config.latency_samples:
+            plan = GridPlan.for_ops(ops)
+            if plan.slots > slots:
+                raise ConfigError(
+                    f"the single-sample path lays this student out as a {plan.rows}×{plan.cols} grid "
+                    f"({plan.slots} slots) but poly_modulus_degree {ring} has {slots}; set "
+                    "encrypt.he.latency_samples=0 to skip that path, or use a smaller or pooled student "
+                    "(student.pool, student.hidden, student.channels)")
+            _params(config, GridPlan.depth(ops), plan.slots)
+    if "encrypted_model" in config.modes:
+        block, steps = _block(ops), encrypted_model_steps(ops)
+        fix = ("remove encrypted_model from encrypt.he.modes (e.g. encrypt.he.modes=[encrypted_input]) or use a "
+               "smaller student")
+        if block > slots:
+            raise ConfigError(f"the encrypted-model layout needs blocks of {block} slots but poly_modulus_degree "
+                              f"{ring} has {slots}; {fix}")
+        if len(steps) > MAX_ROTATIONS:
+            raise ConfigError(f"the encrypted-model layout needs {len(steps)} rotation keys, over the "
+                              f"{MAX_ROTATIONS} a public context may carry; {fix}")
+        params = _params(config, encrypted_model_depth(ops), block)
+        count = encrypted_model_ciphertexts(ops)
+        estimate = count * params.ciphertext_bytes + params.resident_bytes(len(steps))
+        if estimate > MAX_ENCRYPTED_MODEL_BYTES:
+            raise ConfigError(f"the encrypted model would be {count} weight ciphertexts of "
+                              f"{params.ciphertext_bytes / 2**20:.1f} MiB plus its keys, about "
+                              f"{estimate / 2**30:.1f} GiB (limit {MAX_ENCRYPTED_MODEL_BYTES / 2**30:.0f} GiB); {fix}")
 
 
 def _write_package_index(package_dir: Path, ops: list[Op], runs: list[HERun]) -> None:
