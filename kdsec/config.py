@@ -338,6 +338,9 @@ class HEConfig(Section):
         "encrypted_input", "encrypted_model"]
     max_samples: Annotated[int, Field(ge=0)] = 0  # 0 = the whole test split
     latency_samples: Annotated[int, Field(ge=0)] = 16  # single-sample path runs timed (0 = skip)
+    # Host processes evaluating batched ciphertext chunks at once (SEAL holds the GIL: threads do
+    # not help); 0 = one per CPU core, at most one per chunk. 1 = everything in this process.
+    host_workers: Annotated[int, Field(ge=0, le=64)] = 0
     log_packages: bool = True  # log host packages (public contexts, encrypted weights ~35 MB) to MLflow
 
 

@@ -237,3 +237,22 @@ def test_the_pipeline_entry_on_a_trained_candidate_passes_the_default_gate(defau
                                        + files["encrypted_model.weights.bin"])
     assert index["structure"] == [layer for w in weights for layer in (["linear", *w.shape], ["square"])][:-1]
     assert [(r["mode"], r["path"]) for r in index["runs"]] == [(r.mode, r.path) for r in result.runs]
+
+
+def test_batched_chunks_on_two_host_processes_decrypt_like_one():
+    """More samples than one ciphertext holds: two spawned host processes (public context bytes
+    only) evaluate the chunks while the client encrypts; same logits as one host, same order."""
+    from kdsec.crypto.he import SquareOp, plaintext_forward
+
+    rng = np.random.default_rng(0)
+    ops = [LinearOp(rng.normal(size=(3, 4)), rng.normal(size=3)), SquareOp(),
+           LinearOp(rng.normal(size=(2, 3)), rng.normal(size=2))]
+    inputs = rng.uniform(-1, 1, size=(4096 + 300, 4))
+    alone, one = run_encrypted_input(ops, inputs, HEConfig(host_workers=1), "batched")
+    together, two = run_encrypted_input(ops, inputs, HEConfig(host_workers=2), "batched")
+    np.testing.assert_allclose(together, plaintext_forward(ops, inputs), atol=1e-2)
+    np.testing.assert_allclose(together, alone, atol=1e-2)
+    assert two.agreement == one.agreement == 1.0 and two.samples == 4396
+    # (compressed ciphertexts of fresh encryptions: sizes differ in the last bytes)
+    assert abs(two.ciphertext_bytes_in - one.ciphertext_bytes_in) < 0.01 * one.ciphertext_bytes_in
+    assert not two.host_had_secret_key

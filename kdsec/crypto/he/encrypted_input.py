@@ -15,6 +15,7 @@ data stays encrypted. Two paths:
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,13 +218,18 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
     logits, server_seconds, bytes_in, bytes_out = [], 0.0, 0, 0
     started = time.perf_counter()
     chunks = list(_chunks(len(inputs), batch))
+    workers = host_workers(config, len(chunks)) if path == "batched" and wire else 1
     with progress(f"HE encrypted input ({path})", len(chunks)) as advance:
-        for chunk in chunks:
-            chunk_logits, seconds, sent, received = _round_trip(holder, public, server, plan, required, ops,
-                                                                inputs[chunk], wire)
+        if workers > 1:
+            results = _parallel_hosts(holder, context_bytes, ops, required, inputs, chunks, workers, advance)
+        else:
+            results = []
+            for chunk in chunks:
+                results.append(_round_trip(holder, public, server, plan, required, ops, inputs[chunk], wire))
+                advance(f"{chunk.stop}/{len(inputs)} samples")
+        for chunk_logits, seconds, sent, received in results:
             logits.append(chunk_logits)
             server_seconds, bytes_in, bytes_out = server_seconds + seconds, bytes_in + sent, bytes_out + received
-            advance(f"{chunk.stop}/{len(inputs)} samples")
     elapsed = time.perf_counter() - started
     return _summarize("encrypted_input", path, ops, inputs, np.concatenate(logits), elapsed, server_seconds,
                       bytes_in, bytes_out, len(context_bytes), len(context_bytes), params,
@@ -251,3 +257,65 @@ def _round_trip(holder: KeyHolder, public: PublicContext, server, plan: GridPlan
     else:
         logits = holder.decrypt(outputs[0])[plan.output_slots(ops)][None, :]
     return logits, seconds, len(payload) if wire else 0, len(reply) if wire else 0
+
+
+# --- batched chunks on several host processes ------------------------------------------------
+
+
+def host_workers(config: HEConfig, chunks: int) -> int:
+    """Host processes for ``chunks`` ciphertext batches: ``encrypt.he.host_workers``, 0 = one per
+    core; never more than the chunks."""
+    wanted = config.host_workers or os.cpu_count() or 1
+    return max(1, min(wanted, chunks))
+
+
+_HOST: dict = {}  # per worker process: the public context and server, built once
+
+
+def _host_init(context_bytes: bytes, ops: list[Op]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    public = PublicContext.deserialize(context_bytes)  # the host gets bytes only: no secret key
+    _HOST.update(public=public, server=BatchedServer(public, ops))
+
+
+def _host_chunk(payload: bytes) -> tuple[bytes, float]:
+    """A host process's work on one chunk: ciphertext bytes in, ciphertext bytes out."""
+    public, server = _HOST["public"], _HOST["server"]
+    started = time.perf_counter()
+    reply = public.dump_ciphertexts(server.infer(public.load_ciphertexts(payload)))
+    return reply, time.perf_counter() - started
+
+
+def _parallel_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], required: list[int],
+                    inputs: np.ndarray, chunks: list[slice], workers: int, advance) -> list:
+    """The batched round trip with ``workers`` host processes: the client encrypts the next chunk
+    while the hosts evaluate earlier ones (at most ``workers`` chunks in flight, so memory stays
+    ``workers`` chunks' ciphertexts), then decrypts each reply in order."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    results: list = [None] * len(chunks)
+    pending: dict = {}
+
+    def collect(index: int) -> None:
+        future, sent = pending.pop(index)
+        reply, seconds = future.result()
+        outputs = holder.public.load_ciphertexts(reply)
+        count = chunks[index].stop - chunks[index].start
+        results[index] = (np.stack([holder.decrypt(ct)[:count] for ct in outputs], axis=1), seconds, sent, len(reply))
+        advance(f"{chunks[index].stop}/{len(inputs)} samples")
+
+    # spawn: the pipeline runs tasks in threads, and a forked copy of a threaded process can deadlock
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_host_init,
+                             initargs=(context_bytes, ops)) as pool:
+        for index, chunk in enumerate(chunks):
+            if len(pending) >= workers:
+                collect(min(pending))
+            features = inputs[chunk].reshape(chunk.stop - chunk.start, -1).astype(np.float64)
+            payload = holder.public.dump_ciphertexts([holder.encrypt(features[:, i]) for i in required])
+            pending[index] = (pool.submit(_host_chunk, payload), len(payload))
+        while pending:
+            collect(min(pending))
+    return results
