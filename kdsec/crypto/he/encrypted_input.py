@@ -15,6 +15,7 @@ data stays encrypted. Two paths:
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from kdsec.crypto.seal import KeyHolder, PublicContext
 from kdsec.errors import KdsecError
 from kdsec.fileio import write_atomic
 from kdsec.progress import progress
+
+logger = logging.getLogger("kdsec")
 
 
 # --- encrypted input, batched ----------------------------------------------------------------
@@ -220,10 +223,16 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
     chunks = list(_chunks(len(inputs), batch))
     workers = host_workers(config, len(chunks)) if path == "batched" and wire else 1
     with progress(f"HE encrypted input ({path})", len(chunks)) as advance:
+        results = []
         if workers > 1:
-            results = _parallel_hosts(holder, context_bytes, ops, required, inputs, chunks, workers, advance)
-        else:
-            results = []
+            from concurrent.futures.process import BrokenProcessPool
+
+            try:
+                results = _parallel_hosts(holder, context_bytes, ops, required, inputs, chunks, workers, advance)
+            except BrokenProcessPool:  # e.g. a __main__ script without the `if __name__ == "__main__"` guard
+                logger.warning("HE host processes could not start; evaluating the chunks in this process "
+                               "(encrypt.he.host_workers=1 skips the attempt)")
+        if not results:
             for chunk in chunks:
                 results.append(_round_trip(holder, public, server, plan, required, ops, inputs[chunk], wire))
                 advance(f"{chunk.stop}/{len(inputs)} samples")
