@@ -69,6 +69,7 @@ def extraction_attack(victim, queries: np.ndarray, query_source: str, x_eval: np
                      soft_targets=np.stack(answers))
     else:
         for copy, answer, defense in zip(copies, answers, defenses):
+            seed_everything(seed)  # each copy's training sees the same global RNG (dropout), as before
             fit(copy, queries, answer.argmax(1), queries, answer.argmax(1), train,
                 soft_label_objective(torch.as_tensor(answer)), seed=seed, label=f"extraction-{defense}")
     results = []

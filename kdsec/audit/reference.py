@@ -76,7 +76,7 @@ def train_references(spec: ModelSpec, train: TrainConfig, x_population: np.ndarr
         for seed in seeds:
             seed_everything(seed)
             models.append(build_model(spec))
-    if len(models) > 1 and can_fit_together(models[0], train):
+    if can_fit_together(models[0], train):  # even one: a model is trained the same whichever share it is in
         fit_ensemble(models, np.stack([x_population[mask] for mask in masks]),
                      np.stack([y_population[mask] for mask in masks]),
                      np.stack([x_population[~mask] for mask in masks]),
@@ -134,7 +134,9 @@ def rmia_scores(target: Signals, reference: Signals, population_in: np.ndarray, 
 
     def score(target_p, reference_p):
         ratio_x = target_p / prior(reference_p)
-        return np.searchsorted(sorted_z, ratio_x / gamma, side="left") / len(sorted_z)
+        # A NaN ratio (0 / 0 with rmia_a = 1) dominates nothing, as in the pairwise comparison.
+        scores = np.searchsorted(sorted_z, ratio_x / gamma, side="left") / len(sorted_z)
+        return np.where(np.isnan(ratio_x), 0.0, scores)
 
     return score(target.members, reference.members), score(target.non_members, reference.non_members)
 

@@ -458,6 +458,13 @@ class PublicContext:
         self.evaluator.multiply_plain(ciphertext, self.encode(values, ciphertext.parms_id()), out)
         return out
 
+    def multiply_encoded(self, ciphertext, plain):
+        """Product with a plaintext already encoded at ``ciphertext``'s level (encode once, use often)."""
+        self.counts["multiply_plain"] += 1
+        out = seal.Ciphertext()
+        self.evaluator.multiply_plain(ciphertext, plain, out)
+        return out
+
     def multiply(self, left, right):
         """Ciphertext product, relinearized; not rescaled."""
         self.counts["multiply"] += 1

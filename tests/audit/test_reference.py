@@ -158,3 +158,19 @@ def test_rmia_scores_match_the_pairwise_definition_without_building_the_matrix()
                                             (non_members, target.non_members, reference.non_members)):
             pairwise = ((target_p / prior(reference_p))[:, None] / ratio_z[None, :] > gamma).mean(axis=1)
             np.testing.assert_allclose(mine, pairwise)
+
+
+def test_rmia_scores_of_zero_probabilities_match_the_pairwise_count():
+    """Ties and zeros: with a = 1 a sample whose reference models all say 0 has prior 0, so its
+    ratio is 0 / 0 (NaN) or p / 0 (inf); the pairwise count scores NaN as dominating nothing."""
+    target = Signals(np.array([0.0, 0.5, 0.2]), np.array([0.0, 0.2]), np.array([0.2, 0.2, 0.0, 0.7]))
+    reference = Signals(np.array([[0.0, 0.0, 0.4]]), np.array([[0.5, 0.4]]), np.array([[0.4, 0.4, 0.4, 0.4]]))
+    population_in = np.zeros((1, 4), dtype=bool)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        members, non_members = rmia_scores(target, reference, population_in, a=1.0)
+        ratio_z = target.population / reference.population[0]
+        for mine, target_p, reference_p in ((members, target.members, reference.members[0]),
+                                            (non_members, target.non_members, reference.non_members[0])):
+            pairwise = ((target_p / reference_p)[:, None] / ratio_z[None, :] > 1.0).mean(axis=1)
+            np.testing.assert_array_equal(mine, pairwise)
+    np.testing.assert_array_equal(members, [0.0, 1.0, 0.25])  # NaN; inf beats all; 0.5 beats only 0 (ties do not count)

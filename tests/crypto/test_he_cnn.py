@@ -15,6 +15,7 @@ from kdsec.compress.quantize import load_int8
 from kdsec.config import DEFAULT_CONFIG, CompressConfig, HEConfig, TrainConfig, load_config
 from kdsec.crypto.he import (LinearOp, SquareOp, check_layouts, encrypted_inference, he_ops, he_program,
                              plaintext_forward, run_encrypted_input)
+from kdsec.crypto.he.encrypted_input import DiagonalPlan, GridPlan, single_plan
 from kdsec.data import DECLARED_SHAPES
 from kdsec.distill.features import resolve_tap
 from kdsec.errors import ConfigError, KdsecError
@@ -208,19 +209,36 @@ def test_every_variant_of_an_he_cnn_under_he_has_a_homomorphic_form(trained, dig
 # --- (d) layouts that do not fit: one line, before anything is encrypted ---------------------------
 
 
-def test_a_single_sample_grid_too_large_for_any_ring_is_refused_before_encryption(monkeypatch):
-    model = build_model(ModelSpec("he_cnn", (1, 28, 28), 10, {}))  # 784 → 845: a 1024×1024 grid
+def test_a_conv_student_runs_single_samples_on_the_diagonal_path():
+    """Its grid would need 2048 × 1024 slots: the single-sample path uses W's non-zero diagonals
+    instead (baby-step giant-step rotations), one ciphertext per sample, same logits."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("he_cnn", (1, 28, 28), 10, {"channels": [4], "kernel": 5, "stride": 2,
+                                                               "padding": 0, "conv_pool": 2, "hidden": []})).eval()
+    preprocess, ops = he_program(model)
+    assert GridPlan.for_ops(ops).slots > 16384  # the grid does not fit any ring
+    plan = single_plan(ops, HEConfig())
+    assert isinstance(plan, DiagonalPlan) and len(plan.steps) <= 128
+    inputs = preprocess(np.random.default_rng(0).uniform(0, 1, (3, 1, 28, 28)).astype(np.float32))
+    logits, run = run_encrypted_input(ops, inputs, HEConfig(), "single")
+    np.testing.assert_allclose(logits, plaintext_forward(ops, inputs), atol=1e-2)
+    assert run.agreement == 1.0 and run.poly_modulus_degree == 8192 and not run.host_had_secret_key
+
+
+def test_a_single_sample_layout_too_large_for_any_ring_is_refused_before_encryption(monkeypatch):
+    # 9,000 → 9,000: the grid needs 16384² slots, the diagonal plan 18,000 (32768 with padding)
+    ops = [LinearOp(np.broadcast_to(0.0, (9000, 9000)), np.zeros(9000)), SquareOp(),
+           LinearOp(np.broadcast_to(0.0, (10, 9000)), np.zeros(10))]
 
     def no_keys(*args, **kwargs):
         raise AssertionError("keys were made before the layout was checked")
 
     monkeypatch.setattr("kdsec.crypto.he.encrypted_input.KeyHolder", no_keys)
-    monkeypatch.setattr("kdsec.crypto.he.encrypted_model.KeyHolder", no_keys)
-    with pytest.raises(ConfigError, match=r"1024×1024 grid \(1048576 slots\) but poly_modulus_degree 32768 has "
-                                          r"16384; set encrypt\.he\.latency_samples=0") as caught:
-        encrypted_inference(model, np.zeros((4, 1, 28, 28), np.float32), HEConfig())
+    with pytest.raises(ConfigError, match=r"single-sample path needs 32768 slots for this student but "
+                                          r"poly_modulus_degree 32768 has 16384; set encrypt\.he\.latency_samples=0") as caught:
+        check_layouts(ops, HEConfig(modes=["encrypted_input"]))
     assert "\n" not in str(caught.value)
-    check_layouts(he_program(model)[1], HEConfig(latency_samples=0))  # without that path it fits
+    check_layouts(ops, HEConfig(modes=["encrypted_input"], latency_samples=0))  # without that path it fits
 
 
 def test_an_encrypted_model_over_the_memory_bound_names_the_modes():
@@ -237,15 +255,14 @@ def test_an_encrypted_model_over_the_memory_bound_names_the_modes():
 def test_preflight_checks_the_smallest_candidates_layouts_on_the_datasets_shape(digits, workdir):
     assert DECLARED_SHAPES["digits"] == (digits.input_shape, digits.num_classes)
     mnist = ["data.name=mnist", "student.arch=he_cnn"]
-    # Even the structurally pruned student (3 of 5 channels: 507 features) needs a 512×1024 grid.
-    with pytest.raises(ConfigError, match="single-sample path lays this student out as a 512×1024 grid"):
-        preflight(load_config(None, mnist))
-    with pytest.raises(ConfigError, match="as a 1024×1024 grid"):
-        preflight(load_config(None, [*mnist, "compress.structured=0"]))
-    preflight(load_config(None, [*mnist, "encrypt.he.latency_samples=0"]))
+    preflight(load_config(None, mnist))  # CryptoNets' layout: the diagonal single-sample path fits
+    # 16 maps at stride 1 (12,544 features): the diagonal plan needs more rotation keys than a context carries.
+    wide = [*mnist, "student.channels=[16]", "student.stride=1", "student.padding=2", "student.hidden=[]",
+            "compress.structured=0"]
+    with pytest.raises(ConfigError, match="single-sample path needs .* rotation keys"):
+        preflight(load_config(None, wide))
+    preflight(load_config(None, [*wide, "encrypt.he.latency_samples=0", "encrypt.he.modes=[encrypted_input]"]))
     preflight(load_config(None, ["student.arch=he_cnn"]))  # digits: 8×8 → 5×3×3, every layout fits
-    # cifar10.yaml's dense he_mlp (192 → 128) needs 32768 slots on the single path, its structurally
-    # pruned candidate (192 → 64) 16384: that run ships, so preflight lets it through.
     preflight(load_config(DEFAULT_CONFIG.parent / "cifar10.yaml"))
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from kdsec.config import HEConfig
 from kdsec.crypto.he.program import LinearOp, Op, SquareOp, _chunks, _doubling, _linears, _params, _pow2
 from kdsec.crypto.he.result import HERun, _summarize
-from kdsec.crypto.seal import KeyHolder, PublicContext
+from kdsec.crypto.seal import MAX_MODULUS_BITS, KeyHolder, PublicContext
 from kdsec.errors import KdsecError
 from kdsec.fileio import write_atomic
 from kdsec.progress import progress
@@ -195,6 +195,114 @@ class SingleServer:
         return self.public.rotate_and_sum(value, _doubling(count, stride, -1))
 
 
+@dataclass(frozen=True)
+class DiagonalPlan:
+    """The single-sample layout for students whose grid does not fit a ring (conv students: a
+    784 → 576 convolution): the sample as a vector in slots [0, n), zeros elsewhere; each Linear
+    y = W·v as a sum over W's generalized diagonals, diag_k[i] = W[i, i + k], of diag_k ⊙ rot(v, k)
+    (Halevi–Shoup), only for the diagonals that hold a non-zero weight, with baby-step giant-step
+    rotations: rot(v, g·b + j) = rot(rot(v, j), g·b), the giant rotation applied once per group
+    to the sum of its products with pre-rotated diagonals. Nothing wraps around as long as the
+    ring has n + m slots for every layer; x² is one product. Latency grows with the number of
+    non-zero diagonals (plaintext products) and √ of their span (rotations)."""
+
+    baby: int
+    steps: tuple[int, ...]
+    width: int  # the most slots a layer needs (n + m)
+
+    @classmethod
+    def for_ops(cls, ops: list[Op]) -> DiagonalPlan:
+        linears = _linears(ops)
+        span = max(l.weight.shape[0] + l.weight.shape[1] for l in linears)
+        baby = max(1, int(np.ceil(np.sqrt(span))))
+        steps = set(range(1, baby))
+        for linear in linears:
+            steps.update(int(g) * baby for g in {k // baby for k in _diagonals(linear.weight)} if g)
+        return cls(baby, tuple(sorted(steps)), span)
+
+    @staticmethod
+    def depth(ops: list[Op]) -> int:
+        return len(ops)
+
+    @property
+    def slots(self) -> int:
+        return _pow2(self.width)
+
+    def encode_input(self, sample: np.ndarray) -> np.ndarray:
+        return sample.reshape(-1)
+
+    def output_slots(self, ops: list[Op]) -> np.ndarray:
+        return np.arange(_linears(ops)[-1].weight.shape[0])
+
+
+def _diagonals(weight: np.ndarray) -> np.ndarray:
+    """The k of W's generalized diagonals that hold a non-zero weight (k = column − row)."""
+    rows, cols = np.nonzero(weight)
+    return np.unique(cols - rows)
+
+
+class DiagonalServer:
+    """Encrypted-input host, single-sample diagonal path (``DiagonalPlan``): the diagonals are
+    encoded once, at the level where each layer uses them."""
+
+    def __init__(self, public: PublicContext, ops: list[Op]) -> None:
+        self.public, self.ops, self.plan = public, ops, DiagonalPlan.for_ops(ops)
+        self.slots = public.params.slots
+        self.layers = []  # per Linear: {giant step: [(baby step, encoded rotated diagonal)]}, bias
+        level = 0
+        for op in ops:
+            if isinstance(op, SquareOp):
+                level += 1
+                continue
+            parms_id = public.parms_id_at(level)
+            out_dim, in_dim = op.weight.shape
+            groups: dict[int, list] = {}
+            for k in _diagonals(op.weight):
+                rows = np.arange(max(0, -k), min(out_dim, in_dim - k))
+                diagonal = np.zeros(self.slots)
+                diagonal[rows] = op.weight[rows, rows + k]
+                giant, baby = divmod(int(k), self.plan.baby)
+                # diag ⊙ rot(v, g·b + j) summed, then rotated by g·b: pre-rotate the diagonal by −g·b
+                rotated = np.roll(diagonal, giant * self.plan.baby)
+                groups.setdefault(giant * self.plan.baby, []).append((baby, public.encode(rotated, parms_id)))
+            bias = np.zeros(self.slots)
+            bias[:out_dim] = op.bias
+            self.layers.append((groups, bias))
+            level += 1
+
+    def infer(self, ciphertexts: list) -> list:
+        (value,) = ciphertexts
+        public, linear = self.public, 0
+        for op in self.ops:
+            if isinstance(op, SquareOp):
+                value = public.square(value)
+                continue
+            groups, bias = self.layers[linear]
+            babies = {0: value}
+            for baby in sorted({j for terms in groups.values() for j, _ in terms} - {0}):
+                babies[baby] = public.rotate(value, baby)
+            total = None
+            for giant, terms in groups.items():
+                part = None
+                for baby, plain in terms:
+                    term = public.multiply_encoded(babies[baby], plain)
+                    part = term if part is None else public.add_inplace(part, term)
+                if giant:
+                    part = public.rotate(part, giant)
+                total = part if total is None else public.add_inplace(total, part)
+            value = public.add_plain(public.rescale(total), bias)
+            linear += 1
+        return [value]
+
+
+def single_plan(ops: list[Op], config: HEConfig) -> GridPlan | DiagonalPlan:
+    """The single-sample layout: the grid (one product per layer) where it fits the ring, else the
+    diagonal plan (a product per non-zero diagonal)."""
+    grid = GridPlan.for_ops(ops)
+    ring = max(MAX_MODULUS_BITS) if config.poly_modulus_degree == "auto" else int(config.poly_modulus_degree)
+    return grid if grid.slots <= ring // 2 else DiagonalPlan.for_ops(ops)
+
+
 # --- the round trip: client encrypts, host evaluates, client decrypts -------------------------
 
 
@@ -208,14 +316,17 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
         plan, params = None, _params(config, BatchedServer.depth(ops), 1)
         holder = KeyHolder(params)
     else:
-        plan = GridPlan.for_ops(ops)
-        params = _params(config, GridPlan.depth(ops), plan.slots)
+        plan = single_plan(ops, config)
+        params = _params(config, plan.depth(ops), plan.slots)
         holder = KeyHolder(params, plan.steps)
     context_bytes = holder.public_context()
     if package_dir is not None and path == "batched":
         write_atomic(package_dir / "encrypted_input.public_context.bin", context_bytes)
     public = PublicContext.deserialize(context_bytes) if wire else holder.public
-    server = BatchedServer(public, ops) if path == "batched" else SingleServer(public, ops)
+    if path == "batched":
+        server = BatchedServer(public, ops)
+    else:
+        server = SingleServer(public, ops) if isinstance(plan, GridPlan) else DiagonalServer(public, ops)
     batch = params.slots if path == "batched" else 1
     required = BatchedServer.required_inputs(ops)
     logits, server_seconds, bytes_in, bytes_out = [], 0.0, 0, 0
@@ -227,9 +338,15 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
         if workers > 1:
             from concurrent.futures.process import BrokenProcessPool
 
+            finished: list = []
             try:
-                results = _parallel_hosts(holder, context_bytes, ops, required, inputs, chunks, workers, advance)
-            except BrokenProcessPool:  # e.g. a __main__ script without the `if __name__ == "__main__"` guard
+                results = _parallel_hosts(holder, context_bytes, ops, required, inputs, chunks, workers, advance,
+                                          finished)
+            except BrokenProcessPool as error:
+                if finished:  # a host died mid-run (e.g. out of memory): not something to redo here
+                    raise KdsecError(f"an HE host process died after {len(finished)} of {len(chunks)} chunks; "
+                                     "lower encrypt.he.host_workers (or set it to 1)") from error
+                # e.g. a __main__ script without the `if __name__ == "__main__"` guard
                 logger.warning("HE host processes could not start; evaluating the chunks in this process "
                                "(encrypt.he.host_workers=1 skips the attempt)")
         if not results:
@@ -273,8 +390,9 @@ def _round_trip(holder: KeyHolder, public: PublicContext, server, plan: GridPlan
 
 def host_workers(config: HEConfig, chunks: int) -> int:
     """Host processes for ``chunks`` ciphertext batches: ``encrypt.he.host_workers``, 0 = one per
-    core; never more than the chunks."""
-    wanted = config.host_workers or os.cpu_count() or 1
+    core this process may run on; never more than the chunks. Each holds one chunk's ciphertexts
+    (a 784-pixel chunk of 4096 samples at N=8192: ~230 MiB in, ~1 GiB while evaluated)."""
+    wanted = config.host_workers or len(os.sched_getaffinity(0))  # the cores this process may use
     return max(1, min(wanted, chunks))
 
 
@@ -298,7 +416,7 @@ def _host_chunk(payload: bytes) -> tuple[bytes, float]:
 
 
 def _parallel_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], required: list[int],
-                    inputs: np.ndarray, chunks: list[slice], workers: int, advance) -> list:
+                    inputs: np.ndarray, chunks: list[slice], workers: int, advance, finished: list) -> list:
     """The batched round trip with ``workers`` host processes: the client encrypts the next chunk
     while the hosts evaluate earlier ones (at most ``workers`` chunks in flight, so memory stays
     ``workers`` chunks' ciphertexts), then decrypts each reply in order."""
@@ -314,11 +432,13 @@ def _parallel_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requ
         outputs = holder.public.load_ciphertexts(reply)
         count = chunks[index].stop - chunks[index].start
         results[index] = (np.stack([holder.decrypt(ct)[:count] for ct in outputs], axis=1), seconds, sent, len(reply))
+        finished.append(index)
         advance(f"{chunks[index].stop}/{len(inputs)} samples")
 
     # spawn: the pipeline runs tasks in threads, and a forked copy of a threaded process can deadlock
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_host_init,
-                             initargs=(context_bytes, ops)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_host_init,
+                               initargs=(context_bytes, ops))
+    try:
         for index, chunk in enumerate(chunks):
             if len(pending) >= workers:
                 collect(min(pending))
@@ -327,4 +447,6 @@ def _parallel_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requ
             pending[index] = (pool.submit(_host_chunk, payload), len(payload))
         while pending:
             collect(min(pending))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return results

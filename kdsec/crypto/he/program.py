@@ -61,6 +61,7 @@ PUBLIC = (nn.AvgPool2d, *RESHAPES)
 # 3×32×32 inputs are 3072 columns (75 MB per 3072 outputs); past this many inputs they are refused.
 MAX_BASIS_INPUTS = 20_000
 _BASIS_CHUNK = 512  # basis vectors evaluated at once
+MAX_MEASURED_BYTES = 4 << 30  # a measured map's float64 matrix, built and transposed once
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,10 @@ def _measured(layers: list[_Layer]) -> tuple[np.ndarray, np.ndarray]:
     module = nn.Sequential(*(_float64(layer.module) for layer in layers))
     with torch.no_grad():
         bias = module(torch.zeros(1, *shape, dtype=torch.float64)).reshape(-1)
+        if 2 * 8 * len(bias) * size > MAX_MEASURED_BYTES:  # the columns, then their transpose
+            raise KdsecError(f"layer '{layers[0].name}' ({type(layers[0].module).__name__}) maps {size} inputs to "
+                             f"{len(bias)} outputs: its HE form would take {16 * len(bias) * size / 2**30:.1f} GiB "
+                             "to measure; use fewer channels, a larger stride or pool the input (student.pool)")
         columns = []
         for chunk in _chunks(size, _BASIS_CHUNK):
             basis = torch.zeros(chunk.stop - chunk.start, size, dtype=torch.float64)

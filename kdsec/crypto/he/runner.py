@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.encrypted_input import BatchedServer, GridPlan, run_encrypted_input
+from kdsec.crypto.he.encrypted_input import BatchedServer, GridPlan, run_encrypted_input, single_plan
 from kdsec.crypto.he.encrypted_model import (_block, encrypted_model_ciphertexts, encrypted_model_depth,
                                              encrypted_model_steps, run_encrypted_model)
 from kdsec.crypto.he.program import Op, _params, he_program, model_structure
@@ -65,14 +65,16 @@ def check_layouts(ops: list[Op], config: HEConfig) -> None:
     if "encrypted_input" in config.modes:
         _params(config, BatchedServer.depth(ops), 1)
         if config.latency_samples:
-            plan = GridPlan.for_ops(ops)
+            plan = single_plan(ops, config)
+            fix = ("set encrypt.he.latency_samples=0 to skip that path, or use a smaller or pooled student "
+                   "(student.pool, student.hidden, student.channels)")
             if plan.slots > slots:
-                raise ConfigError(
-                    f"the single-sample path lays this student out as a {plan.rows}×{plan.cols} grid "
-                    f"({plan.slots} slots) but poly_modulus_degree {ring} has {slots}; set "
-                    "encrypt.he.latency_samples=0 to skip that path, or use a smaller or pooled student "
-                    "(student.pool, student.hidden, student.channels)")
-            _params(config, GridPlan.depth(ops), plan.slots)
+                raise ConfigError(f"the single-sample path needs {plan.slots} slots for this student but "
+                                  f"poly_modulus_degree {ring} has {slots}; {fix}")
+            if len(plan.steps) > MAX_ROTATIONS:
+                raise ConfigError(f"the single-sample path needs {len(plan.steps)} rotation keys for this student, "
+                                  f"over the {MAX_ROTATIONS} a public context may carry; {fix}")
+            _params(config, plan.depth(ops), plan.slots)
     if "encrypted_model" in config.modes:
         block, steps = _block(ops), encrypted_model_steps(ops)
         fix = ("remove encrypted_model from encrypt.he.modes (e.g. encrypt.he.modes=[encrypted_input]) or use a "
