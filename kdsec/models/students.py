@@ -35,15 +35,19 @@ class HEMLP(nn.Module):
             layers.append(nn.AvgPool2d(pool))
             input_shape = (channels, height // pool, width_px // pool)
         layers.append(nn.Flatten())
-        width = math.prod(input_shape)
-        for size in hidden:
-            layers += [_small(nn.Linear(width, size), width), Square()]
-            width = size
-        layers.append(nn.Linear(width, num_classes))
-        self.layers = nn.Sequential(*layers)
+        self.layers = _x2_head(layers, math.prod(input_shape), hidden, num_classes)
 
     def forward(self, x):
         return self.layers(x)
+
+
+def _x2_head(layers: list[nn.Module], width: int, hidden: list[int], num_classes: int) -> nn.Sequential:
+    """``layers`` (ending in a Flatten of ``width`` values) → [Linear → x²] × len(hidden) → Linear,
+    as one flat chain: the form the HE compiler lowers."""
+    for size in hidden:
+        layers += [_small(nn.Linear(width, size), width), Square()]
+        width = size
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))
 
 
 def _small(layer: nn.Linear | nn.Conv2d, fan_in: int) -> nn.Linear | nn.Conv2d:
@@ -88,12 +92,7 @@ class HECNN(nn.Module):
             layers.append(Square())
             in_channels = out_channels
         layers.append(nn.Flatten())
-        width = in_channels * height * width_px
-        for size in hidden:
-            layers += [_small(nn.Linear(width, size), width), Square()]
-            width = size
-        layers.append(nn.Linear(width, num_classes))
-        self.layers = nn.Sequential(*layers)
+        self.layers = _x2_head(layers, in_channels * height * width_px, hidden, num_classes)
 
     def forward(self, x):
         return self.layers(x)
