@@ -109,17 +109,38 @@ def main() -> None:
                               f"KD {kd_model.test_accuracy:.4f} ({kd_model.train_seconds:.0f} s)")
             gain = np.array(errors["scratch"]) - np.array(errors["kd"])
             rows.append((arch, kd_models[0][0].params, errors, gain, float(np.mean(seconds))))
-            model, student_config = kd_models[0]
-            he_rows.append((arch, model, *run_he(model, bundle, student_config, args.he_samples)))
+            trained, student_config = kd_models[0]
+            model = trained.load()
+            he_rows.append((f"{arch} (KD)", *run_he(model, bundle, student_config, args.he_samples)))
+            pruned = prune(model, bundle, student_config, signals)  # zero weights: the batched path skips them
+            he_rows.append((f"{arch} (KD, {student_config.compress.sparsity:.0%} pruned)",
+                            *run_he(pruned, bundle, student_config, args.he_samples)))
         print_tables(console, args, teacher, rows, he_rows, bundle)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run_he(trained, bundle, config, samples: int):
-    """Batched encrypted-input inference of ``trained`` on the test split: the client pools /
+def prune(model, bundle, config, signals):
+    """A copy with ``compress.sparsity`` of its weights zeroed (global magnitude, the pipeline's
+    schedule), fine-tuned on the distillation objective with the masks held, as the pipeline does."""
+    import copy
+
+    from kdsec.compress import global_magnitude_prune
+    from kdsec.train import fit
+    from kdsec.trainers import distiller_for
+
+    compress, objective = config.compress, distiller_for(config, bundle, None, signals).objective
+    tune = config.student.train.model_copy(update={"lr": config.student.train.lr / 3, "epochs": 2, "patience": 2})
+    return global_magnitude_prune(
+        copy.deepcopy(model), compress.sparsity,
+        lambda pruned: fit(pruned, *bundle.split(config.distill.transfer_set), bundle.x_val, bundle.y_val, tune,
+                           objective, seed=config.seed, label="prune-finetune"),
+        compress.prune_steps).eval()
+
+
+def run_he(model, bundle, config, samples: int):
+    """Batched encrypted-input inference of ``model`` on the test split: the client pools /
     encrypts, the host evaluates with the public context only, the client decrypts."""
-    model = trained.load()
     inputs = bundle.x_test if not samples else bundle.x_test[:samples]
     labels = bundle.y_test[: len(inputs)]
     preprocess, ops = he_program(model)
@@ -157,12 +178,12 @@ def print_tables(console: Console, args, teacher, rows, he_rows, bundle) -> None
         he.add_column(column)
     for row in REFERENCES:
         he.add_row(*row)
-    for arch, trained, run, accuracy, peak, latency in he_rows:
+    for name, run, accuracy, peak, latency in he_rows:
         sizes = (f"N={run.poly_modulus_degree}, q={sum(run.coeff_mod_bit_sizes)} bits "
                  f"{list(run.coeff_mod_bit_sizes)}, 128-bit; public context {run.public_context_bytes / 2**20:.1f} MiB; "
                  f"in {run.ciphertext_bytes_in / 2**20:.0f} MiB / out {run.ciphertext_bytes_out / 2**20:.1f} MiB "
                  f"for {run.samples:,} images; largest process peak RSS {peak / 2**30:.1f} GiB")
-        he.add_row(f"[b]kdsec {arch} (KD)[/]", f"{100 * accuracy:.2f} % (agreement {100 * run.agreement:.3f} %)",
+        he.add_row(f"[b]kdsec {name}[/]", f"{100 * accuracy:.2f} % (agreement {100 * run.agreement:.3f} %)",
                    f"{run.ms_per_sample:.2f} ms/image (host {run.server_ms_per_sample:.2f})",
                    latency, sizes)
     console.print(he)
