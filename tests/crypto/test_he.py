@@ -258,3 +258,20 @@ def test_batched_chunks_on_two_host_processes_decrypt_like_one(caplog):
     # (compressed ciphertexts of fresh encryptions: sizes differ in the last bytes)
     assert abs(two.ciphertext_bytes_in - one.ciphertext_bytes_in) < 0.01 * one.ciphertext_bytes_in
     assert not two.host_had_secret_key
+
+
+def test_encrypted_model_stops_at_its_time_budget_and_reports_the_samples_it_ran(caplog):
+    """Over encrypt.he.max_mode_seconds the encrypted model stops after the current chunk: the run
+    reports the samples evaluated (agreement over them), and the log says how many of how many."""
+    from kdsec.crypto.he import SquareOp
+
+    rng = np.random.default_rng(1)
+    ops = [LinearOp(rng.normal(size=(3, 4)), rng.normal(size=3)), SquareOp(),
+           LinearOp(rng.normal(size=(2, 3)), rng.normal(size=2))]
+    inputs = rng.uniform(-1, 1, size=(1500, 4))  # blocks of 4 slots: 1024 samples per ciphertext
+    with caplog.at_level("WARNING", logger="kdsec"):
+        logits, run = run_encrypted_model(ops, inputs, HEConfig(max_mode_seconds=1e-6))
+    assert run.samples == len(logits) == 1024 and run.agreement == 1.0
+    assert "1024 of 1500 samples within encrypt.he.max_mode_seconds" in caplog.text
+    _, whole = run_encrypted_model(ops, inputs, HEConfig())
+    assert whole.samples == 1500

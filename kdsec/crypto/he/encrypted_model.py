@@ -13,6 +13,7 @@ host evaluates → owner decrypts.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from kdsec.crypto.he.result import HERun, _summarize
 from kdsec.crypto.seal import KeyHolder, PublicContext, pack, scratch, unpack
 from kdsec.fileio import write_atomic
 from kdsec.progress import progress
+
+logger = logging.getLogger("kdsec")
 
 
 def _block(ops: list[Op]) -> int:
@@ -212,6 +215,13 @@ def run_encrypted_model(ops: list[Op], inputs: np.ndarray, config: HEConfig, wir
             logits.append(np.stack([holder.decrypt(ct)[: count * model.block: model.block] for ct in outputs],
                                    axis=1))
             advance(f"{chunk.stop}/{len(inputs)} samples")
+            if time.perf_counter() - started > config.max_mode_seconds and chunk.stop < len(inputs):
+                logger.warning("HE encrypted model: %d of %d samples within encrypt.he.max_mode_seconds (%.0f s, "
+                               "%.0f ms/sample); the run reports those (raise the setting for all of them)",
+                               chunk.stop, len(inputs), config.max_mode_seconds,
+                               1e3 * (time.perf_counter() - started) / chunk.stop)
+                inputs = inputs[: chunk.stop]
+                break
     elapsed = time.perf_counter() - started
     return _summarize("encrypted_model", "batched", ops, inputs, np.concatenate(logits), elapsed, server_seconds,
                       0, bytes_out, len(context_bytes), len(context_bytes) + len(weights), params,
