@@ -323,3 +323,18 @@ def test_feature_losses_find_the_he_cnn_maps_and_hint():
     assert resolve_tap(model, "auto", "spatial", sample, "student").module == "layers.3"  # x² of the pooled maps
     hint = resolve_tap(model, "auto", "any", sample, "student")
     assert (hint.module, hint.read) == ("layers.7", "input")
+
+
+def test_a_candidate_whose_single_sample_layout_does_not_fit_skips_that_path_only(monkeypatch, caplog):
+    """Preflight checks the smallest candidate; a larger chosen one whose single-sample layout does
+    not fit is still encrypted (batched), the single path skipped with a warning: nothing trained is lost."""
+    monkeypatch.setattr("kdsec.crypto.he.runner.MAX_ROTATIONS", 2)  # the digits he_cnn's plan needs more
+    model = build_model(ModelSpec("he_cnn", (1, 8, 8), 10, {"hidden": []})).eval()
+    with caplog.at_level("WARNING", logger="kdsec"):
+        result = encrypted_inference(model, np.random.default_rng(0).uniform(0, 1, (16, 1, 8, 8)).astype(np.float32),
+                                     HEConfig(modes=["encrypted_input"], latency_samples=4))
+    assert [(run.mode, run.path) for run in result.runs] == [("encrypted_input", "batched")]
+    assert "single-sample path skipped for this candidate" in caplog.text
+    monkeypatch.setattr("kdsec.crypto.he.runner.MAX_ROTATIONS", 0)  # now nothing with rotations fits...
+    with pytest.raises(ConfigError):  # ...and an encrypted model needs rotations: still an error
+        encrypted_inference(model, np.zeros((4, 1, 8, 8), np.float32), HEConfig(latency_samples=4))
