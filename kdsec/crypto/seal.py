@@ -453,10 +453,7 @@ class PublicContext:
 
     def multiply_plain(self, ciphertext, values):
         """Product with plaintext ``values`` (scalar or vector) at the scale Δ; not rescaled."""
-        self.counts["multiply_plain"] += 1
-        out = seal.Ciphertext()
-        self.evaluator.multiply_plain(ciphertext, self.encode(values, ciphertext.parms_id()), out)
-        return out
+        return self.multiply_encoded(ciphertext, self.encode(values, ciphertext.parms_id()))
 
     def multiply_encoded(self, ciphertext, plain):
         """Product with a plaintext already encoded at ``ciphertext``'s level (encode once, use often)."""

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.program import LinearOp, Op, SquareOp, _chunks, _doubling, _linears, _params, _pow2
+from kdsec.crypto.he.program import (LinearOp, Op, SquareOp, _chunks, _doubling, _largest_ring, _linears, _params,
+                                     _pow2)
 from kdsec.crypto.he.result import HERun, _summarize
-from kdsec.crypto.seal import MAX_MODULUS_BITS, KeyHolder, PublicContext
+from kdsec.crypto.seal import KeyHolder, PublicContext
 from kdsec.errors import KdsecError
 from kdsec.fileio import write_atomic
 from kdsec.progress import progress
@@ -299,8 +300,7 @@ def single_plan(ops: list[Op], config: HEConfig) -> GridPlan | DiagonalPlan:
     """The single-sample layout: the grid (one product per layer) where it fits the ring, else the
     diagonal plan (a product per non-zero diagonal)."""
     grid = GridPlan.for_ops(ops)
-    ring = max(MAX_MODULUS_BITS) if config.poly_modulus_degree == "auto" else int(config.poly_modulus_degree)
-    return grid if grid.slots <= ring // 2 else DiagonalPlan.for_ops(ops)
+    return grid if grid.slots <= _largest_ring(config) // 2 else DiagonalPlan.for_ops(ops)
 
 
 # --- the round trip: client encrypts, host evaluates, client decrypts -------------------------
@@ -323,8 +323,8 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
     if package_dir is not None and path == "batched":
         write_atomic(package_dir / "encrypted_input.public_context.bin", context_bytes)
     public = PublicContext.deserialize(context_bytes) if wire else holder.public
-    if path == "batched":
-        server = BatchedServer(public, ops)
+    if path == "batched":  # built only if the chunks run in this process (not in host processes)
+        server = None
     else:
         server = SingleServer(public, ops) if isinstance(plan, GridPlan) else DiagonalServer(public, ops)
     batch = params.slots if path == "batched" else 1
@@ -350,6 +350,7 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
                 logger.warning("HE host processes could not start; evaluating the chunks in this process "
                                "(encrypt.he.host_workers=1 skips the attempt)")
         if not results:
+            server = server or BatchedServer(public, ops)
             for chunk in chunks:
                 results.append(_round_trip(holder, public, server, plan, required, ops, inputs[chunk], wire))
                 advance(f"{chunk.stop}/{len(inputs)} samples")

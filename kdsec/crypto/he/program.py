@@ -28,7 +28,7 @@ from torch import nn
 
 from kdsec.compress.quantize import DynamicQuantLinear
 from kdsec.config import HEConfig
-from kdsec.crypto.seal import HEParams, plan_params
+from kdsec.crypto.seal import MAX_MODULUS_BITS, HEParams, plan_params
 from kdsec.errors import KdsecError
 from kdsec.models.students import Square
 
@@ -270,6 +270,11 @@ def _linears(ops: list[Op]) -> list[LinearOp]:
 
 def _params(config: HEConfig, depth: int, min_slots: int) -> HEParams:
     return plan_params(depth, config.scale_bits, config.integer_bits, config.poly_modulus_degree, min_slots)
+
+
+def _largest_ring(config: HEConfig) -> int:
+    """The largest poly_modulus_degree ``config`` allows (the one it names, or the largest secure one)."""
+    return max(MAX_MODULUS_BITS) if config.poly_modulus_degree == "auto" else int(config.poly_modulus_degree)
 
 
 def _chunks(count: int, size: int):

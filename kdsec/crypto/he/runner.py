@@ -21,9 +21,9 @@ from kdsec.config import HEConfig
 from kdsec.crypto.he.encrypted_input import BatchedServer, GridPlan, run_encrypted_input, single_plan
 from kdsec.crypto.he.encrypted_model import (_block, encrypted_model_ciphertexts, encrypted_model_depth,
                                              encrypted_model_steps, run_encrypted_model)
-from kdsec.crypto.he.program import Op, _params, he_program, model_structure
+from kdsec.crypto.he.program import Op, _largest_ring, _params, he_program, model_structure
 from kdsec.crypto.he.result import HEResult, HERun
-from kdsec.crypto.seal import MAX_MODULUS_BITS, MAX_ROTATIONS
+from kdsec.crypto.seal import MAX_ROTATIONS
 from kdsec.errors import ConfigError
 from kdsec.fileio import write_atomic
 
@@ -38,17 +38,16 @@ def encrypted_inference(model: nn.Module, inputs: np.ndarray, config: HEConfig,
     ``config.latency_samples``), compare with plaintext and with the deployed model itself, and
     write the host packages (public contexts, encrypted weights, ``he_package.json``) to ``package_dir``."""
     preprocess, ops = he_program(model)
-    try:
-        check_layouts(ops, config)
-    except ConfigError as error:
-        # Preflight checked the smallest candidate; a larger one (e.g. the dense student, chosen
-        # when the smaller variants miss the accuracy gate) may not fit the single-sample path.
-        # Skip that path rather than lose the trained run; everything else must still fit.
-        if not config.latency_samples or "single-sample" not in str(error):
-            raise
-        config = config.model_copy(update={"latency_samples": 0})
-        check_layouts(ops, config)
-        logger.warning("HE: single-sample path skipped for this candidate: %s", error)
+    check_layouts(ops, config.model_copy(update={"latency_samples": 0}))
+    if config.latency_samples and "encrypted_input" in config.modes:
+        try:
+            check_single_layout(ops, config)
+        except ConfigError as error:
+            # Preflight checked the smallest candidate; a larger one (e.g. the dense student, chosen
+            # when the smaller variants miss the accuracy gate) may not fit the single-sample path.
+            # Skip that path rather than lose the trained run; every other layout fits (checked above).
+            logger.warning("HE: single-sample path skipped for this candidate: %s", error)
+            config = config.model_copy(update={"latency_samples": 0})
     with torch.inference_mode():
         predictions = model.cpu().eval()(torch.as_tensor(inputs)).argmax(1).numpy()
     inputs = preprocess(inputs)  # public preprocessing on the client, before encryption
@@ -73,21 +72,11 @@ def check_layouts(ops: list[Op], config: HEConfig) -> None:
     """Each configured mode's layout fits a secure ring (slots, depth, rotation keys) and the
     encrypted model fits in memory, judged from the ops' shapes: a one-line ``ConfigError`` naming
     the setting to change, before any key is made or anything is encrypted."""
-    ring = max(MAX_MODULUS_BITS) if config.poly_modulus_degree == "auto" else config.poly_modulus_degree
-    slots = ring // 2
+    ring, slots = _ring_slots(config)
     if "encrypted_input" in config.modes:
         _params(config, BatchedServer.depth(ops), 1)
         if config.latency_samples:
-            plan = single_plan(ops, config)
-            fix = ("set encrypt.he.latency_samples=0 to skip that path, or use a smaller or pooled student "
-                   "(student.pool, student.hidden, student.channels)")
-            if plan.slots > slots:
-                raise ConfigError(f"the single-sample path needs {plan.slots} slots for this student but "
-                                  f"poly_modulus_degree {ring} has {slots}; {fix}")
-            if len(plan.steps) > MAX_ROTATIONS:
-                raise ConfigError(f"the single-sample path needs {len(plan.steps)} rotation keys for this student, "
-                                  f"over the {MAX_ROTATIONS} a public context may carry; {fix}")
-            _params(config, plan.depth(ops), plan.slots)
+            check_single_layout(ops, config)
     if "encrypted_model" in config.modes:
         block, steps = _block(ops), encrypted_model_steps(ops)
         fix = ("remove encrypted_model from encrypt.he.modes (e.g. encrypt.he.modes=[encrypted_input]) or use a "
@@ -105,6 +94,27 @@ def check_layouts(ops: list[Op], config: HEConfig) -> None:
             raise ConfigError(f"the encrypted model would be {count} weight ciphertexts of "
                               f"{params.ciphertext_bytes / 2**20:.1f} MiB plus its keys, about "
                               f"{estimate / 2**30:.1f} GiB (limit {MAX_ENCRYPTED_MODEL_BYTES / 2**30:.0f} GiB); {fix}")
+
+
+def check_single_layout(ops: list[Op], config: HEConfig) -> None:
+    """The single-sample path's layout (grid or diagonals) fits a ring: slots, rotation keys, depth."""
+    ring, slots = _ring_slots(config)
+    plan = single_plan(ops, config)
+    fix = ("set encrypt.he.latency_samples=0 to skip that path, or use a smaller or pooled student "
+           "(student.pool, student.hidden, student.channels)")
+    if plan.slots > slots:
+        raise ConfigError(f"the single-sample path needs {plan.slots} slots for this student but "
+                          f"poly_modulus_degree {ring} has {slots}; {fix}")
+    if len(plan.steps) > MAX_ROTATIONS:
+        raise ConfigError(f"the single-sample path needs {len(plan.steps)} rotation keys for this student, "
+                          f"over the {MAX_ROTATIONS} a public context may carry; {fix}")
+    _params(config, plan.depth(ops), plan.slots)
+
+
+def _ring_slots(config: HEConfig) -> tuple[int, int]:
+    """The largest ring the config allows and its slots."""
+    ring = _largest_ring(config)
+    return ring, ring // 2
 
 
 def _write_package_index(package_dir: Path, ops: list[Op], runs: list[HERun]) -> None:
