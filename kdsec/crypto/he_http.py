@@ -472,19 +472,19 @@ class HEHttpClient:
             if self.path == "batched":
                 if len(features) > self.holder.params.slots:
                     raise ValueError(f"{len(features)} samples exceed {self.holder.params.slots} slots")
-                sent = [self.holder.encrypt(features[:, index]) for index in self.plan["batched"]["required_inputs"]]
-                reply = self._infer(sent)
+                reply = self._infer([features[:, index] for index in self.plan["batched"]["required_inputs"]])
                 return np.stack([self.holder.decrypt(ct)[: len(features)] for ct in reply], axis=1)
             single = self.plan["single"]
             grid = GridPlan(single["rows"], single["cols"], tuple(single["rotation_steps"]))
             rows = []
             for sample in features:
-                (reply,) = self._infer([self.holder.encrypt(grid.encode_input(sample))])
+                (reply,) = self._infer([grid.encode_input(sample)])
                 rows.append(self.holder.decrypt(reply)[single["output_slots"]])
             return np.stack(rows)
 
-    def _infer(self, ciphertexts: list) -> list:
-        body = self.holder.public.dump_ciphertexts(ciphertexts)
+    def _infer(self, rows: list) -> list:
+        """Encrypt ``rows`` (seeded ciphertexts: half the upload), send them, load the reply."""
+        body = self.holder.encrypt_bundle(rows)
         return self.holder.public.load_ciphertexts(
             self._request("POST", f"/infer/{self.session}?path={self.path}", body))
 

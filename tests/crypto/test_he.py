@@ -74,6 +74,20 @@ def test_public_context_never_carries_the_secret_key(student):
         PublicContext.deserialize(forged)
 
 
+def test_the_client_uploads_seeded_ciphertexts_half_the_size_that_a_host_expands():
+    holder = KeyHolder(plan_params(3, 30, 14))
+    public = PublicContext.deserialize(holder.public_context())
+    rows = [np.linspace(-1, 1, holder.params.slots) * k for k in (1.0, 3.0)]
+    seeded = holder.encrypt_bundle(rows)
+    full = holder.public.dump_ciphertexts([holder.encrypt(row) for row in rows])
+    assert len(seeded) < 0.55 * len(full)
+    loaded = public.load_ciphertexts(seeded, expected=2)  # the host expands the seed
+    doubled = public.rescale(public.multiply_plain(loaded[1], 2.0))
+    assert np.abs(holder.decrypt(loaded[0]) - rows[0]).max() < 1e-3
+    assert np.abs(holder.decrypt(doubled) - 2 * rows[1]).max() < 1e-3
+    assert not holder.secret_key_in(seeded)
+
+
 def test_pruned_weights_and_dead_neurons_skip_their_operations(digits):
     dense = _student((32,))
     pruned = _student((32,))

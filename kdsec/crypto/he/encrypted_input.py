@@ -368,11 +368,9 @@ def _round_trip(holder: KeyHolder, public: PublicContext, server, plan: GridPlan
     """One ciphertext batch (``plan``: the single-sample layout, None for batched): the client
     encrypts, the host evaluates, the client decrypts. (logits, host seconds, bytes in, bytes out)."""
     features = samples.reshape(len(samples), -1).astype(np.float64)
-    if plan is None:
-        encrypted = [holder.encrypt(features[:, index]) for index in required]
-    else:
-        encrypted = [holder.encrypt(plan.encode_input(features[0]))]
-    payload = holder.public.dump_ciphertexts(encrypted) if wire else None
+    rows = [features[:, index] for index in required] if plan is None else [plan.encode_input(features[0])]
+    payload = holder.encrypt_bundle(rows) if wire else None
+    encrypted = None if wire else [holder.encrypt(row) for row in rows]
     server_started = time.perf_counter()
     outputs = server.infer(public.load_ciphertexts(payload) if wire else encrypted)
     reply = public.dump_ciphertexts(outputs) if wire else None
@@ -444,7 +442,7 @@ def _parallel_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requ
             if len(pending) >= workers:
                 collect(min(pending))
             features = inputs[chunk].reshape(chunk.stop - chunk.start, -1).astype(np.float64)
-            payload = holder.public.dump_ciphertexts([holder.encrypt(features[:, i]) for i in required])
+            payload = holder.encrypt_bundle([features[:, i] for i in required])
             pending[index] = (pool.submit(_host_chunk, payload), len(payload))
         while pending:
             collect(min(pending))
