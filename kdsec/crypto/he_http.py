@@ -48,7 +48,8 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he import BatchedServer, GridPlan, SingleServer, model_structure, he_ops
+from kdsec.crypto.he import (BatchedServer, DiagonalPlan, DiagonalServer, GridPlan, SingleServer, model_structure,
+                             he_ops, single_plan)
 from kdsec.crypto.seal import KeyHolder, PublicContext, plan_params
 from kdsec.errors import KdsecError
 
@@ -99,7 +100,7 @@ class HostBusy(HostError):
 
 @dataclass
 class _Session:
-    servers: dict[str, BatchedServer | SingleServer]
+    servers: dict[str, BatchedServer | SingleServer | DiagonalServer]
     memory_bytes: int
     last_used: float
     users: int = 0  # requests holding it now: a session in use never expires
@@ -113,14 +114,21 @@ class HEHost:
     def __init__(self, ops, max_sessions: int = MAX_SESSIONS, max_session_bytes: int = MAX_SESSION_BYTES,
                  idle_timeout: float = IDLE_TIMEOUT, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.ops = ops
-        grid = GridPlan.for_ops(ops)
+        # The single-sample layout: the grid where it fits the largest secure ring, else the
+        # diagonal plan (conv students), as the pipeline chooses it.
+        single = single_plan(ops, HEConfig())
+        self._single = SingleServer if isinstance(single, GridPlan) else DiagonalServer
+        # Diagonal sessions hold their encoded diagonals: counted with the session's keys.
+        self._single_plaintext_bytes = 0 if isinstance(single, GridPlan) else DiagonalServer.encoded_bytes
+        layout = ({"layout": "grid", "rows": single.rows, "cols": single.cols} if isinstance(single, GridPlan)
+                  else {"layout": "diagonal"})
         # Structure, depths and layouts only: nothing here reveals a weight.
         self.plan = {"structure": model_structure(ops),
                      "batched": {"depth": BatchedServer.depth(ops), "min_slots": 1, "rotation_steps": [],
                                  "required_inputs": BatchedServer.required_inputs(ops)},
-                     "single": {"depth": GridPlan.depth(ops), "min_slots": grid.slots,
-                                "rotation_steps": list(grid.steps), "output_slots": grid.output_slots(ops).tolist(),
-                                "rows": grid.rows, "cols": grid.cols}}
+                     "single": {"depth": single.depth(ops), "min_slots": single.slots,
+                                "rotation_steps": list(single.steps),
+                                "output_slots": single.output_slots(ops).tolist(), **layout}}
         self.max_sessions, self.max_session_bytes, self.idle_timeout = max_sessions, max_session_bytes, idle_timeout
         self.in_flight = threading.BoundedSemaphore(max_in_flight)
         self.sessions: dict[str, _Session] = {}
@@ -169,13 +177,16 @@ class HEHost:
         """A new session for a public context: its id and estimated memory."""
         params, rotation_keys = PublicContext.declared(body)
         needed = params.resident_bytes(rotation_keys)
+        single = self.plan["single"]
+        if self._single_plaintext_bytes and params.depth >= single["depth"] and params.slots >= single["min_slots"]:
+            needed += self._single_plaintext_bytes(self.ops, params)
         self.expire()
         with self.lock:
             self._admit(needed)
         try:
             public = PublicContext.deserialize(body)
             servers = {path: server(public, self.ops) for path, server in
-                       (("batched", BatchedServer), ("single", SingleServer)) if self._fits(public, path)}
+                       (("batched", BatchedServer), ("single", self._single)) if self._fits(public, path)}
             if not servers:
                 raise HostError(f"this context allows depth {public.params.depth} with {public.params.slots} slots; "
                                 f"the model needs depth {self.plan['batched']['depth']} (batched) or depth "
@@ -475,10 +486,11 @@ class HEHttpClient:
                 reply = self._infer([features[:, index] for index in self.plan["batched"]["required_inputs"]])
                 return np.stack([self.holder.decrypt(ct)[: len(features)] for ct in reply], axis=1)
             single = self.plan["single"]
-            grid = GridPlan(single["rows"], single["cols"], tuple(single["rotation_steps"]))
+            encode = (GridPlan(single["rows"], single["cols"], tuple(single["rotation_steps"])).encode_input
+                      if single["layout"] == "grid" else DiagonalPlan.encode_input)
             rows = []
             for sample in features:
-                (reply,) = self._infer([grid.encode_input(sample)])
+                (reply,) = self._infer([encode(sample)])
                 rows.append(self.holder.decrypt(reply)[single["output_slots"]])
             return np.stack(rows)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdsec.crypto.he import GridPlan, he_ops, plaintext_forward
+from kdsec.crypto.he import GridPlan, he_ops, he_program, plaintext_forward
 from kdsec.crypto.he_http import HEHost, HEHttpClient, make_server
 from kdsec.crypto.seal import (BUNDLE_MAGIC, SEAL_HEADER, ZSTD_MAGIC, KeyHolder, PublicContext, pack, plan_params,
                                scratch, unpack)
@@ -150,6 +150,23 @@ def test_parallel_clients_each_get_their_own_right_answers(host, digits):
     checked = [_agrees(logits, plain) for answers in results for logits, plain in answers]
     print(f"parallel clients: {len(paths)} clients, {len(checked)} answers, {sum(checked)} right")
     assert len(checked) == 12 and all(checked)
+
+
+def test_a_conv_student_whose_grid_fits_no_ring_is_served_on_the_diagonal_single_path(digits):
+    torch.manual_seed(0)
+    spec = ModelSpec("he_cnn", (1, 8, 8), 10, {"channels": [8], "kernel": 3, "stride": 1, "padding": 0,
+                                               "hidden": []})
+    model = build_model(spec).eval()
+    _, ops = he_program(model)  # 64 → 288 → 10: a 512 × 64 grid would need 32,768 slots
+    with _serving(ops) as (url, he_host):
+        plan = he_host.plan["single"]
+        assert plan["layout"] == "diagonal" and "rows" not in plan
+        with HEHttpClient(url, path="single") as client:
+            logits = client.predict_logits(digits.x_test[:2])
+            held = he_host.sessions[client.session].memory_bytes
+            keys = client.holder.params.resident_bytes(len(client.holder.public.rotation_steps))
+    assert _agrees(logits, plaintext_forward(ops, digits.x_test[:2].reshape(2, -1)))
+    assert held > keys  # the session's encoded diagonals are counted with its keys
 
 
 def test_one_client_shared_by_threads_serializes_its_calls(host, digits):

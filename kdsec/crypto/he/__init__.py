@@ -5,7 +5,8 @@
   float64 reference of the same arithmetic, layout and parameter helpers.
 - ``encrypted_input``: the host holds the plaintext model and a public context, the client's
   data stays encrypted; *batched* (``BatchedServer``, pruned weights skipped) and *single*
-  (``GridPlan``, ``SingleServer``, rotations) paths, and their round trip.
+  (``GridPlan``/``SingleServer``, or ``DiagonalPlan``/``DiagonalServer`` where no grid fits a
+  ring: rotations; ``single_plan`` picks) paths, and their round trip.
 - ``encrypted_model``: the owner encrypts the weights (``EncryptedModel``); the host
   (``EncryptedModelHost``) computes on its plaintext inputs and reads neither weights nor logits.
 - ``result``: one run's measurements (``HERun``) and all of a candidate's (``HEResult``).
@@ -15,7 +16,8 @@
 Encryption parameters come from the layout's multiplicative depth (``plan_params``).
 """
 
-from kdsec.crypto.he.encrypted_input import BatchedServer, GridPlan, SingleServer, run_encrypted_input
+from kdsec.crypto.he.encrypted_input import (BatchedServer, DiagonalPlan, DiagonalServer, GridPlan, SingleServer,
+                                             run_encrypted_input, single_plan)
 from kdsec.crypto.he.encrypted_model import (EncryptedModel, EncryptedModelHost, encrypted_model_depth,
                                              encrypted_model_steps, run_encrypted_model)
 from kdsec.crypto.he.program import (HE_FRIENDLY_ARCHS, LinearOp, Op, SquareOp, he_ops, he_program,
@@ -23,7 +25,8 @@ from kdsec.crypto.he.program import (HE_FRIENDLY_ARCHS, LinearOp, Op, SquareOp, 
 from kdsec.crypto.he.result import HEResult, HERun
 from kdsec.crypto.he.runner import check_layouts, encrypted_inference
 
-__all__ = ["HE_FRIENDLY_ARCHS", "BatchedServer", "EncryptedModel", "EncryptedModelHost", "GridPlan", "HEResult",
-           "HERun", "LinearOp", "Op", "SquareOp", "SingleServer", "check_layouts", "encrypted_inference",
-           "encrypted_model_depth", "encrypted_model_steps", "he_ops", "he_program", "model_structure",
-           "plaintext_forward", "run_encrypted_input", "run_encrypted_model"]
+__all__ = ["HE_FRIENDLY_ARCHS", "BatchedServer", "DiagonalPlan", "DiagonalServer", "EncryptedModel",
+           "EncryptedModelHost", "GridPlan", "HEResult", "HERun", "LinearOp", "Op", "SquareOp", "SingleServer",
+           "check_layouts", "encrypted_inference", "encrypted_model_depth", "encrypted_model_steps", "he_ops",
+           "he_program", "model_structure", "plaintext_forward", "run_encrypted_input", "run_encrypted_model",
+           "single_plan"]

@@ -229,7 +229,8 @@ class DiagonalPlan:
     def slots(self) -> int:
         return _pow2(self.width)
 
-    def encode_input(self, sample: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def encode_input(sample: np.ndarray) -> np.ndarray:
         return sample.reshape(-1)
 
     def output_slots(self, ops: list[Op]) -> np.ndarray:
@@ -270,6 +271,15 @@ class DiagonalServer:
             bias[:out_dim] = op.bias
             self.layers.append((groups, bias))
             level += 1
+
+    @staticmethod
+    def encoded_bytes(ops: list[Op], params) -> int:
+        """Memory the encoded diagonals of ``ops`` take under ``params`` (what a host holds per
+        session besides its keys): a plaintext per non-zero diagonal, N coefficients over the data
+        primes left at its layer's level (every op before it used one), 8 bytes each."""
+        primes = len(params.coeff_mod_bit_sizes) - 1
+        return sum(len(_diagonals(op.weight)) * params.poly_modulus_degree * (primes - level) * 8
+                   for level, op in enumerate(ops) if isinstance(op, LinearOp))
 
     def infer(self, ciphertexts: list) -> list:
         (value,) = ciphertexts
@@ -395,20 +405,32 @@ def host_workers(config: HEConfig, chunks: int) -> int:
     return max(1, min(wanted, chunks))
 
 
-_HOST: dict = {}  # per worker process: the public context and server, built once
+_HOST: dict = {}  # per worker process: the public context and server of the run it serves
 
 
-def _host_init(context_bytes: bytes, ops: list[Op]) -> None:
-    import torch
+def _host(context_bytes: bytes, ops: list[Op]):
+    """This process's server for the run whose public context is ``context_bytes``, built once.
+    Context and model come with the tasks, not as pool initargs: a spawned worker reads its
+    initargs only after it has imported the parent's main module, and the parent blocks writing
+    them (megabytes) into the pipe all that time, once per worker."""
+    if _HOST.get("context") != context_bytes:
+        import torch
 
-    torch.set_num_threads(1)
-    public = PublicContext.deserialize(context_bytes)  # the host gets bytes only: no secret key
-    _HOST.update(public=public, server=BatchedServer(public, ops))
+        torch.set_num_threads(1)
+        public = PublicContext.deserialize(context_bytes)  # the host gets bytes only: no secret key
+        _HOST.update(context=context_bytes, public=public, server=BatchedServer(public, ops))
+    return _HOST["public"], _HOST["server"]
 
 
-def _host_chunk(payload: bytes) -> tuple[bytes, float]:
+def _host_ready(context_bytes: bytes, ops: list[Op]) -> None:
+    """Submitted once per worker: every host process starts and loads the context while the
+    client encrypts the first chunk, not after it."""
+    _host(context_bytes, ops)
+
+
+def _host_chunk(context_bytes: bytes, ops: list[Op], payload: bytes) -> tuple[bytes, float]:
     """A host process's work on one chunk: ciphertext bytes in, ciphertext bytes out."""
-    public, server = _HOST["public"], _HOST["server"]
+    public, server = _host(context_bytes, ops)
     started = time.perf_counter()
     reply = public.dump_ciphertexts(server.infer(public.load_ciphertexts(payload)))
     return reply, time.perf_counter() - started
@@ -435,15 +457,16 @@ def _parallel_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requ
         advance(f"{chunks[index].stop}/{len(inputs)} samples")
 
     # spawn: the pipeline runs tasks in threads, and a forked copy of a threaded process can deadlock
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_host_init,
-                               initargs=(context_bytes, ops))
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
     try:
+        for _ in range(workers):  # the pool starts a process per submit while none is idle
+            pool.submit(_host_ready, context_bytes, ops)
         for index, chunk in enumerate(chunks):
             if len(pending) >= workers:
                 collect(min(pending))
             features = inputs[chunk].reshape(chunk.stop - chunk.start, -1).astype(np.float64)
             payload = holder.encrypt_bundle([features[:, i] for i in required])
-            pending[index] = (pool.submit(_host_chunk, payload), len(payload))
+            pending[index] = (pool.submit(_host_chunk, context_bytes, ops, payload), len(payload))
         while pending:
             collect(min(pending))
     finally:
