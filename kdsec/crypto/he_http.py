@@ -178,7 +178,8 @@ class HEHost:
         params, rotation_keys = PublicContext.declared(body)
         needed = params.resident_bytes(rotation_keys)
         single = self.plan["single"]
-        if self._single_plaintext_bytes and params.depth >= single["depth"] and params.slots >= single["min_slots"]:
+        if (self._single_plaintext_bytes and params.last_scale_bits is None and params.depth >= single["depth"]
+                and params.slots >= single["min_slots"]):
             needed += self._single_plaintext_bytes(self.ops, params)
         self.expire()
         with self.lock:
@@ -188,7 +189,7 @@ class HEHost:
             servers = {path: server(public, self.ops) for path, server in
                        (("batched", BatchedServer), ("single", self._single)) if self._fits(public, path)}
             if not servers:
-                raise HostError(f"this context allows depth {public.params.depth} with {public.params.slots} slots; "
+                raise HostError(f"this context allows depth {public.params.program_depth} with {public.params.slots} slots; "
                                 f"the model needs depth {self.plan['batched']['depth']} (batched) or depth "
                                 f"{self.plan['single']['depth']}, {self.plan['single']['min_slots']} slots and "
                                 "the plan's rotation steps (single)")
@@ -201,8 +202,10 @@ class HEHost:
         return session_id, needed
 
     def _fits(self, public: PublicContext, path: str) -> bool:
-        plan = self.plan[path]
-        return (public.params.depth >= plan["depth"] and public.params.slots >= plan["min_slots"]
+        plan, params = self.plan[path], public.params
+        # only the batched server evaluates a last Linear without its rescale (last_scale_bits)
+        depth = params.program_depth if path == "batched" else (params.depth if params.last_scale_bits is None else -1)
+        return (depth >= plan["depth"] and params.slots >= plan["min_slots"]
                 and set(plan["rotation_steps"]) <= set(public.rotation_steps))
 
     def close_session(self, session_id: str) -> None:
@@ -434,7 +437,7 @@ class HEHttpClient:
         self.plan = json.loads(self._request("GET", "/plan"))
         step = self.plan[path]
         params = plan_params(step["depth"], config.scale_bits, config.integer_bits, config.poly_modulus_degree,
-                             step["min_slots"])
+                             step["min_slots"], unrescaled_last=path == "batched")
         self.holder = KeyHolder(params, tuple(step["rotation_steps"]))
         self.session: str | None = json.loads(
             self._request("POST", "/sessions", self.holder.public_context()))["session"]

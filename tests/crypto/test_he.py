@@ -9,8 +9,8 @@ from kdsec.compress import global_magnitude_prune, load_weights, quantize_dynami
 from kdsec.compress.quantize import DynamicQuantLinear
 from kdsec.config import DataConfig, HEConfig, load_config
 from kdsec.crypto.he import (HE_FRIENDLY_ARCHS, BatchedServer, EncryptedModel, GridPlan, LinearOp, he_ops,
-                             plaintext_forward, run_encrypted_input, run_encrypted_model, encrypted_inference)
-from kdsec.crypto.seal import KeyHolder, PublicContext, plan_params, scratch
+                             SquareOp, plaintext_forward, run_encrypted_input, run_encrypted_model, encrypted_inference)
+from kdsec.crypto.seal import HEParams, KeyHolder, ParamsHeader, PublicContext, plan_params, scratch
 from kdsec.errors import ConfigError, IntegrityError, KdsecError
 from kdsec.models import ModelSpec, build_model, save_checkpoint
 from kdsec.train import fit, seed_everything
@@ -128,6 +128,40 @@ def test_too_deep_for_a_secure_ring_is_a_clear_error():
     assert plan_params(7, 30, 14).poly_modulus_degree == 16384
 
 
+def test_the_batched_chain_leaves_the_last_linear_unrescaled_and_drops_a_prime():
+    short = plan_params(3, 30, 14, unrescaled_last=True)
+    assert short.coeff_mod_bit_sizes == (60, 30, 30, 60) and short.last_scale_bits == 15
+    assert short.poly_modulus_degree == 8192 and short.program_depth == 3 and short.depth == 2
+    assert plan_params(7, 30, 14, unrescaled_last=True).poly_modulus_degree == 16384  # never a larger ring
+    assert plan_params(1, 30, 14, unrescaled_last=True).last_scale_bits is None  # nothing to save
+    assert plan_params(3, 40, 14, unrescaled_last=True).last_scale_bits is None  # 2^-5 weights: too coarse
+    assert HEParams.from_dict(short.as_dict()) == short and "last_scale_bits" not in plan_params(3, 30, 14).as_dict()
+
+    # same answers as the usual chain, logits up to ~2^12 included (the integer headroom)
+    rng = np.random.default_rng(3)
+    last = rng.normal(size=(3, 8)) * 60
+    last[0, 0] = 1e-6  # zero once encoded at 2^15: skipped (SEAL refuses a product that is all zeros)
+    ops = [LinearOp(rng.normal(size=(8, 6)), rng.normal(size=8)), SquareOp(), LinearOp(last, rng.normal(size=3))]
+    inputs = rng.uniform(-1, 1, size=(64, 6))
+    plain = plaintext_forward(ops, inputs)
+    assert 1000 < np.abs(plain).max() < 2**13
+    errors = []
+    for params in (short, plan_params(3, 30, 14)):
+        holder = KeyHolder(params)
+        public = PublicContext.deserialize(holder.public_context())
+        outputs = BatchedServer(public, ops).infer([holder.encrypt(inputs[:, i]) for i in range(6)])
+        logits = np.stack([holder.decrypt(ct)[:64] for ct in outputs], axis=1)
+        errors.append(np.abs(logits - plain).max() / np.abs(plain).max())
+    # rescaling snaps the scale back to 2^30 (~1e-4 relative each time): one rescale fewer, no worse
+    assert errors[0] < 1e-3 and errors[1] < 1e-3 and errors[0] <= 1.5 * errors[1], errors
+
+    # a context whose last weights could not fit its first prime is refused before SEAL sees it
+    forged = json.loads(json.dumps(short.as_dict()))
+    forged["last_scale_bits"] = 31
+    with pytest.raises(ValueError, match="last_scale_bits"):
+        ParamsHeader(**forged)
+
+
 def test_non_polynomial_layers_are_refused():
     teacher = build_model(ModelSpec("teacher_cnn", (1, 8, 8), 10, {"channels": [4, 8], "fc": 16}))
     with pytest.raises(KdsecError, match="no homomorphic form"):
@@ -225,7 +259,9 @@ def test_the_pipeline_entry_on_a_trained_candidate_passes_the_default_gate(defau
         assert run.ms_per_sample >= run.server_ms_per_sample > 0 and not run.host_had_secret_key
         assert run.scale_bits == he.scale_bits and run.poly_modulus_degree in (8192, 16384)
         sizes = run.coeff_mod_bit_sizes
-        assert sizes[0] == sizes[-1] == he.scale_bits + he.integer_bits
+        # batched: the last Linear unrescaled, its sums in a 60-bit decryption prime (one prime fewer)
+        outer = 60 if (run.mode, run.path) == ("encrypted_input", "batched") else he.scale_bits + he.integer_bits
+        assert sizes[0] == sizes[-1] == outer
         assert set(sizes[1:-1]) == {he.scale_bits}
         assert run.ciphertext_bytes_out > 0 and run.public_context_bytes > 0
         assert (run.ciphertext_bytes_in > 0) == (run.mode == "encrypted_input")

@@ -60,6 +60,11 @@ class BatchedServer:
         return len(ops)
 
     @staticmethod
+    def params(ops: list[Op], config: HEConfig):
+        """The batched path's parameters: the last Linear unrescaled where that saves a prime."""
+        return _params(config, BatchedServer.depth(ops), 1, unrescaled_last=True)
+
+    @staticmethod
     def required_inputs(ops: list[Op]) -> list[int]:
         """Input features some kept weight reads; the client encrypts and sends only these (this
         tells the client which features a pruned model ignores, nothing about the weights)."""
@@ -79,8 +84,11 @@ class BatchedServer:
             if isinstance(op, SquareOp):
                 values = [self._square(value) for value in values]
                 continue
-            needed = self.live[index + 1] if index + 1 < len(self.ops) else np.ones(len(op.bias), dtype=bool)
-            values = [self._neuron(values, row, float(bias)) if use else None
+            last = index + 1 == len(self.ops)
+            needed = np.ones(len(op.bias), dtype=bool) if last else self.live[index + 1]
+            # the last Linear of a chain planned without its rescale (HEParams.last_scale_bits)
+            scale_bits = self.public.params.last_scale_bits if last else None
+            values = [self._neuron(values, row, float(bias), scale_bits) if use else None
                       for row, bias, use in zip(op.weight, op.bias, needed)]
         return [self.public.encrypt(value) if isinstance(value, float) else value for value in values]
 
@@ -89,19 +97,23 @@ class BatchedServer:
             return value if value is None else value * value
         return self.public.square(value, relinearize=False)
 
-    def _neuron(self, values: list, row: np.ndarray, bias: float):
+    def _neuron(self, values: list, row: np.ndarray, bias: float, scale_bits: int | None = None):
+        """bias + Σ weight·value, rescaled; with ``scale_bits`` the weights are encoded at
+        2^scale_bits and the sum is not rescaled (it stays at scale Δ·2^scale_bits)."""
         total, constant = None, bias
+        scale = self.public.params.scale if scale_bits is None else float(2**scale_bits)
         for value, weight in zip(values, row):
-            if weight == 0.0 or value is None:
+            if abs(weight) * scale < 0.5 or value is None:  # zero, or zero once encoded at this scale
                 continue
             if isinstance(value, float):
                 constant += value * weight
                 continue
-            term = self.public.multiply_plain(value, float(weight))
+            term = self.public.multiply_encoded(value, self.public.encode(float(weight), value.parms_id(), scale))
             total = term if total is None else self.public.add_inplace(total, term)
         if total is None:
             return constant
-        return self.public.add_plain(self.public.rescale(self.public.relinearize(total)), constant)
+        total = self.public.relinearize(total)
+        return self.public.add_plain(total if scale_bits is not None else self.public.rescale(total), constant)
 
 
 # --- encrypted input, single sample ------------------------------------------------------------
@@ -323,7 +335,7 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
     With ``wire``, ciphertexts and context cross as bytes, as they would over a network.
     ``model_predictions`` (the deployed model's own labels) give ``agreement_with_model``."""
     if path == "batched":
-        plan, params = None, _params(config, BatchedServer.depth(ops), 1)
+        plan, params = None, BatchedServer.params(ops, config)
         holder = KeyHolder(params)
     else:
         plan = single_plan(ops, config)

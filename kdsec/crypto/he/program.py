@@ -268,8 +268,9 @@ def _linears(ops: list[Op]) -> list[LinearOp]:
     return [op for op in ops if isinstance(op, LinearOp)]
 
 
-def _params(config: HEConfig, depth: int, min_slots: int) -> HEParams:
-    return plan_params(depth, config.scale_bits, config.integer_bits, config.poly_modulus_degree, min_slots)
+def _params(config: HEConfig, depth: int, min_slots: int, unrescaled_last: bool = False) -> HEParams:
+    return plan_params(depth, config.scale_bits, config.integer_bits, config.poly_modulus_degree, min_slots,
+                       unrescaled_last)
 
 
 def _largest_ring(config: HEConfig) -> int:

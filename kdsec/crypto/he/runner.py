@@ -74,7 +74,7 @@ def check_layouts(ops: list[Op], config: HEConfig) -> None:
     the setting to change, before any key is made or anything is encrypted."""
     ring, slots = _ring_slots(config)
     if "encrypted_input" in config.modes:
-        _params(config, BatchedServer.depth(ops), 1)
+        BatchedServer.params(ops, config)
         if config.latency_samples:
             check_single_layout(ops, config)
     if "encrypted_model" in config.modes:
