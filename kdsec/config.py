@@ -341,9 +341,9 @@ class HEConfig(Section):
     # Host processes evaluating batched ciphertext chunks at once (SEAL holds the GIL: threads do
     # not help); 0 = one per CPU core, at most one per chunk. 1 = everything in this process.
     host_workers: Annotated[int, Field(ge=0, le=64)] = 0
-    # Encrypted-model mode packs few samples per ciphertext for wide students (a 784 → 576 → 10
-    # he_cnn: 4, 160 ms/sample): past this many seconds it stops after the current chunk and
-    # reports the samples it ran (logged; the run's `samples` says how many).
+    # Encrypted-model mode packs few samples per ciphertext for wide students (the presets'
+    # 784 → 845 → 10 he_cnn: 8, 72 ms/sample): past this many seconds it stops after the current
+    # chunk and reports the samples it ran (logged; the run's `samples` says how many).
     max_mode_seconds: Annotated[float, Field(gt=0)] = 600.0
     log_packages: bool = True  # log host packages (public contexts, encrypted weights ~35 MB) to MLflow
 

@@ -50,7 +50,7 @@ import numpy as np
 from kdsec.config import HEConfig
 from kdsec.crypto.he import (BatchedServer, DiagonalPlan, DiagonalServer, GridPlan, SingleServer, model_structure,
                              he_ops, single_plan)
-from kdsec.crypto.seal import KeyHolder, PublicContext, plan_params
+from kdsec.crypto.seal import HEParams, KeyHolder, PublicContext, plan_params
 from kdsec.errors import KdsecError
 
 MIB = 1 << 20
@@ -119,13 +119,14 @@ class HEHost:
         single = single_plan(ops, HEConfig())
         self._single = SingleServer if isinstance(single, GridPlan) else DiagonalServer
         # Diagonal sessions hold their encoded diagonals: counted with the session's keys.
-        self._single_plaintext_bytes = 0 if isinstance(single, GridPlan) else DiagonalServer.encoded_bytes
+        self._single_plaintext_bytes = None if isinstance(single, GridPlan) else DiagonalServer.encoded_bytes
         layout = ({"layout": "grid", "rows": single.rows, "cols": single.cols} if isinstance(single, GridPlan)
                   else {"layout": "diagonal"})
-        # Structure, depths and layouts only: nothing here reveals a weight.
+        # Structure, depths and layouts only: nothing here reveals a weight. unrescaled_last: this
+        # host evaluates a batched context planned without the last rescale (HEParams.last_scale_bits).
         self.plan = {"structure": model_structure(ops),
                      "batched": {"depth": BatchedServer.depth(ops), "min_slots": 1, "rotation_steps": [],
-                                 "required_inputs": BatchedServer.required_inputs(ops)},
+                                 "required_inputs": BatchedServer.required_inputs(ops), "unrescaled_last": True},
                      "single": {"depth": single.depth(ops), "min_slots": single.slots,
                                 "rotation_steps": list(single.steps),
                                 "output_slots": single.output_slots(ops).tolist(), **layout}}
@@ -175,24 +176,23 @@ class HEHost:
 
     def open_session(self, body: bytes) -> tuple[str, int]:
         """A new session for a public context: its id and estimated memory."""
-        params, rotation_keys = PublicContext.declared(body)
+        params, rotation_keys, steps = PublicContext.declared(body)
+        paths = [path for path in ("batched", "single") if self._fits(params, steps, path)]
+        if not paths:
+            raise HostError(f"this context allows depth {params.program_depth} with {params.slots} slots; the model "
+                            f"needs depth {self.plan['batched']['depth']} (batched) or depth "
+                            f"{self.plan['single']['depth']}, {self.plan['single']['min_slots']} slots, the plan's "
+                            "rotation steps and no last_scale_bits (single)")
         needed = params.resident_bytes(rotation_keys)
-        single = self.plan["single"]
-        if (self._single_plaintext_bytes and params.last_scale_bits is None and params.depth >= single["depth"]
-                and params.slots >= single["min_slots"]):
+        if "single" in paths and self._single_plaintext_bytes:
             needed += self._single_plaintext_bytes(self.ops, params)
         self.expire()
         with self.lock:
             self._admit(needed)
         try:
             public = PublicContext.deserialize(body)
-            servers = {path: server(public, self.ops) for path, server in
-                       (("batched", BatchedServer), ("single", self._single)) if self._fits(public, path)}
-            if not servers:
-                raise HostError(f"this context allows depth {public.params.program_depth} with {public.params.slots} slots; "
-                                f"the model needs depth {self.plan['batched']['depth']} (batched) or depth "
-                                f"{self.plan['single']['depth']}, {self.plan['single']['min_slots']} slots and "
-                                "the plan's rotation steps (single)")
+            servers = {path: (BatchedServer if path == "batched" else self._single)(public, self.ops)
+                       for path in paths}
             session_id = secrets.token_hex(8)
             with self.lock:
                 self.sessions[session_id] = _Session(servers, needed, time.monotonic())
@@ -201,12 +201,13 @@ class HEHost:
                 self.pending_sessions, self.pending_bytes = self.pending_sessions - 1, self.pending_bytes - needed
         return session_id, needed
 
-    def _fits(self, public: PublicContext, path: str) -> bool:
-        plan, params = self.plan[path], public.params
+    def _fits(self, params: HEParams, steps: tuple[int, ...], path: str) -> bool:
+        """Whether a context of ``params`` and rotation ``steps`` (as declared) can run ``path``."""
+        plan = self.plan[path]
         # only the batched server evaluates a last Linear without its rescale (last_scale_bits)
         depth = params.program_depth if path == "batched" else (params.depth if params.last_scale_bits is None else -1)
         return (depth >= plan["depth"] and params.slots >= plan["min_slots"]
-                and set(plan["rotation_steps"]) <= set(public.rotation_steps))
+                and set(plan["rotation_steps"]) <= set(steps))
 
     def close_session(self, session_id: str) -> None:
         with self.lock:
@@ -232,8 +233,9 @@ class HEHost:
         try:
             server = session.servers.get(path)
             if server is None:
+                extra = ", no last_scale_bits" if path == "single" else ""
                 raise HostError(f"this session's context does not fit the {path} path (needs depth "
-                                f"{self.plan[path]['depth']}, {self.plan[path]['min_slots']} slots)")
+                                f"{self.plan[path]['depth']}, {self.plan[path]['min_slots']} slots{extra})")
             expected = len(self.plan["batched"]["required_inputs"]) if path == "batched" else 1
             with session.lock:
                 public = server.public
@@ -242,7 +244,11 @@ class HEHost:
                 if any(ct.size() != 2 or ct.parms_id() != fresh or ct.scale != public.params.scale
                        for ct in ciphertexts):
                     raise HostError("send freshly encrypted ciphertexts: two parts, top level, scale 2^scale_bits")
-                return public.dump_ciphertexts(server.infer(ciphertexts))
+                try:
+                    outputs = server.infer(ciphertexts)
+                except (ValueError, RuntimeError) as exc:  # SEAL refusing what this client's parameters ask
+                    raise HostError(f"these parameters cannot evaluate the model: {_one_line(str(exc))[:200]}") from None
+                return public.dump_ciphertexts(outputs)
         finally:
             with self.lock:
                 session.users -= 1
@@ -437,7 +443,7 @@ class HEHttpClient:
         self.plan = json.loads(self._request("GET", "/plan"))
         step = self.plan[path]
         params = plan_params(step["depth"], config.scale_bits, config.integer_bits, config.poly_modulus_degree,
-                             step["min_slots"], unrescaled_last=path == "batched")
+                             step["min_slots"], unrescaled_last=step.get("unrescaled_last", False))
         self.holder = KeyHolder(params, tuple(step["rotation_steps"]))
         self.session: str | None = json.loads(
             self._request("POST", "/sessions", self.holder.public_context()))["session"]
@@ -490,7 +496,7 @@ class HEHttpClient:
                 return np.stack([self.holder.decrypt(ct)[: len(features)] for ct in reply], axis=1)
             single = self.plan["single"]
             encode = (GridPlan(single["rows"], single["cols"], tuple(single["rotation_steps"])).encode_input
-                      if single["layout"] == "grid" else DiagonalPlan.encode_input)
+                      if single.get("layout", "grid") == "grid" else DiagonalPlan.encode_input)
             rows = []
             for sample in features:
                 (reply,) = self._infer([encode(sample)])
@@ -515,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS, help="sessions open at once")
     parser.add_argument("--max-session-mib", type=float, default=MAX_SESSION_BYTES / MIB,
                         help="estimated memory of all open sessions, MiB (a batched session of a small student "
-                             "is ~15 MiB, a single-path one ~75)")
+                             "is ~15 MiB, a single-path one ~75, a conv student's diagonal single path ~730)")
     parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
                         help="seconds after its last request before a session expires")
     parser.add_argument("--max-in-flight", type=int, default=MAX_IN_FLIGHT,

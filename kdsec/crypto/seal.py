@@ -42,6 +42,7 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_BLOBS = 1 << 16
 MAX_PRIME_BITS = 60  # SEAL's largest prime
 MIN_LAST_SCALE_BITS = 12  # an unrescaled last Linear's weights keep at least this precision
+MIN_INTEGER_BITS = 4  # HEConfig.integer_bits' lower bound: headroom every chain leaves for |values|
 MAX_ROTATIONS = 128  # a plan needs a few doubling ladders: ~2·log2(width) steps
 # SEAL's serialization header (verified against PublicKey/Ciphertext.save): magic 0xA15E, header
 # size 16, version major/minor, compression mode, reserved, then the whole object's size.
@@ -191,8 +192,10 @@ class ParamsHeader(_Strict):
         # The chain plan_params lays out; rescaling snaps back to 2^scale_bits, so any other breaks evaluation.
         if any(b != self.scale_bits for b in bits[1:-1]) or bits[0] < self.scale_bits:
             raise ValueError("the middle primes must have scale_bits bits and the first at least as many")
-        if self.last_scale_bits is not None and self.scale_bits + self.last_scale_bits >= bits[0]:
-            raise ValueError("scale_bits + last_scale_bits must stay under the first prime's bits")
+        # the unrescaled sums need room for a sign bit and MIN_INTEGER_BITS of integer part
+        if self.last_scale_bits is not None and self.scale_bits + self.last_scale_bits + 1 + MIN_INTEGER_BITS > bits[0]:
+            raise ValueError(f"scale_bits + last_scale_bits must leave {1 + MIN_INTEGER_BITS} of the first "
+                             "prime's bits for the values")
         return self
 
 
@@ -421,11 +424,11 @@ class PublicContext:
                      "rotation_steps": list(self.rotation_steps)}, blobs)
 
     @staticmethod
-    def declared(data: bytes) -> tuple[HEParams, int]:
-        """The parameters and rotation-key count a public context declares, validated, before any
-        SEAL work: what a host needs to decide whether it has room for it."""
+    def declared(data: bytes) -> tuple[HEParams, int, tuple[int, ...]]:
+        """The parameters, rotation-key count and rotation steps a public context declares,
+        validated, before any SEAL work: what a host needs to decide whether it has room for it."""
         header, _ = read_header(data, "public-context")
-        return HEParams.from_dict(header["params"]), len(_galois_elements(header))
+        return HEParams.from_dict(header["params"]), len(_galois_elements(header)), tuple(header["rotation_steps"])
 
     @classmethod
     def deserialize(cls, data: bytes) -> PublicContext:

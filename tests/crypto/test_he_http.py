@@ -165,8 +165,35 @@ def test_a_conv_student_whose_grid_fits_no_ring_is_served_on_the_diagonal_single
             logits = client.predict_logits(digits.x_test[:2])
             held = he_host.sessions[client.session].memory_bytes
             keys = client.holder.params.resident_bytes(len(client.holder.public.rotation_steps))
+        # the session's encoded diagonals are counted with its keys, from the shapes only (every
+        # diagonal a 288 × 64 and a 10 × 288 layer could have, at the levels they are used)
+        params = client.holder.params
+        assert params.coeff_mod_bit_sizes == (44, 30, 30, 30, 44)
+        assert held == keys + (288 + 64 - 1) * params.poly_modulus_degree * 4 * 8 + (
+            10 + 288 - 1) * params.poly_modulus_degree * 2 * 8
+        # a batched-only context (no rotation keys) is not charged for diagonals it never gets
+        batched = KeyHolder(plan_params(3, 30, 14))
+        status, _, body = _call(url, "POST", "/sessions", batched.public_context())
+        assert status == 200 and json.loads(body)["memory_bytes"] == batched.params.resident_bytes(0)
     assert _agrees(logits, plaintext_forward(ops, digits.x_test[:2].reshape(2, -1)))
-    assert held > keys  # the session's encoded diagonals are counted with its keys
+
+
+def test_a_context_without_the_last_rescale_runs_batched_and_is_refused_on_the_single_path(host, digits):
+    url, ops = host
+    plan = HEHost(ops).plan
+    assert plan["batched"]["unrescaled_last"]  # what tells a client the host evaluates such a context
+    # batched depth 3 and the single path's slots, with the single path's rotation keys: only the
+    # last_scale_bits stands between this context and the single path
+    params = plan_params(plan["batched"]["depth"], 30, 14, "auto", plan["single"]["min_slots"], unrescaled_last=True)
+    assert params.last_scale_bits == 15 and params.depth < plan["batched"]["depth"] == params.program_depth
+    holder = KeyHolder(params, tuple(plan["single"]["rotation_steps"]))
+    session = _open(url, holder.public_context())
+    logits = _batched_infer(url, session, holder, ops, digits.x_test[:8])
+    assert _agrees(logits, plaintext_forward(ops, digits.x_test[:8]))
+    body = holder.encrypt_bundle([np.zeros(holder.params.slots)])
+    status, _, reply = _call(url, "POST", f"/infer/{session}?path=single", body)
+    assert status == 400 and "no last_scale_bits" in _error(status, reply)
+    assert _call(url, "DELETE", f"/sessions/{session}")[0] == 200
 
 
 def test_one_client_shared_by_threads_serializes_its_calls(host, digits):

@@ -3,12 +3,15 @@ data stays encrypted. Two paths:
 
 - *batched* (``BatchedServer``): one ciphertext per input feature, its slots holding that
   feature for up to N/2 samples (CryptoNets). A Linear layer is a weighted sum of ciphertexts
-  with plaintext scalars, rescaled once per neuron; zero (pruned) weights, and neurons nothing
-  downstream reads, are skipped. No rotations.
+  with plaintext scalars, rescaled once per neuron — but the last, whose weights are encoded at
+  2^last_scale_bits and whose sums stay in the 60-bit decryption prime where the parameters say
+  so (``HEParams.last_scale_bits``: one prime fewer on every ciphertext); zero (pruned) weights,
+  and neurons nothing downstream reads, are skipped. No rotations.
 - *single* (``GridPlan``, ``SingleServer``): one sample in one ciphertext laid out as an R×C
   grid, x copied into every row. Linear layers alternate between reducing along a row (result
   in column 0) and along a column (result in row 0); each is one plaintext product plus log2
-  rotations, so latency does not grow with the number of weights.
+  rotations, so latency does not grow with the number of weights. Where no grid fits a ring
+  (conv students), ``DiagonalPlan``/``DiagonalServer``: a product per non-zero diagonal.
 
 ``run_encrypted_input`` is the round trip: client encrypts → host evaluates → client decrypts.
 """
@@ -103,10 +106,12 @@ class BatchedServer:
         total, constant = None, bias
         scale = self.public.params.scale if scale_bits is None else float(2**scale_bits)
         for value, weight in zip(values, row):
-            if abs(weight) * scale < 0.5 or value is None:  # zero, or zero once encoded at this scale
+            if weight == 0.0 or value is None:
                 continue
             if isinstance(value, float):
                 constant += value * weight
+                continue
+            if abs(weight) * scale < 0.5:  # zero once encoded at this scale (SEAL refuses an all-zero product)
                 continue
             term = self.public.multiply_encoded(value, self.public.encode(float(weight), value.parms_id(), scale))
             total = term if total is None else self.public.add_inplace(total, term)
@@ -225,12 +230,15 @@ class DiagonalPlan:
 
     @classmethod
     def for_ops(cls, ops: list[Op]) -> DiagonalPlan:
+        """The rotation steps come from the shapes only (every diagonal a layer could have), so
+        the keys a host asks for say nothing of which weights are zero."""
         linears = _linears(ops)
         span = max(l.weight.shape[0] + l.weight.shape[1] for l in linears)
         baby = max(1, int(np.ceil(np.sqrt(span))))
         steps = set(range(1, baby))
         for linear in linears:
-            steps.update(int(g) * baby for g in {k // baby for k in _diagonals(linear.weight)} if g)
+            out_dim, in_dim = linear.weight.shape
+            steps.update(g * baby for g in range(-(out_dim - 1) // baby, (in_dim - 1) // baby + 1) if g)
         return cls(baby, tuple(sorted(steps)), span)
 
     @staticmethod
@@ -275,6 +283,8 @@ class DiagonalServer:
                 rows = np.arange(max(0, -k), min(out_dim, in_dim - k))
                 diagonal = np.zeros(self.slots)
                 diagonal[rows] = op.weight[rows, rows + k]
+                if np.abs(diagonal).max() * public.params.scale < 0.5:  # encodes to zero: SEAL refuses the product
+                    continue
                 giant, baby = divmod(int(k), self.plan.baby)
                 # diag ⊙ rot(v, g·b + j) summed, then rotated by g·b: pre-rotate the diagonal by −g·b
                 rotated = np.roll(diagonal, giant * self.plan.baby)
@@ -286,11 +296,13 @@ class DiagonalServer:
 
     @staticmethod
     def encoded_bytes(ops: list[Op], params) -> int:
-        """Memory the encoded diagonals of ``ops`` take under ``params`` (what a host holds per
-        session besides its keys): a plaintext per non-zero diagonal, N coefficients over the data
-        primes left at its layer's level (every op before it used one), 8 bytes each."""
+        """Memory the encoded diagonals of ``ops`` may take under ``params`` (what a host holds per
+        session besides its keys), from the shapes only, so that the figure a client sees says
+        nothing of which weights are zero: a plaintext per possible diagonal (m + n − 1 for an
+        m × n layer), N coefficients over the data primes left at its layer's level (every op
+        before it used one), 8 bytes each."""
         primes = len(params.coeff_mod_bit_sizes) - 1
-        return sum(len(_diagonals(op.weight)) * params.poly_modulus_degree * (primes - level) * 8
+        return sum((sum(op.weight.shape) - 1) * params.poly_modulus_degree * (primes - level) * 8
                    for level, op in enumerate(ops) if isinstance(op, LinearOp))
 
     def infer(self, ciphertexts: list) -> list:
@@ -412,7 +424,7 @@ def _round_trip(holder: KeyHolder, public: PublicContext, server, plan: GridPlan
 def host_workers(config: HEConfig, chunks: int) -> int:
     """Host processes for ``chunks`` ciphertext batches: ``encrypt.he.host_workers``, 0 = one per
     core this process may run on; never more than the chunks. Each holds one chunk's ciphertexts
-    (a 784-pixel chunk of 4096 samples at N=8192: ~230 MiB in, ~1 GiB while evaluated)."""
+    (a 784-pixel chunk of 4096 samples at N=8192: ~100 MiB in as seeded ciphertexts, ~1 GiB while evaluated)."""
     wanted = config.host_workers or len(os.sched_getaffinity(0))  # the cores this process may use
     return max(1, min(wanted, chunks))
 
