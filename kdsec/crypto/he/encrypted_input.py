@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.program import (LinearOp, Op, SquareOp, _chunks, _doubling, _largest_ring, _linears, _params,
-                                     _pow2)
+from kdsec.crypto.he.program import (LinearOp, Op, SquareOp, sample_chunks, doubling_steps, largest_ring, linear_ops, he_params,
+                                     next_pow2)
 from kdsec.crypto.he.result import HERun, _summarize
 from kdsec.crypto.seal import KeyHolder, PublicContext
 from kdsec.errors import KdsecError
@@ -65,7 +65,7 @@ class BatchedServer:
     @staticmethod
     def params(ops: list[Op], config: HEConfig):
         """The batched path's parameters: the last Linear unrescaled where that saves a prime."""
-        return _params(config, BatchedServer.depth(ops), 1, unrescaled_last=True)
+        return he_params(config, BatchedServer.depth(ops), 1, unrescaled_last=True)
 
     @staticmethod
     def required_inputs(ops: list[Op]) -> list[int]:
@@ -135,22 +135,22 @@ class GridPlan:
 
     @classmethod
     def for_ops(cls, ops: list[Op]) -> GridPlan:
-        linears = _linears(ops)
+        linears = linear_ops(ops)
         row_dims = [l.weight.shape[0] if t % 2 == 0 else l.weight.shape[1] for t, l in enumerate(linears)]
         col_dims = [l.weight.shape[1] if t % 2 == 0 else l.weight.shape[0] for t, l in enumerate(linears)]
-        rows, cols = _pow2(max(row_dims)), _pow2(max(col_dims))
+        rows, cols = next_pow2(max(row_dims)), next_pow2(max(col_dims))
         return cls(rows, cols, tuple(sorted(set(s for t in range(len(linears)) for s in cls._steps(linears, t, cols)))))
 
     @staticmethod
     def _steps(linears: list[LinearOp], t: int, cols: int) -> list[int]:
         out_dim, in_dim = linears[t].weight.shape
-        spread = [] if t == 0 else (_doubling(out_dim, 1, -1) if t % 2 else _doubling(out_dim, cols, -1))
-        reduce = _doubling(in_dim, 1) if t % 2 == 0 else _doubling(in_dim, cols)
+        spread = [] if t == 0 else (doubling_steps(out_dim, 1, -1) if t % 2 else doubling_steps(out_dim, cols, -1))
+        reduce = doubling_steps(in_dim, 1) if t % 2 == 0 else doubling_steps(in_dim, cols)
         return spread + reduce
 
     @staticmethod
     def depth(ops: list[Op]) -> int:
-        return len(ops) + len(_linears(ops)) - 1  # a mask before every Linear but the first
+        return len(ops) + len(linear_ops(ops)) - 1  # a mask before every Linear but the first
 
     @property
     def slots(self) -> int:
@@ -163,7 +163,7 @@ class GridPlan:
         return grid.reshape(-1)
 
     def output_slots(self, ops: list[Op]) -> np.ndarray:
-        linears = _linears(ops)
+        linears = linear_ops(ops)
         out_dim = linears[-1].weight.shape[0]
         return np.arange(out_dim) * self.cols if (len(linears) - 1) % 2 == 0 else np.arange(out_dim)
 
@@ -190,12 +190,12 @@ class SingleServer:
                     value = self._spread(value, mask_row=True, count=out_dim, stride=cols)
                 grid[:out_dim, :in_dim] = op.weight
                 bias[:out_dim, 0] = op.bias
-                reduce = _doubling(in_dim, 1)
+                reduce = doubling_steps(in_dim, 1)
             else:  # input in column 0 → copy along columns, reduce down each column into row 0
                 value = self._spread(value, mask_row=False, count=out_dim, stride=1)
                 grid[:in_dim, :out_dim] = op.weight.T
                 bias[0, :out_dim] = op.bias
-                reduce = _doubling(in_dim, cols)
+                reduce = doubling_steps(in_dim, cols)
             value = self.public.rescale(self.public.multiply_plain(value, grid.reshape(-1)))
             value = self.public.rotate_and_sum(value, reduce)
             value = self.public.add_plain(value, bias.reshape(-1))
@@ -210,7 +210,7 @@ class SingleServer:
         else:
             mask[:, 0] = 1.0
         value = self.public.rescale(self.public.multiply_plain(value, mask.reshape(-1)))
-        return self.public.rotate_and_sum(value, _doubling(count, stride, -1))
+        return self.public.rotate_and_sum(value, doubling_steps(count, stride, -1))
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ class DiagonalPlan:
     def for_ops(cls, ops: list[Op]) -> DiagonalPlan:
         """The rotation steps come from the shapes only (every diagonal a layer could have), so
         the keys a host asks for say nothing of which weights are zero."""
-        linears = _linears(ops)
+        linears = linear_ops(ops)
         span = max(l.weight.shape[0] + l.weight.shape[1] for l in linears)
         baby = max(1, int(np.ceil(np.sqrt(span))))
         steps = set(range(1, baby))
@@ -247,14 +247,14 @@ class DiagonalPlan:
 
     @property
     def slots(self) -> int:
-        return _pow2(self.width)
+        return next_pow2(self.width)
 
     @staticmethod
     def encode_input(sample: np.ndarray) -> np.ndarray:
         return sample.reshape(-1)
 
     def output_slots(self, ops: list[Op]) -> np.ndarray:
-        return np.arange(_linears(ops)[-1].weight.shape[0])
+        return np.arange(linear_ops(ops)[-1].weight.shape[0])
 
 
 def _diagonals(weight: np.ndarray) -> np.ndarray:
@@ -334,7 +334,7 @@ def single_plan(ops: list[Op], config: HEConfig) -> GridPlan | DiagonalPlan:
     """The single-sample layout: the grid (one product per layer) where it fits the ring, else the
     diagonal plan (a product per non-zero diagonal)."""
     grid = GridPlan.for_ops(ops)
-    return grid if grid.slots <= _largest_ring(config) // 2 else DiagonalPlan.for_ops(ops)
+    return grid if grid.slots <= largest_ring(config) // 2 else DiagonalPlan.for_ops(ops)
 
 
 # --- the round trip: client encrypts, host evaluates, client decrypts -------------------------
@@ -351,7 +351,7 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
         holder = KeyHolder(params)
     else:
         plan = single_plan(ops, config)
-        params = _params(config, plan.depth(ops), plan.slots)
+        params = he_params(config, plan.depth(ops), plan.slots)
         holder = KeyHolder(params, plan.steps)
     context_bytes = holder.public_context()
     if package_dir is not None and path == "batched":
@@ -365,7 +365,7 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
     required = BatchedServer.required_inputs(ops)
     logits, server_seconds, bytes_in, bytes_out = [], 0.0, 0, 0
     started = time.perf_counter()
-    chunks = list(_chunks(len(inputs), batch))
+    chunks = list(sample_chunks(len(inputs), batch))
     workers = host_workers(config, len(chunks)) if path == "batched" and wire else 1
     with progress(f"HE encrypted input ({path})", len(chunks)) as advance:
         results = []

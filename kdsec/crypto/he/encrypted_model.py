@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.program import Op, SquareOp, _chunks, _doubling, _linears, _params, _pow2, model_structure
+from kdsec.crypto.he.program import Op, SquareOp, sample_chunks, doubling_steps, linear_ops, he_params, next_pow2, model_structure
 from kdsec.crypto.he.result import HERun, _summarize
 from kdsec.crypto.seal import KeyHolder, PublicContext, pack, scratch, unpack
 from kdsec.fileio import write_atomic
@@ -29,17 +29,17 @@ from kdsec.progress import progress
 logger = logging.getLogger("kdsec")
 
 
-def _block(ops: list[Op]) -> int:
-    linears = _linears(ops)
+def block_size(ops: list[Op]) -> int:
+    linears = linear_ops(ops)
     dims = [l.weight.shape[0] for l in linears] + [l.weight.shape[1] for l in linears[1:]]
-    return _pow2(max(dims))
+    return next_pow2(max(dims))
 
 
 def encrypted_model_steps(ops: list[Op]) -> tuple[int, ...]:
-    linears = _linears(ops)
+    linears = linear_ops(ops)
     steps = set()
     for t, linear in enumerate(linears[1:], start=1):
-        steps.update(_doubling(linear.weight.shape[1]))
+        steps.update(doubling_steps(linear.weight.shape[1]))
         if t < len(linears) - 1:
             steps.update(range(-1, -linear.weight.shape[0], -1))
     return tuple(sorted(steps))
@@ -48,12 +48,12 @@ def encrypted_model_steps(ops: list[Op]) -> tuple[int, ...]:
 def encrypted_model_ciphertexts(ops: list[Op]) -> int:
     """How many weight ciphertexts ``EncryptedModel.encrypt`` makes: one per input feature of the
     first layer and its bias; a weight row and a bias per output neuron of every later layer."""
-    linears = _linears(ops)
+    linears = linear_ops(ops)
     return linears[0].weight.shape[1] + 1 + sum(2 * linear.weight.shape[0] for linear in linears[1:])
 
 
 def encrypted_model_depth(ops: list[Op]) -> int:
-    return len(ops) + max(len(_linears(ops)) - 2, 0)  # a packing step between reduce-Linears
+    return len(ops) + max(len(linear_ops(ops)) - 2, 0)  # a packing step between reduce-Linears
 
 
 class EncryptedModel:
@@ -70,7 +70,7 @@ class EncryptedModel:
 
     @classmethod
     def encrypt(cls, holder: KeyHolder, ops: list[Op]) -> EncryptedModel:
-        public, block = holder.public, _block(ops)
+        public, block = holder.public, block_size(ops)
         copies = public.params.slots // block
         tensors: list[list] = []
         level = linear_index = 0
@@ -160,7 +160,7 @@ class EncryptedModelHost:
                 outputs = []
                 for k in range(out_dim):
                     product = public.rescale(public.multiply(packed, public.match_level(layer[k], packed)))
-                    reduced = public.rotate_and_sum(product, _doubling(in_dim))
+                    reduced = public.rotate_and_sum(product, doubling_steps(in_dim))
                     outputs.append(public.add_inplace(reduced, public.match_level(layer[out_dim + k], reduced)))
                 values = outputs
             linear_index += 1
@@ -185,7 +185,7 @@ def run_encrypted_model(ops: list[Op], inputs: np.ndarray, config: HEConfig, wir
                         model_predictions: np.ndarray | None = None) -> tuple[np.ndarray, HERun]:
     """Owner encrypts the weights → host evaluates on its plaintext inputs → owner decrypts."""
     steps = encrypted_model_steps(ops)
-    params = _params(config, encrypted_model_depth(ops), _block(ops))
+    params = he_params(config, encrypted_model_depth(ops), block_size(ops))
     holder = KeyHolder(params, steps)
     model = EncryptedModel.encrypt(holder, ops)
     context_bytes = holder.public_context()
@@ -201,7 +201,7 @@ def run_encrypted_model(ops: list[Op], inputs: np.ndarray, config: HEConfig, wir
     host = EncryptedModelHost(host_model)
     logits, server_seconds, bytes_out = [], 0.0, 0
     started = time.perf_counter()
-    chunks = list(_chunks(len(inputs), model.samples_per_ciphertext))
+    chunks = list(sample_chunks(len(inputs), model.samples_per_ciphertext))
     with progress("HE encrypted model", len(chunks)) as advance:
         for chunk in chunks:
             server_started = time.perf_counter()

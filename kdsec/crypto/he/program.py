@@ -11,7 +11,7 @@ zeros for the encrypted-input path to skip.
 ``plaintext_forward`` is the same arithmetic in float64, the reference decrypted logits are
 compared with; ``model_structure`` is what a host may know of the model (shapes, never weights).
 Layout helpers the modes share: powers of two, rotation-step ladders, CKKS parameters from a
-layout's multiplicative depth (``_params``), samples in ciphertext-sized chunks.
+layout's multiplicative depth (``he_params``), samples in ciphertext-sized chunks.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def _measured(layers: list[_Layer]) -> tuple[np.ndarray, np.ndarray]:
                              f"{len(bias)} outputs: its HE form would take {16 * len(bias) * size / 2**30:.1f} GiB "
                              "to measure; use fewer channels, a larger stride or pool the input (student.pool)")
         columns = []
-        for chunk in _chunks(size, _BASIS_CHUNK):
+        for chunk in sample_chunks(size, _BASIS_CHUNK):
             basis = torch.zeros(chunk.stop - chunk.start, size, dtype=torch.float64)
             basis[torch.arange(len(basis)), torch.arange(chunk.start, chunk.stop)] = 1.0
             columns.append(module(basis.reshape(-1, *shape)).reshape(len(basis), -1) - bias)
@@ -255,29 +255,29 @@ def model_structure(ops: list[Op]) -> list:
     return [["linear", *op.weight.shape] if isinstance(op, LinearOp) else ["square"] for op in ops]
 
 
-def _pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _doubling(n: int, stride: int = 1, sign: int = 1) -> list[int]:
+def doubling_steps(n: int, stride: int = 1, sign: int = 1) -> list[int]:
     """Rotation steps that sum (or spread) a window of pow2(n) slots: stride·1, stride·2, ..."""
-    return [sign * stride * (1 << k) for k in range(_pow2(n).bit_length() - 1)]
+    return [sign * stride * (1 << k) for k in range(next_pow2(n).bit_length() - 1)]
 
 
-def _linears(ops: list[Op]) -> list[LinearOp]:
+def linear_ops(ops: list[Op]) -> list[LinearOp]:
     return [op for op in ops if isinstance(op, LinearOp)]
 
 
-def _params(config: HEConfig, depth: int, min_slots: int, unrescaled_last: bool = False) -> HEParams:
+def he_params(config: HEConfig, depth: int, min_slots: int, unrescaled_last: bool = False) -> HEParams:
     return plan_params(depth, config.scale_bits, config.integer_bits, config.poly_modulus_degree, min_slots,
                        unrescaled_last)
 
 
-def _largest_ring(config: HEConfig) -> int:
+def largest_ring(config: HEConfig) -> int:
     """The largest poly_modulus_degree ``config`` allows (the one it names, or the largest secure one)."""
     return max(MAX_MODULUS_BITS) if config.poly_modulus_degree == "auto" else int(config.poly_modulus_degree)
 
 
-def _chunks(count: int, size: int):
+def sample_chunks(count: int, size: int):
     for start in range(0, count, size):
         yield slice(start, min(start + size, count))

@@ -19,9 +19,9 @@ from torch import nn
 
 from kdsec.config import HEConfig
 from kdsec.crypto.he.encrypted_input import BatchedServer, GridPlan, run_encrypted_input, single_plan
-from kdsec.crypto.he.encrypted_model import (_block, encrypted_model_ciphertexts, encrypted_model_depth,
+from kdsec.crypto.he.encrypted_model import (block_size, encrypted_model_ciphertexts, encrypted_model_depth,
                                              encrypted_model_steps, run_encrypted_model)
-from kdsec.crypto.he.program import Op, _largest_ring, _params, he_program, model_structure
+from kdsec.crypto.he.program import Op, largest_ring, he_params, he_program, model_structure
 from kdsec.crypto.he.result import HEResult, HERun
 from kdsec.crypto.seal import MAX_ROTATIONS
 from kdsec.errors import ConfigError
@@ -78,7 +78,7 @@ def check_layouts(ops: list[Op], config: HEConfig) -> None:
         if config.latency_samples:
             check_single_layout(ops, config)
     if "encrypted_model" in config.modes:
-        block, steps = _block(ops), encrypted_model_steps(ops)
+        block, steps = block_size(ops), encrypted_model_steps(ops)
         fix = ("remove encrypted_model from encrypt.he.modes (e.g. encrypt.he.modes=[encrypted_input]) or use a "
                "smaller student")
         if block > slots:
@@ -87,7 +87,7 @@ def check_layouts(ops: list[Op], config: HEConfig) -> None:
         if len(steps) > MAX_ROTATIONS:
             raise ConfigError(f"the encrypted-model layout needs {len(steps)} rotation keys, over the "
                               f"{MAX_ROTATIONS} a public context may carry; {fix}")
-        params = _params(config, encrypted_model_depth(ops), block)
+        params = he_params(config, encrypted_model_depth(ops), block)
         count = encrypted_model_ciphertexts(ops)
         estimate = count * params.ciphertext_bytes + params.resident_bytes(len(steps))
         if estimate > MAX_ENCRYPTED_MODEL_BYTES:
@@ -108,12 +108,12 @@ def check_single_layout(ops: list[Op], config: HEConfig) -> None:
     if len(plan.steps) > MAX_ROTATIONS:
         raise ConfigError(f"the single-sample path needs {len(plan.steps)} rotation keys for this student, "
                           f"over the {MAX_ROTATIONS} a public context may carry; {fix}")
-    _params(config, plan.depth(ops), plan.slots)
+    he_params(config, plan.depth(ops), plan.slots)
 
 
 def _ring_slots(config: HEConfig) -> tuple[int, int]:
     """The largest ring the config allows and its slots."""
-    ring = _largest_ring(config)
+    ring = largest_ring(config)
     return ring, ring // 2
 
 
