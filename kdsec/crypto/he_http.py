@@ -247,7 +247,8 @@ class HEHost:
                 try:
                     outputs = server.infer(ciphertexts)
                 except (ValueError, RuntimeError) as exc:  # SEAL refusing what this client's parameters ask
-                    raise HostError(f"these parameters cannot evaluate the model: {_one_line(str(exc))[:200]}") from None
+                    reason = _one_line(str(exc))[:200]
+                    raise HostError(f"these parameters cannot evaluate the model: {reason}") from None
                 return public.dump_ciphertexts(outputs)
         finally:
             with self.lock:

@@ -135,7 +135,8 @@ def plan_params(depth: int, scale_bits: int, integer_bits: int, poly_modulus_deg
     for ring in rings:
         if ring // 2 >= min_slots and sum(bits) <= MAX_MODULUS_BITS[ring]:
             # the shorter chain only on the ring the usual one needs (a larger ring costs 2×)
-            if unrescaled_last and depth >= 2 and last >= MIN_LAST_SCALE_BITS and sum(shorter) <= MAX_MODULUS_BITS[ring]:
+            fits = sum(shorter) <= MAX_MODULUS_BITS[ring]
+            if unrescaled_last and depth >= 2 and last >= MIN_LAST_SCALE_BITS and fits:
                 return HEParams(ring, shorter, scale_bits, last)
             return HEParams(ring, bits, scale_bits)
     ring = rings[-1]

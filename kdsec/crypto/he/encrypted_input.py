@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.program import (LinearOp, Op, SquareOp, sample_chunks, doubling_steps, largest_ring, linear_ops, he_params,
-                                     next_pow2)
+from kdsec.crypto.he.program import (LinearOp, Op, SquareOp, doubling_steps, he_params, largest_ring, linear_ops,
+                                     next_pow2, sample_chunks)
 from kdsec.crypto.he.result import HERun, _summarize
 from kdsec.crypto.seal import KeyHolder, PublicContext
 from kdsec.errors import KdsecError

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.program import Op, SquareOp, sample_chunks, doubling_steps, linear_ops, he_params, next_pow2, model_structure
+from kdsec.crypto.he.program import (Op, SquareOp, doubling_steps, he_params, linear_ops, model_structure, next_pow2,
+                                     sample_chunks)
 from kdsec.crypto.he.result import HERun, _summarize
 from kdsec.crypto.seal import KeyHolder, PublicContext, pack, scratch, unpack
 from kdsec.fileio import write_atomic

@@ -21,7 +21,7 @@ from kdsec.config import HEConfig
 from kdsec.crypto.he.encrypted_input import BatchedServer, GridPlan, run_encrypted_input, single_plan
 from kdsec.crypto.he.encrypted_model import (block_size, encrypted_model_ciphertexts, encrypted_model_depth,
                                              encrypted_model_steps, run_encrypted_model)
-from kdsec.crypto.he.program import Op, largest_ring, he_params, he_program, model_structure
+from kdsec.crypto.he.program import Op, he_params, he_program, largest_ring, model_structure
 from kdsec.crypto.he.result import HEResult, HERun
 from kdsec.crypto.seal import MAX_ROTATIONS
 from kdsec.errors import ConfigError
