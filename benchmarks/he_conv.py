@@ -32,9 +32,12 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from full_size import write_files  # noqa: E402  (the same synthetic full-size files)
 from kdsec.config import load_config  # noqa: E402
-from kdsec.crypto.he import check_layouts, he_program, run_encrypted_input  # noqa: E402
+from kdsec.crypto.he import he_program, run_encrypted_input  # noqa: E402
+from kdsec.crypto.he.runner import check_single_layout  # noqa: E402
 from kdsec.errors import ConfigError  # noqa: E402
 from kdsec.data import prepare_data  # noqa: E402
 from kdsec.trainers import distill_student, store_teacher_signals, train_scratch_student, train_teacher  # noqa: E402
@@ -63,13 +66,6 @@ REFERENCES = [
 ]
 
 
-def write_synthetic(dataset: str, root: Path) -> None:
-    from tests.vision_fixtures import varied_digit_images, write_mnist
-
-    write_mnist(root, "FashionMNIST" if dataset == "fashion_mnist" else "MNIST", train=60_000, test=10_000,
-                draw=varied_digit_images)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=("mnist", "fashion_mnist"), default="mnist")
@@ -85,7 +81,7 @@ def main() -> None:
         root = args.data_root
         if root is None:
             root = scratch / "data"
-            write_synthetic(args.dataset, root)
+            write_files(args.dataset, root)
         synthetic = [] if args.data_root else ["data.verify_checksums=false"]  # real files: checked
         base = [f"data.root={root}", *synthetic, f"tracking.cache_dir={scratch / 'cache'}", *args.overrides]
         config = load_config(ROOT / "configs" / f"{args.dataset}.yaml", base)
@@ -129,41 +125,36 @@ def main() -> None:
 
 
 def prune(model, bundle, config, signals):
-    """A copy with ``compress.sparsity`` of its weights zeroed (global magnitude, the pipeline's
-    schedule), fine-tuned on the distillation objective with the masks held, as the pipeline does."""
+    """A copy with ``compress.sparsity`` of its weights zeroed (global magnitude), fine-tuned on the
+    distillation objective with the masks held: the pipeline's schedule and fine-tuning."""
     import copy
 
     from kdsec.compress import global_magnitude_prune
-    from kdsec.train import fit
+    from kdsec.compress.candidates import magnitude_rounds_epochs, prune_finetune
     from kdsec.trainers import distiller_for
 
     compress, objective = config.compress, distiller_for(config, bundle, None, signals).objective
-    tune = config.student.train.model_copy(update={"lr": config.student.train.lr / 3, "epochs": 2, "patience": 2})
+    epochs = magnitude_rounds_epochs(compress)
     return global_magnitude_prune(
         copy.deepcopy(model), compress.sparsity,
-        lambda pruned: fit(pruned, *bundle.split(config.distill.transfer_set), bundle.x_val, bundle.y_val, tune,
-                           objective, seed=config.seed, label="prune-finetune"),
+        lambda pruned: prune_finetune(pruned, epochs, bundle, config.student.train, config.seed, objective,
+                                      config.distill.transfer_set),
         compress.prune_steps).eval()
 
 
 def shrink(trained, bundle, config, signals):
     """A smaller copy with ``compress.structured`` of the hidden neurons (he_mlp) or conv maps
-    (he_cnn) removed, fine-tuned on the distillation objective, as the pipeline does."""
+    (he_cnn) removed, fine-tuned on the distillation objective: the pipeline's fine-tuning."""
+    from kdsec.compress.candidates import prune_finetune
     from kdsec.compress.structured import structured_prune
     from kdsec.models import load_checkpoint
-    from kdsec.train import fit, seed_everything
     from kdsec.trainers import distiller_for
 
     compress, objective = config.compress, distiller_for(config, bundle, None, signals).objective
     model, spec = load_checkpoint(Path(trained.checkpoint))
     smaller, _ = structured_prune(model, spec, compress.structured or 0.5)
-    epochs = compress.structured_finetune_epochs
-    if epochs:
-        tune = config.student.train.model_copy(update={"lr": config.student.train.lr / 3, "epochs": epochs,
-                                                       "patience": epochs})
-        seed_everything(config.seed)
-        fit(smaller, *bundle.split(config.distill.transfer_set), bundle.x_val, bundle.y_val, tune, objective,
-            seed=config.seed, label="structured-finetune")
+    prune_finetune(smaller, compress.structured_finetune_epochs, bundle, config.student.train, config.seed,
+                   objective, config.distill.transfer_set)
     return smaller.eval()
 
 
@@ -178,7 +169,7 @@ def run_he(model, bundle, config, samples: int):
     peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     accuracy = float((logits.argmax(1) == labels).mean())
     try:  # the single-sample path (grid or diagonal layout), where it fits a ring
-        check_layouts(ops, config.encrypt.he.model_copy(update={"modes": ["encrypted_input"], "latency_samples": 8}))
+        check_single_layout(ops, config.encrypt.he)
         _, single = run_encrypted_input(ops, preprocess(inputs[:8]), config.encrypt.he, "single")
         latency = f"{single.ms_per_sample:.0f} ms (N={single.poly_modulus_degree}, agreement {single.agreement:.3f})"
     except ConfigError:

@@ -62,5 +62,5 @@ def reference_key(fingerprint: str, spec: ModelSpec, train: TrainConfig, index: 
 
 def reference_checkpoint(fingerprint: str, spec: ModelSpec, train: TrainConfig, index: int, seed: int,
                          cache_dir: str | Path) -> Path:
-    """Where reference model ``index`` of an architecture is cached (keyed like the Prefect cache)."""
+    """Where reference model ``index`` of an architecture is cached (``reference_key``)."""
     return Path(cache_dir) / "references" / reference_key(fingerprint, spec, train, index, seed) / "model.safetensors"

@@ -544,13 +544,12 @@ def _drop_options_of_replaced_arch(tree: dict[str, Any], written: dict[str, dict
         # Archs of one options class (teacher_cnn ↔ student_cnn) keep the file's values; an option
         # name two classes share (he_mlp's and he_cnn's hidden) takes the new arch's default.
         same_options = isinstance(new_arch, str) and ARCHES[section].get(new_arch) is ARCHES[section][file_arch]
-        kept = set(own_options) if same_options else set()
         for key in file_section:
             if key in _SHARED_FIELDS[section] or key in given:
                 continue
             if key not in own_options:
                 raise ConfigError(_not_an_option(section, key, file_arch, f" in '{config_path}'"))
-            if key not in kept:
+            if not same_options:
                 del node[key]
 
 

@@ -31,12 +31,12 @@ def preflight(config: PipelineConfig) -> None:
                           f"use an HE-friendly student ({', '.join(HE_FRIENDLY_ARCHS)}) or set "
                           "encrypt.he.enabled=false to ship it without encrypted inference")
     if config.encrypt.he.enabled and config.data.name in DECLARED_SHAPES:
-        _check_he_layouts(config)
+        _check_he_layouts(config, *DECLARED_SHAPES[config.data.name])
     local_key_provider(config.encrypt.key_env, config.encrypt.key_file)
     load_or_create_signer(config.encrypt.signing_key_env, config.encrypt.signing_key_file)
 
 
-def _check_he_layouts(config: PipelineConfig) -> None:
+def _check_he_layouts(config: PipelineConfig, input_shape: tuple[int, ...], num_classes: int) -> None:
     """The HE layouts (which depend on shapes, not weights) of the smallest candidate each sweep
     member can ship — structurally pruned when ``compress.structured`` is on — built untrained on
     the dataset's declared shape: if even that one does not fit, the run would fail after training.
@@ -45,11 +45,9 @@ def _check_he_layouts(config: PipelineConfig) -> None:
 
     from kdsec.compress.structured import structured_prune
     from kdsec.crypto.he import check_layouts, he_program
-    from kdsec.data import DECLARED_SHAPES
     from kdsec.models import ModelSpec, build_model
     from kdsec.sweep import scaled_student
 
-    input_shape, num_classes = DECLARED_SHAPES[config.data.name]
     for width in config.sweep.width or [1.0]:
         student = scaled_student(config.student, width)
         spec = ModelSpec(student.arch, input_shape, num_classes, student.model_options())

@@ -17,6 +17,7 @@ from kdsec.config import TrainConfig
 from kdsec.data.augment import AUGMENTATIONS
 from kdsec.device import device_of, select_device
 from kdsec.errors import TrainingError
+from kdsec.models.spec import has_conv
 from kdsec.progress import progress
 
 # objective(model, inputs, targets, batch_indices) -> (loss, named loss terms)
@@ -156,11 +157,10 @@ def _memory_format(model: nn.Module, inputs: np.ndarray) -> torch.memory_format:
     """channels_last (NHWC) for conv models on images: oneDNN's convolutions and pooling run
     ~1.6× faster per step on CPU for the small CNNs here (a teacher_cnn step on 8×8 digits:
     1.23 ms against 1.99 ms); everything else keeps the default layout."""
-    convolutional = any(isinstance(module, nn.Conv2d) for module in model.modules())
     # Not under pruning's reparametrization: its computed ``weight`` would stay channels_last after
     # the parameters go back, and torch.nn.utils.prune reads it as a flat view.
     pruning = any(hasattr(module, "weight_orig") for module in model.modules())
-    nhwc = convolutional and not pruning and inputs.ndim == 4
+    nhwc = has_conv(model) and not pruning and inputs.ndim == 4
     return torch.channels_last if nhwc else torch.contiguous_format
 
 
@@ -238,8 +238,7 @@ def can_fit_together(model: nn.Module, config: TrainConfig) -> bool:
     agree), no convolutions and no loss scaling (float16 on old GPUs)."""
     # Convolutions become grouped convolutions under vmap: slower per model than a loop on CPU
     # (4 teacher_cnn steps: 10.6 ms vectorized against 4 × 2.0 ms one by one).
-    convolutional = any(isinstance(module, nn.Conv2d) for module in model.modules())
-    return not convolutional and _ensemble_problem(model, config) is None
+    return not has_conv(model) and _ensemble_problem(model, config) is None
 
 
 def _ensemble_problem(model: nn.Module, config: TrainConfig) -> str | None:

@@ -55,21 +55,21 @@ def reference_plan(config: PipelineConfig, bundle: DataBundle) -> dict[str, tupl
 
 
 def reference_checkpoint(config: PipelineConfig, bundle: DataBundle, group: str, index: int) -> Path:
-    """Where reference model ``index`` of ``group`` is cached (keyed like the Prefect cache)."""
+    """Where reference model ``index`` of ``group`` is cached (keyed by data, architecture,
+    training, index and seed)."""
     spec, train = reference_plan(config, bundle)[group]
     return cache.reference_checkpoint(bundle.fingerprint, spec, train, index, config.seed, config.tracking.cache_dir)
 
 
-def train_reference_models(config: PipelineConfig, bundle: DataBundle, group: str, indices: list[int]) -> list[str]:
+def train_reference_models(config: PipelineConfig, bundle: DataBundle, group: str, indices: list[int],
+                           checkpoints: list[Path]) -> None:
     """Reference models ``indices`` of ``group``, each on its seeded half of the population split,
-    trained together (``train_references``) and stored where ``reference_checkpoint`` caches them."""
+    trained together (``train_references``) and stored at ``checkpoints`` (``reference_checkpoint``)."""
     spec, train = reference_plan(config, bundle)[group]
     samples = audit_samples(bundle, config.seed)
     masks = reference_masks(config.audit.reference_models, len(samples.y_population), config.seed)
-    paths = train_references(spec, train, samples.x_population, samples.y_population, masks[indices],
-                             [config.seed * 1000 + index for index in indices],
-                             [reference_checkpoint(config, bundle, group, index) for index in indices])
-    return [str(path) for path in paths]
+    train_references(spec, train, samples.x_population, samples.y_population, masks[indices],
+                     [config.seed * 1000 + index for index in indices], checkpoints)
 
 
 def reference_checkpoints(config: PipelineConfig, bundle: DataBundle, group: str,
@@ -80,11 +80,11 @@ def reference_checkpoints(config: PipelineConfig, bundle: DataBundle, group: str
     indices = list(range(config.audit.reference_models)) if indices is None else indices
     total = len(indices)
     paths = [reference_checkpoint(config, bundle, group, index) for index in indices]
-    missing = [index for index, path in zip(indices, paths) if not path.is_file()]
+    missing = [(index, path) for index, path in zip(indices, paths) if not path.is_file()]
     if step:
         step(f"reference models ({group}): {total - len(missing)}/{total} cached")
     if missing:
-        train_reference_models(config, bundle, group, missing)
+        train_reference_models(config, bundle, group, *map(list, zip(*missing)))
         if step:
             step(f"reference models ({group}): {len(missing)} trained")
     return [str(path) for path in paths], total - len(missing)

@@ -9,12 +9,28 @@ from kdsec import roles
 from kdsec.compress.measure import VariantMetrics, measure_variant
 from kdsec.compress.prune import global_magnitude_prune
 from kdsec.compress.quantize import load_int8, load_weights, quantize_dynamic_int8, save_int8, weights_format
-from kdsec.compress.static_quant import has_conv, load_static_int8, quantize_static_int8, save_static_int8
+from kdsec.compress.static_quant import load_static_int8, quantize_static_int8, save_static_int8
 from kdsec.compress.structured import structured_prune
 from kdsec.config import CompressConfig, GatesConfig, TrainConfig
 from kdsec.data import DataBundle
-from kdsec.models import ModelSpec, load_checkpoint, save_checkpoint
+from kdsec.models import ModelSpec, has_conv, load_checkpoint, save_checkpoint
 from kdsec.train import Objective, cross_entropy_objective, fit, seed_everything
+
+
+def prune_finetune(model, epochs: int, bundle: DataBundle, finetune: TrainConfig, seed: int,
+                   objective: Objective = cross_entropy_objective, split: str = "train") -> None:
+    """Fine-tune a pruned ``model`` in place for ``epochs`` (none: nothing) at a third of the
+    training learning rate, with ``objective`` on ``split``, stopping patience = epochs."""
+    if epochs:
+        seed_everything(seed)
+        tune = finetune.model_copy(update={"lr": finetune.lr / 3, "epochs": epochs, "patience": epochs})
+        fit(model, *bundle.split(split), bundle.x_val, bundle.y_val, tune, objective, seed=seed,
+            label="prune-finetune")
+
+
+def magnitude_rounds_epochs(config: CompressConfig) -> int:
+    """Iterative pruning shares the fine-tuning epochs out over its rounds."""
+    return -(-config.finetune_epochs // config.prune_steps)
 
 
 def compress_student(config: CompressConfig, bundle: DataBundle, student, finetune: TrainConfig,
@@ -27,14 +43,9 @@ def compress_student(config: CompressConfig, bundle: DataBundle, student, finetu
     dense, spec = load_checkpoint(Path(student.checkpoint))
     variants = [measure_variant(roles.DENSE, dense, Path(student.checkpoint), bundle.x_test, bundle.y_test,
                                 config.latency_repeats)]
-    tune = finetune.model_copy(update={"lr": finetune.lr / 3})
 
     def finetune_model(model, epochs: int) -> None:
-        if epochs:
-            seed_everything(seed)
-            fit(model, *bundle.split(split), bundle.x_val, bundle.y_val,
-                tune.model_copy(update={"epochs": epochs, "patience": epochs}), objective, seed=seed,
-                label="prune-finetune")
+        prune_finetune(model, epochs, bundle, finetune, seed, objective, split)
 
     calibration = bundle.split(split)[0][:config.calibration_samples]
 
@@ -62,8 +73,7 @@ def compress_student(config: CompressConfig, bundle: DataBundle, student, finetu
 
     if config.sparsity > 0:
         pruned, _ = load_checkpoint(Path(student.checkpoint))
-        # Iterative pruning shares the fine-tuning epochs out over its rounds.
-        per_round = -(-config.finetune_epochs // config.prune_steps)
+        per_round = magnitude_rounds_epochs(config)
         global_magnitude_prune(pruned, config.sparsity, lambda model: finetune_model(model, per_round),
                                config.prune_steps)
         add(f"pruned{round(config.sparsity * 100)}", pruned, spec, config.quantize)

@@ -39,8 +39,6 @@ _BATCH = ({0: torch.export.Dim("batch", min=1, max=1 << 20)},)  # any batch size
 logger = logging.getLogger("kdsec")
 
 
-def has_conv(model: nn.Module) -> bool:
-    return any(isinstance(module, nn.Conv2d) for module in model.modules())
 
 
 def _annotatable(model: nn.Module) -> nn.Module:

@@ -65,7 +65,8 @@ def _prune_cnn(model: nn.Module, spec: ModelSpec, fraction: float) -> tuple[nn.M
 
 
 def _prune_he_cnn(model: nn.Module, spec: ModelSpec, fraction: float) -> tuple[nn.Module, ModelSpec]:
-    """Conv channels (with their BatchNorm) and hidden neurons, ranked as for the other CNNs."""
+    """Conv channels (with their BatchNorm) and hidden neurons, ranked as for the other CNNs (by
+    conv weights: with BatchNorm on, γ/√var also scales a channel, which the ranking ignores)."""
     convs, norms, linears = (_layers(model, kind) for kind in (nn.Conv2d, nn.BatchNorm2d, nn.Linear))
     kept_channels, kept_neurons = _kept_channels(convs, linears[0], fraction), _kept_neurons(linears, fraction)
     new_spec = ModelSpec(spec.arch, spec.input_shape, spec.num_classes,

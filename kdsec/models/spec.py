@@ -73,3 +73,8 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         for handle in handles:
             handle.remove()
     return int(total)
+
+
+def has_conv(model: nn.Module) -> bool:
+    """Whether ``model`` has a convolution."""
+    return any(isinstance(module, nn.Conv2d) for module in model.modules())

@@ -15,7 +15,11 @@ def _masked(model: nn.Module, smaller_spec: ModelSpec, spec: ModelSpec, kept_by_
     """The original with every removed unit silenced (its weights and bias zero)."""
     masked = copy.deepcopy(model)
     with torch.no_grad():
-        for layer, kept in kept_by_layer(masked):
+        layers = kept_by_layer(masked)
+        # a BatchNorm after a conv (he_cnn's come first) silences the same channels: γ = β = 0
+        norms = [(norm, kept) for norm, (_, kept) in
+                 zip([m for m in masked.modules() if isinstance(m, nn.BatchNorm2d)], layers)]
+        for layer, kept in [*layers, *norms]:
             drop = torch.ones(layer.weight.shape[0], dtype=torch.bool)
             drop[kept] = False
             layer.weight[drop] = 0
@@ -32,13 +36,19 @@ def _kept(original: nn.Linear | nn.Conv2d, smaller: nn.Linear | nn.Conv2d) -> to
                                   ModelSpec("student_cnn", (3, 16, 16), 10, {"channels": [8, 16], "fc": 32}),
                                   ModelSpec("teacher_cnn", (1, 8, 8), 10, {"channels": [32, 64], "fc": 128}),
                                   ModelSpec("he_cnn", (1, 8, 8), 10, {"channels": [8, 4], "kernel": 3, "stride": 1,
-                                                                     "conv_pool": 2, "hidden": [16]})])
+                                                                     "conv_pool": 2, "hidden": [16]}),
+                                  ModelSpec("he_cnn", (1, 8, 8), 10, {"channels": [8, 4], "kernel": 3, "stride": 1,
+                                                                     "conv_pool": 2, "hidden": [16],
+                                                                     "batchnorm": True})])
 def test_smaller_model_equals_the_original_with_removed_units_silenced(spec, tmp_path):
     torch.manual_seed(0)
     model = build_model(spec).eval()
     with torch.no_grad():
         for parameter in model.parameters():  # distinct biases make units identifiable
             parameter.add_(torch.randn_like(parameter) * 0.05)
+        for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # statistics must be copied too
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
     smaller, smaller_spec = structured_prune(model, spec, 0.5)
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:-1]
     new_layers = [m for m in smaller.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:-1]

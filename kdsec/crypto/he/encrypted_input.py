@@ -337,6 +337,12 @@ def single_plan(ops: list[Op], config: HEConfig) -> GridPlan | DiagonalPlan:
     return grid if grid.slots <= largest_ring(config) // 2 else DiagonalPlan.for_ops(ops)
 
 
+def single_params(plan: GridPlan | DiagonalPlan, ops: list[Op], config: HEConfig):
+    """The single-sample path's parameters: the usual chain (its plaintexts are vectors, whose
+    encoding error at an unrescaled last layer's small scale would be ~1e-3 per slot)."""
+    return he_params(config, plan.depth(ops), plan.slots)
+
+
 # --- the round trip: client encrypts, host evaluates, client decrypts -------------------------
 
 
@@ -351,7 +357,7 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
         holder = KeyHolder(params)
     else:
         plan = single_plan(ops, config)
-        params = he_params(config, plan.depth(ops), plan.slots)
+        params = single_params(plan, ops, config)
         holder = KeyHolder(params, plan.steps)
     context_bytes = holder.public_context()
     if package_dir is not None and path == "batched":

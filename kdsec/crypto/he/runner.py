@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.encrypted_input import BatchedServer, GridPlan, run_encrypted_input, single_plan
+from kdsec.crypto.he.encrypted_input import BatchedServer, GridPlan, run_encrypted_input, single_params, single_plan
 from kdsec.crypto.he.encrypted_model import (block_size, encrypted_model_ciphertexts, encrypted_model_depth,
                                              encrypted_model_steps, run_encrypted_model)
 from kdsec.crypto.he.program import Op, he_params, he_program, largest_ring, model_structure
@@ -108,7 +108,7 @@ def check_single_layout(ops: list[Op], config: HEConfig) -> None:
     if len(plan.steps) > MAX_ROTATIONS:
         raise ConfigError(f"the single-sample path needs {len(plan.steps)} rotation keys for this student, "
                           f"over the {MAX_ROTATIONS} a public context may carry; {fix}")
-    he_params(config, plan.depth(ops), plan.slots)
+    single_params(plan, ops, config)
 
 
 def _ring_slots(config: HEConfig) -> tuple[int, int]:
