@@ -87,6 +87,17 @@ def stack_secrets(config: dict[str, str]) -> dict[str, str]:
     return known
 
 
+def signing_key() -> tuple[Path, Path]:
+    """The pipeline's signing key (created once, 0600, with its ``.pub``): it signs packages and
+    verdict attestations on the worker; the MLflow server and reviewers get the public half only."""
+    from kdsec.crypto.keys import generate_key_file, public_key_path
+
+    path = state_dir() / "keys" / "pipeline-signing.pem"
+    if not path.is_file():
+        generate_key_file(path, "signing")
+    return path, public_key_path(path)
+
+
 def urls(config: dict[str, str]) -> dict[str, str]:
     return {"prefect": f"http://127.0.0.1:{config['KDSEC_PREFECT_PORT']}/api",
             "mlflow": f"http://127.0.0.1:{config['KDSEC_MLFLOW_PORT']}"}
@@ -194,7 +205,8 @@ def port_free(port: int) -> bool:
 
 def base_env() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("PREFECT_", "MLFLOW_TRACKING_", "KDSEC_PASSWORD_"))}
+           if not key.startswith(("PREFECT_", "MLFLOW_TRACKING_", "KDSEC_PASSWORD_", "KDSEC_SIGNING_KEY",
+                                  "KDSEC_MODEL_KEY", "KDSEC_VERDICT_PUBLIC_KEY"))}
     return {**env, **QUIET, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
 
 
@@ -334,7 +346,9 @@ def mlflow_env(config: dict[str, str], secret: dict[str, str]) -> dict[str, str]
             "MLFLOW_AUTH_ADMIN_PASSWORD": secret["MLFLOW_AUTH_ADMIN_PASSWORD"],
             "MLFLOW_FLASK_SERVER_SECRET_KEY": secret["MLFLOW_FLASK_SERVER_SECRET_KEY"],
             "MLFLOW_BACKEND_STORE_URI": pg_url(config, secret, "psycopg", config["KDSEC_MLFLOW_DB"]),
-            **{key: config[key] for key in ("KDSEC_REVIEWERS_ROLE", "KDSEC_REVIEWED_ALIASES", "KDSEC_FOUR_EYES")}}
+            "KDSEC_VERDICT_PUBLIC_KEY": str(signing_key()[1]),
+            **{key: config[key] for key in ("KDSEC_REVIEWERS_ROLE", "KDSEC_REVIEWED_ALIASES", "KDSEC_FOUR_EYES",
+                                            "KDSEC_PIPELINE_USER")}}
 
 
 def mlflow_up(config: dict[str, str], secret: dict[str, str]) -> None:
@@ -414,7 +428,8 @@ def worker_env(config: dict[str, str], secret: dict[str, str]) -> dict[str, str]
     user = config["KDSEC_PIPELINE_USER"]
     return {**prefect_env(config, "prefect-worker"), "MLFLOW_TRACKING_URI": urls(config)["mlflow"],
             "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": secret[password_key(user)],
-            "KDSEC_WORKDIR": str(state_dir() / "work"), "KDSEC_PROJECT_DIR": str(ROOT)}
+            "KDSEC_WORKDIR": str(state_dir() / "work"), "KDSEC_PROJECT_DIR": str(ROOT),
+            "KDSEC_SIGNING_KEY": signing_key()[0].read_text()}
 
 
 def worker_up(config: dict[str, str], secret: dict[str, str]) -> None:
@@ -436,9 +451,10 @@ def worker_up(config: dict[str, str], secret: dict[str, str]) -> None:
 
 
 def write_user_files(config: dict[str, str], secret: dict[str, str]) -> None:
-    """``.stack/env.sh`` (URLs, no secrets) and ``.stack/users/<name>.env`` (0600 credentials)."""
+    """``.stack/env.sh`` (URLs and the pipeline's public key, no secrets) and ``.stack/users/<name>.env`` (0600 credentials)."""
     (state_dir() / "env.sh").write_text(f"export PREFECT_API_URL={urls(config)['prefect']}\n"
-                                        f"export MLFLOW_TRACKING_URI={urls(config)['mlflow']}\n")
+                                        f"export MLFLOW_TRACKING_URI={urls(config)['mlflow']}\n"
+                                        f"export KDSEC_VERDICT_PUBLIC_KEY={signing_key()[1]}\n")
     folder = state_dir() / "users"
     folder.mkdir(mode=0o700, exist_ok=True)
     for user in users(config):

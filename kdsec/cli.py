@@ -338,13 +338,46 @@ def keygen(
 
 
 def _tracking(config: Optional[Path]):
+    return _team_config(config).tracking
+
+
+def _team_config(config: Optional[Path]):
     from kdsec.tracking import connect
 
     # Reviewer commands print one screen: no per-file download bars from MLflow.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     connect()
-    return load_config(config, []).tracking
+    return load_config(config, [])
+
+
+@app.command("trigger")
+def trigger_command(
+    deployment: Annotated[str, typer.Argument(help="FLOW/DEPLOYMENT")] = "kd-pipeline/kd-pipeline-nightly",
+    run_config: Annotated[str, typer.Option("--run-config", help="config path on the worker")] = "configs/default.yaml",
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="dotted.key=value, repeatable")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Ask for a run of a deployment as the identity the tracking server authenticates: the request
+    (who, config, overrides) is recorded in MLflow, and the run it starts records who triggered it,
+    so that person cannot approve the version it registers (four-eyes)."""
+    from kdsec import tracking
+
+    try:
+        settings = _tracking(config)
+        request, asker = tracking.create_run_request(settings.experiment, deployment, run_config, overrides or [])
+        from prefect.deployments import run_deployment
+
+        try:
+            flow_run = run_deployment(deployment, parameters={"config_path": run_config,
+                                                              "overrides": list(overrides or []),
+                                                              "request_run_id": request}, timeout=0)
+        except Exception as exc:  # noqa: BLE001 — Prefect's errors: unknown deployment, unreachable API
+            raise KdsecError(f"Prefect did not start {deployment}: {str(exc).splitlines()[0][:200]}") from None
+    except KdsecError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"requested by {asker}: run request {request}; Prefect flow run {flow_run.id} ({deployment})",
+                  highlight=False)
 
 
 @app.command("review")
@@ -358,10 +391,15 @@ def review_command(
     (MLFLOW_TRACKING_USERNAME / PASSWORD); approving a version that passed its gates makes it champion."""
     from kdsec import tracking
 
+    from kdsec.crypto.attestation import trusted_key
+
     try:
-        settings = _tracking(config)
+        loaded = _team_config(config)
+        settings = loaded.tracking
+        trusted = trusted_key(loaded.encrypt.signing_key_env, loaded.encrypt.signing_key_file) \
+            if decision == "approve" else None
         result = tracking.review(settings.registered_model, version, decision, comment, settings.alias,
-                                 settings.candidate_alias, settings.four_eyes)
+                                 settings.candidate_alias, settings.four_eyes, trusted)
     except KdsecError as exc:
         raise _fail(str(exc)) from None
     who = result["reviewer"] + ("" if result["authenticated"] else " (unauthenticated: local store)")

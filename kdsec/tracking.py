@@ -20,7 +20,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import kdsec
-from kdsec.errors import KdsecError
+from kdsec.crypto import attestation
+from kdsec.errors import IntegrityError, KdsecError
 from kdsec.fileio import strict_json, write_atomic
 from kdsec.gates import GateVerdict, all_passed
 
@@ -168,6 +169,76 @@ def identity() -> Identity:
         if response.status_code == 200:
             return Identity(str(response.json()["user"]["username"]), True)
     return Identity(f"local:{getpass.getuser()}", False)
+
+
+# --- who asked for a run ------------------------------------------------------------------------
+#
+# Prefect's API authenticates nobody, so a flow parameter cannot say who asked for a run. A request
+# is a run in the experiment that the asker creates through the tracking server, tagged with their
+# name (the team server's plugin refuses a ``kdsec.triggered_by`` that is not the caller's own
+# name, and any later change to a request's tags), with the config it asks for. The deployed run
+# claims it once (the plugin lets only the pipeline identity claim, and only an unclaimed request)
+# and runs that config: replaying someone's request, or handing their request id to another run,
+# can only run what they asked for, once.
+
+TRIGGERED_BY = "kdsec.triggered_by"
+REQUEST_PREFIX = "kdsec.request."
+REQUEST_CONFIG = "kdsec.request.config_path"
+REQUEST_OVERRIDES = "kdsec.request.overrides"
+REQUEST_DEPLOYMENT = "kdsec.request.deployment"
+CLAIMED_BY = "kdsec.request.claimed_by"
+
+
+def create_run_request(experiment: str, deployment: str, config_path: str, overrides: list[str]) -> tuple[str, str]:
+    """Record, as the authenticated caller, a request to run ``deployment`` with ``config_path`` and
+    ``overrides``; return (request run id, who asked)."""
+    from datetime import datetime, timezone
+
+    asker = identity()
+    if not asker.authenticated:
+        raise KdsecError("a run request must name who asks: point MLFLOW_TRACKING_URI at the team's tracking "
+                         "server and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+    experiment_id = configure(experiment)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name=f"request-{stamp}-{asker.name}", tags={
+        TRIGGERED_BY: asker.name, REQUEST_CONFIG: config_path, REQUEST_OVERRIDES: json.dumps(list(overrides)),
+        REQUEST_DEPLOYMENT: deployment})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id, asker.name
+
+
+def claim_run_request(request_run_id: str, flow_run_id: str) -> dict:
+    """Claim request ``request_run_id`` for flow run ``flow_run_id`` (a request starts one run); return
+    the trigger (``kind``, ``by``) and the ``config_path`` and ``overrides`` it asks for."""
+    client = MlflowClient()
+    try:
+        tags = client.get_run(request_run_id).data.tags
+    except MlflowException:
+        raise KdsecError(f"run request {request_run_id} does not exist in {redact(tracking_uri())}") from None
+    asker = tags.get(TRIGGERED_BY)
+    if not asker or REQUEST_CONFIG not in tags:
+        raise KdsecError(f"run {request_run_id} is not a run request (no {TRIGGERED_BY} and config tags); "
+                         "create one with kdsec trigger")
+    claimed = tags.get(CLAIMED_BY)
+    if claimed and claimed != flow_run_id:
+        raise KdsecError(f"run request {request_run_id} already started flow run {claimed}; a request starts one "
+                         "run: make a new one with kdsec trigger")
+    if not claimed:
+        try:
+            client.set_tag(request_run_id, CLAIMED_BY, flow_run_id)
+        except MlflowException as exc:
+            raise KdsecError(f"run request {request_run_id} could not be claimed: {str(exc).splitlines()[0]}") from None
+        if client.get_run(request_run_id).data.tags.get(CLAIMED_BY) != flow_run_id:
+            raise KdsecError(f"run request {request_run_id} was claimed by another flow run at the same moment")
+    try:
+        overrides = json.loads(tags.get(REQUEST_OVERRIDES, "[]"))
+    except ValueError:
+        overrides = None
+    if not isinstance(overrides, list) or not all(isinstance(item, str) for item in overrides):
+        raise KdsecError(f"run request {request_run_id}: its {REQUEST_OVERRIDES} tag is not a list of strings")
+    return {"kind": f"request:{request_run_id}", "by": asker, "config_path": tags[REQUEST_CONFIG],
+            "overrides": overrides}
 
 
 # --- runs --------------------------------------------------------------------------------------
@@ -362,6 +433,43 @@ def _set_alias(model_name: str, alias: str, version: str) -> None:
         raise
 
 
+# --- verdict attestations ----------------------------------------------------------------------
+
+
+def attested_verdict(version, trusted) -> attestation.Verdict:
+    """The pipeline's signed verdict on a registry version object (``MlflowClient`` model version),
+    checked against ``trusted``; an IntegrityError names the version and what failed."""
+    return attestation.verify(version.tags.get(attestation.TAG), trusted, model=version.name,
+                              version=str(version.version), source=version.source, run_id=version.run_id or "")
+
+
+def attested_pass(trusted) -> Callable[[Any], bool]:
+    """An eligibility rule for ``settle_alias``: the version carries a valid attestation that says pass."""
+
+    def eligible(version) -> bool:
+        try:
+            return attested_verdict(version, trusted).passed
+        except IntegrityError:
+            return False
+
+    return eligible
+
+
+def attest_version(registered: dict, verdicts: list[GateVerdict], signer, trigger: dict, audit_sha256: str) -> str:
+    """Sign the pipeline's verdict on the version it just registered (see ``kdsec.crypto.attestation``)
+    and record it on the version; return the tag value."""
+    details = _version(registered["model"], registered["version"])
+    verdict = attestation.Verdict(model=details.name, version=str(details.version), source=details.source,
+                      run_id=details.run_id or "", pipeline_run=_pipeline_run(details.run_id),
+                      audit_sha256=audit_sha256, gates={v.name: v.verdict for v in verdicts},
+                      verdict="pass" if all_passed(verdicts) else "fail",
+                      launched_by=details.tags.get("kdsec.launched_by", ""),
+                      triggered_by=trigger.get("by"), trigger=trigger["kind"])
+    value = attestation.sign(verdict, signer)
+    MlflowClient().set_model_version_tag(details.name, str(details.version), attestation.TAG, value)
+    return value
+
+
 def settle_alias(model_name: str, alias: str, eligible: Callable[[Any], bool]) -> str | None:
     """Point ``alias`` at the eligible version whose pipeline run started last, and return it.
     Every run calls this after registering its own version, so with runs at once the later-started
@@ -382,41 +490,53 @@ def note_superseded(model_name: str, version: str, holder: str) -> None:
                                          f"passed, not promoted: version {holder} comes from a run that started later")
 
 
-def mark_candidate(model_name: str, version: str, candidate_alias: str) -> str | None:
+def mark_candidate(model_name: str, version: str, candidate_alias: str, eligible: Callable[[Any], bool]) -> str | None:
     """Gates passed but promotion waits for a reviewer: review pending, and ``candidate_alias``
-    on the latest-started pending version (see ``settle_alias``), which is returned."""
+    on the latest-started pending version that is ``eligible`` (see ``settle_alias``), which is returned."""
     MlflowClient().set_model_version_tag(model_name, version, "review.status", "pending")
     return settle_alias(model_name, candidate_alias,
-                        lambda v: v.tags.get("gates") == "pass" and v.tags.get("review.status") == "pending")
+                        lambda v: v.tags.get("review.status") == "pending" and eligible(v))
 
 
-def register_and_promote(settings, parent_run_id: str, checkpoint: Path, checkpoint_format: str, serving: dict,
-                         verdicts: list[GateVerdict], extra_tags: dict[str, str]) -> dict:
-    """Log the candidate as a pyfunc model, register a version with its gate tags, and move the
-    alias (``settings``: the ``tracking`` config section) only if every gate passed — or, with
-    ``require_approval``, mark it for review. The previous champion is recorded for the report.
-    ``serving``: the ``input_scale``, ``class_names`` and ``normalization`` a served model needs."""
+def register_version(settings, parent_run_id: str, checkpoint: Path, checkpoint_format: str, serving: dict,
+                     verdicts: list[GateVerdict], extra_tags: dict[str, str]) -> dict:
+    """Log the candidate as a pyfunc model and register a version with its gate tags (no alias
+    moves yet: that waits for the attestation, see ``promote``). ``settings``: the ``tracking``
+    config section; ``serving``: the ``input_scale``, ``class_names`` and ``normalization`` a served
+    model needs. Returns the registry record of a version not (yet) promoted."""
     previous = champion_version(settings.registered_model, settings.alias)
     with stage_run(parent_run_id, "register") as run:
         model_uri = log_student_model(checkpoint, checkpoint_format, serving["input_scale"],
                                       serving["class_names"], serving.get("normalization"), serving.get("example"))
         version = register_candidate(model_uri, settings.registered_model, verdicts, run.info.run_id, extra_tags)
+    return {"model": settings.registered_model, "version": str(version), "model_uri": model_uri,
+            "alias": settings.alias, "promoted": False, "awaiting_review": False, "candidate_alias": None,
+            "superseded_by": None, "previous_champion": previous, "champion": previous}
+
+
+def promote(settings, registered: dict, verdicts: list[GateVerdict], signer, trigger: dict, audit_sha256: str,
+            trusted) -> dict:
+    """Attest the registered version's verdict (signed with ``signer``), then move the alias only if
+    every gate passed — or, with ``require_approval``, mark it for review. Only versions whose
+    attestation verifies against ``trusted`` and says pass are eligible, so a hand-registered or
+    re-tagged version never takes the alias. Returns the registry record."""
+    attest_version(registered, verdicts, signer, trigger, audit_sha256)
     passed = all_passed(verdicts)
+    eligible = attested_pass(trusted)
+    model, version = settings.registered_model, registered["version"]
     holder = None
     if passed and settings.require_approval:
-        holder = mark_candidate(settings.registered_model, version, settings.candidate_alias)
+        holder = mark_candidate(model, version, settings.candidate_alias, eligible)
     elif passed:
-        holder = settle_alias(settings.registered_model, settings.alias, lambda v: v.tags.get("gates") == "pass")
+        holder = settle_alias(model, settings.alias, eligible)
     superseded_by = holder if holder not in (None, str(version)) else None
     if superseded_by:
-        note_superseded(settings.registered_model, version, superseded_by)
+        note_superseded(model, version, superseded_by)
     awaiting_review = passed and settings.require_approval and superseded_by is None
     promoted = passed and not settings.require_approval and superseded_by is None
-    return {"model": settings.registered_model, "version": str(version), "model_uri": model_uri,
-            "alias": settings.alias, "promoted": promoted, "awaiting_review": awaiting_review,
+    return {**registered, "promoted": promoted, "awaiting_review": awaiting_review,
             "candidate_alias": settings.candidate_alias if awaiting_review else None,
-            "superseded_by": superseded_by, "previous_champion": previous,
-            "champion": str(version) if promoted else previous}
+            "superseded_by": superseded_by, "champion": str(version) if promoted else registered["previous_champion"]}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -480,37 +600,70 @@ def audit_digest(model_name: str, version: str) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def check_approvable(details, reviewer: Identity, trusted, audit_sha256: str, four_eyes: bool = True) -> None:
+    """Why ``reviewer`` may not move champion to registry version ``details``, as a one-line
+    KdsecError naming the version, the failed check and what would pass it; nothing if they may."""
+    version = details.version
+    if trusted is None:
+        raise KdsecError(f"version {version}: no trusted key to check its verdict attestation; set "
+                         f"{attestation.PUBLIC_KEY_ENV} to the pipeline's public key")
+    try:
+        verdict = attested_verdict(details, trusted)
+    except IntegrityError as exc:
+        raise KdsecError(f"{exc}; it cannot be approved into champion") from None
+    if not verdict.passed:
+        failed = ", ".join(sorted(name for name, result in verdict.gates.items() if result != "pass")) or "none"
+        raise KdsecError(f"version {version} did not pass its gates (the pipeline attested: {failed} failed); "
+                         "it cannot be approved into champion — a run whose gates pass can")
+    if audit_sha256 != verdict.audit_sha256:
+        raise KdsecError(f"version {version}: the audit.json published with its run (sha256 {audit_sha256[:16]}…) is "
+                         f"not the one the pipeline attested ({verdict.audit_sha256[:16]}…): the report was altered; "
+                         "re-run the pipeline")
+    if four_eyes and reviewer.authenticated:
+        if verdict.triggered_by is None:
+            raise KdsecError(f"four-eyes: nobody is known to have triggered the run behind version {version} "
+                             f"(started as '{verdict.trigger}' without an authenticated request), so nobody can be "
+                             "the second pair of eyes; trigger runs with kdsec trigger")
+        if reviewer.name in (verdict.launched_by, verdict.triggered_by):
+            role = "triggered" if reviewer.name == verdict.triggered_by else "launched"
+            raise KdsecError(f"four-eyes: '{reviewer.name}' {role} the run behind version {version} and cannot "
+                             "approve it; another reviewer must")
+
+
 def review(model_name: str, version: str, decision: str, comment: str, champion_alias: str,
-           candidate_alias: str, four_eyes: bool = True) -> dict:
+           candidate_alias: str, four_eyes: bool = True, trusted=None) -> dict:
     """Record a reviewer's decision on the version (who — the identity the tracking server
-    authenticated —, when, comment, and the digest of the ``audit.json`` reviewed); approval of a
-    version that passed every gate moves ``champion_alias`` to it. With ``four_eyes``, an
-    authenticated reviewer may not approve a version they launched. A decided version loses
-    ``candidate_alias``."""
+    authenticated —, when, comment, and the digest of the ``audit.json`` reviewed); approval moves
+    ``champion_alias`` to it, and only when the pipeline's attestation (checked against ``trusted``)
+    says every gate passed and the ``audit.json`` it names is the one published. With ``four_eyes``,
+    an authenticated reviewer may not approve a version whose run they launched or triggered. A
+    decided version loses ``candidate_alias``. Every check runs before anything is written."""
     from datetime import datetime, timezone
 
     if decision not in ("approve", "reject"):
         raise KdsecError(f"decision must be 'approve' or 'reject', not '{decision}'")
     details = _version(model_name, version)
-    if decision == "approve" and details.tags.get("gates") != "pass":
-        raise KdsecError(f"version {version} did not pass its gates (gates={details.tags.get('gates')}); "
-                         "it cannot be approved into champion")
     reviewer = identity()
-    launcher = details.tags.get("kdsec.launched_by")
-    if decision == "approve" and four_eyes and reviewer.authenticated and launcher == reviewer.name:
-        raise KdsecError(f"four-eyes: '{reviewer.name}' launched the run behind version {version} and cannot "
-                         "approve it; another reviewer must")
+    digest = audit_digest(model_name, version)
+    if decision == "approve":
+        check_approvable(details, reviewer, trusted, digest, four_eyes)
     client = MlflowClient()
     status = "approved" if decision == "approve" else "rejected"
     record = {"status": status, "reviewer": reviewer.name, "authenticated": str(reviewer.authenticated).lower(),
               "comment": comment, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "audit_sha256": audit_digest(model_name, version)}
-    # The last ten decisions, comments cut short (a tag holds at most 5000 characters).
-    history = json.loads(details.tags.get("review.history", "[]"))[-9:] + [{**record, "comment": comment[:150]}]
-    for key, value in {**{f"review.{k}": v for k, v in record.items()}, "review.history": json.dumps(history)}.items():
-        client.set_model_version_tag(model_name, str(version), key, value)
+              "audit_sha256": digest}
+    # The alias first: a server that refuses it (its plugin checks the attestation and four-eyes
+    # again) leaves no review record behind.
     if decision == "approve":
         _set_alias(model_name, champion_alias, version)
+    # The last ten decisions, comments cut short (a tag holds at most 5000 characters).
+    try:
+        earlier = json.loads(details.tags.get("review.history", "[]"))
+    except ValueError:
+        earlier = []
+    history = (earlier if isinstance(earlier, list) else [])[-9:] + [{**record, "comment": comment[:150]}]
+    for key, value in {**{f"review.{k}": v for k, v in record.items()}, "review.history": json.dumps(history)}.items():
+        client.set_model_version_tag(model_name, str(version), key, value)
     try:
         if str(client.get_model_version_by_alias(model_name, candidate_alias).version) == str(version):
             client.delete_registered_model_alias(model_name, candidate_alias)

@@ -3,6 +3,7 @@ failures of the tracking server, and none changes what the pipeline computes."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -66,7 +67,7 @@ def _flow_run_ended(tags: dict[str, str]) -> str | None:
 
 
 @task(name="open-run", cache_policy=NO_CACHE)
-def open_run_task(config: PipelineConfig) -> PipelineRun:
+def open_run_task(config: PipelineConfig, trigger: dict | None = None) -> PipelineRun:
     """Close runs whose process was killed, open this run's parent run (tagged with the config
     digest, dataset and Prefect flow run), create its output folder and record the config there
     and in MLflow. No retries: a retry would open a second parent run; if recording fails after
@@ -79,7 +80,9 @@ def open_run_task(config: PipelineConfig) -> PipelineRun:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     parent = tracking.start_parent_run(experiment_id, f"kd-pipeline-{stamp}",
                                        {"kdsec.config_digest": digest, "kdsec.dataset": config.data.name,
-                                        "kdsec.prefect_flow_run_id": str(prefect_runtime.flow_run.id or "")})
+                                        "kdsec.prefect_flow_run_id": str(prefect_runtime.flow_run.id or ""),
+                                        "kdsec.trigger": f"{(trigger or {}).get('kind', 'direct')} by "
+                                                         f"{(trigger or {}).get('by') or 'nobody known'}"})
     try:
         out_dir = Path(config.tracking.output_dir) / f"{stamp}-{parent[:8]}"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -170,22 +173,68 @@ def track_gates_task(parent_run_id: str, metrics: dict[str, float], verdicts: li
     tracking.log_gates(parent_run_id, metrics, verdicts)
 
 
-@task(name="register-and-promote", cache_policy=NO_CACHE, **IO_RETRIES)
+@task(name="claim-request", cache_policy=NO_CACHE, **IO_RETRIES)
+def claim_request_task(request_run_id: str) -> dict:
+    """Claim the authenticated run request behind this deployed run (once; a retry finds its own claim)."""
+    tracking.connect()
+    return tracking.claim_run_request(request_run_id, str(prefect_runtime.flow_run.id or ""))
+
+
+def run_trigger() -> dict:
+    """Who started a run that came without a request: Prefect's scheduler for the deployment's
+    cron runs (``auto_scheduled``: the API cannot set it), nobody known for another deployment run,
+    else whoever runs the flow here (the tracking server's identity, or the local login)."""
+    flow_run_id = prefect_runtime.flow_run.id
+    if flow_run_id and prefect_runtime.deployment.id:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(flow_run_id)
+        if flow_run.auto_scheduled:
+            return {"kind": "schedule", "by": f"schedule:{prefect_runtime.deployment.name}"}
+        return {"kind": "deployment", "by": None}
+    return {"kind": "direct", "by": tracking.identity().name}
+
+
+@task(name="register", cache_policy=NO_CACHE, **IO_RETRIES)
 def register_task(config: PipelineConfig, parent_run_id: str, bundle: DataBundle, candidate: VariantMetrics,
                   verdicts: list[GateVerdict], extra_tags: dict[str, str]) -> dict:
-    """Register the candidate with its gate tags; move the alias only if every gate passed."""
+    """Register the candidate with its gate tags; no alias moves before its verdict is attested."""
     from kdsec.compress.candidates import variant_format
 
     serving = {"input_scale": bundle.input_scale, "class_names": bundle.class_names,
                "normalization": bundle.normalization, "example": bundle.raw_rows(bundle.x_test[:5])}
-    return tracking.register_and_promote(config.tracking, parent_run_id, Path(candidate.checkpoint),
-                                         variant_format(candidate), serving, verdicts, extra_tags)
+    return tracking.register_version(config.tracking, parent_run_id, Path(candidate.checkpoint),
+                                     variant_format(candidate), serving, verdicts, extra_tags)
+
+
+@task(name="publish-audit", cache_policy=NO_CACHE, **IO_RETRIES)
+def publish_audit_task(parent_run_id: str, summary: Summary, out_dir: Path) -> str:
+    """Write ``audit.json`` and log it to the parent run (``report/``); return its SHA-256, which
+    the verdict attestation names."""
+    audit_path = write_json(summary.audit_document(), out_dir / "audit.json")
+    MlflowClient().log_artifact(parent_run_id, str(audit_path), artifact_path="report")
+    return hashlib.sha256(audit_path.read_bytes()).hexdigest()
+
+
+@task(name="attest-and-promote", cache_policy=NO_CACHE, **IO_RETRIES)
+def promote_task(config: PipelineConfig, registered: dict, verdicts: list[GateVerdict], trigger: dict,
+                 audit_sha256: str) -> dict:
+    """Sign the verdict on the registered version with the pipeline's signing key, then move the
+    alias only if every gate passed (or mark the version for review)."""
+    from kdsec.crypto.attestation import trusted_key
+    from kdsec.crypto.keys import load_or_create_signer
+
+    encrypt = config.encrypt
+    signer = load_or_create_signer(encrypt.signing_key_env, encrypt.signing_key_file)
+    trusted = trusted_key(encrypt.signing_key_env, encrypt.signing_key_file)
+    return tracking.promote(config.tracking, registered, verdicts, signer, trigger, audit_sha256, trusted)
 
 
 @task(name="publish-report", cache_policy=NO_CACHE, **IO_RETRIES)
 def report_task(parent_run_id: str, summary: Summary, out_dir: Path) -> Summary:
-    """Render the report, write ``summary.json`` and ``audit.json``, log them all to the parent run
-    (tagged ``gates`` = the verdict) and to Prefect's artifacts."""
+    """Render the report, write ``summary.json``, log both to the parent run (tagged ``gates`` = the
+    verdict) and to Prefect's artifacts (``audit.json`` went before, see ``publish_audit_task``)."""
     client = MlflowClient()
     run = client.get_run(parent_run_id)
     started = datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -194,9 +243,7 @@ def report_task(parent_run_id: str, summary: Summary, out_dir: Path) -> Summary:
     report = render_report(summary, out_dir, context)
     summary = summary.model_copy(update={"report": ReportPaths(markdown=str(report.markdown), html=str(report.html))})
     summary_path = summary.write(out_dir / "summary.json")
-    audit_path = write_json(summary.audit_document(), out_dir / "audit.json")
     client.log_artifact(parent_run_id, str(summary_path))
-    client.log_artifact(parent_run_id, str(audit_path), artifact_path="report")
     for path in (report.markdown, report.html, *report.plots.values()):
         client.log_artifact(parent_run_id, str(path), artifact_path="report")
     client.set_tag(parent_run_id, "gates", summary.verdict)

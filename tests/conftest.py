@@ -18,6 +18,8 @@ os.environ["MLFLOW_ENABLE_TELEMETRY"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("KDSEC_MODEL_KEY", None)
+os.environ.pop("KDSEC_SIGNING_KEY", None)
+os.environ.pop("KDSEC_VERDICT_PUBLIC_KEY", None)
 
 from kdsec.config import DataConfig, load_config  # noqa: E402
 from kdsec.data import prepare_data  # noqa: E402

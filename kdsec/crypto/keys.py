@@ -145,17 +145,17 @@ def load_or_create_signer(signing_env: str, signing_file: str | Path) -> Signer:
     """The ECDSA P-256 key from ``$signing_env`` (PEM) or a 0600 PEM file, created with its
     ``.pub`` on first use."""
     if text := os.environ.get(signing_env):
-        return Signer(_parse_private(text.encode(), f"${signing_env}"), f"env:{signing_env}")
+        return Signer(parse_private_key(text.encode(), f"${signing_env}"), f"env:{signing_env}")
     path = Path(signing_file)
     create_once(path, lambda: generate_key_file(path, "signing"))
     data = read_private_file(path, KEY_FILE_LIMIT, "signing key", "encrypt.signing_key_file")
-    signer = Signer(_parse_private(data, f"signing key '{path}'"), f"file:{path}")
+    signer = Signer(parse_private_key(data, f"signing key '{path}'"), f"file:{path}")
     if not os.path.lexists(public_key_path(path)):
         write_atomic(public_key_path(path), signer.public_pem, mode=PUBLIC)
     return signer
 
 
-def _parse_private(data: bytes, where: str) -> ec.EllipticCurvePrivateKey:
+def parse_private_key(data: bytes, where: str) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
