@@ -50,7 +50,7 @@ def pipeline_models(config: PipelineConfig, bundle: DataBundle, folder: Path) ->
     variants = candidates.compress_student(config.compress, bundle, student, config.student.train, config.seed,
                                            folder, trainers.distiller_for(config, bundle, teacher).objective,
                                            config.distill.transfer_set)
-    candidate = candidates.select_candidate(variants, teacher.test_accuracy, config.gates, config.compress.selection)
+    candidate = candidates.select_candidate(variants, teacher.val_accuracy, config.gates, config.compress.selection)
     models = {model.role: model.load() for model in (teacher, scratch, student)}
     models.update({roles.variant_role(v.name): candidates.load_variant(v) for v in variants if v.name != roles.DENSE})
     return models, roles.variant_role(candidate.name)

@@ -80,7 +80,7 @@ def pipeline_candidate(config: PipelineConfig, bundle: DataBundle, folder: Path)
     variants = candidates.compress_student(config.compress, bundle, student, config.student.train, config.seed, folder,
                                        trainers.distiller_for(config, bundle, teacher).objective,
                                        config.distill.transfer_set)
-    candidate = candidates.select_candidate(variants, teacher.test_accuracy, config.gates, config.compress.selection)
+    candidate = candidates.select_candidate(variants, teacher.val_accuracy, config.gates, config.compress.selection)
     return candidate.name, candidates.load_variant(candidate), student.load()
 
 

@@ -25,8 +25,9 @@ from kdsec.crypto.package import AtRestResult
 from kdsec.crypto.he import HEResult
 from kdsec.device import parallel_share, torch_threads
 from kdsec.distill import signals_key
-from kdsec.fileio import write_atomic
-from kdsec.gates import evaluate_gates, gate_metrics, switched_off_gates
+from kdsec.errors import KdsecError
+from kdsec.fileio import PRIVATE, write_atomic
+from kdsec.gates import Metric, evaluate_gates, gate_metrics, gate_sources, switched_off_gates, worst_attacks
 from kdsec.preflight import preflight
 from kdsec.summary import Summary, build_summary
 from kdsec.sweep import select_best, sweep_grid
@@ -34,26 +35,29 @@ from kdsec.trainers import TrainedModel
 from tasks.pipeline import (at_rest_task, audit_task, compress_task, distill_task, explain_task, he_task,
                             prepare_data_task, teacher_signals_task, train_dp_task, train_references_task,
                             train_scratch_task, train_teacher_task)
-from tasks.tracking import (open_run_task, register_task, report_task, track_data_task, track_gates_task,
-                            track_model_task, track_stage_task, track_sweep_task)
+from tasks.tracking import (claim_request_task, open_run_task, promote_task, publish_audit_task, register_task,
+                            report_task, run_trigger, track_data_task, track_gates_task, track_model_task,
+                            track_stage_task, track_sweep_task)
 from flows.sweep import run_sweep
 
 
 @flow(name="kd-pipeline", log_prints=True)
 def kd_pipeline(config: dict | None = None, config_path: str | None = None,
-                overrides: list[str] | None = None) -> Summary:
+                overrides: list[str] | None = None, request_run_id: str | None = None) -> Summary:
     """Run the whole pipeline; return the summary (also written to ``summary.json``).
 
     Pass a resolved config mapping (as the CLI does), or a config path plus dotted overrides
-    (as a deployment does).
+    (as a deployment does), or ``request_run_id``: an authenticated run request (``kdsec
+    trigger``) that names who asked and the config path and overrides to run.
     """
-    cfg = _resolve(config, config_path, overrides)
-    run = open_run_task(cfg)
+    cfg, trigger = _resolve(config, config_path, overrides, request_run_id)
+    run = open_run_task(cfg, trigger)
     succeeded = False
     try:
         clock = _Clock()
         bundle = prepare_data_task(cfg)
-        track_data_task(run.run_id, bundle, bundle.save(run.out_dir / "splits.npz"), clock.span())
+        bundle.save(run.out_dir / "splits.npz")
+        track_data_task(run.run_id, bundle, clock.span())
 
         cache_hits: dict = {}
         clock.start()
@@ -75,7 +79,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
 
         clock.start()
         variants = compress_task(cfg, bundle, student, run.out_dir, own_signals)
-        candidate = select_candidate(variants, teacher.test_accuracy, cfg.gates, cfg.compress.selection)
+        candidate = select_candidate(variants, teacher.val_accuracy, cfg.gates, cfg.compress.selection)
         track_stage_task(run.run_id, "compress", compression_metrics(variants),
                          {"variants": [v.as_dict() for v in variants], "candidate": candidate.name},
                          [Path(v.checkpoint) for v in variants[1:]], clock.span())
@@ -106,22 +110,29 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
 
         metrics = gate_metrics(teacher.test_accuracy, candidate.test_accuracy, audit.candidate, he, at_rest,
                                audit.extraction, explanations)
-        verdicts = evaluate_gates(metrics, cfg.gates, switched_off_gates(cfg))
+        verdicts = evaluate_gates(metrics, cfg.gates, switched_off_gates(cfg), gate_sources(audit.candidate, he))
         track_gates_task(run.run_id, metrics, verdicts)
-        registration = register_task(cfg, run.run_id, bundle, candidate, verdicts, {
+        registered = register_task(cfg, run.run_id, bundle, candidate, verdicts, {
             "data.fingerprint": bundle.fingerprint, "candidate.variant": candidate.name,
             "package.version": run.run_id, "package.kek_id": at_rest.kek_id,
-            "package.signer": at_rest.signer_key_id, "config.digest": run.config_digest})
+            "package.signer": at_rest.signer_key_id, "config.digest": run.config_digest,
+            tracking.TRIGGERED_BY: trigger["by"] or f"unknown ({trigger['kind']})"})
 
-        summary = build_summary(
-            run_id=run.run_id, config_digest=run.config_digest, code_version=code_version("."), bundle=bundle,
-            models=trained, caches=_cache_counts(cache_hits),
-            variants=variants, candidate=candidate, selection=cfg.compress.selection, at_rest=at_rest, he=he,
-            audit=audit, verdicts=verdicts, registry=registration, output_dir=run.out_dir, sweep=sweep,
-            explanations=explanations,
-            distill={**cfg.distill.model_dump(mode="json"), "student": cfg.student.model_options(),
-                     "signals": signals})
-        summary = report_task(run.run_id, summary, run.out_dir)
+        def summarize(registry: dict) -> Summary:
+            return build_summary(
+                run_id=run.run_id, config_digest=run.config_digest, code_version=code_version("."), bundle=bundle,
+                models=trained, caches=_cache_counts(cache_hits),
+                variants=variants, candidate=candidate, selection=cfg.compress.selection, at_rest=at_rest, he=he,
+                audit=audit, verdicts=verdicts, registry=registry, output_dir=run.out_dir, sweep=sweep,
+                explanations=explanations,
+                distill={**cfg.distill.model_dump(mode="json"), "student": cfg.student.model_options(),
+                         "signals": signals})
+
+        # audit.json holds nothing of the registry's outcome: it is published (and its digest
+        # attested) before any alias moves.
+        audit_sha256 = publish_audit_task(run.run_id, summarize(registered), run.out_dir)
+        registration = promote_task(cfg, registered, verdicts, trigger, audit_sha256)
+        summary = report_task(run.run_id, summarize(registration), run.out_dir)
         _log_outcome(cfg, summary)
         succeeded = True
         return summary
@@ -144,16 +155,30 @@ class _Clock:
         return (after[1] if after else self.mark), time.time()
 
 
-def _resolve(config: dict | None, config_path: str | None, overrides: list[str] | None) -> PipelineConfig:
-    """The config (a resolved mapping, or a path plus overrides), checked before anything runs;
-    a deployed run moves to ``KDSEC_WORKDIR`` first (its outputs, cache, keys, a local store)."""
+def _resolve(config: dict | None, config_path: str | None, overrides: list[str] | None,
+             request_run_id: str | None) -> tuple[PipelineConfig, dict]:
+    """The config (a resolved mapping, a path plus overrides, or those of a run request), checked
+    before anything runs, and who started the run (``kind``, ``by``); a deployed run moves to
+    ``KDSEC_WORKDIR`` first (its outputs, cache, keys, a local store)."""
+    if request_run_id:
+        if config is not None:
+            raise KdsecError("a run request names its config path and overrides: pass no config mapping with it")
+        trigger = claim_request_task(request_run_id)
+        asked = (trigger.pop("config_path"), trigger.pop("overrides"))
+        if config_path is not None and (config_path, list(overrides or [])) != asked:
+            raise KdsecError(f"the flow run's config ({config_path}, {overrides}) is not what run request "
+                             f"{request_run_id} asks for ({asked[0]}, {asked[1]})")
+        config_path, overrides = asked
     cfg = config_from_dict(config) if config is not None else load_config(config_path, overrides or [])
     if workdir := os.environ.get("KDSEC_WORKDIR"):
         Path(workdir).mkdir(parents=True, exist_ok=True)
         os.chdir(workdir)
         get_run_logger().info("working directory %s (KDSEC_WORKDIR)", workdir)
     preflight(cfg)
-    return cfg
+    if not request_run_id:
+        trigger = run_trigger()
+    get_run_logger().info("started by %s (%s)", trigger["by"] or "nobody known", trigger["kind"])
+    return cfg, trigger
 
 
 def _cached(task, cache_hits: dict, kind: str, *args):
@@ -221,7 +246,8 @@ def _distill(cfg: PipelineConfig, bundle, teacher: TrainedModel, run, cache_hits
     best = select_best([result for _, result in results])
     tracked = track_sweep_task(run.run_id, cfg, results, best, run.out_dir, (started, time.time()))
     trained = next(model for model, result in results if result.member.name == best.member.name)
-    checkpoint = write_atomic(run.out_dir / "kd_student.safetensors", Path(trained.checkpoint).read_bytes())
+    checkpoint = write_atomic(run.out_dir / "kd_student.safetensors", Path(trained.checkpoint).read_bytes(),
+                              mode=PRIVATE)
     student = replace(trained, role=roles.KD_STUDENT, checkpoint=str(checkpoint))
     get_run_logger().info("sweep: %d members on %s; best %s (val %.4f)", len(results), cfg.sweep.task_runner,
                           best.member.name, best.val_accuracy)
@@ -232,16 +258,44 @@ def _distill(cfg: PipelineConfig, bundle, teacher: TrainedModel, run, cache_hits
 
 def _log_outcome(cfg: PipelineConfig, summary: Summary) -> None:
     logger = get_run_logger()
-    models, cand = summary.models, summary.candidate_audit.membership
+    models = summary.models
     logger.info("teacher %.4f (cache %s); students: scratch %.4f, distilled %.4f; candidate %s %.4f (%d bytes)",
                 models[roles.TEACHER].test_accuracy, summary.teacher_cache, models[roles.SCRATCH_STUDENT].test_accuracy,
                 models[roles.KD_STUDENT].test_accuracy, summary.candidate.variant, summary.candidate.test_accuracy,
                 summary.candidate.size_bytes)
     if summary.he.enabled:
         logger.info("HE: agreement %.4f, %.2f ms/sample batched", summary.he.agreement, summary.he.ms_per_sample)
-    logger.info("audit: %.1f s (%.2f× teacher training); candidate strongest attack %s AUC %.3f TPR@%.3g %.3f; "
-                "cache %s", summary.audit_timing.seconds, summary.audit_timing.ratio_to_teacher_training, cand.attack,
-                cand.auc, cfg.audit.low_fpr, cand.tpr_at_low_fpr, summary.cache)
+    attacks = summary.candidate_audit.attacks
+    worst = worst_attacks(attacks)
+    auc, tpr = worst[Metric.MEMBERSHIP_AUC], worst[Metric.MEMBERSHIP_TPR]
+    logger.info("audit: %.1f s (%.2f× teacher training); candidate worst case over attacks: AUC %.3f (%s), "
+                "TPR@%.3g %.3f (%s); cache %s", summary.audit_timing.seconds,
+                summary.audit_timing.ratio_to_teacher_training, attacks[auc].auc, auc, cfg.audit.low_fpr,
+                attacks[tpr].tpr_at_low_fpr, tpr, summary.cache)
+
+
+def deployment_parameters(deployment: str) -> dict:
+    """The default parameters of ``deployment`` (FLOW/DEPLOYMENT on ``PREFECT_API_URL``)."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            return dict(client.read_deployment_by_name(deployment).parameters or {})
+    except Exception as exc:  # noqa: BLE001 — Prefect's errors: unknown deployment, unreachable API
+        raise KdsecError(f"Prefect has no deployment {deployment} to run: {str(exc).splitlines()[0][:200]}") from None
+
+
+def start_requested_run(deployment: str, config_path: str, overrides: list[str], request_run_id: str) -> str:
+    """Start a run of ``deployment`` (FLOW/DEPLOYMENT on ``PREFECT_API_URL``) for run request
+    ``request_run_id`` (see ``kdsec.tracking.create_run_request``); return the flow run's id."""
+    from prefect.deployments import run_deployment
+
+    try:
+        flow_run = run_deployment(deployment, parameters={"config_path": config_path, "overrides": overrides,
+                                                          "request_run_id": request_run_id}, timeout=0)
+    except Exception as exc:  # noqa: BLE001 — Prefect's errors: unknown deployment, unreachable API
+        raise KdsecError(f"Prefect did not start {deployment}: {str(exc).splitlines()[0][:200]}") from None
+    return str(flow_run.id)
 
 
 def start_temporary_server() -> None:

@@ -91,6 +91,7 @@ def _print_summary(summary) -> None:
     for name, gate in summary.gates.items():
         for check in gate.checks:
             value = "missing" if check.value is None else f"{check.value:.4f}"
+            value += f" ({check.source})" if getattr(check, "source", None) else ""
             style = {"pass": "green", "warn": "yellow", "fail": "bold red"}.get(check.level, "dim")
             table.add_row(name, f"[{style}]{check.level}[/]", check.metric, value,
                           f"{check.direction} {check.threshold:.4f}")
@@ -106,10 +107,14 @@ def _print_summary(summary) -> None:
         console.print(f"cache: teacher {cache['teacher']} · teacher signals {cache['signals']['hit']}/"
                       f"{cache['signals']['total']} reused · reference models {cache['references']['hit']}/"
                       f"{cache['references']['total']} reused")
-    attack = summary.candidate_audit.membership
-    console.print(f"audit: strongest membership attack on the candidate: {attack.attack} "
-                  f"(AUC {attack.auc:.3f}, TPR {attack.tpr_at_low_fpr:.3f} at {attack.low_fpr} FPR); "
-                  f"{summary.audit_timing.seconds:.1f} s, "
+    from kdsec.gates import Metric, worst_attacks
+
+    attacks = summary.candidate_audit.attacks
+    worst = worst_attacks(attacks)
+    auc, tpr = attacks[worst[Metric.MEMBERSHIP_AUC]], attacks[worst[Metric.MEMBERSHIP_TPR]]
+    console.print(f"audit: membership on the candidate, worst case over {len(attacks)} attacks: AUC {auc.auc:.3f} "
+                  f"({worst[Metric.MEMBERSHIP_AUC]}), TPR {tpr.tpr_at_low_fpr:.3f} at {tpr.low_fpr} FPR "
+                  f"({worst[Metric.MEMBERSHIP_TPR]}); {summary.audit_timing.seconds:.1f} s, "
                   f"{summary.audit_timing.ratio_to_teacher_training:.2f}× teacher training")
     for result in summary.extraction:
         console.print(f"extraction ({result['defense']}): copy accuracy {result['stolen_accuracy']:.4f}, "
@@ -354,8 +359,10 @@ def _team_config(config: Optional[Path]):
 @app.command("trigger")
 def trigger_command(
     deployment: Annotated[str, typer.Argument(help="FLOW/DEPLOYMENT")] = "kd-pipeline/kd-pipeline-nightly",
-    run_config: Annotated[str, typer.Option("--run-config", help="config path on the worker")] = "configs/default.yaml",
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="dotted.key=value, repeatable")] = None,
+    run_config: Annotated[Optional[str], typer.Option("--run-config", help="config path on the worker "
+                                                      "(default: the deployment's)")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="dotted.key=value, repeatable, "
+                                                           "after the deployment's own")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Ask for a run of a deployment as the identity the tracking server authenticates: the request
@@ -365,18 +372,17 @@ def trigger_command(
 
     try:
         settings = _tracking(config)
-        request, asker = tracking.create_run_request(settings.experiment, deployment, run_config, overrides or [])
-        from prefect.deployments import run_deployment
+        tracking.requester()  # before Prefect is asked anything
+        from flows.kd_pipeline import deployment_parameters, start_requested_run
 
-        try:
-            flow_run = run_deployment(deployment, parameters={"config_path": run_config,
-                                                              "overrides": list(overrides or []),
-                                                              "request_run_id": request}, timeout=0)
-        except Exception as exc:  # noqa: BLE001 — Prefect's errors: unknown deployment, unreachable API
-            raise KdsecError(f"Prefect did not start {deployment}: {str(exc).splitlines()[0][:200]}") from None
+        defaults = deployment_parameters(deployment)
+        config_path = run_config or defaults.get("config_path") or "configs/default.yaml"
+        asked = [*(defaults.get("overrides") or []), *(overrides or [])]
+        request, asker = tracking.create_run_request(settings.experiment, deployment, config_path, asked)
+        flow_run_id = start_requested_run(deployment, config_path, asked, request)
     except KdsecError as exc:
         raise _fail(str(exc)) from None
-    console.print(f"requested by {asker}: run request {request}; Prefect flow run {flow_run.id} ({deployment})",
+    console.print(f"requested by {asker}: run request {request}; Prefect flow run {flow_run_id} ({deployment})",
                   highlight=False)
 
 
@@ -517,8 +523,13 @@ def audit_command(
     table = Table(title=f"{result['name']} v{result['version']}: membership", title_justify="left")
     for column in ("attack", "AUC", "AUC 95% CI", f"TPR @ {audit.membership.low_fpr} FPR", "TPR @ 0.001 FPR"):
         table.add_column(column, justify="left" if column == "attack" else "right")
+    from kdsec.gates import Metric, worst_attacks
+
+    worst = worst_attacks(audit.attacks)
     for name, attack in audit.attacks.items():
-        table.add_row(name + (" (strongest)" if name == audit.membership.attack else ""), f"{attack.auc:.4f}",
+        marks = [label for label, metric in (("highest AUC", Metric.MEMBERSHIP_AUC),
+                                             ("highest TPR", Metric.MEMBERSHIP_TPR)) if worst[metric] == name]
+        table.add_row(name + (f" ({', '.join(marks)})" if marks else ""), f"{attack.auc:.4f}",
                       f"[{attack.auc_ci[0]:.3f}, {attack.auc_ci[1]:.3f}]", f"{attack.tpr_at_low_fpr:.4f}",
                       f"{attack.tpr_at_0_1_fpr:.4f}")
     console.print(table)

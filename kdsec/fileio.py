@@ -19,8 +19,8 @@ from pathlib import Path
 
 from kdsec.errors import KdsecError
 
-PRIVATE = 0o600  # secrets and plaintext weights
-PUBLIC = 0o644  # everything else kdsec writes (reports, checkpoints, metadata)
+PRIVATE = 0o600  # secrets, plaintext weights, and private data (the splits: who was a training member)
+PUBLIC = 0o644  # everything else kdsec writes (reports, encrypted packages, public keys, metadata)
 CHUNK = 1 << 20
 
 

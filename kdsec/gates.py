@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
@@ -31,6 +32,7 @@ class CheckResult:
     passed: bool
     level: str = "pass"  # pass | warn | fail | skipped
     warn_threshold: float | None = None
+    source: str | None = None  # what gave a worst-case value: the attack, the HE mode/path run
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class Metric(StrEnum):
     MEMBERSHIP_AUC = "candidate.membership_auc"
     MEMBERSHIP_TPR = "candidate.membership_tpr_at_low_fpr"
     HE_AGREEMENT = "he.agreement"
+    HE_AGREEMENT_WITH_MODEL = "he.agreement_with_model"
+    HE_HOST_HAD_NO_SECRET_KEY = "he.host_had_no_secret_key"
     ROUNDTRIP_EXACT = "at_rest.roundtrip_exact"
     TAMPER_REJECTED = "at_rest.tamper_rejected"
     WRONG_KEY_REJECTED = "at_rest.wrong_key_rejected"
@@ -92,13 +96,18 @@ class Metric(StrEnum):
 _AT_REST = (Metric.ROUNDTRIP_EXACT, Metric.TAMPER_REJECTED, Metric.WRONG_KEY_REJECTED,
             Metric.MANIFEST_TAMPER_REJECTED, Metric.UNSIGNED_REJECTED, Metric.MODEL_SIGNATURE_VERIFIED)
 
+# Boolean checks (1.0 = proven) have no tunable threshold: they read this key, which is always 1.0.
+REQUIRED = "required"
+
 GATE_CHECKS = (
     GateCheck(Gate.ACCURACY, Metric.TEST_ACCURACY, "min_accuracy", ">="),
     GateCheck(Gate.ACCURACY, Metric.ACCURACY_DROP, "max_drop", "<="),
     GateCheck(Gate.MEMBERSHIP, Metric.MEMBERSHIP_AUC, "max_auc", "<=", "warn_auc"),
     GateCheck(Gate.MEMBERSHIP, Metric.MEMBERSHIP_TPR, "max_tpr", "<=", "warn_tpr"),
     GateCheck(Gate.HE, Metric.HE_AGREEMENT, "min_he_agreement", ">="),
-    *(GateCheck(Gate.AT_REST, metric, "at_rest_required", ">=") for metric in _AT_REST),
+    GateCheck(Gate.HE, Metric.HE_AGREEMENT_WITH_MODEL, "min_he_agreement_with_model", ">="),
+    GateCheck(Gate.HE, Metric.HE_HOST_HAD_NO_SECRET_KEY, REQUIRED, ">="),
+    *(GateCheck(Gate.AT_REST, metric, REQUIRED, ">=") for metric in _AT_REST),
     GateCheck(Gate.EXTRACTION, Metric.EXTRACTION_FIDELITY, "max_extraction_fidelity", "<=",
               "warn_extraction_fidelity", optional=True),
     GateCheck(Gate.CALIBRATION, Metric.ECE, "max_ece", "<=", "warn_ece"),
@@ -110,16 +119,44 @@ GATE_CHECKS = (
 AUDIT_GATES = (Gate.MEMBERSHIP, Gate.EXTRACTION, Gate.CALIBRATION)
 
 
+# The membership gate reads each metric at its worst over every attack, possibly from different
+# attacks: a stronger attack on one metric cannot hide behind the attack that leads on the other.
+MEMBERSHIP_WORST_CASE = {Metric.MEMBERSHIP_AUC: "auc", Metric.MEMBERSHIP_TPR: "tpr_at_low_fpr"}
+
+
+def worst_attacks(attacks: Mapping[str, object]) -> dict[str, str]:
+    """Per membership metric, the name of the attack with its highest value. ``attacks``: name ->
+    a result with ``auc`` and ``tpr_at_low_fpr`` (a ``MembershipResult`` or its summary)."""
+    def highest(field: str) -> str:
+        def key(name: str) -> tuple[bool, float]:
+            value = getattr(attacks[name], field)
+            return value != value, value  # a NaN counts as the highest: the gate fails on it
+
+        return max(attacks, key=key)
+
+    return {metric: highest(field) for metric, field in MEMBERSHIP_WORST_CASE.items()}
+
+
 def audit_gate_metrics(candidate_audit, extraction: list = ()) -> dict[str, float]:
     """The audit's share of the gate metrics (membership, extraction, calibration) of a
-    ``ModelAudit`` and the extraction results against the same model."""
+    ``ModelAudit`` and the extraction results against the same model; membership at its worst
+    over the candidate's attacks."""
     served = [result.fidelity for result in extraction if result.defense == "top1"]
+    worst = worst_attacks(candidate_audit.attacks)
     return {
         **({Metric.EXTRACTION_FIDELITY: served[0]} if served else {}),
         Metric.ECE: candidate_audit.calibration.ece,
-        Metric.MEMBERSHIP_AUC: candidate_audit.membership.auc,
-        Metric.MEMBERSHIP_TPR: candidate_audit.membership.tpr_at_low_fpr,
+        **{metric: getattr(candidate_audit.attacks[worst[metric]], field)
+           for metric, field in MEMBERSHIP_WORST_CASE.items()},
     }
+
+
+def he_gate_metrics(he) -> dict[str, float]:
+    """The he gate's metrics of an ``HEResult``: agreement with the lowered program's plaintext and
+    with the shipped model's own predictions, each the minimum over every mode and path run, and
+    whether the host never held a secret key (1.0) — a gated check, not only a sentence in the report."""
+    return {Metric.HE_AGREEMENT: he.agreement, Metric.HE_AGREEMENT_WITH_MODEL: he.agreement_with_model,
+            Metric.HE_HOST_HAD_NO_SECRET_KEY: float(not he.host_had_secret_key)}
 
 
 def gate_metrics(teacher_accuracy: float, candidate_accuracy: float, candidate_audit, he, at_rest,
@@ -131,10 +168,21 @@ def gate_metrics(teacher_accuracy: float, candidate_accuracy: float, candidate_a
         **audit_gate_metrics(candidate_audit, extraction),
         Metric.TEST_ACCURACY: candidate_accuracy,
         Metric.ACCURACY_DROP: teacher_accuracy - candidate_accuracy,
-        **({Metric.HE_AGREEMENT: he.agreement} if he.enabled else {}),
+        **(he_gate_metrics(he) if he.enabled else {}),
         **{metric: float(getattr(at_rest, metric.removeprefix("at_rest."))) for metric in _AT_REST},
         **({Metric.EXPLANATION_SPEARMAN: explanations.candidate_spearman} if explanations is not None else {}),
     }
+
+
+def gate_sources(candidate_audit, he) -> dict[str, str]:
+    """Which attack gave each worst-case membership value, and which HE run (``mode/path``) the
+    lowest agreements; the gate table shows them next to the values."""
+    sources = dict(worst_attacks(candidate_audit.attacks))
+    for metric, measure in ((Metric.HE_AGREEMENT, "agreement"),
+                            (Metric.HE_AGREEMENT_WITH_MODEL, "agreement_with_model")):
+        if (run := he.worst(measure)) is not None:
+            sources[metric] = f"{run.mode}/{run.path}"
+    return sources
 
 
 def switched_off_gates(config: PipelineConfig) -> frozenset[str]:
@@ -144,11 +192,11 @@ def switched_off_gates(config: PipelineConfig) -> frozenset[str]:
 
 
 def _threshold(gates: GatesConfig, key: str) -> float:
-    # at_rest checks are booleans (1.0 = proven); they have no tunable threshold.
-    return 1.0 if key == "at_rest_required" else float(getattr(gates, key))
+    return 1.0 if key == REQUIRED else float(getattr(gates, key))
 
 
-def _check(check: GateCheck, value: float | None, gates: GatesConfig, off: bool = False) -> CheckResult:
+def _check(check: GateCheck, value: float | None, gates: GatesConfig, off: bool = False,
+           source: str | None = None) -> CheckResult:
     threshold = _threshold(gates, check.threshold_key)
     warn = _threshold(gates, check.warn_key) if check.warn_key else None
     compare = OPERATORS[check.direction]
@@ -161,19 +209,21 @@ def _check(check: GateCheck, value: float | None, gates: GatesConfig, off: bool 
     else:
         level = "pass"
     return CheckResult(check.gate, check.metric, None if value is None else float(value), threshold,
-                       check.direction, level != "fail", level, warn)
+                       check.direction, level != "fail", level, warn, source)
 
 
-def evaluate_gates(metrics: dict[str, float], gates: GatesConfig,
-                   switched_off: frozenset[str] = frozenset()) -> list[GateVerdict]:
+def evaluate_gates(metrics: dict[str, float], gates: GatesConfig, switched_off: frozenset[str] = frozenset(),
+                   sources: dict[str, str] | None = None) -> list[GateVerdict]:
     """Evaluate every check against flat ``metrics``: a missing or NaN metric fails its check
     (unless the check is optional and its stage was switched off); past a warn threshold the
     check passes with level "warn". The gates named in ``switched_off`` (their stage was turned
-    off in config, e.g. ``he`` with ``encrypt.he.enabled: false``) are skipped, never failed."""
+    off in config, e.g. ``he`` with ``encrypt.he.enabled: false``) are skipped, never failed.
+    ``sources`` (``gate_sources``) name what gave each worst-case value."""
     verdicts: dict[str, list[CheckResult]] = {}
     for check in GATE_CHECKS:
         verdicts.setdefault(check.gate, []).append(
-            _check(check, metrics.get(check.metric), gates, check.gate in switched_off))
+            _check(check, metrics.get(check.metric), gates, check.gate in switched_off,
+                   (sources or {}).get(check.metric)))
     return [GateVerdict(name, all(c.passed for c in checks), checks) for name, checks in verdicts.items()]
 
 

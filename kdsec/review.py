@@ -66,6 +66,17 @@ def compare_versions(model_name: str, first: Summary, second: str, destination: 
     return [(label, left[label], right[label]) for label in left]
 
 
+def _worst_case_tags(attacks: dict) -> dict[str, str]:
+    """The re-audit's membership figures as the gate reads them: the highest over attacks, and which."""
+    from kdsec.gates import Metric, worst_attacks
+
+    worst = worst_attacks(attacks)
+    auc, tpr = worst[Metric.MEMBERSHIP_AUC], worst[Metric.MEMBERSHIP_TPR]
+    return {"reaudit.membership_auc": f"{attacks[auc].auc:.4f}", "reaudit.membership_auc_attack": auc,
+            "reaudit.membership_tpr_at_low_fpr": f"{attacks[tpr].tpr_at_low_fpr:.4f}",
+            "reaudit.membership_tpr_attack": tpr}
+
+
 def reaudit(model_uri: str, out_root: Path, step: Callable[[str], None] = lambda message: None) -> dict:
     """Audit one registered version alone, on the data it was trained on (rebuilt from the run's
     config and checked against the version's data fingerprint); ``step`` hears of each stage."""
@@ -74,7 +85,7 @@ def reaudit(model_uri: str, out_root: Path, step: Callable[[str], None] = lambda
     from kdsec.compress.quantize import DynamicQuantLinear, dequantized_copy, load_weights
     from kdsec.config import load_run_config
     from kdsec.data import prepare_data
-    from kdsec.gates import AUDIT_GATES, audit_gate_metrics, evaluate_gates
+    from kdsec.gates import AUDIT_GATES, audit_gate_metrics, evaluate_gates, worst_attacks
 
     tracking.connect()
     name, version = tracking.resolve_version(model_uri)
@@ -102,7 +113,8 @@ def reaudit(model_uri: str, out_root: Path, step: Callable[[str], None] = lambda
     step(f"knockoff extraction ({config.audit.extraction_queries} queries)")
     extraction = extraction_audit(config, bundle, model)
     step("gates, audit.json, version tags")
-    verdicts = [v for v in evaluate_gates(audit_gate_metrics(audit, extraction), config.gates) if v.name in AUDIT_GATES]
+    verdicts = [v for v in evaluate_gates(audit_gate_metrics(audit, extraction), config.gates,
+                                          sources=worst_attacks(audit.attacks)) if v.name in AUDIT_GATES]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     folder = out_root / f"audit-{name}-v{version}-{stamp}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -112,9 +124,7 @@ def reaudit(model_uri: str, out_root: Path, step: Callable[[str], None] = lambda
                 "gates": {verdict.name: verdict.as_dict() for verdict in verdicts}}
     write_atomic(folder / "audit.json", strict_json(document))
     tracking.tag_version(name, version, {
-        "reaudit.time": stamp, "reaudit.attack": audit.membership.attack,
-        "reaudit.membership_auc": f"{audit.membership.auc:.4f}",
-        "reaudit.membership_tpr_at_low_fpr": f"{audit.membership.tpr_at_low_fpr:.4f}",
+        "reaudit.time": stamp, **_worst_case_tags(audit.attacks),
         "reaudit.verdict": "pass" if all(v.passed for v in verdicts) else "fail"})
     return {"path": folder / "audit.json", "audit": audit, "extraction": extraction, "verdicts": verdicts,
             "name": name, "version": version}

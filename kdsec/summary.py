@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer
 from kdsec import roles
 from kdsec.errors import DataError
 from kdsec.fileio import read_bounded, strict_json, write_atomic
-from kdsec.gates import CheckResult
+from kdsec.gates import CheckResult, Metric, worst_attacks
 
 if TYPE_CHECKING:  # the model above is read without torch; only building a summary needs these
     from kdsec.audit.run import AuditOutcome, ModelAudit
@@ -81,8 +81,9 @@ class ModelSummary(_Exact):
 class CandidateSummary(_Exact):
     variant: str
     rule: str
-    test_accuracy: float
+    test_accuracy: float  # what the accuracy gate reads
     size_bytes: int
+    val_accuracy: float | None = None  # what the candidate was chosen by; absent before it was
 
 
 class MembershipSummary(_Open):
@@ -257,6 +258,8 @@ class Summary(_Exact):
     def headlines(self) -> dict[str, object]:
         """The figures a reviewer compares across versions (``kdsec report --compare``)."""
         candidate = self.candidate_audit
+        worst = worst_attacks(candidate.attacks)
+        auc, tpr = candidate.attacks[worst[Metric.MEMBERSHIP_AUC]], candidate.attacks[worst[Metric.MEMBERSHIP_TPR]]
         return {
             "verdict": self.verdict,
             "warnings": ", ".join(self.warnings) or "none",
@@ -265,9 +268,10 @@ class Summary(_Exact):
             "candidate bytes": self.candidate.size_bytes,
             "teacher test accuracy": self.models[roles.TEACHER].test_accuracy,
             "distillation gain": self.distillation_gain,
-            "membership attack (strongest)": candidate.membership.attack,
-            "membership AUC": candidate.membership.auc,
-            "membership TPR @ low FPR": candidate.membership.tpr_at_low_fpr,
+            "membership AUC (highest over attacks)": auc.auc,
+            "membership AUC: attack": auc.attack,
+            "membership TPR @ low FPR (highest over attacks)": tpr.tpr_at_low_fpr,
+            "membership TPR: attack": tpr.attack,
             "candidate ECE": candidate.calibration.ece,
             "explanation agreement (Spearman)": self.explanation_agreement(),
             "extraction fidelity (top-1)": self.extraction_fidelity(),
@@ -363,7 +367,8 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
         sweep=sweep,
         variants=[variant.as_dict() for variant in variants],
         candidate={"variant": candidate.name, "rule": SELECTION_RULES[selection],
-                   "test_accuracy": candidate.test_accuracy, "size_bytes": candidate.size_bytes},
+                   "test_accuracy": candidate.test_accuracy, "size_bytes": candidate.size_bytes,
+                   "val_accuracy": candidate.val_accuracy},
         at_rest=asdict(at_rest),
         he=he.as_dict(),
         audit={model_audit.role: asdict(model_audit) for model_audit in audit.audits},

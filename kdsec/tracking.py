@@ -189,15 +189,21 @@ REQUEST_DEPLOYMENT = "kdsec.request.deployment"
 CLAIMED_BY = "kdsec.request.claimed_by"
 
 
+def requester() -> Identity:
+    """Who asks for a run: an identity the tracking server authenticated, or a one-line error."""
+    asker = identity()
+    if not asker.authenticated:
+        raise KdsecError("a run request must name who asks: point MLFLOW_TRACKING_URI at the team's tracking "
+                         "server and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+    return asker
+
+
 def create_run_request(experiment: str, deployment: str, config_path: str, overrides: list[str]) -> tuple[str, str]:
     """Record, as the authenticated caller, a request to run ``deployment`` with ``config_path`` and
     ``overrides``; return (request run id, who asked)."""
     from datetime import datetime, timezone
 
-    asker = identity()
-    if not asker.authenticated:
-        raise KdsecError("a run request must name who asks: point MLFLOW_TRACKING_URI at the team's tracking "
-                         "server and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+    asker = requester()
     experiment_id = configure(experiment)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     client = MlflowClient()

@@ -32,7 +32,7 @@ class TrainedModel:
     params: int
     train_seconds: float
     history: list[dict[str, float]] = field(repr=False, default_factory=list)
-    privacy: dict[str, float] = field(default_factory=dict)  # DP-SGD accounting (ε, δ, noise), if any
+    privacy: dict[str, float | str] = field(default_factory=dict)  # DP-SGD accounting (ε, δ, noise), if any
 
     def load(self):
         return load_checkpoint(Path(self.checkpoint))[0]
@@ -52,7 +52,7 @@ def student_spec(config: PipelineConfig, bundle: DataBundle) -> ModelSpec:
 
 
 def _result(role: str, model, spec: ModelSpec, bundle: DataBundle, checkpoint: Path, fitted, seconds: float,
-            privacy: dict[str, float] | None = None) -> TrainedModel:
+            privacy: dict[str, float | str] | None = None) -> TrainedModel:
     save_checkpoint(model, spec, checkpoint)
     return TrainedModel(
         role=role, checkpoint=str(checkpoint), spec_json=spec.to_json(),
@@ -94,7 +94,7 @@ def train_dp_student(config: PipelineConfig, bundle: DataBundle, checkpoint: Pat
     model = build_model(spec)
     started = time.perf_counter()
     fitted = fit_private(model, bundle.x_train, bundle.y_train, bundle.x_val, bundle.y_val, config.student.dp,
-                         config.seed, label=roles.DP_STUDENT)
+                         label=roles.DP_STUDENT)
     return _result(roles.DP_STUDENT, model, spec, bundle, checkpoint, fitted, time.perf_counter() - started,
                    fitted.as_dict())
 

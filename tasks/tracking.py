@@ -95,7 +95,10 @@ def open_run_task(config: PipelineConfig, trigger: dict | None = None) -> Pipeli
 
 
 @task(name="track-data", cache_policy=NO_CACHE, **IO_RETRIES)
-def track_data_task(parent_run_id: str, bundle: DataBundle, data_file: Path, span: Span | None = None) -> None:
+def track_data_task(parent_run_id: str, bundle: DataBundle, span: Span | None = None) -> None:
+    """The training data as an MLflow dataset (fingerprint, split sizes). Which rows were members
+    (``splits.npz``) stays in the run folder, 0600: never in the artifact store, where everyone who
+    may read the experiment would learn who trained the model."""
     dataset = mlflow.data.from_numpy(features=bundle.x_train.reshape(len(bundle.x_train), -1),
                                      targets=bundle.y_train, name=f"{bundle.name}-train",
                                      digest=bundle.fingerprint)
@@ -103,7 +106,6 @@ def track_data_task(parent_run_id: str, bundle: DataBundle, data_file: Path, spa
     with tracking.stage_run(parent_run_id, "data", span):
         mlflow.log_input(dataset, context="training")
         mlflow.log_params({"data.fingerprint": bundle.fingerprint, **sizes})
-        mlflow.log_artifact(str(data_file))
     tracking.log_dataset(parent_run_id, dataset, context="training")
     client = MlflowClient()
     client.set_tag(parent_run_id, "data.fingerprint", bundle.fingerprint)

@@ -6,7 +6,7 @@ import yaml
 from pydantic import ValidationError
 
 from kdsec.config import (ARCHES, load_run_config, DEFAULT_CONFIG, CNNStudentConfig, CNNTeacherConfig, HEMLPStudentConfig,
-                          HEMLPTeacherConfig, HECNNStudentConfig, PipelineConfig, ResNetStudentConfig,
+                          GatesConfig, HEMLPTeacherConfig, HECNNStudentConfig, PipelineConfig, ResNetStudentConfig,
                           ResNetTeacherConfig, arch_option_names, config_from_dict, load_config)
 from kdsec.errors import ConfigError
 
@@ -272,3 +272,16 @@ def test_a_run_config_saved_before_per_arch_options_still_loads(tmp_path):
     config = load_run_config(old)
     assert config.teacher.model_options() == {"channels": [32, 64], "fc": 128}
     assert config.student.model_options() == {"hidden": [32]}
+
+
+def test_the_readme_gate_table_states_the_real_defaults():
+    """Every default the README's gate table states is GatesConfig's (it once said extraction and
+    calibration default to 1.0, warn only, while they fail at 0.99 and 0.10)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("### Gates (thresholds in `gates.*`)\n\n")[1].split("\n\n")[0]
+    number = r"(-?\d+(?:\.\d+)?)"
+    stated = re.findall(rf"`(\w+)` \((?:default )?{number}", table) + re.findall(rf"`(\w+)`, {number}", table)
+    assert {name for name, _ in stated} >= {"max_extraction_fidelity", "warn_extraction_fidelity", "max_ece", "warn_ece",
+                                            "min_explanation_spearman", "warn_explanation_spearman"}
+    defaults = GatesConfig()
+    assert [(name, float(value)) for name, value in stated] == [(name, getattr(defaults, name)) for name, _ in stated]

@@ -1,6 +1,7 @@
 """The registry's team rules on a real (SQLite) MLflow store: abandoned runs are closed, the later
 run wins an alias, and a local store records who acted as unauthenticated."""
 
+import re
 import subprocess
 import sys
 
@@ -61,3 +62,70 @@ def test_a_local_store_authenticates_nobody(store, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
     who = tracking.identity()
     assert who.name.startswith("local:") and not who.authenticated
+
+
+# --- promotion needs the pipeline's signed verdict ------------------------------------------------
+
+
+@pytest.fixture
+def signer(workdir):
+    from kdsec.crypto.keys import load_or_create_signer
+
+    return load_or_create_signer("KDSEC_TEST_UNSET", workdir / "signing.pem")
+
+
+def _registered(client, experiment, passed: bool, signer=None, audit: str = '{"audit": 1}', started: int = 1_000):
+    """A version as the pipeline registers it (parent run with report/audit.json, nested run, gate
+    tags), attested with ``signer`` when given."""
+    import hashlib
+
+    from kdsec.gates import GateVerdict
+
+    parent = client.create_run(experiment, start_time=started).info.run_id
+    client.log_text(parent, audit, "report/audit.json")
+    nested = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
+    verdicts = [GateVerdict("accuracy", True, []), GateVerdict("membership", passed, [])]
+    version = tracking.register_candidate(f"runs:/{nested}/model", "m", verdicts, nested, {})
+    if signer is not None:
+        tracking.attest_version({"model": "m", "version": version}, verdicts, signer, {"kind": "direct", "by": None},
+                                hashlib.sha256(audit.encode()).hexdigest())
+    return str(version), verdicts
+
+
+def _approve(version, signer):
+    return tracking.review("m", version, "approve", "ok", "champion", "candidate", True, signer.public)
+
+
+def test_review_approves_only_what_the_pipeline_attested_and_writes_nothing_when_it_refuses(store, signer):
+    client, experiment = store
+    client.create_registered_model("m")
+    hand_made, _ = _registered(client, experiment, passed=True)  # gates=pass tags, no attestation
+    failed, _ = _registered(client, experiment, passed=False, signer=signer)
+    client.set_model_version_tag("m", failed, "gates", "pass")  # re-tagged by hand
+    altered, _ = _registered(client, experiment, passed=True, signer=signer)
+    parent = tracking.version_pipeline_run("m", altered)
+    client.log_text(parent, '{"audit": "rewritten"}', "report/audit.json")  # the report swapped after the run
+    cases = {hand_made: f"version {hand_made} of 'm' carries no verdict attestation",
+             failed: f"version {failed} did not pass its gates (the pipeline attested: membership failed)",
+             altered: f"version {altered}: the audit.json published with its run"}
+    for version, message in cases.items():
+        with pytest.raises(tracking.KdsecError, match=re.escape(message)) as caught:
+            _approve(version, signer)
+        assert "\n" not in str(caught.value)
+        assert not any(key.startswith("review.") for key in client.get_model_version("m", version).tags)
+    assert tracking.champion_version("m", "champion") is None
+    genuine, _ = _registered(client, experiment, passed=True, signer=signer)
+    assert _approve(genuine, signer)["champion"] == genuine
+
+
+def test_the_pipeline_never_promotes_a_hand_made_version_however_late(store, signer):
+    client, experiment = store
+    client.create_registered_model("m")
+    settings = type("Tracking", (), {"registered_model": "m", "alias": "champion", "require_approval": False,
+                                     "candidate_alias": "candidate"})()
+    version, verdicts = _registered(client, experiment, passed=True, started=1_000)
+    forged, _ = _registered(client, experiment, passed=True, started=9_000)  # later, gates=pass, unsigned
+    registered = {"model": "m", "version": version, "previous_champion": None}
+    result = tracking.promote(settings, registered, verdicts, signer, {"kind": "direct", "by": "local:me"}, "0" * 64,
+                              signer.public)
+    assert result["promoted"] and tracking.champion_version("m", "champion") == version != forged

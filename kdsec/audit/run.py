@@ -35,7 +35,9 @@ from kdsec.trainers import student_spec, teacher_spec
 class ModelAudit:
     role: str
     test_accuracy: float
-    membership: MembershipResult  # the strongest attack (highest TPR at low FPR, then AUC)
+    # The strongest attack (highest TPR at low FPR, then AUC), as reports describe it; the membership
+    # gate reads each metric's worst case over ``attacks`` instead (``kdsec.gates.worst_attacks``).
+    membership: MembershipResult
     calibration: Calibration
     per_class: PerClass
     attacks: dict[str, MembershipResult] = field(default_factory=dict)

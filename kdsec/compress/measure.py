@@ -1,4 +1,5 @@
-"""What every compression variant is measured on: accuracy, parameters, non-zeros, bytes, latency."""
+"""What every compression variant is measured on: accuracy (validation: what the candidate is chosen
+by; test: what the accuracy gate reads), parameters, non-zeros, bytes, latency."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from kdsec.compress.quantize import DynamicQuantLinear
+from kdsec.data import DataBundle
 from kdsec.models import count_flops
 
 
@@ -24,6 +26,7 @@ class VariantMetrics:
     name: str
     checkpoint: str
     test_accuracy: float
+    val_accuracy: float  # the candidate is chosen on it, so the gate's test accuracy is unseen data
     params: int
     nonzero_params: int
     size_bytes: int
@@ -66,16 +69,21 @@ def cpu_latency_ms(model: nn.Module, sample: np.ndarray, repeats: int, batch: in
     return statistics.median(timings)
 
 
-def measure_variant(name: str, model: nn.Module, checkpoint: Path, x_test: np.ndarray, y_test: np.ndarray,
-                    repeats: int) -> VariantMetrics:
-    model = model.cpu().eval()
+def _accuracy(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> float:
     with torch.inference_mode():
-        predictions = model(torch.as_tensor(x_test)).argmax(1).numpy()
+        return float((model(torch.as_tensor(inputs)).argmax(1).numpy() == labels).mean())
+
+
+def measure_variant(name: str, model: nn.Module, checkpoint: Path, bundle: DataBundle, repeats: int) -> VariantMetrics:
+    """Accuracy on the validation and test splits; size, latency (on test samples) and FLOPs."""
+    model = model.cpu().eval()
     weights = list(_weights(model))
+    x_test = bundle.x_test
     return VariantMetrics(
         name=name,
         checkpoint=str(checkpoint),
-        test_accuracy=float((predictions == y_test).mean()),
+        test_accuracy=_accuracy(model, x_test, bundle.y_test),
+        val_accuracy=_accuracy(model, bundle.x_val, bundle.y_val),
         params=sum(w.numel() for w in weights),
         nonzero_params=sum(int((w != 0).sum()) for w in weights),
         size_bytes=checkpoint.stat().st_size,

@@ -17,7 +17,7 @@ from safetensors.torch import save
 from torch import nn
 
 from kdsec.errors import IntegrityError
-from kdsec.fileio import write_atomic
+from kdsec.fileio import PRIVATE, write_atomic
 from kdsec.models.catalog import build_model
 from kdsec.models.checkpoint import load_checkpoint, read_kdsec_file
 from kdsec.models.spec import ModelSpec
@@ -58,7 +58,8 @@ def save_int8(quantized: nn.Module, spec: ModelSpec, path: Path) -> Path:
         if isinstance(tensor, torch.Tensor) and not tensor.is_quantized and not any(
             owner == q or owner.startswith(q + ".") for q in quantized_names):
             tensors[name] = tensor.detach().contiguous()
-    return write_atomic(path, save(tensors, metadata={"kdsec.spec": spec.to_json(), "kdsec.int8": json.dumps(qparams)}))
+    return write_atomic(path, save(tensors, metadata={"kdsec.spec": spec.to_json(), "kdsec.int8": json.dumps(qparams)}),
+                        mode=PRIVATE)
 
 
 def load_int8(path: Path) -> tuple[nn.Module, ModelSpec]:

@@ -29,7 +29,7 @@ from safetensors.torch import save
 from torch import nn
 
 from kdsec.errors import IntegrityError
-from kdsec.fileio import write_atomic
+from kdsec.fileio import PRIVATE, write_atomic
 from kdsec.models.catalog import build_model
 from kdsec.models.checkpoint import read_kdsec_file
 from kdsec.models.spec import ModelSpec
@@ -173,7 +173,7 @@ def save_static_int8(quantized: nn.Module, spec: ModelSpec, path: Path) -> Path:
     tensors = {f"graph.{name}": tensor.contiguous() for name, tensor in _graph_tensors(quantized).items()}
     tensors["activation_qparams"] = _activation_qparams(quantized)
     return write_atomic(path, save(tensors, metadata={"kdsec.spec": spec.to_json(),
-                                                      FORMAT_KEY: json.dumps({"route": "pt2e-x86"})}))
+                                                      FORMAT_KEY: json.dumps({"route": "pt2e-x86"})}), mode=PRIVATE)
 
 
 def load_static_int8(path: Path, lower: bool = True) -> tuple[nn.Module, ModelSpec]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from sklearn.model_selection import train_test_split
 from kdsec.config import DataConfig
 from kdsec.errors import ConfigError
 from kdsec.data.raw import DATASETS
+from kdsec.fileio import PRIVATE, write_atomic
 
 SPLITS = ("train", "val", "test", "holdout", "transfer")
 
@@ -62,11 +64,12 @@ class DataBundle:
         return {name: int(len(self.split(name)[1])) for name in SPLITS}
 
     def save(self, path: Path) -> Path:
-        """Write the splits as a plain ``.npz`` (no pickle) so the data can be inspected later."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the splits as a plain ``.npz`` (no pickle) so the data can be inspected later:
+        owner-only (0600), since it says which rows were training members."""
         arrays = {f"{kind}_{name}": getattr(self, f"{kind}_{name}") for name in SPLITS for kind in "xy"}
-        np.savez_compressed(path, **arrays)
-        return path
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        return write_atomic(path, buffer.getvalue(), mode=PRIVATE)
 
 
 def _fingerprint(inputs: np.ndarray, labels: np.ndarray, config: DataConfig) -> str:

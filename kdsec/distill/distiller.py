@@ -15,7 +15,7 @@ from kdsec.config import DistillConfig
 from kdsec.distill.features import Tap, capture, read_feature, resolve_tap, teacher_signals
 from kdsec.distill.base import LOSSES, DistillLoss
 from kdsec.errors import IntegrityError
-from kdsec.fileio import write_atomic
+from kdsec.fileio import PRIVATE, write_atomic
 
 
 class DistillObjective(nn.Module):
@@ -82,8 +82,9 @@ class OfflineDistiller:
         return DistillObjective(self.loss, self.signals, self.config.student_layer)
 
     def save(self, path: Path) -> Path:
+        """Owner-only (0600): the teacher's outputs on its training rows leak membership like its weights."""
         return write_atomic(path, save({name: tensor.contiguous() for name, tensor in self.signals.items()},
-                                       metadata={"kdsec.distill": self.config.model_dump_json()}))
+                                       metadata={"kdsec.distill": self.config.model_dump_json()}), mode=PRIVATE)
 
     @classmethod
     def load(cls, path: Path, config: DistillConfig) -> OfflineDistiller:

@@ -8,15 +8,15 @@ from safetensors.torch import save
 from torch import nn
 
 from kdsec.errors import IntegrityError
-from kdsec.fileio import write_atomic
+from kdsec.fileio import PRIVATE, write_atomic
 from kdsec.models.catalog import build_model
 from kdsec.models.spec import ModelSpec
 
 
 def save_checkpoint(model: nn.Module, spec: ModelSpec, path: Path) -> Path:
-    """Save weights as safetensors with the architecture spec in the header metadata."""
+    """Save weights as safetensors with the architecture spec in the header metadata, owner-only (0600)."""
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    return write_atomic(path, save(state, metadata={"kdsec.spec": spec.to_json()}))
+    return write_atomic(path, save(state, metadata={"kdsec.spec": spec.to_json()}), mode=PRIVATE)
 
 
 def read_kdsec_file(path: Path, description: str) -> tuple[ModelSpec, dict[str, str], dict]:

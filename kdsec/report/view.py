@@ -6,15 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kdsec import roles
+from kdsec.gates import Metric, worst_attacks
 from kdsec.summary import Summary
 
 # Human names for the metric keys gates read (the key stays on hover in HTML, in a column in Markdown).
 METRIC_LABELS = {
     "candidate.test_accuracy": "Candidate test accuracy",
     "candidate.accuracy_drop_vs_teacher": "Accuracy drop vs the teacher",
-    "candidate.membership_auc": "Membership-inference AUC (strongest attack)",
-    "candidate.membership_tpr_at_low_fpr": "Membership TPR at low FPR (strongest attack)",
+    "candidate.membership_auc": "Membership-inference AUC (highest over attacks)",
+    "candidate.membership_tpr_at_low_fpr": "Membership TPR at low FPR (highest over attacks)",
     "he.agreement": "Encrypted vs plaintext agreement (worst HE mode)",
+    "he.agreement_with_model": "Encrypted vs shipped model agreement (worst HE mode)",
+    "he.host_had_no_secret_key": "Host never held a secret key",
     "at_rest.roundtrip_exact": "Encrypted package opens bit-exact",
     "at_rest.tamper_rejected": "Flipped ciphertext byte rejected",
     "at_rest.wrong_key_rejected": "Wrong key rejected",
@@ -104,6 +107,7 @@ def gate_rows(summary: Summary) -> list[GateRow]:
         for check in gate.checks:
             warn = f"{check.direction} {check.warn_threshold:.4f}" if check.warn_threshold is not None else ""
             value = "— (stage off)" if check.level == "skipped" and check.value is None else number(check.value)
+            value += f" ({check.source})" if check.source else ""
             rows.append(GateRow(name, gate_label(name), check.level, check.metric, metric_label(check.metric),
                                 value, f"{check.direction} {check.threshold:.4f}", warn,
                                 _warn_only(check.metric, check.direction, check.threshold)))
@@ -153,14 +157,18 @@ def once(role_keys, candidate_role: str) -> list[str]:
 
 
 def _membership_rows(summary: Summary, candidate_role: str) -> list[dict]:
-    """Every model's attacks, the candidate once (as the variant it is, marked)."""
+    """Every model's attacks, the candidate once (as the variant it is, marked); ``worst`` names
+    what each attack gives the membership gate's worst case ("highest AUC", "highest TPR")."""
     rows = []
     for role in once(summary.audit, candidate_role):
         audit = summary.audit[role]
         name = role + (" ★ candidate" if role in (candidate_role, roles.CANDIDATE) else "")
+        worst = worst_attacks(audit.attacks)
         for index, (attack, result) in enumerate(audit.attacks.items()):
+            marks = [word for metric, word in ((Metric.MEMBERSHIP_AUC, "highest AUC"),
+                                               (Metric.MEMBERSHIP_TPR, "highest TPR")) if worst[metric] == attack]
             rows.append({"model": name if index == 0 else "", "role": role, "attack": attack, "r": result,
-                         "strongest": attack == audit.membership.attack})
+                         "worst": ", ".join(marks)})
     return rows
 
 

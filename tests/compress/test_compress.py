@@ -68,11 +68,37 @@ def test_int8_round_trips_bit_exactly_and_is_smaller(trained, digits, tmp_path):
 
 def test_measure_variant_reports_what_is_on_disk(trained, digits, tmp_path):
     path = save_checkpoint(trained, SPEC, tmp_path / "dense.safetensors")
-    metrics = measure_variant("dense", trained, path, digits.x_test, digits.y_test, repeats=3)
+    metrics = measure_variant("dense", trained, path, digits, repeats=3)
     assert metrics.params == sum(p.numel() for p in trained.parameters()) == 64 * 32 + 32 + 32 * 10 + 10
     assert metrics.size_bytes == path.stat().st_size
     assert metrics.latency_ms > 0
     assert metrics.test_accuracy == pytest.approx(accuracy(trained, digits.x_test, digits.y_test))
+    assert metrics.val_accuracy == pytest.approx(accuracy(trained, digits.x_val, digits.y_val))
+
+
+def _variant(name: str, size_bytes: int, val_accuracy: float, test_accuracy: float):
+    from kdsec.compress.measure import VariantMetrics
+
+    return VariantMetrics(name=name, checkpoint=f"{name}.safetensors", test_accuracy=test_accuracy,
+                          val_accuracy=val_accuracy, params=100, nonzero_params=100, size_bytes=size_bytes,
+                          latency_ms=0.1)
+
+
+def test_the_candidate_is_chosen_on_validation_accuracy_never_on_test_accuracy():
+    from kdsec.compress.candidates import select_candidate
+    from kdsec.config import GatesConfig
+
+    # Test accuracy flatters the smallest variant and hides the middle one's weakness: a rule that
+    # looked at it would choose on the very number the accuracy gate then reads.
+    variants = [_variant("dense", 1000, val_accuracy=0.97, test_accuracy=0.97),
+                _variant("mid", 500, val_accuracy=0.96, test_accuracy=0.94),
+                _variant("small", 200, val_accuracy=0.93, test_accuracy=0.99)]
+    gates = GatesConfig(min_accuracy=0.95, max_drop=0.03)
+    # floor: max(0.95, teacher's validation accuracy 0.97 - 0.03) = 0.95, met on validation by mid, not small
+    assert select_candidate(variants, 0.97, gates, "smallest_passing").name == "mid"
+    assert select_candidate(variants, 0.995, gates, "smallest_passing").name == "dense"  # floor 0.965
+    assert select_candidate(variants, 0.97, GatesConfig(min_accuracy=0.99), "smallest_passing").name == "dense"
+    assert select_candidate(variants, 0.97, gates, "most_accurate").name == "dense"
 
 
 def _copy(model, tmp_path):

@@ -180,6 +180,29 @@ def test_encrypted_inference_runs_every_mode_and_writes_the_host_package(student
                      "encrypted_model.public_context.bin", "encrypted_model.weights.bin"}
 
 
+def test_a_lowering_bug_agrees_with_its_own_program_but_fails_the_he_gate(student, digits, monkeypatch):
+    """The encrypted run matches the plaintext of the program it was lowered to, whatever that
+    computes: only the comparison with the shipped model's own predictions sees a lowering that
+    differs from the model (here the last layer's rows permuted, as a wrong fold could)."""
+    from kdsec.config import GatesConfig
+    from kdsec.crypto.he import runner
+    from kdsec.gates import evaluate_gates, he_gate_metrics
+
+    lower = runner.he_program
+
+    def wrong_lowering(model):
+        preprocess, ops = lower(model)
+        last = ops[-1]
+        return preprocess, [*ops[:-1], LinearOp(last.weight[::-1].copy(), last.bias[::-1].copy())]
+
+    monkeypatch.setattr(runner, "he_program", wrong_lowering)
+    result = encrypted_inference(student, digits.x_test[:32], HEConfig(latency_samples=0))
+    assert result.agreement == 1.0 and result.agreement_with_model == 0.0
+    he = next(v for v in evaluate_gates(he_gate_metrics(result), GatesConfig()) if v.name == "he")
+    assert not he.passed
+    assert [c.metric for c in he.checks if not c.passed] == ["he.agreement_with_model"]
+
+
 # --- the path the pipeline runs ------------------------------------------------------------------
 # The pipeline's ``homomorphic_inference`` stage loads the candidate from its file and calls
 # ``encrypted_inference(model, x_test[:max_samples or all], config.encrypt.he, package_dir)``.

@@ -20,6 +20,7 @@ from prefect.testing.utilities import prefect_test_harness
 from sklearn.datasets import load_digits
 
 from flows.kd_pipeline import kd_pipeline
+from kdsec import tracking
 from kdsec.audit.run import reference_checkpoint
 from kdsec.config import load_config
 from kdsec.data import prepare_data
@@ -70,6 +71,16 @@ def test_passing_run_promotes_champion(in_store):
     assert set(candidate_audit.attacks) == {"loss", "rmia", "lira"}
     strongest = candidate_audit.membership
     assert strongest.tpr_at_low_fpr == max(a.tpr_at_low_fpr for a in candidate_audit.attacks.values())
+    # The membership gate reads each metric at its worst over the attacks and names the attack; the
+    # he gate also reads agreement with the shipped model and the host's lack of a secret key.
+    checks = {check.metric: check for gate in summary.gates.values() for check in gate.checks}
+    worst_auc = checks["candidate.membership_auc"]
+    assert worst_auc.value == max(a.auc for a in candidate_audit.attacks.values())
+    assert candidate_audit.attacks[worst_auc.source].auc == worst_auc.value
+    assert checks["he.agreement_with_model"].value >= 0.99 and checks["he.agreement_with_model"].source
+    assert checks["he.host_had_no_secret_key"].value == 1.0
+    candidate_variant = next(v for v in summary.variants if v["name"] == summary.candidate.variant)
+    assert summary.candidate.val_accuracy == candidate_variant["val_accuracy"]
     assert summary.audit_timing.seconds > 0
     explanations = summary.explanations  # every audited model explained against the teacher
     assert set(summary.audit) <= set(explanations.models) and explanations.method == "saliency"
@@ -277,6 +288,13 @@ def test_approval_required_waits_for_a_reviewer(in_store):
     # A local store authenticates nobody: the decision is recorded, marked unauthenticated.
     assert tags["review.status"] == "approved" and tags["review.reviewer"].startswith("local:")
     assert tags["review.authenticated"] == "false" and tags["kdsec.launched_by"] == tags["review.reviewer"]
+    # The pipeline's signed verdict: who triggered the run (here: whoever ran it) and the audit.json read.
+    from kdsec.crypto.attestation import trusted_key
+
+    verdict = tracking.attested_verdict(client.get_model_version("kdsec-student", version),
+                                        trusted_key(None, ".kdsec/keys/signing.pem"))
+    assert verdict.passed and verdict.trigger == "direct" and verdict.triggered_by == tags["kdsec.launched_by"]
+    assert verdict.audit_sha256 == tags["review.audit_sha256"]
     run = client.get_run(summary.run_id)
     audit = client.download_artifacts(run.info.run_id, "report/audit.json", str(in_store))
     assert tags["review.audit_sha256"] == hashlib.sha256(Path(audit).read_bytes()).hexdigest()
@@ -340,7 +358,9 @@ def test_report_compares_two_versions_and_reaudit_reproduces_the_audit(in_store)
     assert document["audit"]["membership"]["auc"] == pytest.approx(run_summary.audit["candidate"].membership.auc)
     tags = MlflowClient().get_model_version("kdsec-student", str(champion.version)).tags
     assert tags["reaudit.verdict"] == "pass"
-    assert tags["reaudit.attack"] == run_summary.audit["candidate"].membership.attack
+    membership = {check.metric: check for check in run_summary.gates["membership"].checks}
+    assert tags["reaudit.membership_auc_attack"] == membership["candidate.membership_auc"].source
+    assert tags["reaudit.membership_tpr_attack"] == membership["candidate.membership_tpr_at_low_fpr"].source
 
 
 def test_conv_student_ships_without_homomorphic_inference_when_he_is_off(in_store):

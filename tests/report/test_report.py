@@ -57,7 +57,7 @@ def test_promoted_with_warnings_says_so_in_both_formats(summary, tmp_path):
     html, markdown = _render(summary, tmp_path)
     banner = _banner(html)
     assert 'class="banner warn"' in banner and "PASSED — promoted: kdsec-student version 4 is now 'champion'" in banner
-    assert "Passed with 2 warning(s)" in banner and "Membership-inference AUC (strongest attack) 0.5752" in banner
+    assert "Passed with 2 warning(s)" in banner and "Membership-inference AUC (highest over attacks) 0.5752" in banner
     assert "PASSED — promoted: kdsec-student version 4 is now 'champion'" in markdown
     assert "2 check(s) passed but are past their warn level" in html and "past their warn level" in markdown
     # human names, the key on hover (HTML) and in a column (Markdown)
@@ -113,6 +113,28 @@ def test_candidate_is_listed_once_and_plots_are_drawn_to_be_read(summary, tmp_pa
         width, height = struct.unpack(">II", (tmp_path / f"{name}.png").read_bytes()[16:24])
         assert width == 900 and height >= 800  # 6 in at 150 dpi: crisp at ~560 px, full size on click
         assert f"]({name}.png)" in markdown
+
+
+def test_the_attack_behind_each_membership_worst_case_is_named(summary, tmp_path):
+    """RMIA has the highest AUC, LiRA (made stronger here) the highest TPR at low FPR: the gate
+    table says which attack gave each value, the membership table marks both rows."""
+    role = "variant:structured50_int8"  # the candidate, listed once as the variant it is
+    audits = dict(summary.audit)
+    for name in (role, "candidate"):
+        attacks = dict(audits[name].attacks)
+        attacks["lira"] = attacks["lira"].model_copy(update={"tpr_at_low_fpr": 0.03})
+        audits[name] = audits[name].model_copy(update={"attacks": attacks})
+    auc, tpr = summary.gates["membership"].checks
+    checks = [CheckResult(**{**auc.__dict__, "source": "rmia"}),
+              CheckResult(**{**tpr.__dict__, "value": 0.03, "source": "lira"})]
+    gates = {**summary.gates, "membership": summary.gates["membership"].model_copy(update={"checks": checks})}
+    html, markdown = _render(summary.model_copy(update={"audit": audits, "gates": gates}), tmp_path)
+    assert "<td>0.5752 (rmia)</td>" in html and "<td>0.0300 (lira)</td>" in html
+    assert "| 0.5752 (rmia) |" in markdown and "| 0.0300 (lira) |" in markdown
+    membership = html.split('id="privacy"')[1].split("<h3>")[0]
+    assert '<td class="l">rmia (highest AUC)</td>' in membership
+    assert '<td class="l">lira (highest TPR)</td>' in membership
+    assert "| rmia (highest AUC) |" in markdown and "| lira (highest TPR) |" in markdown
 
 
 def test_per_class_table_has_models_as_rows(summary, tmp_path):

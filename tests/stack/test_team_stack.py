@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -138,7 +139,10 @@ def _parent_run(stack, config, secret, flow_run_id: str):
 
 
 def _kdsec(stack, config, secret, user, *args, cwd=ROOT):
+    """The kdsec command as a team member runs it: .stack/env.sh (the URLs and the pipeline's public
+    key) and their own credentials."""
     env = {**stack.base_env(), "MLFLOW_TRACKING_URI": stack.urls(config)["mlflow"],
+           "PREFECT_API_URL": stack.urls(config)["prefect"], "KDSEC_VERDICT_PUBLIC_KEY": str(stack.signing_key()[1]),
            "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": secret[stack.password_key(user)],
            "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "kdsec.cli", *args], cwd=cwd, capture_output=True, text=True,
@@ -209,7 +213,11 @@ def test_a_run_killed_mid_audit_is_closed_and_the_rerun_survives_an_mlflow_outag
     assert state.is_crashed(), state  # the worker reports the killed process
     FIGURES["killed run: Prefect state"] = state.name
 
-    rerun = _trigger(config)
+    # The rerun is asked for by reviewer-a through an authenticated request: the run records who.
+    requested = _kdsec(stack, config, secret, "reviewer-a", "trigger", DEPLOYMENT,
+                       *[part for item in FAST for part in ("--set", item)])
+    assert requested.returncode == 0, requested.stdout + requested.stderr
+    rerun = re.search(r"Prefect flow run ([0-9a-f-]{36})", requested.stdout).group(1)
     deadline = time.monotonic() + 600
     while _parent_run(stack, config, secret, rerun) is None:  # the rerun is tracking: now take MLflow away
         assert time.monotonic() < deadline and not _flow_run(config, rerun).state.is_final()
@@ -252,8 +260,13 @@ def test_only_authenticated_reviewers_move_champion_and_never_their_own_run(team
     with _as(stack, secret, "kdsec-pipeline"), pytest.raises(MlflowException, match="reviewers role"):
         _client(stack, config).set_model_version_tag(model, version.version, "review.status", "approved")
 
-    result = _kdsec(stack, config, secret, "reviewer-a", "review", "approve", version.version, "--comment", "read it")
-    assert result.returncode == 0 and "by reviewer-a" in result.stdout, result.stdout + result.stderr
+    # Four-eyes on a pipeline run: reviewer-a triggered it (the rerun above), so reviewer-a may not approve it.
+    result = _kdsec(stack, config, secret, "reviewer-a", "review", "approve", version.version, "--comment", "mine")
+    assert result.returncode == 1 and "four-eyes: 'reviewer-a' triggered the run" in result.stderr, result.stderr
+    with _as(stack, secret, "reviewer-a"), pytest.raises(MlflowException, match="four-eyes"):
+        _client(stack, config).set_registered_model_alias(model, "champion", version.version)
+    result = _kdsec(stack, config, secret, "reviewer-b", "review", "approve", version.version, "--comment", "read it")
+    assert result.returncode == 0 and "by reviewer-b" in result.stdout, result.stdout + result.stderr
     with _as(stack, secret, "reviewer-b"):
         client = _client(stack, config)
         approved = client.get_model_version(model, version.version)
@@ -262,24 +275,28 @@ def test_only_authenticated_reviewers_move_champion_and_never_their_own_run(team
         assert str(client.get_model_version_by_alias(model, "champion").version) == str(version.version)
         assert "candidate" not in client.get_model_version(model, version.version).aliases
     tags = approved.tags
-    assert tags["review.reviewer"] == "reviewer-a" and tags["review.authenticated"] == "true"
+    assert tags["review.reviewer"] == "reviewer-b" and tags["review.authenticated"] == "true"
     assert tags["review.audit_sha256"] == hashlib.sha256(Path(audit).read_bytes()).hexdigest()
+    assert tags["kdsec.triggered_by"] == "reviewer-a"
 
-    # Four-eyes: a version reviewer-b launched cannot be approved by reviewer-b, in kdsec or on the server.
+    # A hand-made version that carries `gates: pass`: a reviewer cannot even register it, and the
+    # pipeline identity's can never be promoted, by kdsec or by a direct call to the alias endpoint.
     logged_model = version.source.removeprefix("models:/")
+    with _as(stack, secret, "reviewer-b"), pytest.raises(MlflowException, match="only the pipeline identity"):
+        _client(stack, config).create_model_version(model, version.source, run_id=version.run_id,
+                                                    model_id=logged_model, tags={"gates": "pass"})
+    with _as(stack, secret, "kdsec-pipeline"):
+        forged = _client(stack, config).create_model_version(
+            model, version.source, run_id=version.run_id, model_id=logged_model,
+            tags={"gates": "pass", "verdict": "PASSED", "kdsec.launched_by": "kdsec-pipeline"})
+    result = _kdsec(stack, config, secret, "reviewer-b", "review", "approve", forged.version)
+    assert result.returncode == 1 and "carries no verdict attestation" in result.stderr, result.stderr
+    with _as(stack, secret, "reviewer-b"), pytest.raises(MlflowException, match="carries no verdict attestation"):
+        _client(stack, config).set_registered_model_alias(model, "champion", forged.version)
     with _as(stack, secret, "reviewer-b"):
         client = _client(stack, config)
-        with pytest.raises(MlflowException, match="may only name the caller"):
-            client.create_model_version(model, version.source, run_id=version.run_id, model_id=logged_model,
-                                        tags={"gates": "pass", "kdsec.launched_by": "reviewer-a"})
-        own = client.create_model_version(model, version.source, run_id=version.run_id, model_id=logged_model,
-                                          tags={"gates": "pass", "kdsec.launched_by": "reviewer-b"})
-        with pytest.raises(MlflowException, match="four-eyes"):
-            client.set_registered_model_alias(model, "champion", own.version)
-    result = _kdsec(stack, config, secret, "reviewer-b", "review", "approve", own.version)
-    assert result.returncode == 1 and "four-eyes" in result.stderr + result.stdout
-    with _as(stack, secret, "reviewer-b"):
-        assert str(_client(stack, config).get_model_version_by_alias(model, "champion").version) == str(version.version)
+        assert str(client.get_model_version_by_alias(model, "champion").version) == str(version.version)
+        assert not any(key.startswith("review.") for key in client.get_model_version(model, forged.version).tags)
 
 
 def test_a_reviewer_reads_the_champion_report_through_the_server(team, tmp_path):

@@ -66,9 +66,28 @@ class HEResult:
     def enabled(self) -> bool:
         return bool(self.runs)
 
+    def worst(self, measure: str) -> HERun | None:
+        """The run with the lowest ``measure`` (e.g. ``agreement``); a NaN counts as the lowest."""
+        def key(run: HERun) -> tuple[bool, float]:
+            value = getattr(run, measure)
+            return value == value, value
+
+        return min(self.runs, key=key, default=None)
+
     @property
     def agreement(self) -> float | None:
-        return min(run.agreement for run in self.runs) if self.runs else None
+        """With the lowered program's plaintext arithmetic: the minimum over every mode and path."""
+        return run.agreement if (run := self.worst("agreement")) else None
+
+    @property
+    def agreement_with_model(self) -> float | None:
+        """With the shipped model's own predictions: the minimum over every mode and path (NaN when
+        a run had no model predictions to compare with)."""
+        return run.agreement_with_model if (run := self.worst("agreement_with_model")) else None
+
+    @property
+    def host_had_secret_key(self) -> bool:
+        return any(run.host_had_secret_key for run in self.runs)
 
     def run(self, mode: str, path: str) -> HERun | None:
         return next((r for r in self.runs if r.mode == mode and r.path == path), None)
@@ -82,7 +101,7 @@ class HEResult:
         return {"enabled": True, "agreement": self.agreement, "samples": batched.samples,
                 "ms_per_sample": batched.ms_per_sample,
                 "single_sample_ms": single.ms_per_sample if single else None,
-                "host_had_secret_key": any(r.host_had_secret_key for r in self.runs),
+                "host_had_secret_key": self.host_had_secret_key,
                 "runs": [r.as_dict() for r in self.runs]}
 
     def metrics(self) -> dict[str, float]:
