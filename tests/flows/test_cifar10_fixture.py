@@ -24,7 +24,10 @@ def test_cifar10_config_runs_on_a_fixture(tmp_path, monkeypatch):
                  "teacher.train.epochs=8", "student.hidden=[32]", "student.train.epochs=25",
                  "compress.finetune_epochs=3", "compress.structured_finetune_epochs=3", "compress.latency_repeats=3", "audit.reference_models=2",
                  "audit.bootstrap=20", "audit.extraction_queries=150", "encrypt.he.max_samples=32",
-                 "encrypt.he.latency_samples=1", "gates.max_ece=0.4"]  # 25 epochs: under-confident (ECE ~0.18)
+                 "encrypt.he.latency_samples=1", "gates.max_ece=0.4",  # 25 epochs: under-confident (ECE ~0.18)
+                 # 32 HE samples of an under-trained int8 candidate, whose activations are quantized at
+                 # run time while CKKS computes in float: one flipped argmax is 3 %. A lowering bug flips most.
+                 "gates.min_he_agreement_with_model=0.9"]
     with prefect_test_harness(server_startup_timeout=120):
         summary = kd_pipeline(config_path=str(CIFAR_CONFIG), overrides=overrides)
     assert summary.data.name == "cifar10" and summary.data.input_shape == [3, 32, 32]
@@ -39,4 +42,5 @@ def test_cifar10_config_runs_on_a_fixture(tmp_path, monkeypatch):
     assert by_name["pruned50"]["flops"] == by_name["dense"]["flops"]  # zeros do not shrink dense FLOPs
     # HE runs on the pooled input (192 features, not 3072): the pooling is the client's public preprocessing
     assert summary.he.agreement >= 0.99
+    assert min(run["agreement_with_model"] for run in summary.he.runs) >= 0.9, summary.he.runs
     assert all(run["ciphertext_bytes_in"] > 0 for run in summary.he.runs if run["mode"] == "encrypted_input")
