@@ -38,6 +38,7 @@ from tasks.pipeline import (at_rest_task, audit_task, compress_task, distill_tas
 from tasks.tracking import (claim_request_task, open_run_task, promote_task, publish_audit_task, register_task,
                             report_task, run_trigger, track_data_task, track_gates_task, track_model_task,
                             track_stage_task, track_sweep_task)
+from flows.requests import pinned_parameters
 from flows.sweep import run_sweep
 
 
@@ -163,12 +164,8 @@ def _resolve(config: dict | None, config_path: str | None, overrides: list[str] 
     if request_run_id:
         if config is not None:
             raise KdsecError("a run request names its config path and overrides: pass no config mapping with it")
-        trigger = claim_request_task(request_run_id)
-        asked = (trigger.pop("config_path"), trigger.pop("overrides"))
-        if config_path is not None and (config_path, list(overrides or [])) != asked:
-            raise KdsecError(f"the flow run's config ({config_path}, {overrides}) is not what run request "
-                             f"{request_run_id} asks for ({asked[0]}, {asked[1]})")
-        config_path, overrides = asked
+        trigger = claim_request_task(request_run_id, config_path, overrides)
+        config_path, overrides = trigger.pop("config_path"), trigger.pop("overrides")
     cfg = config_from_dict(config) if config is not None else load_config(config_path, overrides or [])
     if workdir := os.environ.get("KDSEC_WORKDIR"):
         Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -177,8 +174,24 @@ def _resolve(config: dict | None, config_path: str | None, overrides: list[str] 
     preflight(cfg)
     if not request_run_id:
         trigger = run_trigger()
+        if trigger["kind"] == "schedule" and _parameters_changed(config, config_path, overrides):
+            trigger = {"kind": "schedule with changed parameters", "by": None}
     get_run_logger().info("started by %s (%s)", trigger["by"] or "nobody known", trigger["kind"])
     return cfg, trigger
+
+
+def _parameters_changed(config: dict | None, config_path: str | None, overrides: list[str] | None) -> bool:
+    """Whether a scheduled run's parameters differ from those deployments/prefect.yaml pins for its
+    deployment: Prefect's API lets anyone change them, or schedule runs on demand, so only a run of
+    the pinned config counts as the schedule's (any reviewer may approve it)."""
+    from prefect import runtime as prefect_runtime
+
+    try:
+        pinned = pinned_parameters(str(prefect_runtime.deployment.name))
+    except KdsecError:
+        return True
+    return config is not None or (config_path, list(overrides or [])) != (pinned.get("config_path"),
+                                                                          list(pinned.get("overrides") or []))
 
 
 def _cached(task, cache_hits: dict, kind: str, *args):
@@ -272,30 +285,6 @@ def _log_outcome(cfg: PipelineConfig, summary: Summary) -> None:
                 "TPR@%.3g %.3f (%s); cache %s", summary.audit_timing.seconds,
                 summary.audit_timing.ratio_to_teacher_training, attacks[auc].auc, auc, cfg.audit.low_fpr,
                 attacks[tpr].tpr_at_low_fpr, tpr, summary.cache)
-
-
-def deployment_parameters(deployment: str) -> dict:
-    """The default parameters of ``deployment`` (FLOW/DEPLOYMENT on ``PREFECT_API_URL``)."""
-    from prefect.client.orchestration import get_client
-
-    try:
-        with get_client(sync_client=True) as client:
-            return dict(client.read_deployment_by_name(deployment).parameters or {})
-    except Exception as exc:  # noqa: BLE001 — Prefect's errors: unknown deployment, unreachable API
-        raise KdsecError(f"Prefect has no deployment {deployment} to run: {str(exc).splitlines()[0][:200]}") from None
-
-
-def start_requested_run(deployment: str, config_path: str, overrides: list[str], request_run_id: str) -> str:
-    """Start a run of ``deployment`` (FLOW/DEPLOYMENT on ``PREFECT_API_URL``) for run request
-    ``request_run_id`` (see ``kdsec.tracking.create_run_request``); return the flow run's id."""
-    from prefect.deployments import run_deployment
-
-    try:
-        flow_run = run_deployment(deployment, parameters={"config_path": config_path, "overrides": overrides,
-                                                          "request_run_id": request_run_id}, timeout=0)
-    except Exception as exc:  # noqa: BLE001 — Prefect's errors: unknown deployment, unreachable API
-        raise KdsecError(f"Prefect did not start {deployment}: {str(exc).splitlines()[0][:200]}") from None
-    return str(flow_run.id)
 
 
 def start_temporary_server() -> None:

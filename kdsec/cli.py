@@ -91,7 +91,7 @@ def _print_summary(summary) -> None:
     for name, gate in summary.gates.items():
         for check in gate.checks:
             value = "missing" if check.value is None else f"{check.value:.4f}"
-            value += f" ({check.source})" if getattr(check, "source", None) else ""
+            value += f" ({check.source})" if check.source else ""
             style = {"pass": "green", "warn": "yellow", "fail": "bold red"}.get(check.level, "dim")
             table.add_row(name, f"[{style}]{check.level}[/]", check.metric, value,
                           f"{check.direction} {check.threshold:.4f}")
@@ -373,17 +373,21 @@ def trigger_command(
     try:
         settings = _tracking(config)
         tracking.requester()  # before Prefect is asked anything
-        from flows.kd_pipeline import deployment_parameters, start_requested_run
+        from flows.requests import pinned_parameters, start_requested_run
 
-        defaults = deployment_parameters(deployment)
+        defaults = pinned_parameters(deployment)  # from git, not from Prefect's unauthenticated store
         config_path = run_config or defaults.get("config_path") or "configs/default.yaml"
         asked = [*(defaults.get("overrides") or []), *(overrides or [])]
         request, asker = tracking.create_run_request(settings.experiment, deployment, config_path, asked)
-        flow_run_id = start_requested_run(deployment, config_path, asked, request)
+        try:
+            flow_run_id = start_requested_run(deployment, config_path, asked, request)
+        except KdsecError:
+            tracking.withdraw_run_request(request)
+            raise
     except KdsecError as exc:
         raise _fail(str(exc)) from None
-    console.print(f"requested by {asker}: run request {request}; Prefect flow run {flow_run_id} ({deployment})",
-                  highlight=False)
+    console.print(f"requested by {asker}: run request {request} ({config_path}, overrides {asked}); "
+                  f"Prefect flow run {flow_run_id} ({deployment})", highlight=False)
 
 
 @app.command("review")

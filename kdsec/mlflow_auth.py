@@ -19,8 +19,10 @@ registered model (both need EDIT), so on top of basic-auth this refuses, for eve
 - on runs, a ``kdsec.triggered_by`` tag other than the caller's own name, any later change to a
   run request's tags, and a claim of a request by anyone but the pipeline, or of one already claimed.
 
-Parameters are read as MLflow's own handlers read them: the URL and, for anything but GET, the
-body whatever its content type (a DELETE with a text/plain body is parsed as JSON by MLflow).
+Parameters are read as MLflow's own handlers read them: the URL for GET, else the body whatever its
+content type, a JSON string decoded twice (MLflow parses a DELETE's text/plain body as JSON, and
+decodes a double-encoded one). A body MLflow would read otherwise, or a URL that disagrees with
+the body, is refused.
 
 Runs inside the MLflow server process (Flask); nothing else in kdsec imports it.
 """
@@ -43,41 +45,62 @@ REVIEW_PREFIX = "review."
 PENDING = ("review.status", "pending")  # what the pipeline writes when a version waits for review
 # Version tags only the pipeline writes: its verdict for people to read, its signed verdict, and
 # what orders concurrent runs. (Only the attestation decides a promotion; the rest must not lie.)
-PIPELINE_TAGS = frozenset({"gates", "verdict", attestation.TAG, "kdsec.triggered_by", "kdsec.run_started"})
+PIPELINE_TAGS = frozenset({"gates", "verdict", attestation.TAG, attestation.TRIGGERED_BY, "kdsec.run_started"})
 PIPELINE_PREFIXES = ("gate.",)
-TRIGGERED_BY = "kdsec.triggered_by"
-REQUEST_PREFIX = "kdsec.request."
-CLAIMED_BY = "kdsec.request.claimed_by"
-_claims = threading.Lock()  # one claim of a run request at a time (the server runs one worker process)
+# The endpoints these rules speak of (REST and the UI's ajax-api alike); every other passes through.
+GUARDED = ("/mlflow/registered-models/alias", "/mlflow/model-versions/set-tag", "/mlflow/model-versions/delete-tag",
+           "/mlflow/model-versions/create", "/mlflow/runs/create", "/mlflow/runs/log-batch", "/mlflow/runs/delete-tag",
+           "/mlflow/runs/set-tag")
+_claims = threading.Lock()  # claims of run requests: checked and written under it, one at a time
+
+
+class _Unreadable(Exception):
+    """A request MLflow could read differently from these rules: refused, never guessed at."""
 
 
 def _setting(name: str, default: str) -> str:
     return os.environ.get(name, default).strip()
 
 
-def _refuse(message: str) -> Response:
-    response = make_response(json.dumps({"error_code": "PERMISSION_DENIED", "message": message}), 403)
+def _respond(status: int, document: dict) -> Response:
+    response = make_response(json.dumps(document), status)
     response.headers["Content-Type"] = "application/json"
     return response
 
 
+def _refuse(message: str) -> Response:
+    return _respond(403, {"error_code": "PERMISSION_DENIED", "message": message})
+
+
+def _body() -> dict:
+    """A non-GET request's body as MLflow's handlers read it: JSON whatever the content type, a JSON
+    string decoded a second time (older clients double-encode), nothing when empty."""
+    if not request.get_data(cache=True):
+        return {}
+    body = request.get_json(force=True, silent=True)
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            body = None
+    if not isinstance(body, dict):
+        raise _Unreadable("the request body must be one JSON object")
+    return body
+
+
 def _params() -> dict:
-    """The request's parameters as MLflow's handlers see them: the body (any content type) over the URL's."""
-    merged = dict(request.args)
-    if request.method != "GET":
-        body = request.get_json(force=True, silent=True)
-        if isinstance(body, dict):
-            merged.update(body)
-    return merged
-
-
-def _named_aliases() -> set[str]:
-    """Every alias the request names, in the URL or the body: a rule must hold whichever MLflow reads."""
-    names = {str(value) for value in request.args.getlist("alias")}
-    body = request.get_json(force=True, silent=True) if request.method != "GET" else None
-    if isinstance(body, dict) and "alias" in body:
-        names.add(str(body["alias"]))
-    return names
+    """The request's parameters as MLflow's handlers see them: the URL for GET, else the body. A
+    non-GET URL must agree with the body: MLflow's own permission check reads the URL of a DELETE
+    without a JSON content type, while its handler acts on the body."""
+    if request.method == "GET":
+        return dict(request.args)
+    body = _body()
+    if not body:
+        return dict(request.args)
+    for key in request.args:
+        if key not in body or request.args.getlist(key) != [str(body[key])]:
+            raise _Unreadable(f"the URL and the body disagree on '{key}'")
+    return body
 
 
 def _is_reviewer(username: str) -> bool:
@@ -95,18 +118,21 @@ def _pipeline_tag(key: str) -> bool:
 
 
 def _request_tag(key: str) -> bool:
-    return key == TRIGGERED_BY or key.startswith(REQUEST_PREFIX)
+    return key == attestation.TRIGGERED_BY or key.startswith(attestation.REQUEST_PREFIX)
 
 
 def _promotion_refusal(username: str, name: str, version: str) -> str | None:
     """Why ``username`` may not move a reviewed alias to ``version`` of ``name``: the attested verdict
     and, with four-eyes, who launched and triggered its run."""
+    from mlflow.exceptions import MlflowException
     from mlflow.server.handlers import _get_model_registry_store
 
     try:
         details = _get_model_registry_store().get_model_version(name, str(version))
-    except Exception:  # noqa: BLE001 — an unknown version: let MLflow's own handler answer
-        return None
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None  # MLflow's own handler answers 404
+        return f"version {version} of '{name}' could not be read to check its verdict"
     try:
         trusted = attestation.configured_key()
         if trusted is None:
@@ -117,26 +143,32 @@ def _promotion_refusal(username: str, name: str, version: str) -> str | None:
                                      run_id=details.run_id or "")
     except KdsecError as exc:
         return str(exc)
-    if not verdict.passed:
-        failed = ", ".join(sorted(gate for gate, result in verdict.gates.items() if result != "pass")) or "none"
-        return f"version {version} did not pass its gates (the pipeline attested: {failed} failed)"
-    if _setting("KDSEC_FOUR_EYES", "1") in ("0", "false", "off"):
-        return None
-    if verdict.triggered_by is None:
-        return (f"four-eyes: nobody is known to have triggered the run behind version {version} "
-                f"({verdict.trigger}); trigger runs with kdsec trigger")
-    if username in (verdict.launched_by, verdict.triggered_by, details.tags.get(LAUNCHED_BY)):
-        return f"four-eyes: '{username}' launched or triggered the run behind version {version} and cannot approve it"
-    return None
+    four_eyes = _setting("KDSEC_FOUR_EYES", "1") not in ("0", "false", "off")
+    return attestation.refusal(verdict, username, four_eyes, details.tags.get(LAUNCHED_BY))
 
 
-def _run_tags(run_id: str) -> dict[str, str] | None:
+def _claim(username: str, params: dict) -> Response:
+    """A run request's claim, checked and written under one lock (two claims cannot both pass): only
+    the pipeline identity claims, only a request, only once. The plugin writes it and answers."""
+    from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
     from mlflow.server.handlers import _get_tracking_store
 
-    try:
-        return dict(_get_tracking_store().get_run(run_id).data.tags)
-    except Exception:  # noqa: BLE001 — an unknown run: let MLflow's own handler answer
-        return None
+    if not _is_pipeline(username):
+        return _refuse(f"only the pipeline identity may claim a run request ('{username}' is not)")
+    run_id, value = str(params.get("run_id") or params.get("run_uuid") or ""), str(params.get("value", ""))
+    tracking_store = _get_tracking_store()
+    with _claims:
+        try:
+            tags = dict(tracking_store.get_run(run_id).data.tags)
+        except MlflowException:
+            return _refuse(f"run request '{run_id[:40]}' does not exist")
+        if not tags.get(attestation.TRIGGERED_BY):
+            return _refuse("this run is not a run request (it names no one who asked)")
+        if tags.get(attestation.CLAIMED_BY):
+            return _refuse(f"this run request already started flow run {tags[attestation.CLAIMED_BY]}")
+        tracking_store.set_tag(run_id, RunTag(attestation.CLAIMED_BY, value))
+    return _respond(200, {})
 
 
 def _run_rules(username: str, path: str, params: dict) -> Response | None:
@@ -144,9 +176,9 @@ def _run_rules(username: str, path: str, params: dict) -> Response | None:
     if path.endswith("/mlflow/runs/create") and request.method == "POST":
         for tag in params.get("tags") or []:
             key = str(tag.get("key", "")) if isinstance(tag, dict) else ""
-            if key == TRIGGERED_BY and tag.get("value") != username:
-                return _refuse(f"{TRIGGERED_BY} may only name the caller ('{username}')")
-            if key == CLAIMED_BY:
+            if key == attestation.TRIGGERED_BY and tag.get("value") != username:
+                return _refuse(f"{attestation.TRIGGERED_BY} may only name the caller ('{username}')")
+            if key == attestation.CLAIMED_BY:
                 return _refuse("a run request cannot be created already claimed")
         return None
     if path.endswith("/mlflow/runs/log-batch") and request.method == "POST":
@@ -162,30 +194,27 @@ def _run_rules(username: str, path: str, params: dict) -> Response | None:
         key = str(params.get("key", ""))
         if not _request_tag(key):
             return None
-        if key != CLAIMED_BY:
+        if key != attestation.CLAIMED_BY:
             return _refuse("a run request's tags are written when it is created, never after")
-        if not _is_pipeline(username):
-            return _refuse(f"only the pipeline identity may claim a run request ('{username}' is not)")
-        with _claims:
-            tags = _run_tags(str(params.get("run_id") or params.get("run_uuid") or ""))
-            if tags is not None and tags.get(CLAIMED_BY):
-                return _refuse(f"this run request already started flow run {tags[CLAIMED_BY]}")
-            if tags is not None and not tags.get(TRIGGERED_BY):
-                return _refuse("this run is not a run request (it names no one who asked)")
-        return None
+        return _claim(username, params)
     return None
 
 
 def _review_rules(username: str) -> Response | None:
     path = request.path
-    params = _params()
+    if not path.endswith(GUARDED):
+        return None
+    try:
+        params = _params()
+    except _Unreadable as exc:
+        return _refuse(f"{exc} (kdsec review rules)")
     reviewed = {alias.strip() for alias in _setting("KDSEC_REVIEWED_ALIASES", "champion").split(",") if alias.strip()}
     if path.endswith("/mlflow/registered-models/alias") and request.method in ("POST", "DELETE"):
-        named = _named_aliases() & reviewed
-        if not named:
+        alias = str(params.get("alias", ""))
+        if alias not in reviewed:
             return None
         if not _is_reviewer(username):
-            return _refuse(f"only members of the reviewers role may move '{sorted(named)[0]}' "
+            return _refuse(f"only members of the reviewers role may move '{alias}' "
                            f"('{username}' is not); use kdsec review approve as a reviewer")
         if request.method == "POST":
             refusal = _promotion_refusal(username, str(params.get("name", "")), str(params.get("version", "")))

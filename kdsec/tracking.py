@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 
 import kdsec
 from kdsec.crypto import attestation
+from kdsec.crypto.attestation import CLAIMED_BY, REQUEST_CONFIG, REQUEST_DEPLOYMENT, REQUEST_OVERRIDES, TRIGGERED_BY
 from kdsec.errors import IntegrityError, KdsecError
 from kdsec.fileio import strict_json, write_atomic
 from kdsec.gates import GateVerdict, all_passed
@@ -162,7 +163,7 @@ def identity() -> Identity:
             response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/users/current", "GET",
                                     max_retries=2, timeout=30, raise_on_status=False)
         except MlflowException as exc:
-            raise KdsecError(f"the tracking server at {uri} did not answer ({str(exc).splitlines()[0]})") from None
+            raise KdsecError(f"the tracking server at {uri} did not answer ({first_line(exc)})") from None
         if response.status_code == 401:
             raise KdsecError(f"the tracking server at {uri} refused the credentials in MLFLOW_TRACKING_USERNAME / "
                              "MLFLOW_TRACKING_PASSWORD")
@@ -181,13 +182,6 @@ def identity() -> Identity:
 # and runs that config: replaying someone's request, or handing their request id to another run,
 # can only run what they asked for, once.
 
-TRIGGERED_BY = "kdsec.triggered_by"
-REQUEST_PREFIX = "kdsec.request."
-REQUEST_CONFIG = "kdsec.request.config_path"
-REQUEST_OVERRIDES = "kdsec.request.overrides"
-REQUEST_DEPLOYMENT = "kdsec.request.deployment"
-CLAIMED_BY = "kdsec.request.claimed_by"
-
 
 def requester() -> Identity:
     """Who asks for a run: an identity the tracking server authenticated, or a one-line error."""
@@ -204,28 +198,47 @@ def create_run_request(experiment: str, deployment: str, config_path: str, overr
     from datetime import datetime, timezone
 
     asker = requester()
-    experiment_id = configure(experiment)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     client = MlflowClient()
-    run = client.create_run(experiment_id, run_name=f"request-{stamp}-{asker.name}", tags={
-        TRIGGERED_BY: asker.name, REQUEST_CONFIG: config_path, REQUEST_OVERRIDES: json.dumps(list(overrides)),
-        REQUEST_DEPLOYMENT: deployment})
-    client.set_terminated(run.info.run_id, "FINISHED")
+    try:
+        experiment_id = configure(experiment)
+        run = client.create_run(experiment_id, run_name=f"request-{stamp}-{asker.name}", tags={
+            TRIGGERED_BY: asker.name, REQUEST_CONFIG: config_path, REQUEST_OVERRIDES: json.dumps(list(overrides)),
+            REQUEST_DEPLOYMENT: deployment})
+        client.set_terminated(run.info.run_id, "FINISHED")
+    except MlflowException as exc:
+        raise KdsecError(f"the tracking server refused the run request of '{asker.name}': {first_line(exc)}") from None
     return run.info.run_id, asker.name
 
 
-def claim_run_request(request_run_id: str, flow_run_id: str) -> dict:
+def claim_run_request(request_run_id: str, flow_run_id: str, config_path: str | None = None,
+                      overrides: list[str] | None = None) -> dict:
     """Claim request ``request_run_id`` for flow run ``flow_run_id`` (a request starts one run); return
-    the trigger (``kind``, ``by``) and the ``config_path`` and ``overrides`` it asks for."""
+    the trigger (``kind``, ``by``) and the ``config_path`` and ``overrides`` it asks for. A flow run
+    that names its own ``config_path`` (and ``overrides``) must name the request's: it is checked
+    before the claim, so a mismatched run cannot use up someone else's request."""
     client = MlflowClient()
     try:
-        tags = client.get_run(request_run_id).data.tags
+        run = client.get_run(request_run_id)
     except MlflowException:
         raise KdsecError(f"run request {request_run_id} does not exist in {redact(tracking_uri())}") from None
+    tags = run.data.tags
     asker = tags.get(TRIGGERED_BY)
     if not asker or REQUEST_CONFIG not in tags:
         raise KdsecError(f"run {request_run_id} is not a run request (no {TRIGGERED_BY} and config tags); "
                          "create one with kdsec trigger")
+    try:
+        asked = json.loads(tags.get(REQUEST_OVERRIDES, "[]"))
+    except ValueError:
+        asked = None
+    if not isinstance(asked, list) or not all(isinstance(item, str) for item in asked):
+        raise KdsecError(f"run request {request_run_id}: its {REQUEST_OVERRIDES} tag is not a list of strings")
+    if config_path is not None and (config_path, list(overrides or [])) != (tags[REQUEST_CONFIG], asked):
+        raise KdsecError(f"the flow run's config ({config_path}, {overrides}) is not what run request "
+                         f"{request_run_id} asks for ({tags[REQUEST_CONFIG]}, {asked})")
+    if run.info.status == "FAILED":
+        raise KdsecError(f"run request {request_run_id} was withdrawn (its deployment never started); make a new one "
+                         "with kdsec trigger")
     claimed = tags.get(CLAIMED_BY)
     if claimed and claimed != flow_run_id:
         raise KdsecError(f"run request {request_run_id} already started flow run {claimed}; a request starts one "
@@ -234,17 +247,21 @@ def claim_run_request(request_run_id: str, flow_run_id: str) -> dict:
         try:
             client.set_tag(request_run_id, CLAIMED_BY, flow_run_id)
         except MlflowException as exc:
-            raise KdsecError(f"run request {request_run_id} could not be claimed: {str(exc).splitlines()[0]}") from None
+            raise KdsecError(f"run request {request_run_id} could not be claimed: {first_line(exc)}") from None
         if client.get_run(request_run_id).data.tags.get(CLAIMED_BY) != flow_run_id:
             raise KdsecError(f"run request {request_run_id} was claimed by another flow run at the same moment")
-    try:
-        overrides = json.loads(tags.get(REQUEST_OVERRIDES, "[]"))
-    except ValueError:
-        overrides = None
-    if not isinstance(overrides, list) or not all(isinstance(item, str) for item in overrides):
-        raise KdsecError(f"run request {request_run_id}: its {REQUEST_OVERRIDES} tag is not a list of strings")
     return {"kind": f"request:{request_run_id}", "by": asker, "config_path": tags[REQUEST_CONFIG],
-            "overrides": overrides}
+            "overrides": asked}
+
+
+def withdraw_run_request(request_run_id: str) -> None:
+    """Mark a request whose deployment never started FAILED: nothing may claim it later."""
+    MlflowClient().set_terminated(request_run_id, "FAILED")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type when it has none (for one-line errors)."""
+    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 # --- runs --------------------------------------------------------------------------------------
@@ -435,7 +452,7 @@ def _set_alias(model_name: str, alias: str, version: str) -> None:
     except MlflowException as exc:
         if exc.get_http_status_code() == 403:
             raise KdsecError(f"the tracking server refused to move '{alias}' to version {version}: "
-                             f"{str(exc).splitlines()[0]}") from None
+                             f"{first_line(exc)}") from None
         raise
 
 
@@ -467,7 +484,8 @@ def attest_version(registered: dict, verdicts: list[GateVerdict], signer, trigge
     details = _version(registered["model"], registered["version"])
     verdict = attestation.Verdict(model=details.name, version=str(details.version), source=details.source,
                       run_id=details.run_id or "", pipeline_run=_pipeline_run(details.run_id),
-                      audit_sha256=audit_sha256, gates={v.name: v.verdict for v in verdicts},
+                      audit_sha256=audit_sha256, model_sha256=model_sha256(details.name, str(details.version)),
+                      gates={v.name: v.verdict for v in verdicts},
                       verdict="pass" if all_passed(verdicts) else "fail",
                       launched_by=details.tags.get("kdsec.launched_by", ""),
                       triggered_by=trigger.get("by"), trigger=trigger["kind"])
@@ -527,6 +545,12 @@ def promote(settings, registered: dict, verdicts: list[GateVerdict], signer, tri
     attestation verifies against ``trusted`` and says pass are eligible, so a hand-registered or
     re-tagged version never takes the alias. Returns the registry record."""
     attest_version(registered, verdicts, signer, trigger, audit_sha256)
+    try:  # the key this run signs with must be the one promotions are checked against
+        attested_verdict(_version(registered["model"], registered["version"]), trusted)
+    except IntegrityError:
+        raise KdsecError(f"version {registered['version']} was signed with key {signer.key_id}, but verdicts are "
+                         f"checked against key {attestation.public_key_id(trusted)} ({attestation.PUBLIC_KEY_ENV} "
+                         "or the signing key's .pub): give the pipeline the matching key") from None
     passed = all_passed(verdicts)
     eligible = attested_pass(trusted)
     model, version = settings.registered_model, registered["version"]
@@ -538,8 +562,8 @@ def promote(settings, registered: dict, verdicts: list[GateVerdict], signer, tri
     superseded_by = holder if holder not in (None, str(version)) else None
     if superseded_by:
         note_superseded(model, version, superseded_by)
-    awaiting_review = passed and settings.require_approval and superseded_by is None
-    promoted = passed and not settings.require_approval and superseded_by is None
+    awaiting_review = passed and settings.require_approval and holder == str(version)
+    promoted = passed and not settings.require_approval and holder == str(version)
     return {**registered, "promoted": promoted, "awaiting_review": awaiting_review,
             "candidate_alias": settings.candidate_alias if awaiting_review else None,
             "superseded_by": superseded_by, "champion": str(version) if promoted else registered["previous_champion"]}
@@ -601,14 +625,33 @@ def _version(model_name: str, version: str):
 
 def audit_digest(model_name: str, version: str) -> str:
     """SHA-256 of the ``audit.json`` the version's pipeline run published: what a reviewer read."""
+    return audit_sha256(version_pipeline_run(model_name, version))
+
+
+def model_sha256(model_name: str, version: str) -> str:
+    """``attestation.tree_sha256`` of a registered version's model files, as the registry serves them."""
+    from mlflow.artifacts import download_artifacts
+
     with tempfile.TemporaryDirectory() as scratch:
-        path = download_run_artifact(version_pipeline_run(model_name, version), "report/audit.json", Path(scratch))
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        try:
+            root = download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=scratch)
+        except (MlflowException, OSError) as exc:
+            raise KdsecError(f"version {version} of '{model_name}': its model files could not be read "
+                             f"({first_line(exc)})") from None
+        return attestation.tree_sha256(Path(root))
 
 
-def check_approvable(details, reviewer: Identity, trusted, audit_sha256: str, four_eyes: bool = True) -> None:
-    """Why ``reviewer`` may not move champion to registry version ``details``, as a one-line
-    KdsecError naming the version, the failed check and what would pass it; nothing if they may."""
+def audit_sha256(pipeline_run: str) -> str:
+    """SHA-256 of the ``audit.json`` that pipeline run ``pipeline_run`` published."""
+    with tempfile.TemporaryDirectory() as scratch:
+        return hashlib.sha256(download_run_artifact(pipeline_run, "report/audit.json", Path(scratch)).read_bytes()
+                              ).hexdigest()
+
+
+def check_approvable(details, reviewer: Identity, trusted, four_eyes: bool = True) -> attestation.Verdict:
+    """The attested verdict of registry version ``details`` if ``reviewer`` may move champion to it;
+    else a one-line KdsecError naming the version, the failed check and what would pass it. The
+    ``audit.json`` checked is the one the signed verdict names (its pipeline run), not a run tag."""
     version = details.version
     if trusted is None:
         raise KdsecError(f"version {version}: no trusted key to check its verdict attestation; set "
@@ -617,23 +660,18 @@ def check_approvable(details, reviewer: Identity, trusted, audit_sha256: str, fo
         verdict = attested_verdict(details, trusted)
     except IntegrityError as exc:
         raise KdsecError(f"{exc}; it cannot be approved into champion") from None
-    if not verdict.passed:
-        failed = ", ".join(sorted(name for name, result in verdict.gates.items() if result != "pass")) or "none"
-        raise KdsecError(f"version {version} did not pass its gates (the pipeline attested: {failed} failed); "
-                         "it cannot be approved into champion — a run whose gates pass can")
-    if audit_sha256 != verdict.audit_sha256:
-        raise KdsecError(f"version {version}: the audit.json published with its run (sha256 {audit_sha256[:16]}…) is "
+    if reason := attestation.refusal(verdict, reviewer.name, four_eyes and reviewer.authenticated,
+                                     details.tags.get("kdsec.launched_by")):
+        raise KdsecError(reason)
+    digest = audit_sha256(verdict.pipeline_run)
+    if digest != verdict.audit_sha256:
+        raise KdsecError(f"version {version}: the audit.json published with its run (sha256 {digest[:16]}…) is "
                          f"not the one the pipeline attested ({verdict.audit_sha256[:16]}…): the report was altered; "
                          "re-run the pipeline")
-    if four_eyes and reviewer.authenticated:
-        if verdict.triggered_by is None:
-            raise KdsecError(f"four-eyes: nobody is known to have triggered the run behind version {version} "
-                             f"(started as '{verdict.trigger}' without an authenticated request), so nobody can be "
-                             "the second pair of eyes; trigger runs with kdsec trigger")
-        if reviewer.name in (verdict.launched_by, verdict.triggered_by):
-            role = "triggered" if reviewer.name == verdict.triggered_by else "launched"
-            raise KdsecError(f"four-eyes: '{reviewer.name}' {role} the run behind version {version} and cannot "
-                             "approve it; another reviewer must")
+    if model_sha256(details.name, str(version)) != verdict.model_sha256:
+        raise KdsecError(f"version {version}: its model files (weights, serving settings or code) are not the ones "
+                         "the pipeline attested: they were replaced after the run; re-run the pipeline")
+    return verdict
 
 
 def review(model_name: str, version: str, decision: str, comment: str, champion_alias: str,
@@ -650,9 +688,10 @@ def review(model_name: str, version: str, decision: str, comment: str, champion_
         raise KdsecError(f"decision must be 'approve' or 'reject', not '{decision}'")
     details = _version(model_name, version)
     reviewer = identity()
-    digest = audit_digest(model_name, version)
     if decision == "approve":
-        check_approvable(details, reviewer, trusted, digest, four_eyes)
+        digest = check_approvable(details, reviewer, trusted, four_eyes).audit_sha256
+    else:
+        digest = audit_digest(model_name, version)
     client = MlflowClient()
     status = "approved" if decision == "approve" else "rejected"
     record = {"status": status, "reviewer": reviewer.name, "authenticated": str(reviewer.authenticated).lower(),
@@ -660,6 +699,7 @@ def review(model_name: str, version: str, decision: str, comment: str, champion_
               "audit_sha256": digest}
     # The alias first: a server that refuses it (its plugin checks the attestation and four-eyes
     # again) leaves no review record behind.
+    previous = champion_version(model_name, champion_alias)
     if decision == "approve":
         _set_alias(model_name, champion_alias, version)
     # The last ten decisions, comments cut short (a tag holds at most 5000 characters).
@@ -668,8 +708,18 @@ def review(model_name: str, version: str, decision: str, comment: str, champion_
     except ValueError:
         earlier = []
     history = (earlier if isinstance(earlier, list) else [])[-9:] + [{**record, "comment": comment[:150]}]
-    for key, value in {**{f"review.{k}": v for k, v in record.items()}, "review.history": json.dumps(history)}.items():
-        client.set_model_version_tag(model_name, str(version), key, value)
+    try:
+        for key, value in {**{f"review.{k}": v for k, v in record.items()},
+                           "review.history": json.dumps(history)}.items():
+            client.set_model_version_tag(model_name, str(version), key, value)
+    except MlflowException as exc:  # no promotion without its record: put champion back
+        if decision == "approve" and previous != str(version):
+            if previous is None:
+                client.delete_registered_model_alias(model_name, champion_alias)
+            else:
+                _set_alias(model_name, champion_alias, previous)
+        raise KdsecError(f"version {version}: the review record could not be written ({first_line(exc)}); "
+                         f"'{champion_alias}' is back on {previous or 'no version'}") from None
     try:
         if str(client.get_model_version_by_alias(model_name, candidate_alias).version) == str(version):
             client.delete_registered_model_alias(model_name, candidate_alias)
@@ -716,7 +766,7 @@ def download_run_artifact(run_id: str, path: str, destination: Path) -> Path:
     try:
         return Path(MlflowClient().download_artifacts(run_id, path, str(destination)))
     except (MlflowException, OSError) as exc:
-        raise KdsecError(f"run {run_id} has no artifact '{path}' ({str(exc).splitlines()[0]})") from None
+        raise KdsecError(f"run {run_id} has no artifact '{path}' ({first_line(exc)})") from None
 
 
 def download_version_checkpoint(name: str, version: str, destination: Path) -> Path:
@@ -738,11 +788,11 @@ def download_version_checkpoint(name: str, version: str, destination: Path) -> P
         relative = document["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"]
     except (MlflowException, OSError, yaml.YAMLError, KeyError, TypeError) as exc:
         raise KdsecError(f"version {version} of '{name}' has no kdsec checkpoint artifact "
-                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+                         f"({first_line(exc)})") from None
     path = PurePosixPath(str(relative))
     if path.is_absolute() or ".." in path.parts or path.parts[:1] != ("artifacts",) or path.suffix != ".safetensors":
         raise KdsecError(f"version {version} of '{name}' names an unexpected checkpoint path {str(relative)[:80]!r}")
     try:
         return Path(repository.download_artifacts(str(path), str(destination)))
     except (MlflowException, OSError) as exc:
-        raise KdsecError(f"version {version} of '{name}': checkpoint download failed ({str(exc).splitlines()[0]})") from None
+        raise KdsecError(f"version {version} of '{name}': checkpoint download failed ({first_line(exc)})") from None

@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from kdsec import tracking
+from kdsec.errors import KdsecError
 from kdsec.report import ReportContext, render_report
 from kdsec.compress.measure import VariantMetrics
 from kdsec.config import PipelineConfig
@@ -30,7 +31,19 @@ from kdsec.sweep import MemberResult, comparison_table, pareto_plot
 from kdsec.trainers import TrainedModel
 from kdsec.tracking import Span
 
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2}
+def _transient(task, task_run, state) -> bool:
+    """Retry a tracking call that failed on the way (server down, timeout), never a refusal: a
+    KdsecError says what is wrong, and the same call would be refused again."""
+    try:
+        state.result()
+    except KdsecError:
+        return False
+    except Exception:  # noqa: BLE001 — anything else may be transient
+        return True
+    return True
+
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": _transient}
 
 
 @dataclass(frozen=True)
@@ -176,22 +189,28 @@ def track_gates_task(parent_run_id: str, metrics: dict[str, float], verdicts: li
 
 
 @task(name="claim-request", cache_policy=NO_CACHE, **IO_RETRIES)
-def claim_request_task(request_run_id: str) -> dict:
+def claim_request_task(request_run_id: str, config_path: str | None, overrides: list[str] | None) -> dict:
     """Claim the authenticated run request behind this deployed run (once; a retry finds its own claim)."""
     tracking.connect()
-    return tracking.claim_run_request(request_run_id, str(prefect_runtime.flow_run.id or ""))
+    return tracking.claim_run_request(request_run_id, str(prefect_runtime.flow_run.id or ""), config_path, overrides)
 
 
 def run_trigger() -> dict:
-    """Who started a run that came without a request: Prefect's scheduler for the deployment's
-    cron runs (``auto_scheduled``: the API cannot set it), nobody known for another deployment run,
-    else whoever runs the flow here (the tracking server's identity, or the local login)."""
+    """Who started a run that came without a request: the deployment's schedule for a run Prefect's
+    scheduler made (``auto_scheduled``; its API can also make such runs on demand, so the flow counts
+    one as the schedule's only with the parameters deployments/prefect.yaml pins), nobody known for
+    another deployment run, else whoever runs the flow here (the tracking server's identity, or the
+    local login)."""
     flow_run_id = prefect_runtime.flow_run.id
     if flow_run_id and prefect_runtime.deployment.id:
         from prefect.client.orchestration import get_client
 
-        with get_client(sync_client=True) as client:
-            flow_run = client.read_flow_run(flow_run_id)
+        try:
+            with get_client(sync_client=True) as client:
+                flow_run = client.read_flow_run(flow_run_id)
+        except Exception as exc:  # noqa: BLE001 — Prefect's own errors: unreachable API
+            raise KdsecError(f"Prefect could not say how flow run {flow_run_id} started: "
+                             f"{tracking.first_line(exc)}") from None
         if flow_run.auto_scheduled:
             return {"kind": "schedule", "by": f"schedule:{prefect_runtime.deployment.name}"}
         return {"kind": "deployment", "by": None}

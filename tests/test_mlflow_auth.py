@@ -8,6 +8,7 @@ reviewer who launched or triggered its run; tags and requests cannot be forged a
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -116,6 +117,7 @@ def _attest(server, version: dict, passed: bool, triggered_by: str | None) -> No
 
     verdict = attestation.Verdict(model=MODEL, version=str(version["version"]), source=version["source"],
                                   run_id=version["run_id"], pipeline_run=version["run_id"], audit_sha256="0" * 64,
+                                  model_sha256="0" * 64,
                                   gates={"accuracy": "pass", "membership": "pass" if passed else "fail"},
                                   verdict="pass" if passed else "fail", launched_by=PIPELINE,
                                   triggered_by=triggered_by, trigger="request:test")
@@ -172,7 +174,7 @@ def test_only_the_pipeline_writes_verdict_tags(server):
 def test_four_eyes_holds_for_the_reviewer_who_triggered_the_run(server):
     version = _version(server, {"gates": "pass"})
     _attest(server, version, passed=True, triggered_by=REVIEWER_A)
-    _refused(_move_champion(server, REVIEWER_A, version), "four-eyes: 'reviewer-a' launched or triggered")
+    _refused(_move_champion(server, REVIEWER_A, version), "four-eyes: 'reviewer-a' triggered the run")
     _refused(_move_champion(server, PIPELINE, version), "only members of the reviewers role")
     unknown = _version(server, {"gates": "pass"})
     _attest(server, unknown, passed=True, triggered_by=None)
@@ -193,6 +195,17 @@ def test_a_non_reviewer_cannot_delete_champion_by_hiding_the_alias_in_a_text_bod
     _refused(sneaky, "only members of the reviewers role may move 'champion'")
     _refused(_rest(server, OWNER, "DELETE", "registered-models/alias", params={"name": MODEL, "alias": "champion"}),
              "only members of the reviewers role")
+    # MLflow decodes a JSON string body a second time: the alias may hide one level deeper.
+    hidden = json.dumps(json.dumps({"name": MODEL, "alias": "champion"}))
+    _refused(_rest(server, OWNER, "DELETE", "registered-models/alias", params={"name": MODEL, "alias": "x"},
+                   data=hidden, headers={"Content-Type": "text/plain"}), "the URL and the body disagree on 'alias'")
+    _refused(_rest(server, OWNER, "DELETE", "registered-models/alias", data=hidden,
+                   headers={"Content-Type": "text/plain"}), "only members of the reviewers role may move 'champion'")
+    _refused(_rest(server, OWNER, "DELETE", "registered-models/alias", params={"name": MODEL},
+                   data='[{"alias": "champion"}]', headers={"Content-Type": "text/plain"}), "one JSON object")
+    hidden_tag = json.dumps(json.dumps({"name": MODEL, "version": holder, "key": "kdsec.attestation"}))
+    _refused(_rest(server, OWNER, "DELETE", "model-versions/delete-tag", data=hidden_tag,
+                   headers={"Content-Type": "text/plain"}), "may not delete kdsec.attestation")
     assert _champion(server) == holder
 
 

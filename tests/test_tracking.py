@@ -84,6 +84,7 @@ def _registered(client, experiment, passed: bool, signer=None, audit: str = '{"a
     parent = client.create_run(experiment, start_time=started).info.run_id
     client.log_text(parent, audit, "report/audit.json")
     nested = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
+    client.log_text(nested, "weights", "model/model.safetensors")
     verdicts = [GateVerdict("accuracy", True, []), GateVerdict("membership", passed, [])]
     version = tracking.register_candidate(f"runs:/{nested}/model", "m", verdicts, nested, {})
     if signer is not None:
@@ -105,7 +106,10 @@ def test_review_approves_only_what_the_pipeline_attested_and_writes_nothing_when
     altered, _ = _registered(client, experiment, passed=True, signer=signer)
     parent = tracking.version_pipeline_run("m", altered)
     client.log_text(parent, '{"audit": "rewritten"}', "report/audit.json")  # the report swapped after the run
+    swapped, _ = _registered(client, experiment, passed=True, signer=signer)
+    client.log_text(client.get_model_version("m", swapped).run_id, "other weights", "model/model.safetensors")
     cases = {hand_made: f"version {hand_made} of 'm' carries no verdict attestation",
+             swapped: f"version {swapped}: its model files (weights, serving settings or code) are not the ones",
              failed: f"version {failed} did not pass its gates (the pipeline attested: membership failed)",
              altered: f"version {altered}: the audit.json published with its run"}
     for version, message in cases.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
 import re
@@ -35,6 +36,16 @@ PUBLIC_KEY_ENV = "KDSEC_VERDICT_PUBLIC_KEY"  # path of the trusted public key (P
 MAX_TAG_BYTES = 16 * 1024  # an attestation is ~1 KiB; anything far larger is not one
 
 
+# Run requests (see ``kdsec.tracking.create_run_request``): tags on a run in the experiment, written
+# once by the asker (the team server's plugin checks who), claimed once by the pipeline.
+TRIGGERED_BY = "kdsec.triggered_by"
+REQUEST_PREFIX = "kdsec.request."
+REQUEST_CONFIG = "kdsec.request.config_path"
+REQUEST_OVERRIDES = "kdsec.request.overrides"
+REQUEST_DEPLOYMENT = "kdsec.request.deployment"
+CLAIMED_BY = "kdsec.request.claimed_by"
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What the pipeline attests about one registered version."""
@@ -45,6 +56,7 @@ class Verdict:
     run_id: str  # the run that logged the model (the version's run)
     pipeline_run: str  # the kd-pipeline parent run (its report, summary.json, audit.json)
     audit_sha256: str
+    model_sha256: str  # the registered model's files (weights, serving settings, code), see ``tree_sha256``
     gates: dict[str, str]  # gate name -> pass | fail
     verdict: str  # pass | fail: every gate passed
     launched_by: str  # the identity that registered the version
@@ -112,6 +124,38 @@ def configured_key() -> PublicKey | None:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise KeyMaterialError(f"${PUBLIC_KEY_ENV} is not an ECDSA P-256 public key")
     return key
+
+
+def tree_sha256(root: Path) -> str:
+    """One SHA-256 over every file under ``root``: relative path, size and content, in path order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+        digest.update(hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
+def refusal(verdict: Verdict, username: str, four_eyes: bool, launched_by_tag: str | None = None) -> str | None:
+    """Why ``username`` may not promote the version ``verdict`` speaks of (one line naming the version,
+    the failed check and what would pass it), or None: its gates must have passed and, with
+    ``four_eyes``, the run must have a known trigger that is not ``username``, who did not launch
+    it either (``launched_by_tag``: the version's ``kdsec.launched_by``, if it says otherwise)."""
+    version = verdict.version
+    if not verdict.passed:
+        failed = ", ".join(sorted(gate for gate, result in verdict.gates.items() if result != "pass")) or "none"
+        return (f"version {version} did not pass its gates (the pipeline attested: {failed} failed); it cannot "
+                "be promoted — a run whose gates pass can")
+    if not four_eyes:
+        return None
+    if verdict.triggered_by is None:
+        return (f"four-eyes: nobody is known to have triggered the run behind version {version} (started as "
+                f"'{verdict.trigger}' without an authenticated request), so nobody can be the second pair of eyes; "
+                "trigger runs with kdsec trigger")
+    if username in (verdict.launched_by, verdict.triggered_by, launched_by_tag):
+        role = "triggered" if username == verdict.triggered_by else "launched"
+        return f"four-eyes: '{username}' {role} the run behind version {version} and cannot approve it; another reviewer must"
+    return None
 
 
 def trusted_key(signing_env: str | None = None, signing_file: str | Path | None = None) -> PublicKey:

@@ -13,7 +13,8 @@ from kdsec.crypto.keys import generate_key_file, load_or_create_signer, public_k
 from kdsec.errors import IntegrityError, KeyMaterialError
 
 BOUND = {"model": "kdsec-student", "version": "3", "source": "models:/m-abc", "run_id": "r1"}
-VERDICT = attestation.Verdict(**BOUND, pipeline_run="p1", audit_sha256="a" * 64, gates={"accuracy": "pass", "he": "pass"},
+VERDICT = attestation.Verdict(**BOUND, pipeline_run="p1", audit_sha256="a" * 64,
+                              model_sha256="b" * 64, gates={"accuracy": "pass", "he": "pass"},
                               verdict="pass", launched_by="kdsec-pipeline", triggered_by="reviewer-a",
                               trigger="request:q1")
 
