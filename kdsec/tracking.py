@@ -199,9 +199,9 @@ def create_run_request(experiment: str, deployment: str, config_path: str, overr
 
     asker = requester()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    client = MlflowClient()
     try:
         experiment_id = configure(experiment)
+        client = MlflowClient()  # after configure: a client binds the tracking URI it is made with
         run = client.create_run(experiment_id, run_name=f"request-{stamp}-{asker.name}", tags={
             TRIGGERED_BY: asker.name, REQUEST_CONFIG: config_path, REQUEST_OVERRIDES: json.dumps(list(overrides)),
             REQUEST_DEPLOYMENT: deployment})
@@ -220,8 +220,9 @@ def claim_run_request(request_run_id: str, flow_run_id: str, config_path: str | 
     client = MlflowClient()
     try:
         run = client.get_run(request_run_id)
-    except MlflowException:
-        raise KdsecError(f"run request {request_run_id} does not exist in {redact(tracking_uri())}") from None
+    except MlflowException as exc:
+        raise KdsecError(f"run request {request_run_id} could not be read from {redact(tracking_uri())} "
+                         f"({first_line(exc)})") from None
     tags = run.data.tags
     asker = tags.get(TRIGGERED_BY)
     if not asker or REQUEST_CONFIG not in tags:
