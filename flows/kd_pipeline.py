@@ -38,7 +38,7 @@ from tasks.pipeline import (at_rest_task, audit_task, compress_task, distill_tas
 from tasks.tracking import (claim_request_task, open_run_task, promote_task, publish_audit_task, register_task,
                             report_task, run_trigger, track_data_task, track_gates_task, track_model_task,
                             track_stage_task, track_sweep_task)
-from flows.requests import pinned_parameters
+from flows.run_requests import pinned_parameters
 from flows.sweep import run_sweep
 
 

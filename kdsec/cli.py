@@ -373,7 +373,7 @@ def trigger_command(
     try:
         settings = _tracking(config)
         tracking.requester()  # before Prefect is asked anything
-        from flows.requests import pinned_parameters, start_requested_run
+        from flows.run_requests import pinned_parameters, start_requested_run
 
         defaults = pinned_parameters(deployment)  # from git, not from Prefect's unauthenticated store
         config_path = run_config or defaults.get("config_path") or "configs/default.yaml"

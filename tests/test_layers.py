@@ -49,7 +49,7 @@ def test_kdsec_imports_only_downwards_and_never_the_orchestration(path):
     if own == "__init__":
         return
     for name in _imports(path):
-        if own == "cli" and name in ("flows.kd_pipeline", "flows.requests", "flows"):
+        if own == "cli" and name in ("flows.kd_pipeline", "flows.run_requests", "flows"):
             continue  # ``kdsec run`` starts the flow (and the local server): the one lazy way up
         assert name.split(".")[0] not in ("prefect", "tasks", "flows"), f"{relative} imports {name}"
         if name.startswith("kdsec.") and _part(name) != own:
@@ -63,3 +63,14 @@ def test_orchestration_imports_downwards(folder, allowed):
             top = name.split(".")[0]
             if top in ("kdsec", "tasks", "flows") and top != folder:
                 assert top in allowed, f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize("folder", ["flows", "tasks"])
+def test_no_flow_or_task_module_shadows_an_installed_package(folder):
+    """Prefect puts a flow file's folder on sys.path when it loads it: a ``flows/requests.py``
+    would then replace the requests library in the worker's flow process (every run crashed)."""
+    import importlib.util
+
+    for path in (ROOT / folder).glob("*.py"):
+        spec = importlib.util.find_spec(path.stem) if path.stem != "__init__" else None
+        assert spec is None or ROOT in Path(spec.origin or "").parents, f"{folder}/{path.name} shadows {spec.origin}"

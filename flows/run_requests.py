@@ -1,5 +1,6 @@
 """Deployed runs for authenticated run requests (``kdsec trigger``), and the parameters the
-repository pins for each deployment.
+repository pins for each deployment. (Not ``requests.py``: Prefect puts this folder on sys.path
+when it loads a flow file, and the module would shadow the requests library.)
 
 Prefect's API authenticates nobody: a deployment's stored parameters can be changed by whoever
 reaches it. The parameters that count are the ones ``deployments/prefect.yaml`` declares, reviewed
