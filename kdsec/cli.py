@@ -386,8 +386,10 @@ def trigger_command(
             raise
     except KdsecError as exc:
         raise _fail(str(exc)) from None
-    console.print(f"requested by {asker}: run request {request} ({config_path}, overrides {asked}); "
-                  f"Prefect flow run {flow_run_id} ({deployment})", highlight=False)
+    console.print(f"requested by {asker}: run request {request}", highlight=False, soft_wrap=True)
+    console.print(f"  config {config_path}, overrides: {' '.join(asked) or 'none'}", highlight=False, soft_wrap=True,
+                  markup=False)
+    console.print(f"Prefect flow run {flow_run_id} ({deployment})", highlight=False, soft_wrap=True)
 
 
 @app.command("review")

@@ -217,7 +217,9 @@ def test_a_run_killed_mid_audit_is_closed_and_the_rerun_survives_an_mlflow_outag
     requested = _kdsec(stack, config, secret, "reviewer-a", "trigger", DEPLOYMENT,
                        *[part for item in FAST for part in ("--set", item)])
     assert requested.returncode == 0, requested.stdout + requested.stderr
-    rerun = re.search(r"Prefect flow run ([0-9a-f-]{36})", requested.stdout).group(1)
+    found = re.search(r"^Prefect flow run ([0-9a-f-]{36})", requested.stdout, re.MULTILINE)
+    assert found and "requested by reviewer-a" in requested.stdout, requested.stdout
+    rerun = found.group(1)
     deadline = time.monotonic() + 600
     while _parent_run(stack, config, secret, rerun) is None:  # the rerun is tracking: now take MLflow away
         assert time.monotonic() < deadline and not _flow_run(config, rerun).state.is_final()
