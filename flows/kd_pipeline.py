@@ -27,7 +27,8 @@ from kdsec.device import parallel_share, torch_threads
 from kdsec.distill import signals_key
 from kdsec.errors import KdsecError
 from kdsec.fileio import PRIVATE, write_atomic
-from kdsec.gates import Metric, evaluate_gates, gate_metrics, gate_sources, switched_off_gates, worst_attacks
+from kdsec.gates import (Metric, evaluate_gates, gate_metrics, gate_sources, membership_worst_case,
+                         switched_off_gates)
 from kdsec.preflight import preflight
 from kdsec.summary import Summary, build_summary
 from kdsec.sweep import select_best, sweep_grid
@@ -278,13 +279,12 @@ def _log_outcome(cfg: PipelineConfig, summary: Summary) -> None:
                 summary.candidate.size_bytes)
     if summary.he.enabled:
         logger.info("HE: agreement %.4f, %.2f ms/sample batched", summary.he.agreement, summary.he.ms_per_sample)
-    attacks = summary.candidate_audit.attacks
-    worst = worst_attacks(attacks)
-    auc, tpr = worst[Metric.MEMBERSHIP_AUC], worst[Metric.MEMBERSHIP_TPR]
+    worst = membership_worst_case(summary.candidate_audit.attacks)
+    (auc_attack, auc), (tpr_attack, tpr) = worst[Metric.MEMBERSHIP_AUC], worst[Metric.MEMBERSHIP_TPR]
     logger.info("audit: %.1f s (%.2f× teacher training); candidate worst case over attacks: AUC %.3f (%s), "
                 "TPR@%.3g %.3f (%s); cache %s", summary.audit_timing.seconds,
-                summary.audit_timing.ratio_to_teacher_training, attacks[auc].auc, auc, cfg.audit.low_fpr,
-                attacks[tpr].tpr_at_low_fpr, tpr, summary.cache)
+                summary.audit_timing.ratio_to_teacher_training, auc, auc_attack, cfg.audit.low_fpr, tpr, tpr_attack,
+                summary.cache)
 
 
 def start_temporary_server() -> None:

@@ -107,14 +107,14 @@ def _print_summary(summary) -> None:
         console.print(f"cache: teacher {cache['teacher']} · teacher signals {cache['signals']['hit']}/"
                       f"{cache['signals']['total']} reused · reference models {cache['references']['hit']}/"
                       f"{cache['references']['total']} reused")
-    from kdsec.gates import Metric, worst_attacks
+    from kdsec.gates import Metric, membership_worst_case
 
     attacks = summary.candidate_audit.attacks
-    worst = worst_attacks(attacks)
-    auc, tpr = attacks[worst[Metric.MEMBERSHIP_AUC]], attacks[worst[Metric.MEMBERSHIP_TPR]]
-    console.print(f"audit: membership on the candidate, worst case over {len(attacks)} attacks: AUC {auc.auc:.3f} "
-                  f"({worst[Metric.MEMBERSHIP_AUC]}), TPR {tpr.tpr_at_low_fpr:.3f} at {tpr.low_fpr} FPR "
-                  f"({worst[Metric.MEMBERSHIP_TPR]}); {summary.audit_timing.seconds:.1f} s, "
+    worst = membership_worst_case(attacks)
+    (auc_attack, auc), (tpr_attack, tpr) = worst[Metric.MEMBERSHIP_AUC], worst[Metric.MEMBERSHIP_TPR]
+    console.print(f"audit: membership on the candidate, worst case over {len(attacks)} attacks: AUC {auc:.3f} "
+                  f"({auc_attack}), TPR {tpr:.3f} at {attacks[tpr_attack].low_fpr} FPR ({tpr_attack}); "
+                  f"{summary.audit_timing.seconds:.1f} s, "
                   f"{summary.audit_timing.ratio_to_teacher_training:.2f}× teacher training")
     for result in summary.extraction:
         console.print(f"extraction ({result['defense']}): copy accuracy {result['stolen_accuracy']:.4f}, "

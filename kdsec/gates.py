@@ -137,17 +137,22 @@ def worst_attacks(attacks: Mapping[str, object]) -> dict[str, str]:
     return {metric: highest(field) for metric, field in MEMBERSHIP_WORST_CASE.items()}
 
 
+def membership_worst_case(attacks: Mapping[str, object]) -> dict[str, tuple[str, float]]:
+    """Per membership metric, the attack at its worst over ``attacks`` and that value."""
+    worst = worst_attacks(attacks)
+    return {metric: (worst[metric], float(getattr(attacks[worst[metric]], field)))
+            for metric, field in MEMBERSHIP_WORST_CASE.items()}
+
+
 def audit_gate_metrics(candidate_audit, extraction: list = ()) -> dict[str, float]:
     """The audit's share of the gate metrics (membership, extraction, calibration) of a
     ``ModelAudit`` and the extraction results against the same model; membership at its worst
     over the candidate's attacks."""
     served = [result.fidelity for result in extraction if result.defense == "top1"]
-    worst = worst_attacks(candidate_audit.attacks)
     return {
         **({Metric.EXTRACTION_FIDELITY: served[0]} if served else {}),
         Metric.ECE: candidate_audit.calibration.ece,
-        **{metric: getattr(candidate_audit.attacks[worst[metric]], field)
-           for metric, field in MEMBERSHIP_WORST_CASE.items()},
+        **{metric: value for metric, (_, value) in membership_worst_case(candidate_audit.attacks).items()},
     }
 
 

@@ -68,13 +68,12 @@ def compare_versions(model_name: str, first: Summary, second: str, destination: 
 
 def _worst_case_tags(attacks: dict) -> dict[str, str]:
     """The re-audit's membership figures as the gate reads them: the highest over attacks, and which."""
-    from kdsec.gates import Metric, worst_attacks
+    from kdsec.gates import Metric, membership_worst_case
 
-    worst = worst_attacks(attacks)
-    auc, tpr = worst[Metric.MEMBERSHIP_AUC], worst[Metric.MEMBERSHIP_TPR]
-    return {"reaudit.membership_auc": f"{attacks[auc].auc:.4f}", "reaudit.membership_auc_attack": auc,
-            "reaudit.membership_tpr_at_low_fpr": f"{attacks[tpr].tpr_at_low_fpr:.4f}",
-            "reaudit.membership_tpr_attack": tpr}
+    worst = membership_worst_case(attacks)
+    (auc_attack, auc), (tpr_attack, tpr) = worst[Metric.MEMBERSHIP_AUC], worst[Metric.MEMBERSHIP_TPR]
+    return {"reaudit.membership_auc": f"{auc:.4f}", "reaudit.membership_auc_attack": auc_attack,
+            "reaudit.membership_tpr_at_low_fpr": f"{tpr:.4f}", "reaudit.membership_tpr_attack": tpr_attack}
 
 
 def reaudit(model_uri: str, out_root: Path, step: Callable[[str], None] = lambda message: None) -> dict:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer
 from kdsec import roles
 from kdsec.errors import DataError
 from kdsec.fileio import read_bounded, strict_json, write_atomic
-from kdsec.gates import CheckResult, Metric, worst_attacks
+from kdsec.gates import CheckResult, Metric, membership_worst_case
 
 if TYPE_CHECKING:  # the model above is read without torch; only building a summary needs these
     from kdsec.audit.run import AuditOutcome, ModelAudit
@@ -258,8 +258,8 @@ class Summary(_Exact):
     def headlines(self) -> dict[str, object]:
         """The figures a reviewer compares across versions (``kdsec report --compare``)."""
         candidate = self.candidate_audit
-        worst = worst_attacks(candidate.attacks)
-        auc, tpr = candidate.attacks[worst[Metric.MEMBERSHIP_AUC]], candidate.attacks[worst[Metric.MEMBERSHIP_TPR]]
+        worst = membership_worst_case(candidate.attacks)
+        (auc_attack, auc), (tpr_attack, tpr) = worst[Metric.MEMBERSHIP_AUC], worst[Metric.MEMBERSHIP_TPR]
         return {
             "verdict": self.verdict,
             "warnings": ", ".join(self.warnings) or "none",
@@ -268,10 +268,10 @@ class Summary(_Exact):
             "candidate bytes": self.candidate.size_bytes,
             "teacher test accuracy": self.models[roles.TEACHER].test_accuracy,
             "distillation gain": self.distillation_gain,
-            "membership AUC (highest over attacks)": auc.auc,
-            "membership AUC: attack": auc.attack,
-            "membership TPR @ low FPR (highest over attacks)": tpr.tpr_at_low_fpr,
-            "membership TPR: attack": tpr.attack,
+            "membership AUC (highest over attacks)": auc,
+            "membership AUC: attack": auc_attack,
+            "membership TPR @ low FPR (highest over attacks)": tpr,
+            "membership TPR: attack": tpr_attack,
             "candidate ECE": candidate.calibration.ece,
             "explanation agreement (Spearman)": self.explanation_agreement(),
             "extraction fidelity (top-1)": self.extraction_fidelity(),

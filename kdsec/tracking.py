@@ -247,10 +247,8 @@ def claim_run_request(request_run_id: str, flow_run_id: str, config_path: str | 
     if not claimed:
         try:
             client.set_tag(request_run_id, CLAIMED_BY, flow_run_id)
-        except MlflowException as exc:
+        except MlflowException as exc:  # the team server's plugin refuses a second claim, atomically
             raise KdsecError(f"run request {request_run_id} could not be claimed: {first_line(exc)}") from None
-        if client.get_run(request_run_id).data.tags.get(CLAIMED_BY) != flow_run_id:
-            raise KdsecError(f"run request {request_run_id} was claimed by another flow run at the same moment")
     return {"kind": f"request:{request_run_id}", "by": asker, "config_path": tags[REQUEST_CONFIG],
             "overrides": asked}
 
@@ -545,13 +543,11 @@ def promote(settings, registered: dict, verdicts: list[GateVerdict], signer, tri
     every gate passed — or, with ``require_approval``, mark it for review. Only versions whose
     attestation verifies against ``trusted`` and says pass are eligible, so a hand-registered or
     re-tagged version never takes the alias. Returns the registry record."""
+    if attestation.public_key_id(trusted) != signer.key_id:  # else its own verdict could never promote it
+        raise KdsecError(f"version {registered['version']} would be signed with key {signer.key_id}, but verdicts "
+                         f"are checked against key {attestation.public_key_id(trusted)} ({attestation.PUBLIC_KEY_ENV} "
+                         "or the signing key's .pub): give the pipeline the matching key")
     attest_version(registered, verdicts, signer, trigger, audit_sha256)
-    try:  # the key this run signs with must be the one promotions are checked against
-        attested_verdict(_version(registered["model"], registered["version"]), trusted)
-    except IntegrityError:
-        raise KdsecError(f"version {registered['version']} was signed with key {signer.key_id}, but verdicts are "
-                         f"checked against key {attestation.public_key_id(trusted)} ({attestation.PUBLIC_KEY_ENV} "
-                         "or the signing key's .pub): give the pipeline the matching key") from None
     passed = all_passed(verdicts)
     eligible = attested_pass(trusted)
     model, version = settings.registered_model, registered["version"]

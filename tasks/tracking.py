@@ -80,7 +80,7 @@ def _flow_run_ended(tags: dict[str, str]) -> str | None:
 
 
 @task(name="open-run", cache_policy=NO_CACHE)
-def open_run_task(config: PipelineConfig, trigger: dict | None = None) -> PipelineRun:
+def open_run_task(config: PipelineConfig, trigger: dict) -> PipelineRun:
     """Close runs whose process was killed, open this run's parent run (tagged with the config
     digest, dataset and Prefect flow run), create its output folder and record the config there
     and in MLflow. No retries: a retry would open a second parent run; if recording fails after
@@ -94,8 +94,7 @@ def open_run_task(config: PipelineConfig, trigger: dict | None = None) -> Pipeli
     parent = tracking.start_parent_run(experiment_id, f"kd-pipeline-{stamp}",
                                        {"kdsec.config_digest": digest, "kdsec.dataset": config.data.name,
                                         "kdsec.prefect_flow_run_id": str(prefect_runtime.flow_run.id or ""),
-                                        "kdsec.trigger": f"{(trigger or {}).get('kind', 'direct')} by "
-                                                         f"{(trigger or {}).get('by') or 'nobody known'}"})
+                                        "kdsec.trigger": f"{trigger['kind']} by {trigger['by'] or 'nobody known'}"})
     try:
         out_dir = Path(config.tracking.output_dir) / f"{stamp}-{parent[:8]}"
         out_dir.mkdir(parents=True, exist_ok=True)
