@@ -334,6 +334,12 @@ class HEConfig(Section):
     poly_modulus_degree: Literal["auto", 4096, 8192, 16384, 32768] = "auto"
     scale_bits: Annotated[int, Field(ge=20, le=50)] = 30  # precision of every rescaled value
     integer_bits: Annotated[int, Field(ge=4, le=30)] = 14  # headroom: |values| < 2^integer_bits
+    # The batched path's chain for students that alternate Linear and x² (he_cnn, he_mlp): "paired"
+    # rescales once per x² (60-bit primes, weights at 2^weight_scale_bits, inputs at 2^(60 − 2·that)):
+    # fewer primes per ciphertext than "classic" (one rescale per Linear and per x², primes of
+    # scale_bits); the Linear layers run as float64 matrix products over the ciphertexts' residues.
+    batched_chain: Literal["paired", "classic"] = "paired"
+    weight_scale_bits: Annotated[int, Field(ge=12, le=19)] = 15
     modes: Annotated[list[Literal["encrypted_input", "encrypted_model"]], Field(min_length=1)] = [
         "encrypted_input", "encrypted_model"]
     max_samples: Annotated[int, Field(ge=0)] = 0  # 0 = the whole test split

@@ -50,6 +50,7 @@ import numpy as np
 from kdsec.config import HEConfig
 from kdsec.crypto.he import (BatchedServer, DiagonalPlan, DiagonalServer, GridPlan, SingleServer, model_structure,
                              he_ops, single_plan)
+from kdsec.crypto.he.program import alternates, batched_params
 from kdsec.crypto.seal import HEParams, KeyHolder, PublicContext, plan_params
 from kdsec.errors import KdsecError
 
@@ -122,11 +123,11 @@ class HEHost:
         self._single_plaintext_bytes = None if isinstance(single, GridPlan) else DiagonalServer.encoded_bytes
         layout = ({"layout": "grid", "rows": single.rows, "cols": single.cols} if isinstance(single, GridPlan)
                   else {"layout": "diagonal"})
-        # Structure, depths and layouts only: nothing here reveals a weight. unrescaled_last: this
-        # host evaluates a batched context planned without the last rescale (HEParams.last_scale_bits).
+        # Structure, depths and layouts only: nothing here reveals a weight. The batched path's
+        # parameters follow from the structure (``batched_params``: paired where it alternates).
         self.plan = {"structure": model_structure(ops),
                      "batched": {"depth": BatchedServer.depth(ops), "min_slots": 1, "rotation_steps": [],
-                                 "required_inputs": BatchedServer.required_inputs(ops), "unrescaled_last": True},
+                                 "required_inputs": BatchedServer.required_inputs(ops)},
                      "single": {"depth": single.depth(ops), "min_slots": single.slots,
                                 "rotation_steps": list(single.steps),
                                 "output_slots": single.output_slots(ops).tolist(), **layout}}
@@ -182,7 +183,7 @@ class HEHost:
             raise HostError(f"this context allows depth {params.program_depth} with {params.slots} slots; the model "
                             f"needs depth {self.plan['batched']['depth']} (batched) or depth "
                             f"{self.plan['single']['depth']}, {self.plan['single']['min_slots']} slots, the plan's "
-                            "rotation steps and no last_scale_bits (single)")
+                            "rotation steps and no last_scale_bits or weight_scale_bits (single)")
         needed = params.resident_bytes(rotation_keys)
         if "single" in paths and self._single_plaintext_bytes:
             needed += self._single_plaintext_bytes(self.ops, params)
@@ -204,8 +205,13 @@ class HEHost:
     def _fits(self, params: HEParams, steps: tuple[int, ...], path: str) -> bool:
         """Whether a context of ``params`` and rotation ``steps`` (as declared) can run ``path``."""
         plan = self.plan[path]
-        # only the batched server evaluates a last Linear without its rescale (last_scale_bits)
-        depth = params.program_depth if path == "batched" else (params.depth if params.last_scale_bits is None else -1)
+        # only the batched server evaluates a last Linear without its rescale (last_scale_bits) or a
+        # paired chain (weight_scale_bits)
+        if path == "batched":  # a paired chain (weight_scale_bits) only for a program that alternates Linear and x²
+            paired_ok = params.weight_scale_bits is None or alternates(self.plan["structure"])
+            depth = params.program_depth if paired_ok else -1
+        else:
+            depth = params.depth if params.last_scale_bits is None and params.weight_scale_bits is None else -1
         return (depth >= plan["depth"] and params.slots >= plan["min_slots"]
                 and set(plan["rotation_steps"]) <= set(steps))
 
@@ -233,7 +239,7 @@ class HEHost:
         try:
             server = session.servers.get(path)
             if server is None:
-                extra = ", no last_scale_bits" if path == "single" else ""
+                extra = ", no last_scale_bits or weight_scale_bits" if path == "single" else ""
                 raise HostError(f"this session's context does not fit the {path} path (needs depth "
                                 f"{self.plan[path]['depth']}, {self.plan[path]['min_slots']} slots{extra})")
             expected = len(self.plan["batched"]["required_inputs"]) if path == "batched" else 1
@@ -443,8 +449,9 @@ class HEHttpClient:
         self._lock = threading.Lock()
         self.plan = json.loads(self._request("GET", "/plan"))
         step = self.plan[path]
-        params = plan_params(step["depth"], config.scale_bits, config.integer_bits, config.poly_modulus_degree,
-                             step["min_slots"], unrescaled_last=step.get("unrescaled_last", False))
+        params = (batched_params(self.plan["structure"], config) if path == "batched" else
+                  plan_params(step["depth"], config.scale_bits, config.integer_bits, config.poly_modulus_degree,
+                              step["min_slots"]))
         self.holder = KeyHolder(params, tuple(step["rotation_steps"]))
         self.session: str | None = json.loads(
             self._request("POST", "/sessions", self.holder.public_context()))["session"]

@@ -42,6 +42,7 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_BLOBS = 1 << 16
 MAX_PRIME_BITS = 60  # SEAL's largest prime
 MIN_LAST_SCALE_BITS = 12  # an unrescaled last Linear's weights keep at least this precision
+MIN_PAIRED_INPUT_BITS = 26  # a paired chain's input precision: fresh noise ~2^-16 of a value at 2^26
 MIN_INTEGER_BITS = 4  # HEConfig.integer_bits' lower bound: headroom every chain leaves for |values|
 MAX_ROTATIONS = 128  # a plan needs a few doubling ladders: ~2·log2(width) steps
 # SEAL's serialization header (verified against PublicKey/Ciphertext.save): magic 0xA15E, header
@@ -65,6 +66,10 @@ class HEParams:
     # Set: the program's last Linear is not rescaled; its weights are encoded at 2^last_scale_bits
     # and its sums stay in the (60-bit) decryption prime: one prime fewer on every ciphertext.
     last_scale_bits: int | None = None
+    # Set: the batched path's *paired* chain (``plan_paired``): every Linear's weights are encoded at
+    # 2^weight_scale_bits and never rescaled; every x² is rescaled once, by a prime of scale_bits +
+    # 2·weight_scale_bits bits, which takes (Δ·Δw)² back to Δ. One prime per x², none per Linear.
+    weight_scale_bits: int | None = None
 
     @property
     def slots(self) -> int:
@@ -77,7 +82,10 @@ class HEParams:
 
     @property
     def program_depth(self) -> int:
-        """Operations (Linear or x²) a program may chain: one per rescale, plus the unrescaled last Linear."""
+        """Operations (Linear or x²) a program may chain: one per rescale, plus the unrescaled last Linear
+        (paired: Linear, x² alternating, one x² per rescale, a Linear first and last)."""
+        if self.weight_scale_bits is not None:
+            return 2 * self.depth + 1
         return self.depth + (self.last_scale_bits is not None)
 
     @property
@@ -85,14 +93,15 @@ class HEParams:
         return float(2**self.scale_bits)
 
     def as_dict(self) -> dict:
-        last = {} if self.last_scale_bits is None else {"last_scale_bits": self.last_scale_bits}
+        extra = {key: getattr(self, key) for key in ("last_scale_bits", "weight_scale_bits")
+                 if getattr(self, key) is not None}
         return {"poly_modulus_degree": self.poly_modulus_degree,
-                "coeff_mod_bit_sizes": list(self.coeff_mod_bit_sizes), "scale_bits": self.scale_bits, **last}
+                "coeff_mod_bit_sizes": list(self.coeff_mod_bit_sizes), "scale_bits": self.scale_bits, **extra}
 
     @classmethod
     def from_dict(cls, raw: dict) -> HEParams:
         return cls(raw["poly_modulus_degree"], tuple(raw["coeff_mod_bit_sizes"]), raw["scale_bits"],
-                   raw.get("last_scale_bits"))
+                   raw.get("last_scale_bits"), raw.get("weight_scale_bits"))
 
     @property
     def key_ciphertext_bytes(self) -> int:
@@ -152,6 +161,26 @@ def plan_params(depth: int, scale_bits: int, integer_bits: int, poly_modulus_deg
                       f"128-bit security bound of {MAX_MODULUS_BITS[ring]} bits for poly_modulus_degree {ring}; {hint}")
 
 
+def plan_paired(squares: int, weight_scale_bits: int, integer_bits: int,
+                poly_modulus_degree: int | str = "auto") -> HEParams | None:
+    """The batched path's paired chain for a program Linear (x² Linear) × ``squares``: ``squares``
+    + 2 primes of P bits (the decryption prime, one per x², the key-switching prime), P the
+    largest that fits the ring (at most 60). Inputs are encoded at Δ = 2^(P − 2·w), weights at
+    2^w (w = ``weight_scale_bits``): a Linear takes Δ to Δ·2^w, x² to (Δ·2^w)², whose rescale by
+    a P-bit prime gives Δ back. The last Linear's sums stay in the decryption prime (|values| <
+    2^(w − 1)). The smallest ring where Δ keeps MIN_PAIRED_INPUT_BITS, or None (no ring does, or
+    the integer part would not fit)."""
+    if squares < 1 or weight_scale_bits - 1 < integer_bits:
+        return None
+    rings = sorted(MAX_MODULUS_BITS) if poly_modulus_degree == "auto" else [int(poly_modulus_degree)]
+    for ring in rings:
+        prime = min(MAX_PRIME_BITS, MAX_MODULUS_BITS[ring] // (squares + 2))
+        scale = prime - 2 * weight_scale_bits
+        if scale >= MIN_PAIRED_INPUT_BITS:
+            return HEParams(ring, (prime,) * (squares + 2), scale, None, weight_scale_bits)
+    return None
+
+
 def galois_element(step: int, n: int) -> int:
     """SEAL's Galois element for a left rotation by ``step`` slots (negative: right)."""
     slots = n // 2
@@ -181,6 +210,7 @@ class ParamsHeader(_Strict):
     coeff_mod_bit_sizes: list[Bits] = Field(min_length=3, max_length=64)
     scale_bits: Bits
     last_scale_bits: Annotated[int, Field(ge=MIN_LAST_SCALE_BITS, le=MAX_PRIME_BITS)] | None = None
+    weight_scale_bits: Annotated[int, Field(ge=MIN_LAST_SCALE_BITS, le=MAX_PRIME_BITS)] | None = None
 
     @model_validator(mode="after")
     def _secure_kdsec_chain(self) -> ParamsHeader:
@@ -190,6 +220,15 @@ class ParamsHeader(_Strict):
         if sum(bits) > MAX_MODULUS_BITS[ring]:
             raise ValueError(f"{sum(bits)} modulus bits exceed the 128-bit security bound of "
                              f"{MAX_MODULUS_BITS[ring]} for poly_modulus_degree {ring}")
+        if self.weight_scale_bits is not None:  # the paired chain plan_paired lays out
+            weight = self.weight_scale_bits
+            if self.last_scale_bits is not None or any(b != self.scale_bits + 2 * weight for b in bits[1:-1]):
+                raise ValueError("a paired chain's middle primes have scale_bits + 2·weight_scale_bits bits, "
+                                 "and it has no last_scale_bits")
+            if self.scale_bits + weight + 1 + MIN_INTEGER_BITS > bits[0]:
+                raise ValueError(f"scale_bits + weight_scale_bits must leave {1 + MIN_INTEGER_BITS} of the "
+                                 "first prime's bits for the values")
+            return self
         # The chain plan_params lays out; rescaling snaps back to 2^scale_bits, so any other breaks evaluation.
         if any(b != self.scale_bits for b in bits[1:-1]) or bits[0] < self.scale_bits:
             raise ValueError("the middle primes must have scale_bits bits and the first at least as many")

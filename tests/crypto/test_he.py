@@ -283,10 +283,13 @@ def test_the_pipeline_entry_on_a_trained_candidate_passes_the_default_gate(defau
         assert run.ms_per_sample >= run.server_ms_per_sample > 0 and not run.host_had_secret_key
         assert run.scale_bits == he.scale_bits and run.poly_modulus_degree in (8192, 16384)
         sizes = run.coeff_mod_bit_sizes
-        # batched: the last Linear unrescaled, its sums in a 60-bit decryption prime (one prime fewer)
-        outer = 60 if (run.mode, run.path) == ("encrypted_input", "batched") else he.scale_bits + he.integer_bits
-        assert sizes[0] == sizes[-1] == outer
-        assert set(sizes[1:-1]) == {he.scale_bits}
+        if (run.mode, run.path) == ("encrypted_input", "batched"):
+            # the paired chain: one 60-bit prime per x² (this student has one), weights at 2^15, and
+            # inputs at 2^(60 − 2·15): no prime per Linear
+            assert sizes == (60, 60, 60) and run.weight_scale_bits == he.weight_scale_bits == 15
+            continue
+        assert sizes[0] == sizes[-1] == he.scale_bits + he.integer_bits
+        assert set(sizes[1:-1]) == {he.scale_bits} and run.weight_scale_bits is None
         assert run.ciphertext_bytes_out > 0 and run.public_context_bytes > 0
         assert (run.ciphertext_bytes_in > 0) == (run.mode == "encrypted_input")
 

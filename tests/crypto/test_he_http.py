@@ -20,6 +20,8 @@ import torch
 
 from kdsec.crypto.he import GridPlan, he_ops, he_program, plaintext_forward
 from kdsec.crypto.he_http import HEHost, HEHttpClient, make_server
+from kdsec.config import HEConfig
+from kdsec.crypto.he.program import batched_params
 from kdsec.crypto.seal import (BUNDLE_MAGIC, SEAL_HEADER, ZSTD_MAGIC, KeyHolder, PublicContext, pack, plan_params,
                                scratch, unpack)
 from kdsec.errors import IntegrityError, KdsecError
@@ -178,21 +180,29 @@ def test_a_conv_student_whose_grid_fits_no_ring_is_served_on_the_diagonal_single
     assert _agrees(logits, plaintext_forward(ops, digits.x_test[:2].reshape(2, -1)))
 
 
-def test_a_context_without_the_last_rescale_runs_batched_and_is_refused_on_the_single_path(host, digits):
+@pytest.mark.parametrize("chain", ["classic", "paired"])
+def test_a_batched_only_chain_runs_batched_and_is_refused_on_the_single_path(host, digits, chain):
+    """Contexts whose chain only the batched server evaluates: the classic one without the last
+    rescale (last_scale_bits) and the paired one (weight_scale_bits), here with the single path's
+    rotation keys and slots, so that only the chain stands between them and the single path."""
     url, ops = host
     plan = HEHost(ops).plan
-    assert plan["batched"]["unrescaled_last"]  # what tells a client the host evaluates such a context
-    # batched depth 3 and the single path's slots, with the single path's rotation keys: only the
-    # last_scale_bits stands between this context and the single path
-    params = plan_params(plan["batched"]["depth"], 30, 14, "auto", plan["single"]["min_slots"], unrescaled_last=True)
-    assert params.last_scale_bits == 15 and params.depth < plan["batched"]["depth"] == params.program_depth
+    config = HEConfig(batched_chain=chain)
+    params = batched_params(plan["structure"], config)
+    if chain == "classic":
+        params = plan_params(plan["batched"]["depth"], 30, 14, "auto", plan["single"]["min_slots"],
+                             unrescaled_last=True)
+        assert params.last_scale_bits == 15 and params.depth < plan["batched"]["depth"] == params.program_depth
+    else:  # what a default client plans for this alternating student: one 60-bit prime per x²
+        assert params.weight_scale_bits == 15 and set(params.coeff_mod_bit_sizes) == {60}
+        assert params.slots >= plan["single"]["min_slots"]
     holder = KeyHolder(params, tuple(plan["single"]["rotation_steps"]))
     session = _open(url, holder.public_context())
     logits = _batched_infer(url, session, holder, ops, digits.x_test[:8])
     assert _agrees(logits, plaintext_forward(ops, digits.x_test[:8]))
     body = holder.encrypt_bundle([np.zeros(holder.params.slots)])
     status, _, reply = _call(url, "POST", f"/infer/{session}?path=single", body)
-    assert status == 400 and "no last_scale_bits" in _error(status, reply)
+    assert status == 400 and "no last_scale_bits or weight_scale_bits" in _error(status, reply)
     assert _call(url, "DELETE", f"/sessions/{session}")[0] == 200
 
 

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.program import (LinearOp, Op, SquareOp, doubling_steps, he_params, largest_ring, linear_ops,
-                                     next_pow2, sample_chunks)
+from kdsec.crypto.he.program import (LinearOp, Op, SquareOp, alternates, batched_params, doubling_steps, he_params,
+                                     largest_ring, linear_ops, model_structure, next_pow2, sample_chunks)
+from kdsec.crypto.he.residue import LayoutError, ResidueLinear
 from kdsec.crypto.he.result import HERun, _summarize
 from kdsec.crypto.seal import KeyHolder, PublicContext
 from kdsec.errors import KdsecError
@@ -53,10 +54,19 @@ def _live_inputs(ops: list[Op]) -> list[np.ndarray]:
 
 
 class BatchedServer:
-    """Encrypted-input host, batched path: plaintext model, public context, no secret key."""
+    """Encrypted-input host, batched path: plaintext model, public context, no secret key.
+
+    Two chains (``HEParams.weight_scale_bits`` says which the client planned). *Paired*: each
+    Linear is one residue-domain matrix product (``ResidueLinear``), its weights at 2^w and not
+    rescaled, each x² rescaled once. *Classic*: each neuron a weighted sum of SEAL products,
+    rescaled once, the last Linear unrescaled where ``last_scale_bits`` says so."""
 
     def __init__(self, public: PublicContext, ops: list[Op]) -> None:
         self.public, self.ops, self.live = public, ops, _live_inputs(ops)
+        self.paired = public.params.weight_scale_bits is not None
+        if self.paired and not alternates(model_structure(ops)):
+            raise KdsecError("a paired chain needs a program that alternates Linear and x²; this one does not")
+        self._residue: dict[tuple[int, bytes], ResidueLinear] = {}  # per op and ciphertext-column pattern
 
     @staticmethod
     def depth(ops: list[Op]) -> int:
@@ -64,8 +74,8 @@ class BatchedServer:
 
     @staticmethod
     def params(ops: list[Op], config: HEConfig):
-        """The batched path's parameters: the last Linear unrescaled where that saves a prime."""
-        return he_params(config, BatchedServer.depth(ops), 1, unrescaled_last=True)
+        """The batched path's parameters (``batched_params``): paired where the program alternates."""
+        return batched_params(model_structure(ops), config)
 
     @staticmethod
     def required_inputs(ops: list[Op]) -> list[int]:
@@ -89,6 +99,9 @@ class BatchedServer:
                 continue
             last = index + 1 == len(self.ops)
             needed = np.ones(len(op.bias), dtype=bool) if last else self.live[index + 1]
+            if self.paired:
+                values = self._paired_linear(index, op, values, needed)
+                continue
             # the last Linear of a chain planned without its rescale (HEParams.last_scale_bits)
             scale_bits = self.public.params.last_scale_bits if last else None
             values = [self._neuron(values, row, float(bias), scale_bits) if use else None
@@ -99,6 +112,52 @@ class BatchedServer:
         if value is None or isinstance(value, float):
             return value if value is None else value * value
         return self.public.square(value, relinearize=False)
+
+    def _paired_linear(self, index: int, op: LinearOp, values: list, needed: np.ndarray) -> list:
+        """One Linear of the paired chain: bias + Σ weight·value at scale Δ·2^w, not rescaled;
+        the ciphertext terms as one residue-domain product, known constants folded into the bias."""
+        cipher = np.array([value is not None and not isinstance(value, float) for value in values])
+        constant = np.array([value if isinstance(value, float) else 0.0 for value in values])
+        bias = op.bias + op.weight @ constant
+        rows = np.flatnonzero(needed)
+        weight_scale = float(2**self.public.params.weight_scale_bits)
+        columns = np.flatnonzero(cipher)
+        results: dict[int, object] = {}
+        if len(columns):
+            key = (index, np.packbits(cipher).tobytes())
+            if key not in self._residue:
+                self._residue[key] = ResidueLinear(op.weight[np.ix_(rows, columns)], weight_scale)
+            layer = self._residue[key]
+            inputs = [values[j] for j in columns]
+            try:
+                if not layer.usable:
+                    raise LayoutError("weights too wide for exact float64 limbs")
+                produced = layer.apply(self.public.evaluator, self.public.context, inputs, weight_scale)
+            except LayoutError:  # another SEAL build: the same products, one SEAL call per weight
+                produced = {k: total for k in range(len(rows))
+                            if (total := self._weighted_sum(inputs, layer.integers[k], weight_scale)) is not None}
+            self.public.counts["multiply_plain"] += int(np.count_nonzero(layer.integers))
+            results = {int(rows[k]): ciphertext for k, ciphertext in produced.items()}
+        out: list = [None] * len(op.bias)
+        for row in rows:
+            ciphertext = results.get(int(row))
+            if ciphertext is None:  # every weight reading a ciphertext is zero: a known constant
+                out[row] = float(bias[row])
+                continue
+            ciphertext = self.public.relinearize(ciphertext)
+            out[row] = self.public.add_plain(ciphertext, float(bias[row]))
+        return out
+
+    def _weighted_sum(self, inputs: list, integers: np.ndarray, weight_scale: float):
+        """Σ integers[j]/weight_scale · inputs[j] by SEAL, weights encoded at ``weight_scale``."""
+        total = None
+        for value, integer in zip(inputs, integers):
+            if integer == 0:
+                continue
+            plain = self.public.encode(float(integer) / weight_scale, value.parms_id(), weight_scale)
+            term = self.public.multiply_encoded(value, plain)
+            total = term if total is None else self.public.add_inplace(total, term)
+        return total
 
     def _neuron(self, values: list, row: np.ndarray, bias: float, scale_bits: int | None = None):
         """bias + Σ weight·value, rescaled; with ``scale_bits`` the weights are encoded at

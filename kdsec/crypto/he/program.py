@@ -28,7 +28,7 @@ from torch import nn
 
 from kdsec.compress.quantize import DynamicQuantLinear
 from kdsec.config import HEConfig
-from kdsec.crypto.seal import MAX_MODULUS_BITS, HEParams, plan_params
+from kdsec.crypto.seal import MAX_MODULUS_BITS, HEParams, plan_paired, plan_params
 from kdsec.errors import KdsecError
 from kdsec.models.students import Square
 
@@ -271,6 +271,26 @@ def linear_ops(ops: list[Op]) -> list[LinearOp]:
 def he_params(config: HEConfig, depth: int, min_slots: int, unrescaled_last: bool = False) -> HEParams:
     return plan_params(depth, config.scale_bits, config.integer_bits, config.poly_modulus_degree, min_slots,
                        unrescaled_last)
+
+
+def alternates(structure: list) -> bool:
+    """Whether a program (``model_structure``) is Linear (x² Linear)* with at least one x²."""
+    kinds = [step[0] for step in structure]
+    return (len(kinds) >= 3 and len(kinds) % 2 == 1 and all(kind == "linear" for kind in kinds[::2])
+            and all(kind == "square" for kind in kinds[1::2]))
+
+
+def batched_params(structure: list, config: HEConfig) -> HEParams:
+    """The batched path's parameters for a program of ``structure`` (``model_structure``): the
+    paired chain where the program alternates and ``config.batched_chain`` asks for it, else the
+    classic chain with the last Linear unrescaled where that saves a prime."""
+    if config.batched_chain == "paired" and alternates(structure):
+        paired = plan_paired(len(structure) // 2, config.weight_scale_bits, config.integer_bits,
+                             config.poly_modulus_degree)
+        if paired is not None:
+            return paired
+    return plan_params(len(structure), config.scale_bits, config.integer_bits, config.poly_modulus_degree, 1,
+                       unrescaled_last=True)
 
 
 def largest_ring(config: HEConfig) -> int:

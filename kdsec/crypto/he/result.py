@@ -32,6 +32,7 @@ class HERun:
     scale_bits: int
     host_had_secret_key: bool
     last_scale_bits: int | None = None  # set: the last Linear ran unrescaled, its weights at 2^this
+    weight_scale_bits: int | None = None  # set: the paired chain (weights at 2^this, one rescale per x²)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "coeff_mod_bit_sizes": list(self.coeff_mod_bit_sizes)}
@@ -51,7 +52,8 @@ def _summarize(mode, path, ops, inputs, logits, elapsed, server_seconds, bytes_i
         ciphertext_bytes_in=bytes_in, ciphertext_bytes_out=bytes_out, public_context_bytes=context_bytes,
         package_bytes=package_bytes, poly_modulus_degree=params.poly_modulus_degree,
         coeff_mod_bit_sizes=params.coeff_mod_bit_sizes, scale_bits=params.scale_bits,
-        host_had_secret_key=host_had_secret_key, last_scale_bits=params.last_scale_bits)
+        host_had_secret_key=host_had_secret_key, last_scale_bits=params.last_scale_bits,
+        weight_scale_bits=params.weight_scale_bits)
     return logits, run
 
 

@@ -125,7 +125,8 @@ def _write_package_index(package_dir: Path, ops: list[Op], runs: list[HERun]) ->
         "structure": model_structure(ops), "grid": asdict(GridPlan.for_ops(ops)),
         "encrypted_model_rotation_steps": list(encrypted_model_steps(ops)),
         "runs": [{k: v for k, v in run.as_dict().items() if k in (
-            "mode", "path", "poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits", "last_scale_bits")}
+            "mode", "path", "poly_modulus_degree", "coeff_mod_bit_sizes", "scale_bits", "last_scale_bits",
+            "weight_scale_bits")}
                  for run in runs],
         "files": files,
         "note": "public contexts and ciphertexts only: the secret key stayed with the key holder",

@@ -1,0 +1,206 @@
+"""Plaintext-weight Linear layers on CKKS ciphertexts as float64 matrix products over their residues.
+
+A CKKS ciphertext (always in NTT form) is ``size`` polynomials over the primes q_i of its level,
+N words each. Multiplying it by a plaintext scalar w encoded at scale s multiplies every word by
+the integer c = round(w·s), modulo its prime — exactly what SEAL's ``multiply_plain`` does with a
+constant plaintext. So a whole layer, out_k = Σ_j c_kj · in_j, is per prime one integer matrix
+product: (out × in) weights times (in × size·N) residues, taken modulo q_i.
+
+Here that product runs in float64 BLAS, exactly: each residue is split into limbs of b bits so
+that every dot product stays below 2^53 (b = 52 − bits(max |c|) − bits(non-zeros per row)), and
+the limbs' sums are put back together modulo q_i (Horner steps whose quotient comes from a float
+estimate, corrected by one). The result equals SEAL's weight-by-weight loop word for word, at a
+fraction of the cost: SEAL encodes, multiplies and adds one ciphertext per weight (~N·L·3 words
+each, one pass per weight), BLAS streams the residues once per block of outputs. Sparse layers (a
+convolution lowered to a matrix) are cut into row groups that share input columns, each one
+dense block product.
+
+Ciphertext memory is read and written in place through SEAL's data pointer (the bindings'
+``Ciphertext.data()``); every output is a new ciphertext of the right level, size and NTT form
+(a negated copy of an input, then overwritten), so SEAL's own checks keep holding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+import tenseal.sealapi as seal
+
+FLOAT_EXACT_BITS = 52  # |integers| below 2^52 (one bit of margin under float64's 2^53) add exactly
+MIN_LIMB_BITS = 4  # narrower limbs cost more products than SEAL's loop saves: refused
+GROUP_ROWS = 32  # output rows per block of a sparse layer
+COLUMN_BYTES = 4 << 20  # bytes of the widest array (inputs or outputs × words) per coefficient chunk: in cache
+
+
+class LayoutError(RuntimeError):
+    """SEAL's in-memory ciphertext layout is not the one this module reads (another SEAL build)."""
+
+
+# SEAL 4.1's Ciphertext, in 8-byte words from the object's start (read from TenSEAL 0.3.18's build
+# and checked on every ciphertext before its memory is touched): parms_id (4 words), is_ntt_form,
+# size, poly_modulus_degree, coeff_modulus_size, scale (double), correction_factor, then the
+# DynArray of coefficients: its memory pool (2 words), capacity, size, data pointer.
+_WORDS = 15
+_SIZE, _DEGREE, _PRIMES, _SCALE, _COUNT, _POINTER = 5, 6, 7, 8, 13, 14
+
+
+def residues(ciphertext) -> np.ndarray:
+    """A writeable (size, primes, N) uint64 view of ``ciphertext``'s coefficients, valid while it
+    lives. The bindings return no pointer (``Ciphertext.data()`` is the first word's value), so
+    the C++ object is read through the pybind11 instance (its value pointer follows the Python
+    object header) and every field is checked against the bindings' own accessors before the
+    coefficients are touched: a SEAL with another layout raises ``LayoutError``, never reads
+    elsewhere."""
+    size, degree, primes = ciphertext.size(), ciphertext.poly_modulus_degree(), ciphertext.coeff_modulus_size()
+    count = size * degree * primes
+    address = ctypes.c_void_p.from_address(id(ciphertext) + object.__basicsize__).value
+    if not address:
+        raise LayoutError("no C++ object behind this ciphertext")
+    words = (ctypes.c_uint64 * _WORDS).from_address(address)
+    scale = ctypes.c_double.from_address(address + 8 * _SCALE).value
+    if (words[_SIZE], words[_DEGREE], words[_PRIMES], words[_COUNT]) != (size, degree, primes, count) \
+            or scale != ciphertext.scale or not words[_POINTER]:
+        raise LayoutError("SEAL's ciphertext layout is not the one this module reads")
+    view = np.ctypeslib.as_array((ctypes.c_uint64 * count).from_address(words[_POINTER])).reshape(size, primes,
+                                                                                                  degree)
+    if any(int(view[k, 0, 0]) != ciphertext.data(k) for k in range(size)):
+        raise LayoutError("SEAL's ciphertext layout is not the one this module reads")
+    return view
+
+
+def moduli(context, parms_id) -> list[int]:
+    """The primes of the level ``parms_id``."""
+    return [modulus.value() for modulus in context.get_context_data(parms_id).parms().coeff_modulus()]
+
+
+@dataclass(frozen=True)
+class _Block:
+    rows: np.ndarray  # output rows (into the layer's kept rows)
+    cols: np.ndarray  # input columns (into the layer's ciphertext inputs)
+    weight: np.ndarray  # float64 integers, rows × cols
+
+
+class ResidueLinear:
+    """``weight`` (out × in, float) encoded at ``scale`` as integers; applied to ciphertexts of one
+    level by ``apply``. Rows or columns that are all zero never enter a product."""
+
+    def __init__(self, weight: np.ndarray, scale: float) -> None:
+        integers = np.round(np.asarray(weight, dtype=np.float64) * scale)
+        if not np.isfinite(integers).all() or np.abs(integers).max(initial=0) >= 2.0**40:
+            raise ValueError("weights × scale must stay below 2^40 for the residue path")
+        self.integers = integers
+        self.out_dim, self.in_dim = integers.shape
+        nonzero = integers != 0
+        weight_bits = int(np.abs(integers).max(initial=1)).bit_length()
+        count_bits = int(max(int(nonzero.sum(axis=1).max(initial=1)), 1)).bit_length()
+        self.limb_bits = FLOAT_EXACT_BITS - weight_bits - count_bits
+        self.blocks = self._blocks(nonzero)
+
+    @property
+    def usable(self) -> bool:
+        return self.limb_bits >= MIN_LIMB_BITS
+
+    def row_is_zero(self, row: int) -> bool:
+        return not self.integers[row].any()
+
+    def _blocks(self, nonzero: np.ndarray) -> list[_Block]:
+        """Row groups over the columns any of their rows reads. Dense layers: one block. Sparse
+        ones (a convolution): rows ordered by their first non-zero column, so that the maps of
+        one output position (the same input window) share a block, GROUP_ROWS rows a block."""
+        rows = np.flatnonzero(nonzero.any(axis=1))
+        if len(rows) == 0:
+            return []
+        density = nonzero[rows].sum() / max(1, len(rows) * max(1, nonzero.any(axis=0).sum()))
+        if density > 0.5:
+            cols = np.flatnonzero(nonzero[rows].any(axis=0))
+            return [_Block(rows, cols, self.integers[np.ix_(rows, cols)])]
+        order = rows[np.argsort(nonzero[rows].argmax(axis=1), kind="stable")]
+        blocks = []
+        for start in range(0, len(order), GROUP_ROWS):
+            group = np.sort(order[start:start + GROUP_ROWS])
+            cols = np.flatnonzero(nonzero[group].any(axis=0))
+            blocks.append(_Block(group, cols, self.integers[np.ix_(group, cols)]))
+        return blocks
+
+    def apply(self, evaluator, context, inputs: list, weight_scale: float) -> dict[int, object]:
+        """Σ_j c_kj · inputs[j] for every row with a non-zero weight, as new ciphertexts (not
+        rescaled, not relinearized) at scale inputs' scale × ``weight_scale``. ``inputs``: one
+        ciphertext per column, all of one level and size. Returns {row: ciphertext}."""
+        first = inputs[0]
+        parms_id, size = first.parms_id(), first.size()
+        if any(ct.parms_id() != parms_id or ct.size() != size for ct in inputs):
+            raise ValueError("the residue path needs every input at one level and size")
+        primes = moduli(context, parms_id)
+        n = first.poly_modulus_degree()
+        views = [residues(ct) for ct in inputs]
+        rows = np.concatenate([block.rows for block in self.blocks])  # block order: each block's rows contiguous
+        outputs: dict[int, object] = {}
+        out_views = []
+        for row in rows:
+            out = seal.Ciphertext()
+            evaluator.negate(first, out)  # right level, size and NTT form; overwritten below
+            out.scale = first.scale * weight_scale
+            outputs[int(row)] = out
+            out_views.append(residues(out))
+        bounds = np.cumsum([0] + [len(block.rows) for block in self.blocks])
+        step = max(64, min(n, COLUMN_BYTES // (8 * size * max(len(inputs), len(rows))) // 64 * 64))
+        for index, prime in enumerate(primes):
+            limbs = -(-prime.bit_length() // self.limb_bits)
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                words = np.stack([view[:, index, start:stop] for view in views]).reshape(len(inputs), -1).view(np.int64)
+                sums = []
+                for limb in range(limbs):
+                    part = _limb(words, limb, self.limb_bits)
+                    exact = np.empty((len(rows), part.shape[1]))
+                    for block, low, high in zip(self.blocks, bounds[:-1], bounds[1:]):
+                        np.matmul(block.weight, part[block.cols], out=exact[low:high])  # |sums| < 2^52: exact
+                    sums.append(exact)
+                total = _combine(sums, self.limb_bits, prime).reshape(len(rows), size, stop - start)
+                for slot, view in enumerate(out_views):
+                    view[:, index, start:stop] = total[slot]
+        return outputs
+
+
+def _limb(words: np.ndarray, limb: int, bits: int) -> np.ndarray:
+    """Limb ``limb`` (``bits`` wide) of every word (int64, < 2^62), as float64."""
+    part = words >> (limb * bits) if limb else words.copy()
+    part &= (1 << bits) - 1
+    return part.astype(np.float64)
+
+
+def _combine(sums: list[np.ndarray], bits: int, prime: int) -> np.ndarray:
+    """Σ_l sums[l] · 2^(l·bits) mod prime, in [0, prime) as int64; each ``sums[l]`` float64
+    integers below 2^52 in magnitude. Horner from the top limb in int64: with L the prime's bit
+    length and δ = 2^L − prime, v·2^bits = h·2^L + r·2^bits ≡ h·δ + r·2^bits (h = v >> (L − bits),
+    an arithmetic shift, so negative sums need no care); reduced only where the next step could
+    leave int64, and once at the end."""
+    length = prime.bit_length()
+    delta = (1 << length) - prime
+    total = sums[-1].astype(np.int64)
+    magnitude = FLOAT_EXACT_BITS  # |total| < 2^magnitude
+    for exact in reversed(sums[:-1]):
+        if max(magnitude - length + bits + delta.bit_length(), length, FLOAT_EXACT_BITS) + 2 > 62:
+            total = _reduce(total, prime)
+            magnitude = length
+        high = total >> (length - bits)
+        total &= (1 << (length - bits)) - 1
+        total <<= bits  # [0, 2^L)
+        high *= delta
+        total += high
+        total += exact.astype(np.int64)
+        magnitude = max(magnitude - length + bits + delta.bit_length(), length, FLOAT_EXACT_BITS) + 2
+    return _reduce(total, prime)
+
+
+def _reduce(values: np.ndarray, prime: int) -> np.ndarray:
+    """``values`` (int64, |v| < 2^62) modulo ``prime``, in place, in [0, prime)."""
+    quotient = values.astype(np.float64)
+    quotient *= 1.0 / prime
+    np.floor(quotient, out=quotient)
+    values -= quotient.astype(np.int64) * prime  # the float quotient is the true one or one off
+    np.add(values, prime, out=values, where=values < 0)
+    np.subtract(values, prime, out=values, where=values >= prime)
+    return values

@@ -1,0 +1,86 @@
+"""The residue-domain Linear layer computes exactly what SEAL's weight-by-weight loop computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kdsec.crypto.he.residue import LayoutError, ResidueLinear, residues
+from kdsec.crypto.seal import HEParams, KeyHolder, ParamsHeader, plan_paired
+
+
+def _seal_sum(public, inputs, integers, weight_scale):
+    total = None
+    for value, integer in zip(inputs, integers):
+        if integer:
+            term = public.multiply_encoded(value, public.encode(float(integer) / weight_scale, value.parms_id(),
+                                                                 weight_scale))
+            total = term if total is None else public.add_inplace(total, term)
+    return total
+
+
+def _conv_matrix(seed: int) -> np.ndarray:
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(1, 3, 3, 2, 1)
+    return torch.autograd.functional.jacobian(lambda x: conv(x.reshape(1, 1, 10, 10)).reshape(-1),
+                                              torch.zeros(100)).numpy().astype(np.float64)
+
+
+@pytest.mark.parametrize("chain", ["paired", "classic"])
+def test_residue_products_equal_seal_word_for_word(chain):
+    rng = np.random.default_rng(0)
+    if chain == "paired":  # 60-bit primes, weights at 2^15
+        params, weight_scale = HEParams(8192, (60, 60, 60), 30, None, 15), 2.0**15
+    else:  # 60-bit decryption prime and 30-bit primes, weights at 2^30: limbs and both reductions
+        params, weight_scale = HEParams(8192, (60, 30, 30, 60), 30, 15), 2.0**30
+    holder = KeyHolder(params)
+    public = holder.public
+    x = rng.normal(size=(100, params.slots))
+    fresh = [holder.encrypt(row) for row in x]
+    cases = [
+        ("sparse conv, fresh inputs", _conv_matrix(0), fresh),  # row groups over shared columns
+        ("dense with pruned zeros and negatives, size-3 inputs",
+         rng.normal(size=(7, 12)) * (rng.random((7, 12)) < 0.6),
+         [public.square(c, relinearize=False) for c in fresh[:12]]),  # unrelinearized squares: 3 parts
+    ]
+    for name, weight, inputs in cases:
+        layer = ResidueLinear(weight, weight_scale)
+        assert layer.usable
+        produced = layer.apply(public.evaluator, public.context, inputs, weight_scale)
+        assert set(produced) == set(np.flatnonzero(layer.integers.any(axis=1)).tolist()), name
+        for row, ciphertext in produced.items():
+            expected = _seal_sum(public, inputs, layer.integers[row], weight_scale)
+            assert np.array_equal(residues(ciphertext), residues(expected)), (name, row)
+            assert ciphertext.scale == expected.scale and ciphertext.parms_id() == expected.parms_id()
+    # and it decrypts to the product (a conv row, at scale Δ·weight_scale)
+    layer = ResidueLinear(cases[0][1], weight_scale)
+    out = layer.apply(public.evaluator, public.context, fresh, weight_scale)[4]
+    assert np.abs(holder.decrypt(out) - layer.integers[4] / weight_scale @ x).max() < 1e-3
+
+
+def test_inputs_of_two_levels_or_a_foreign_object_are_refused():
+    params = HEParams(8192, (60, 60, 60), 30, None, 15)
+    holder = KeyHolder(params)
+    top = holder.encrypt(np.ones(8))
+    lower = holder.encrypt(np.ones(8))
+    holder.public.evaluator.mod_switch_to_next_inplace(lower)
+    layer = ResidueLinear(np.ones((1, 2)), 2.0**15)
+    with pytest.raises(ValueError, match="one level and size"):
+        layer.apply(holder.public.evaluator, holder.public.context, [top, lower], 2.0**15)
+    with pytest.raises((LayoutError, AttributeError)):
+        residues(holder.public.encode(1.0, top.parms_id()))  # a plaintext is not a ciphertext
+
+
+def test_the_paired_chain_and_its_header():
+    one, two = plan_paired(1, 15, 14), plan_paired(2, 15, 14)
+    assert one == HEParams(8192, (60, 60, 60), 30, None, 15) and one.program_depth == 3
+    # two x²: four 54-bit primes fit N=8192 but leave inputs 24 bits; the next ring keeps 30
+    assert two == HEParams(16384, (60, 60, 60, 60), 30, None, 15) and two.program_depth == 5
+    assert plan_paired(1, 13, 14) is None  # the last Linear's values would not fit the decryption prime
+    assert ParamsHeader(**one.as_dict()).weight_scale_bits == 15
+    for bad in ({**one.as_dict(), "coeff_mod_bit_sizes": [60, 59, 60]},  # the rescale would not give Δ back
+                {**one.as_dict(), "last_scale_bits": 15},
+                {**one.as_dict(), "weight_scale_bits": 25}):
+        with pytest.raises(ValueError):
+            ParamsHeader(**bad)
