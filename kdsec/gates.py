@@ -78,6 +78,7 @@ class Metric(StrEnum):
     ACCURACY_DROP = "candidate.accuracy_drop_vs_teacher"
     MEMBERSHIP_AUC = "candidate.membership_auc"
     MEMBERSHIP_TPR = "candidate.membership_tpr_at_low_fpr"
+    HE_ACCURACY = "he.accuracy"
     HE_AGREEMENT = "he.agreement"
     HE_AGREEMENT_WITH_MODEL = "he.agreement_with_model"
     HE_HOST_HAD_NO_SECRET_KEY = "he.host_had_no_secret_key"
@@ -104,6 +105,8 @@ GATE_CHECKS = (
     GateCheck(Gate.ACCURACY, Metric.ACCURACY_DROP, "max_drop", "<="),
     GateCheck(Gate.MEMBERSHIP, Metric.MEMBERSHIP_AUC, "max_auc", "<=", "warn_auc"),
     GateCheck(Gate.MEMBERSHIP, Metric.MEMBERSHIP_TPR, "max_tpr", "<=", "warn_tpr"),
+    # accuracy as evaluated under encryption (the batched run on the test split) holds the same floor
+    GateCheck(Gate.HE, Metric.HE_ACCURACY, "min_accuracy", ">=", optional=True),
     GateCheck(Gate.HE, Metric.HE_AGREEMENT, "min_he_agreement", ">="),
     GateCheck(Gate.HE, Metric.HE_AGREEMENT_WITH_MODEL, "min_he_agreement_with_model", ">="),
     GateCheck(Gate.HE, Metric.HE_HOST_HAD_NO_SECRET_KEY, REQUIRED, ">="),
@@ -160,7 +163,8 @@ def he_gate_metrics(he) -> dict[str, float]:
     """The he gate's metrics of an ``HEResult``: agreement with the lowered program's plaintext and
     with the shipped model's own predictions, each the minimum over every mode and path run, and
     whether the host never held a secret key (1.0) — a gated check, not only a sentence in the report."""
-    return {Metric.HE_AGREEMENT: he.agreement, Metric.HE_AGREEMENT_WITH_MODEL: he.agreement_with_model,
+    return {**({Metric.HE_ACCURACY: he.accuracy} if he.accuracy is not None else {}),
+            Metric.HE_AGREEMENT: he.agreement, Metric.HE_AGREEMENT_WITH_MODEL: he.agreement_with_model,
             Metric.HE_HOST_HAD_NO_SECRET_KEY: float(not he.host_had_secret_key)}
 
 

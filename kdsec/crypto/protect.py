@@ -45,4 +45,4 @@ def homomorphic_inference(config: PipelineConfig, bundle: DataBundle, candidate:
     if config.encrypt.he.max_samples:
         inputs = inputs[: config.encrypt.he.max_samples]
     return encrypted_inference(load_variant(candidate), inputs, config.encrypt.he,
-                               package_dir if config.encrypt.he.log_packages else None)
+                               package_dir if config.encrypt.he.log_packages else None, bundle.y_test[: len(inputs)])

@@ -67,8 +67,8 @@ class HEParams:
     # and its sums stay in the (60-bit) decryption prime: one prime fewer on every ciphertext.
     last_scale_bits: int | None = None
     # Set: the batched path's *paired* chain (``plan_paired``): every Linear's weights are encoded at
-    # 2^weight_scale_bits and never rescaled; every x² is rescaled once, by a prime of scale_bits +
-    # 2·weight_scale_bits bits, which takes (Δ·Δw)² back to Δ. One prime per x², none per Linear.
+    # 2^weight_scale_bits; each x² and the Linear after it take Δ·Δw to (Δ·Δw)²·Δw, rescaled once,
+    # by a prime of scale_bits + 2·weight_scale_bits bits, back to Δ·Δw. One prime per x².
     weight_scale_bits: int | None = None
 
     @property
@@ -166,9 +166,10 @@ def plan_paired(squares: int, weight_scale_bits: int, integer_bits: int,
     """The batched path's paired chain for a program Linear (x² Linear) × ``squares``: ``squares``
     + 2 primes of P bits (the decryption prime, one per x², the key-switching prime), P the
     largest that fits the ring (at most 60). Inputs are encoded at Δ = 2^(P − 2·w), weights at
-    2^w (w = ``weight_scale_bits``): a Linear takes Δ to Δ·2^w, x² to (Δ·2^w)², whose rescale by
-    a P-bit prime gives Δ back. The last Linear's sums stay in the decryption prime (|values| <
-    2^(w − 1)). The smallest ring where Δ keeps MIN_PAIRED_INPUT_BITS, or None (no ring does, or
+    2^w (w = ``weight_scale_bits``): the first Linear takes Δ to Δ·2^w; each x² and the Linear
+    after it take Δ·2^w to (Δ·2^w)²·2^w, whose rescale by a P-bit prime gives Δ·2^w back. The
+    last Linear's sums end in the decryption prime (|values| < 2^(w − 1)). The smallest ring
+    where Δ keeps MIN_PAIRED_INPUT_BITS, or None (no ring does, or
     the integer part would not fit)."""
     if squares < 1 or weight_scale_bits - 1 < integer_bits:
         return None
@@ -538,15 +539,16 @@ class PublicContext:
         self.evaluator.multiply(left, right, out)
         return self.relinearize(out)
 
-    def square(self, ciphertext, relinearize: bool = True):
-        """x², rescaled. Without ``relinearize`` the result keeps three components: a weighted sum
-        of many such squares is then relinearized once (see ``relinearize``), not once per term."""
+    def square(self, ciphertext, relinearize: bool = True, rescale: bool = True):
+        """x², rescaled (unless not ``rescale``). Without ``relinearize`` the result keeps three
+        components: a weighted sum of many such squares is then relinearized once (see
+        ``relinearize``), not once per term."""
         self.counts["square"] += 1
         out = seal.Ciphertext()
         self.evaluator.square(ciphertext, out)
         if relinearize:
             self.relinearize(out)
-        return self.rescale(out)
+        return self.rescale(out) if rescale else out
 
     def relinearize(self, ciphertext):
         if ciphertext.size() > 2:

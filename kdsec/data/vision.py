@@ -56,10 +56,19 @@ def _where(config: DataConfig, root: Path) -> str:
     return f"data.root='{config.root}'" + ("" if config.root == str(root) else f" (= {root})")
 
 
+# Where the official files can be had without internet access (gzipped idx files: gunzip them
+# into the folder the error names). The MNIST fetcher sits beside a kdsec checkout in CI and here.
+FETCH = {
+    "mnist": "python3 ../shared/data/fetch_mnist.py {root} (where that script is at hand)",
+    "fashion_mnist": "the Debian package dataset-fashion-mnist (dpkg -L dataset-fashion-mnist lists its files)",
+}
+
+
 def _missing(config: DataConfig, root: Path, detail: str) -> DataError:
     where = OBTAIN.get(config.name, "one sub-folder per class holding its images")
+    fetch = f", get them with {FETCH[config.name].format(root=root)}" if config.name in FETCH else ""
     return DataError(f"{config.name} not found under {_where(config, root)} ({detail}); expected "
-                     f"{root}/{where} — copy the files there, or set data.download: true on a machine "
+                     f"{root}/{where} — copy the files there{fetch}, or set data.download: true on a machine "
                      "with internet access")
 
 

@@ -261,7 +261,8 @@ def test_the_pipeline_entry_on_a_trained_candidate_passes_the_default_gate(defau
         return outputs
 
     monkeypatch.setattr(BatchedServer, "infer", counting_infer)
-    result = encrypted_inference(model, inputs, he, tmp_path if he.log_packages else None)
+    labels = digits.y_test[: len(inputs)]
+    result = encrypted_inference(model, inputs, he, tmp_path if he.log_packages else None, labels)
 
     # Every mode the default config enables ran, on the samples the pipeline gives it.
     assert set(he.modes) == {"encrypted_input", "encrypted_model"} and he.latency_samples > 0 and he.log_packages
@@ -293,6 +294,11 @@ def test_the_pipeline_entry_on_a_trained_candidate_passes_the_default_gate(defau
         assert run.ciphertext_bytes_out > 0 and run.public_context_bytes > 0
         assert (run.ciphertext_bytes_in > 0) == (run.mode == "encrypted_input")
 
+    # Accuracy as evaluated under encryption: the decrypted argmax against the labels, within the
+    # disagreements of the plaintext model's own accuracy; only the batched run (the whole split) counts.
+    plain_accuracy = float((predictions == labels).mean())
+    assert abs(result.accuracy - plain_accuracy) <= 1 - result.run("encrypted_input", "batched").agreement_with_model
+    assert result.run("encrypted_input", "single").accuracy is None
     # What the gate and summary.json read.
     summary = result.as_dict()
     batched, single = result.run("encrypted_input", "batched"), result.run("encrypted_input", "single")

@@ -70,6 +70,9 @@ def test_missing_data_is_one_line_naming_data_root(tmp_path, name):
         prepare_data(DataConfig(name=name, root=str(tmp_path / "nowhere")))
     message = str(error.value)
     assert "\n" not in message and "data.root" in message and str(tmp_path / "nowhere") in message
+    # and how to get the files without internet access, where this machine can
+    how = {"mnist": f"fetch_mnist.py {tmp_path / 'nowhere'}", "fashion_mnist": "dataset-fashion-mnist"}
+    assert how.get(name, "copy the files there") in message
 
 
 @pytest.mark.parametrize("spelling", ["~/datasets", "$KDSEC_DATA/datasets", "${KDSEC_DATA}/datasets"])

@@ -95,7 +95,9 @@ class BatchedServer:
             values[index] = ciphertext
         for index, op in enumerate(self.ops):
             if isinstance(op, SquareOp):
-                values = [self._square(value) for value in values]
+                # paired: x² is not rescaled here; the Linear after it is (fewer values, and the
+                # rescale of (Δ·2^w)²·2^w by its 60-bit prime leaves Δ·2^w, a Linear's own scale)
+                values = [self._square(value, rescale=not self.paired) for value in values]
                 continue
             last = index + 1 == len(self.ops)
             needed = np.ones(len(op.bias), dtype=bool) if last else self.live[index + 1]
@@ -108,14 +110,15 @@ class BatchedServer:
                       for row, bias, use in zip(op.weight, op.bias, needed)]
         return [self.public.encrypt(value) if isinstance(value, float) else value for value in values]
 
-    def _square(self, value):
+    def _square(self, value, rescale: bool = True):
         if value is None or isinstance(value, float):
             return value if value is None else value * value
-        return self.public.square(value, relinearize=False)
+        return self.public.square(value, relinearize=False, rescale=rescale)
 
     def _paired_linear(self, index: int, op: LinearOp, values: list, needed: np.ndarray) -> list:
-        """One Linear of the paired chain: bias + Σ weight·value at scale Δ·2^w, not rescaled;
-        the ciphertext terms as one residue-domain product, known constants folded into the bias."""
+        """One Linear of the paired chain: bias + Σ weight·value at scale Δ·2^w — the first as it
+        is, every later one (its inputs are x² values at (Δ·2^w)²) after one rescale; the
+        ciphertext terms as one residue-domain product, known constants folded into the bias."""
         cipher = np.array([value is not None and not isinstance(value, float) for value in values])
         constant = np.array([value if isinstance(value, float) else 0.0 for value in values])
         bias = op.bias + op.weight @ constant
@@ -132,7 +135,8 @@ class BatchedServer:
             try:
                 if not layer.usable:
                     raise LayoutError("weights too wide for exact float64 limbs")
-                produced = layer.apply(self.public.evaluator, self.public.context, inputs, weight_scale)
+                # the inputs are never read again: their memory becomes the outputs
+                produced = layer.apply(self.public.evaluator, self.public.context, inputs, weight_scale, consume=True)
             except LayoutError:  # another SEAL build: the same products, one SEAL call per weight
                 produced = {k: total for k in range(len(rows))
                             if (total := self._weighted_sum(inputs, layer.integers[k], weight_scale)) is not None}
@@ -145,6 +149,9 @@ class BatchedServer:
                 out[row] = float(bias[row])
                 continue
             ciphertext = self.public.relinearize(ciphertext)
+            if index:  # after an x²: (Δ·2^w)²·2^w, rescaled to Δ·2^w (see infer)
+                self.public.evaluator.rescale_to_next_inplace(ciphertext)
+                ciphertext.scale = self.public.params.scale * weight_scale
             out[row] = self.public.add_plain(ciphertext, float(bias[row]))
         return out
 
@@ -434,7 +441,7 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
     workers = host_workers(config, len(chunks)) if path == "batched" and wire else 1
     with progress(f"HE encrypted input ({path})", len(chunks)) as advance:
         results = []
-        if workers > 1:
+        if workers > 1 or (config.host_workers == 0 and len(chunks) > 1):  # auto: host(s) beside the client
             from concurrent.futures.process import BrokenProcessPool
 
             finished: list = []
@@ -487,10 +494,12 @@ def _round_trip(holder: KeyHolder, public: PublicContext, server, plan: GridPlan
 
 
 def host_workers(config: HEConfig, chunks: int) -> int:
-    """Host processes for ``chunks`` ciphertext batches: ``encrypt.he.host_workers``, 0 = one per
-    core this process may run on; never more than the chunks. Each holds one chunk's ciphertexts
-    (a 784-pixel chunk of 4096 samples at N=8192: ~100 MiB in as seeded ciphertexts, ~1 GiB while evaluated)."""
-    wanted = config.host_workers or len(os.sched_getaffinity(0))  # the cores this process may use
+    """Host processes for ``chunks`` ciphertext batches: ``encrypt.he.host_workers``; 0 = one per
+    core this process may run on but one, the client's, which encrypts the next chunk while the
+    hosts evaluate (on 2 cores: one host process, measured faster than two that share a core with
+    the client); never more than the chunks. Each holds one chunk's ciphertexts (784 features of
+    8,192 samples at N=16384: ~300 MiB in as seeded ciphertexts, ~1.5 GiB while evaluated)."""
+    wanted = config.host_workers or max(1, len(os.sched_getaffinity(0)) - 1)  # the cores this process may use
     return max(1, min(wanted, chunks))
 
 
@@ -504,8 +513,12 @@ def _host(context_bytes: bytes, ops: list[Op]):
     them (megabytes) into the pipe all that time, once per worker."""
     if _HOST.get("context") != context_bytes:
         import torch
+        from threadpoolctl import threadpool_limits
 
+        # one core per host process: torch's and BLAS's (the residue products) thread pools both,
+        # else two hosts on two cores run four BLAS threads that spin against each other
         torch.set_num_threads(1)
+        threadpool_limits(1)
         public = PublicContext.deserialize(context_bytes)  # the host gets bytes only: no secret key
         _HOST.update(context=context_bytes, public=public, server=BatchedServer(public, ops))
     return _HOST["public"], _HOST["server"]
@@ -551,7 +564,7 @@ def _parallel_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requ
         for _ in range(workers):  # the pool starts a process per submit while none is idle
             pool.submit(_host_ready, context_bytes, ops)
         for index, chunk in enumerate(chunks):
-            if len(pending) >= workers:
+            if len(pending) > workers:  # one chunk queued ahead: the client encrypts while every host is busy
                 collect(min(pending))
             features = inputs[chunk].reshape(chunk.stop - chunk.start, -1).astype(np.float64)
             payload = holder.encrypt_bundle([features[:, i] for i in required])

@@ -124,24 +124,31 @@ class ResidueLinear:
             blocks.append(_Block(group, cols, self.integers[np.ix_(group, cols)]))
         return blocks
 
-    def apply(self, evaluator, context, inputs: list, weight_scale: float) -> dict[int, object]:
-        """Σ_j c_kj · inputs[j] for every row with a non-zero weight, as new ciphertexts (not
-        rescaled, not relinearized) at scale inputs' scale × ``weight_scale``. ``inputs``: one
-        ciphertext per column, all of one level and size. Returns {row: ciphertext}."""
+    def apply(self, evaluator, context, inputs: list, weight_scale: float,
+              consume: bool = False) -> dict[int, object]:
+        """Σ_j c_kj · inputs[j] for every row with a non-zero weight, as ciphertexts (not rescaled,
+        not relinearized) at scale inputs' scale × ``weight_scale``. ``inputs``: one ciphertext per
+        column, all of one level and size. With ``consume`` the inputs' memory is reused for
+        outputs (each chunk of words is read before any output is written there): the inputs are
+        garbage afterwards. Returns {row: ciphertext}."""
         first = inputs[0]
-        parms_id, size = first.parms_id(), first.size()
+        parms_id, size, scale = first.parms_id(), first.size(), first.scale
         if any(ct.parms_id() != parms_id or ct.size() != size for ct in inputs):
             raise ValueError("the residue path needs every input at one level and size")
         primes = moduli(context, parms_id)
         n = first.poly_modulus_degree()
         views = [residues(ct) for ct in inputs]
         rows = np.concatenate([block.rows for block in self.blocks])  # block order: each block's rows contiguous
+        reusable = list(inputs) if consume else []
         outputs: dict[int, object] = {}
         out_views = []
         for row in rows:
-            out = seal.Ciphertext()
-            evaluator.negate(first, out)  # right level, size and NTT form; overwritten below
-            out.scale = first.scale * weight_scale
+            if reusable:
+                out = reusable.pop()
+            else:
+                out = seal.Ciphertext()
+                evaluator.negate(first, out)  # right level, size and NTT form; overwritten below
+            out.scale = scale * weight_scale
             outputs[int(row)] = out
             out_views.append(residues(out))
         bounds = np.cumsum([0] + [len(block.rows) for block in self.blocks])
@@ -176,22 +183,30 @@ def _combine(sums: list[np.ndarray], bits: int, prime: int) -> np.ndarray:
     integers below 2^52 in magnitude. Horner from the top limb in int64: with L the prime's bit
     length and δ = 2^L − prime, v·2^bits = h·2^L + r·2^bits ≡ h·δ + r·2^bits (h = v >> (L − bits),
     an arithmetic shift, so negative sums need no care); reduced only where the next step could
-    leave int64, and once at the end."""
+    leave int64, and at the end — by two conditional subtractions where the bounds allow (60-bit
+    primes, two limbs), else through a float quotient."""
     length = prime.bit_length()
     delta = (1 << length) - prime
+    exact_bound = 1 << FLOAT_EXACT_BITS
     total = sums[-1].astype(np.int64)
-    magnitude = FLOAT_EXACT_BITS  # |total| < 2^magnitude
+    low, high = -exact_bound, exact_bound  # low < total < high
     for exact in reversed(sums[:-1]):
-        if max(magnitude - length + bits + delta.bit_length(), length, FLOAT_EXACT_BITS) + 2 > 62:
+        if max(-low, high).bit_length() - length + bits + delta.bit_length() + 2 > 62:
             total = _reduce(total, prime)
-            magnitude = length
-        high = total >> (length - bits)
+            low, high = 0, prime
+        shifted = max(-low, high) >> (length - bits)  # |h| ≤ this
+        top = total >> (length - bits)
         total &= (1 << (length - bits)) - 1
         total <<= bits  # [0, 2^L)
-        high *= delta
-        total += high
+        top *= delta
+        total += top
         total += exact.astype(np.int64)
-        magnitude = max(magnitude - length + bits + delta.bit_length(), length, FLOAT_EXACT_BITS) + 2
+        low, high = -(shifted + 1) * delta - exact_bound, (1 << length) + (shifted + 1) * delta + exact_bound
+    if low >= -prime and high <= 3 * prime:  # [−prime, 3·prime): no division needed
+        np.add(total, prime, out=total, where=total < 0)
+        np.subtract(total, prime, out=total, where=total >= prime)
+        np.subtract(total, prime, out=total, where=total >= prime)
+        return total
     return _reduce(total, prime)
 
 

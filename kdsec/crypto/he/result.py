@@ -33,6 +33,7 @@ class HERun:
     host_had_secret_key: bool
     last_scale_bits: int | None = None  # set: the last Linear ran unrescaled, its weights at 2^this
     weight_scale_bits: int | None = None  # set: the paired chain (weights at 2^this, one rescale per x²)
+    accuracy: float | None = None  # decrypted predictions against the labels (None: no labels given)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "coeff_mod_bit_sizes": list(self.coeff_mod_bit_sizes)}
@@ -91,16 +92,23 @@ class HEResult:
     def host_had_secret_key(self) -> bool:
         return any(run.host_had_secret_key for run in self.runs)
 
+    @property
+    def accuracy(self) -> float | None:
+        """Test accuracy as evaluated under encryption: the batched encrypted-input run's (the
+        whole split the config asks for; the single-sample run sees a handful of samples)."""
+        run = self.run("encrypted_input", "batched")
+        return None if run is None else run.accuracy
+
     def run(self, mode: str, path: str) -> HERun | None:
         return next((r for r in self.runs if r.mode == mode and r.path == path), None)
 
     def as_dict(self) -> dict:
         if not self.runs:
-            return {"enabled": False, "agreement": None, "samples": 0, "ms_per_sample": None,
+            return {"enabled": False, "agreement": None, "accuracy": None, "samples": 0, "ms_per_sample": None,
                     "single_sample_ms": None, "host_had_secret_key": False, "runs": []}
         batched = self.run("encrypted_input", "batched") or self.runs[0]
         single = self.run("encrypted_input", "single")
-        return {"enabled": True, "agreement": self.agreement, "samples": batched.samples,
+        return {"enabled": True, "agreement": self.agreement, "accuracy": self.accuracy, "samples": batched.samples,
                 "ms_per_sample": batched.ms_per_sample,
                 "single_sample_ms": single.ms_per_sample if single else None,
                 "host_had_secret_key": self.host_had_secret_key,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +33,11 @@ MAX_ENCRYPTED_MODEL_BYTES = 8 << 30  # encrypted weights and keys the owner buil
 
 
 def encrypted_inference(model: nn.Module, inputs: np.ndarray, config: HEConfig,
-                        package_dir: Path | None = None) -> HEResult:
+                        package_dir: Path | None = None, labels: np.ndarray | None = None) -> HEResult:
     """Run each configured mode on ``inputs`` (the single-sample path on the first
-    ``config.latency_samples``), compare with plaintext and with the deployed model itself, and
-    write the host packages (public contexts, encrypted weights, ``he_package.json``) to ``package_dir``."""
+    ``config.latency_samples``), compare with plaintext and with the deployed model itself (and,
+    given ``labels``, score the decrypted predictions: accuracy under encryption), and write the
+    host packages (public contexts, encrypted weights, ``he_package.json``) to ``package_dir``."""
     preprocess, ops = he_program(model)
     check_layouts(ops, config.model_copy(update={"latency_samples": 0}))
     if config.latency_samples and "encrypted_input" in config.modes:
@@ -54,8 +55,11 @@ def encrypted_inference(model: nn.Module, inputs: np.ndarray, config: HEConfig,
     runs = []
     for mode in config.modes:
         if mode == "encrypted_input":
-            runs.append(run_encrypted_input(ops, inputs, config, "batched", package_dir=package_dir,
-                                            model_predictions=predictions)[1])
+            logits, run = run_encrypted_input(ops, inputs, config, "batched", package_dir=package_dir,
+                                              model_predictions=predictions)
+            if labels is not None:
+                run = replace(run, accuracy=float((logits.argmax(1) == labels[: len(logits)]).mean()))
+            runs.append(run)
             if config.latency_samples:
                 runs.append(run_encrypted_input(ops, inputs[: config.latency_samples], config, "single",
                                                 model_predictions=predictions)[1])
