@@ -191,6 +191,8 @@ def gate_sources(candidate_audit, he) -> dict[str, str]:
                             (Metric.HE_AGREEMENT_WITH_MODEL, "agreement_with_model")):
         if (run := he.worst(measure)) is not None:
             sources[metric] = f"{run.mode}/{run.path}"
+    if he.accuracy is not None:
+        sources[Metric.HE_ACCURACY] = "encrypted_input/batched"
     return sources
 
 

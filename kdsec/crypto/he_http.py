@@ -127,11 +127,14 @@ class HEHost:
         # parameters follow from the structure (``batched_params``: paired where it alternates).
         self.plan = {"structure": model_structure(ops),
                      "batched": {"depth": BatchedServer.depth(ops), "min_slots": 1, "rotation_steps": [],
+                                 # the chains this host evaluates (a client plans paired only if listed)
+                                 "chains": ["classic", "paired"] if alternates(model_structure(ops)) else ["classic"],
                                  "required_inputs": BatchedServer.required_inputs(ops)},
                      "single": {"depth": single.depth(ops), "min_slots": single.slots,
                                 "rotation_steps": list(single.steps),
                                 "output_slots": single.output_slots(ops).tolist(), **layout}}
         self.max_sessions, self.max_session_bytes, self.idle_timeout = max_sessions, max_session_bytes, idle_timeout
+        self._residue_layers: dict = {}  # the batched servers' residue layers, one copy for every session
         self.in_flight = threading.BoundedSemaphore(max_in_flight)
         self.sessions: dict[str, _Session] = {}
         self.ended: OrderedDict[str, str] = OrderedDict()  # session id → why it ended
@@ -192,8 +195,8 @@ class HEHost:
             self._admit(needed)
         try:
             public = PublicContext.deserialize(body)
-            servers = {path: (BatchedServer if path == "batched" else self._single)(public, self.ops)
-                       for path in paths}
+            servers = {path: (BatchedServer(public, self.ops, self._residue_layers) if path == "batched"
+                              else self._single(public, self.ops)) for path in paths}
             session_id = secrets.token_hex(8)
             with self.lock:
                 self.sessions[session_id] = _Session(servers, needed, time.monotonic())
@@ -449,6 +452,8 @@ class HEHttpClient:
         self._lock = threading.Lock()
         self.plan = json.loads(self._request("GET", "/plan"))
         step = self.plan[path]
+        if "paired" not in step.get("chains", ["classic"]):  # an older host, or a program that does not alternate
+            config = config.model_copy(update={"batched_chain": "classic"})
         params = (batched_params(self.plan["structure"], config) if path == "batched" else
                   plan_params(step["depth"], config.scale_bits, config.integer_bits, config.poly_modulus_degree,
                               step["min_slots"]))

@@ -44,5 +44,7 @@ def homomorphic_inference(config: PipelineConfig, bundle: DataBundle, candidate:
     inputs = bundle.x_test
     if config.encrypt.he.max_samples:
         inputs = inputs[: config.encrypt.he.max_samples]
+    # accuracy under encryption only over the whole split: a capped sample would gate on its noise
+    labels = bundle.y_test if len(inputs) == len(bundle.y_test) else None
     return encrypted_inference(load_variant(candidate), inputs, config.encrypt.he,
-                               package_dir if config.encrypt.he.log_packages else None, bundle.y_test[: len(inputs)])
+                               package_dir if config.encrypt.he.log_packages else None, labels)

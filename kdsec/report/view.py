@@ -15,6 +15,7 @@ METRIC_LABELS = {
     "candidate.accuracy_drop_vs_teacher": "Accuracy drop vs the teacher",
     "candidate.membership_auc": "Membership-inference AUC (highest over attacks)",
     "candidate.membership_tpr_at_low_fpr": "Membership TPR at low FPR (highest over attacks)",
+    "he.accuracy": "Test accuracy under encryption (batched, whole split)",
     "he.agreement": "Encrypted vs plaintext agreement (worst HE mode)",
     "he.agreement_with_model": "Encrypted vs shipped model agreement (worst HE mode)",
     "he.host_had_no_secret_key": "Host never held a secret key",

@@ -263,6 +263,13 @@ def test_preflight_checks_the_smallest_candidates_layouts_on_the_datasets_shape(
         preflight(load_config(None, wide))
     preflight(load_config(None, [*wide, "encrypt.he.latency_samples=0", "encrypt.he.modes=[encrypted_input]"]))
     preflight(load_config(None, ["student.arch=he_cnn"]))  # digits: 8×8 → 5×3×3, every layout fits
+    # A student deeper than the allowed ring holds: one line naming depth, bits and the setting, before training.
+    deep = [*mnist, "student.hidden=[64,32,16,16]", "encrypt.he.poly_modulus_degree=8192",
+            "encrypt.he.modes=[encrypted_input]", "encrypt.he.latency_samples=0"]
+    with pytest.raises(ConfigError, match=r"multiplicative depth 11, .* poly_modulus_degree 8192; set "
+                                          r"encrypt.he.poly_modulus_degree to 16384") as error:
+        preflight(load_config(None, deep))
+    assert "\n" not in str(error.value)
     preflight(load_config(DEFAULT_CONFIG.parent / "cifar10.yaml"))
 
 

@@ -66,10 +66,10 @@ def test_inputs_of_two_levels_or_a_foreign_object_are_refused():
     lower = holder.encrypt(np.ones(8))
     holder.public.evaluator.mod_switch_to_next_inplace(lower)
     layer = ResidueLinear(np.ones((1, 2)), 2.0**15)
-    with pytest.raises(ValueError, match="one level and size"):
+    with pytest.raises(ValueError, match="one level, size and scale"):
         layer.apply(holder.public.evaluator, holder.public.context, [top, lower], 2.0**15)
-    with pytest.raises((LayoutError, AttributeError)):
-        residues(holder.public.encode(1.0, top.parms_id()))  # a plaintext is not a ciphertext
+    with pytest.raises(LayoutError, match="not a SEAL ciphertext: Plaintext"):
+        residues(holder.public.encode(1.0, top.parms_id()))  # checked before any memory is read
 
 
 def test_the_paired_chain_and_its_header():
@@ -84,3 +84,24 @@ def test_the_paired_chain_and_its_header():
                 {**one.as_dict(), "weight_scale_bits": 25}):
         with pytest.raises(ValueError):
             ParamsHeader(**bad)
+
+
+@pytest.mark.parametrize("ring", [8192, 32768])
+def test_limb_sums_recombine_exactly_modulo_every_prime_size(ring):
+    """Σ sums[l]·2^(l·bits) mod q against Python's integers, for SEAL's primes of 30-60 bits, limb
+    widths from 4 to 50 (capped the way ``apply`` caps them) and sums of both signs at ±2^52."""
+    import tenseal.sealapi as seal
+
+    from kdsec.crypto.he.residue import _combine
+
+    rng = np.random.default_rng(ring)
+    primes = [m.value() for m in seal.CoeffModulus.Create(ring, [30, 44, 50, 60])]
+    for prime in primes:
+        for wanted in (4, 13, 20, 30, 34, 42, 50):
+            bits = min(wanted, 60 - ((1 << prime.bit_length()) - prime).bit_length())
+            limbs = -(-prime.bit_length() // bits)
+            sums = [rng.integers(-(1 << 52) + 1, 1 << 52, size=64).astype(np.float64) for _ in range(limbs)]
+            sums[0][:2] = [(1 << 52) - 1, -(1 << 52) + 1]  # the extremes
+            got = _combine([s.copy() for s in sums], bits, prime)
+            want = [sum(int(s[i]) << (l * bits) for l, s in enumerate(sums)) % prime for i in range(64)]
+            assert got.tolist() == want, (prime, bits)

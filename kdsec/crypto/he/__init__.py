@@ -4,7 +4,8 @@
   pooling, BatchNorm — one Linear map, x²; input pooling folded or moved to the client), the
   float64 reference of the same arithmetic, layout and parameter helpers.
 - ``encrypted_input``: the host holds the plaintext model and a public context, the client's
-  data stays encrypted; *batched* (``BatchedServer``, pruned weights skipped) and *single*
+  data stays encrypted; *batched* (``BatchedServer``, pruned weights skipped; its Linear layers
+  as residue-domain matrix products, ``residue``, on the paired chain) and *single*
   (``GridPlan``/``SingleServer``, or ``DiagonalPlan``/``DiagonalServer`` where no grid fits a
   ring: rotations; ``single_plan`` picks) paths, and their round trip.
 - ``encrypted_model``: the owner encrypts the weights (``EncryptedModel``); the host

@@ -2,11 +2,13 @@
 data stays encrypted. Two paths:
 
 - *batched* (``BatchedServer``): one ciphertext per input feature, its slots holding that
-  feature for up to N/2 samples (CryptoNets). A Linear layer is a weighted sum of ciphertexts
+  feature for up to N/2 samples (CryptoNets). On the *paired* chain (students that alternate
+  Linear and x²; ``HEParams.weight_scale_bits``) each Linear is one exact residue-domain matrix
+  product (``residue.ResidueLinear``), its weights integers at 2^w, rescaled only after an x²
+  (one 60-bit prime per x²). On the *classic* chain a Linear is a weighted sum of ciphertexts
   with plaintext scalars, rescaled once per neuron — but the last, whose weights are encoded at
   2^last_scale_bits and whose sums stay in the 60-bit decryption prime where the parameters say
-  so (``HEParams.last_scale_bits``: one prime fewer on every ciphertext); zero (pruned) weights,
-  and neurons nothing downstream reads, are skipped. No rotations.
+  so. Zero (pruned) weights, and neurons nothing downstream reads, are skipped. No rotations.
 - *single* (``GridPlan``, ``SingleServer``): one sample in one ciphertext laid out as an R×C
   grid, x copied into every row. Linear layers alternate between reducing along a row (result
   in column 0) and along a column (result in row 0); each is one plaintext product plus log2
@@ -57,16 +59,18 @@ class BatchedServer:
     """Encrypted-input host, batched path: plaintext model, public context, no secret key.
 
     Two chains (``HEParams.weight_scale_bits`` says which the client planned). *Paired*: each
-    Linear is one residue-domain matrix product (``ResidueLinear``), its weights at 2^w and not
-    rescaled, each x² rescaled once. *Classic*: each neuron a weighted sum of SEAL products,
-    rescaled once, the last Linear unrescaled where ``last_scale_bits`` says so."""
+    Linear is one residue-domain matrix product (``ResidueLinear``), its weights at 2^w; x² is
+    not rescaled, the Linear after it is, once. *Classic*: each neuron a weighted sum of SEAL
+    products, rescaled once, the last Linear unrescaled where ``last_scale_bits`` says so.
+    ``residue_layers``: a cache of the residue layers to share between servers of one model (an
+    HTTP host's sessions), keyed by op, column pattern and weight scale."""
 
-    def __init__(self, public: PublicContext, ops: list[Op]) -> None:
+    def __init__(self, public: PublicContext, ops: list[Op], residue_layers: dict | None = None) -> None:
         self.public, self.ops, self.live = public, ops, _live_inputs(ops)
         self.paired = public.params.weight_scale_bits is not None
         if self.paired and not alternates(model_structure(ops)):
             raise KdsecError("a paired chain needs a program that alternates Linear and x²; this one does not")
-        self._residue: dict[tuple[int, bytes], ResidueLinear] = {}  # per op and ciphertext-column pattern
+        self._residue = {} if residue_layers is None else residue_layers
 
     @staticmethod
     def depth(ops: list[Op]) -> int:
@@ -84,7 +88,8 @@ class BatchedServer:
         return np.flatnonzero(_live_inputs(ops)[0]).tolist()
 
     def infer(self, features: list) -> list:
-        """``features``: one ciphertext per required input (``required_inputs``). A value is a
+        """``features``: one ciphertext per required input (``required_inputs``); on the paired
+        chain they are consumed (their memory becomes the first layer's outputs). A value is a
         ciphertext, a plain constant the host already knows (every weight feeding it was pruned),
         or None (nothing downstream reads it)."""
         values: list = [None] * self.ops[0].weight.shape[1]
@@ -96,7 +101,7 @@ class BatchedServer:
         for index, op in enumerate(self.ops):
             if isinstance(op, SquareOp):
                 # paired: x² is not rescaled here; the Linear after it is (fewer values, and the
-                # rescale of (Δ·2^w)²·2^w by its 60-bit prime leaves Δ·2^w, a Linear's own scale)
+                # rescale of (Δ·2^w)²·2^w by its (scale_bits + 2w)-bit prime leaves Δ·2^w, a Linear's own scale)
                 values = [self._square(value, rescale=not self.paired) for value in values]
                 continue
             last = index + 1 == len(self.ops)
@@ -127,7 +132,7 @@ class BatchedServer:
         columns = np.flatnonzero(cipher)
         results: dict[int, object] = {}
         if len(columns):
-            key = (index, np.packbits(cipher).tobytes())
+            key = (index, np.packbits(cipher).tobytes(), self.public.params.weight_scale_bits)
             if key not in self._residue:
                 self._residue[key] = ResidueLinear(op.weight[np.ix_(rows, columns)], weight_scale)
             layer = self._residue[key]
@@ -137,10 +142,10 @@ class BatchedServer:
                     raise LayoutError("weights too wide for exact float64 limbs")
                 # the inputs are never read again: their memory becomes the outputs
                 produced = layer.apply(self.public.evaluator, self.public.context, inputs, weight_scale, consume=True)
+                self.public.counts["multiply_plain"] += int(np.count_nonzero(layer.integers))
             except LayoutError:  # another SEAL build: the same products, one SEAL call per weight
                 produced = {k: total for k in range(len(rows))
                             if (total := self._weighted_sum(inputs, layer.integers[k], weight_scale)) is not None}
-            self.public.counts["multiply_plain"] += int(np.count_nonzero(layer.integers))
             results = {int(rows[k]): ciphertext for k, ciphertext in produced.items()}
         out: list = [None] * len(op.bias)
         for row in rows:
@@ -149,7 +154,7 @@ class BatchedServer:
                 out[row] = float(bias[row])
                 continue
             ciphertext = self.public.relinearize(ciphertext)
-            if index:  # after an x²: (Δ·2^w)²·2^w, rescaled to Δ·2^w (see infer)
+            if index:  # after an x²: (Δ·2^w)²·2^w, rescaled by its prime (scale_bits + 2w bits) to Δ·2^w
                 self.public.evaluator.rescale_to_next_inplace(ciphertext)
                 ciphertext.scale = self.public.params.scale * weight_scale
             out[row] = self.public.add_plain(ciphertext, float(bias[row]))
@@ -441,7 +446,8 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
     workers = host_workers(config, len(chunks)) if path == "batched" and wire else 1
     with progress(f"HE encrypted input ({path})", len(chunks)) as advance:
         results = []
-        if workers > 1 or (config.host_workers == 0 and len(chunks) > 1):  # auto: host(s) beside the client
+        # host processes beside the client: batched chunks only (the single path is one sample a round trip)
+        if path == "batched" and wire and (workers > 1 or (config.host_workers == 0 and len(chunks) > 1)):
             from concurrent.futures.process import BrokenProcessPool
 
             finished: list = []
@@ -541,8 +547,9 @@ def _host_chunk(context_bytes: bytes, ops: list[Op], payload: bytes) -> tuple[by
 def _parallel_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], required: list[int],
                     inputs: np.ndarray, chunks: list[slice], workers: int, advance, finished: list) -> list:
     """The batched round trip with ``workers`` host processes: the client encrypts the next chunk
-    while the hosts evaluate earlier ones (at most ``workers`` chunks in flight, so memory stays
-    ``workers`` chunks' ciphertexts), then decrypts each reply in order."""
+    while the hosts evaluate earlier ones (at most ``workers`` + 1 chunks in flight — one waits
+    encrypted for the next free host — so memory stays that many chunks' ciphertexts), then
+    decrypts each reply in order."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 

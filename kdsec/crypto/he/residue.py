@@ -7,17 +7,20 @@ constant plaintext. So a whole layer, out_k = Σ_j c_kj · in_j, is per prime on
 product: (out × in) weights times (in × size·N) residues, taken modulo q_i.
 
 Here that product runs in float64 BLAS, exactly: each residue is split into limbs of b bits so
-that every dot product stays below 2^53 (b = 52 − bits(max |c|) − bits(non-zeros per row)), and
-the limbs' sums are put back together modulo q_i (Horner steps whose quotient comes from a float
-estimate, corrected by one). The result equals SEAL's weight-by-weight loop word for word, at a
-fraction of the cost: SEAL encodes, multiplies and adds one ciphertext per weight (~N·L·3 words
-each, one pass per weight), BLAS streams the residues once per block of outputs. Sparse layers (a
-convolution lowered to a matrix) are cut into row groups that share input columns, each one
-dense block product.
+that every dot product stays below 2^52 (b = 52 − bits of the largest row's Σ|c|), and
+the limbs' sums are put back together modulo q_i in int64 (Horner steps with 2^L ≡ 2^L − q_i;
+two conditional subtractions end it for 60-bit primes, a float quotient corrected by one for
+others). The result equals SEAL's weight-by-weight loop word for word, at a fraction of the cost:
+SEAL encodes, multiplies and adds one ciphertext per weight (~N·L·3 words each, one pass per
+weight), BLAS streams the residues once per block of outputs. Sparse layers (a convolution
+lowered to a matrix) are cut into row groups that share input columns, each one dense block
+product; coefficients go in cache-sized chunks.
 
-Ciphertext memory is read and written in place through SEAL's data pointer (the bindings'
-``Ciphertext.data()``); every output is a new ciphertext of the right level, size and NTT form
-(a negated copy of an input, then overwritten), so SEAL's own checks keep holding.
+Ciphertext memory is read and written in place (``residues``: the bindings expose no pointer, so
+the C++ object is read through its pybind11 instance, every field checked against the bindings'
+accessors first; another layout raises ``LayoutError`` and the caller falls back to SEAL's loop).
+Outputs are ciphertexts of the right level, size and NTT form — consumed inputs, or negated
+copies of one — overwritten, so SEAL's own checks keep holding.
 """
 
 from __future__ import annotations
@@ -47,12 +50,15 @@ _SIZE, _DEGREE, _PRIMES, _SCALE, _COUNT, _POINTER = 5, 6, 7, 8, 13, 14
 
 
 def residues(ciphertext) -> np.ndarray:
-    """A writeable (size, primes, N) uint64 view of ``ciphertext``'s coefficients, valid while it
-    lives. The bindings return no pointer (``Ciphertext.data()`` is the first word's value), so
-    the C++ object is read through the pybind11 instance (its value pointer follows the Python
-    object header) and every field is checked against the bindings' own accessors before the
-    coefficients are touched: a SEAL with another layout raises ``LayoutError``, never reads
-    elsewhere."""
+    """A writeable (size, primes, N) uint64 view of ``ciphertext``'s coefficients. The view keeps
+    the ciphertext alive; a SEAL operation that reallocates it (one that grows its size)
+    invalidates the view. The bindings return no pointer (``Ciphertext.data()`` is the first
+    word's value), so the C++ object is read through the pybind11 instance (its value pointer
+    follows the Python object header) and every field is checked against the bindings' own
+    accessors before the coefficients are touched: a SEAL with another layout raises
+    ``LayoutError``, never reads elsewhere."""
+    if type(ciphertext) is not seal.Ciphertext:
+        raise LayoutError(f"not a SEAL ciphertext: {type(ciphertext).__name__}")
     size, degree, primes = ciphertext.size(), ciphertext.poly_modulus_degree(), ciphertext.coeff_modulus_size()
     count = size * degree * primes
     address = ctypes.c_void_p.from_address(id(ciphertext) + object.__basicsize__).value
@@ -63,8 +69,9 @@ def residues(ciphertext) -> np.ndarray:
     if (words[_SIZE], words[_DEGREE], words[_PRIMES], words[_COUNT]) != (size, degree, primes, count) \
             or scale != ciphertext.scale or not words[_POINTER]:
         raise LayoutError("SEAL's ciphertext layout is not the one this module reads")
-    view = np.ctypeslib.as_array((ctypes.c_uint64 * count).from_address(words[_POINTER])).reshape(size, primes,
-                                                                                                  degree)
+    buffer = (ctypes.c_uint64 * count).from_address(words[_POINTER])
+    buffer._owner = ciphertext  # the memory lives as long as the view does
+    view = np.ctypeslib.as_array(buffer).reshape(size, primes, degree)
     if any(int(view[k, 0, 0]) != ciphertext.data(k) for k in range(size)):
         raise LayoutError("SEAL's ciphertext layout is not the one this module reads")
     return view
@@ -88,22 +95,20 @@ class ResidueLinear:
 
     def __init__(self, weight: np.ndarray, scale: float) -> None:
         integers = np.round(np.asarray(weight, dtype=np.float64) * scale)
-        if not np.isfinite(integers).all() or np.abs(integers).max(initial=0) >= 2.0**40:
-            raise ValueError("weights × scale must stay below 2^40 for the residue path")
+        if not np.isfinite(integers).all():
+            raise ValueError("the residue path needs finite weights")
         self.integers = integers
         self.out_dim, self.in_dim = integers.shape
         nonzero = integers != 0
-        weight_bits = int(np.abs(integers).max(initial=1)).bit_length()
-        count_bits = int(max(int(nonzero.sum(axis=1).max(initial=1)), 1)).bit_length()
-        self.limb_bits = FLOAT_EXACT_BITS - weight_bits - count_bits
+        # |Σ_j c_kj · limb_j| ≤ (Σ_j |c_kj|) · 2^b: the largest row's L1 norm bounds every dot
+        # product (tighter than max |c| × non-zeros per row: trained rows are mostly small weights)
+        norm = float(np.abs(integers).sum(axis=1).max(initial=1.0))
+        self.limb_bits = FLOAT_EXACT_BITS - int(min(norm, 2.0**60)).bit_length()  # below MIN_LIMB_BITS: unusable
         self.blocks = self._blocks(nonzero)
 
     @property
     def usable(self) -> bool:
         return self.limb_bits >= MIN_LIMB_BITS
-
-    def row_is_zero(self, row: int) -> bool:
-        return not self.integers[row].any()
 
     def _blocks(self, nonzero: np.ndarray) -> list[_Block]:
         """Row groups over the columns any of their rows reads. Dense layers: one block. Sparse
@@ -131,10 +136,12 @@ class ResidueLinear:
         column, all of one level and size. With ``consume`` the inputs' memory is reused for
         outputs (each chunk of words is read before any output is written there): the inputs are
         garbage afterwards. Returns {row: ciphertext}."""
+        if not self.blocks:  # every weight is zero
+            return {}
         first = inputs[0]
         parms_id, size, scale = first.parms_id(), first.size(), first.scale
-        if any(ct.parms_id() != parms_id or ct.size() != size for ct in inputs):
-            raise ValueError("the residue path needs every input at one level and size")
+        if any(ct.parms_id() != parms_id or ct.size() != size or ct.scale != scale for ct in inputs):
+            raise ValueError("the residue path needs every input at one level, size and scale")
         primes = moduli(context, parms_id)
         n = first.poly_modulus_degree()
         views = [residues(ct) for ct in inputs]
@@ -142,30 +149,33 @@ class ResidueLinear:
         reusable = list(inputs) if consume else []
         outputs: dict[int, object] = {}
         out_views = []
-        for row in rows:
+        for row in rows:  # every view is made (and checked) before anything is changed
             if reusable:
                 out = reusable.pop()
             else:
                 out = seal.Ciphertext()
                 evaluator.negate(first, out)  # right level, size and NTT form; overwritten below
-            out.scale = scale * weight_scale
             outputs[int(row)] = out
             out_views.append(residues(out))
+        for out in outputs.values():
+            out.scale = scale * weight_scale
         bounds = np.cumsum([0] + [len(block.rows) for block in self.blocks])
         step = max(64, min(n, COLUMN_BYTES // (8 * size * max(len(inputs), len(rows))) // 64 * 64))
         for index, prime in enumerate(primes):
-            limbs = -(-prime.bit_length() // self.limb_bits)
+            # narrower limbs where δ = 2^L − prime is wide, so that _combine's steps stay in int64
+            bits = min(self.limb_bits, 60 - ((1 << prime.bit_length()) - prime).bit_length())
+            limbs = -(-prime.bit_length() // bits)
             for start in range(0, n, step):
                 stop = min(n, start + step)
                 words = np.stack([view[:, index, start:stop] for view in views]).reshape(len(inputs), -1).view(np.int64)
                 sums = []
                 for limb in range(limbs):
-                    part = _limb(words, limb, self.limb_bits)
+                    part = _limb(words, limb, bits)
                     exact = np.empty((len(rows), part.shape[1]))
                     for block, low, high in zip(self.blocks, bounds[:-1], bounds[1:]):
                         np.matmul(block.weight, part[block.cols], out=exact[low:high])  # |sums| < 2^52: exact
                     sums.append(exact)
-                total = _combine(sums, self.limb_bits, prime).reshape(len(rows), size, stop - start)
+                total = _combine(sums, bits, prime).reshape(len(rows), size, stop - start)
                 for slot, view in enumerate(out_views):
                     view[:, index, start:stop] = total[slot]
         return outputs
