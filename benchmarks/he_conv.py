@@ -3,9 +3,10 @@ KD gain over the same student trained from labels (test errors per 10,000, over 
 encrypted (batched, samples-in-slots) inference of each architecture's KD student on the whole
 test split with its ring, key and ciphertext sizes.
 
-    python benchmarks/he_conv.py --dataset fashion_mnist --data-root /path   # the REAL files
-    python benchmarks/he_conv.py                                             # synthetic MNIST format
-    python benchmarks/he_conv.py --students he_mlp he_cnn --seeds 0 1 2 --he-samples 0
+    python benchmarks/he_conv.py --data-root /path            # the REAL MNIST (python3 ../shared/data/fetch_mnist.py /path)
+    python benchmarks/he_conv.py --dataset fashion_mnist --data-root /path   # the REAL Fashion-MNIST
+    python benchmarks/he_conv.py                              # synthetic MNIST format
+    python benchmarks/he_conv.py --students he_mlp he_cnn cryptonets --seeds 0 1 2 --single-samples 1
 
 Real data: the four official idx files under <root>/MNIST/raw or <root>/FashionMNIST/raw
 (Debian's dataset-fashion-mnist ships Fashion-MNIST; gunzip them). Without --data-root the
@@ -74,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=("mnist", "fashion_mnist"), default="mnist")
     parser.add_argument("--data-root", type=Path, default=None, help="folder with the real official files")
-    parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
+    parser.add_argument("--students", nargs="+", default=["he_cnn", "cryptonets"], choices=list(STUDENTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--he-samples", type=int, default=0, help="test samples run encrypted (0 = the whole split)")
     parser.add_argument("--single-samples", type=int, default=1,
