@@ -345,9 +345,7 @@ class HEConfig(Section):
     max_samples: Annotated[int, Field(ge=0)] = 0  # 0 = the whole test split
     latency_samples: Annotated[int, Field(ge=0)] = 16  # single-sample path runs timed (0 = skip)
     # Host processes evaluating batched ciphertext chunks at once (SEAL holds the GIL: threads do
-    # not help); 0 = one per CPU core but the client's (which encrypts the next chunk meanwhile), at
-    # least one, at most one per chunk, in this process when there is one chunk. 1 = everything in
-    # this process.
+    # not help); 0 = one per CPU core, at most one per chunk. 1 = everything in this process.
     host_workers: Annotated[int, Field(ge=0, le=64)] = 0
     # Encrypted-model mode packs few samples per ciphertext for wide students (the presets'
     # 784 → 845 → 10 he_cnn: 8, 72 ms/sample): past this many seconds it stops after the current

@@ -343,13 +343,12 @@ def test_batched_chunks_on_two_host_processes_decrypt_like_one(caplog):
     assert not two.host_had_secret_key
 
 
-def test_auto_host_workers_leave_the_client_a_core(monkeypatch):
-    """0 (auto): one host process per core but the client's, at least one, at most one per chunk."""
+def test_auto_host_workers_are_one_per_core_at_most_one_per_chunk(monkeypatch):
     import os
 
     from kdsec.crypto.he.encrypted_input import host_workers
 
-    for cores, chunks, expected in ((2, 5, 1), (1, 5, 1), (8, 5, 5), (8, 20, 7)):
+    for cores, chunks, expected in ((2, 5, 2), (1, 5, 1), (8, 5, 5), (8, 20, 8)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
         assert host_workers(HEConfig(), chunks) == expected, (cores, chunks)
     assert host_workers(HEConfig(host_workers=4), 20) == 4

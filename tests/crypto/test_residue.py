@@ -105,3 +105,19 @@ def test_limb_sums_recombine_exactly_modulo_every_prime_size(ring):
             got = _combine([s.copy() for s in sums], bits, prime)
             want = [sum(int(s[i]) << (l * bits) for l, s in enumerate(sums)) % prime for i in range(64)]
             assert got.tolist() == want, (prime, bits)
+
+
+def test_wide_rows_run_in_two_halves_when_that_saves_a_limb():
+    """Rows whose L1 norm leaves 29-bit limbs (3 for a 60-bit prime) run as two column halves with
+    30-bit limbs (2), their sums below 2^53: still SEAL's words exactly."""
+    rng = np.random.default_rng(3)
+    params = HEParams(8192, (60, 60, 60), 30, None, 15)
+    holder = KeyHolder(params)
+    weight = rng.uniform(0.28, 0.32, size=(3, 845)) * rng.choice([-1, 1], size=(3, 845))
+    layer = ResidueLinear(weight, 2.0**15)
+    assert len(layer.blocks[0].parts) == 2 and layer.limb_bits >= 30 and layer.sum_bits == 53
+    inputs = [holder.encrypt(rng.normal(size=8)) for _ in range(845)]
+    produced = layer.apply(holder.public.evaluator, holder.public.context, inputs, 2.0**15)
+    for row, ciphertext in produced.items():
+        expected = _seal_sum(holder.public, inputs, layer.integers[row], 2.0**15)
+        assert np.array_equal(residues(ciphertext), residues(expected))

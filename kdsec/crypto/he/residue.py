@@ -85,8 +85,7 @@ def moduli(context, parms_id) -> list[int]:
 @dataclass(frozen=True)
 class _Block:
     rows: np.ndarray  # output rows (into the layer's kept rows)
-    cols: np.ndarray  # input columns (into the layer's ciphertext inputs)
-    weight: np.ndarray  # float64 integers, rows × cols
+    parts: tuple[tuple[np.ndarray, np.ndarray], ...]  # (input columns, float64 integer weights rows × columns)
 
 
 class ResidueLinear:
@@ -101,10 +100,18 @@ class ResidueLinear:
         self.out_dim, self.in_dim = integers.shape
         nonzero = integers != 0
         # |Σ_j c_kj · limb_j| ≤ (Σ_j |c_kj|) · 2^b: the largest row's L1 norm bounds every dot
-        # product (tighter than max |c| × non-zeros per row: trained rows are mostly small weights)
-        norm = float(np.abs(integers).sum(axis=1).max(initial=1.0))
-        self.limb_bits = FLOAT_EXACT_BITS - int(min(norm, 2.0**60)).bit_length()  # below MIN_LIMB_BITS: unusable
-        self.blocks = self._blocks(nonzero)
+        # product (tighter than max |c| × non-zeros per row: trained rows are mostly small weights).
+        # Where halving a block's columns buys a limb fewer (two halves, each below 2^52, add
+        # exactly below 2^53), its product runs in two halves.
+        blocks = self._blocks(nonzero)
+        whole = _bits(max((_norm(part[1]) for block in blocks for part in block.parts), default=1.0))
+        halves = _bits(max((_norm(weight) for block in blocks for _, weight in _halves(block)), default=1.0))
+        if blocks and _limbs(FLOAT_EXACT_BITS - halves) < _limbs(FLOAT_EXACT_BITS - whole):
+            blocks = [_Block(block.rows, _halves(block)) for block in blocks]
+            self.limb_bits, self.sum_bits = FLOAT_EXACT_BITS - halves, FLOAT_EXACT_BITS + 1
+        else:
+            self.limb_bits, self.sum_bits = FLOAT_EXACT_BITS - whole, FLOAT_EXACT_BITS
+        self.blocks = blocks
 
     @property
     def usable(self) -> bool:
@@ -120,13 +127,13 @@ class ResidueLinear:
         density = nonzero[rows].sum() / max(1, len(rows) * max(1, nonzero.any(axis=0).sum()))
         if density > 0.5:
             cols = np.flatnonzero(nonzero[rows].any(axis=0))
-            return [_Block(rows, cols, self.integers[np.ix_(rows, cols)])]
+            return [_Block(rows, ((cols, self.integers[np.ix_(rows, cols)]),))]
         order = rows[np.argsort(nonzero[rows].argmax(axis=1), kind="stable")]
         blocks = []
         for start in range(0, len(order), GROUP_ROWS):
             group = np.sort(order[start:start + GROUP_ROWS])
             cols = np.flatnonzero(nonzero[group].any(axis=0))
-            blocks.append(_Block(group, cols, self.integers[np.ix_(group, cols)]))
+            blocks.append(_Block(group, ((cols, self.integers[np.ix_(group, cols)]),)))
         return blocks
 
     def apply(self, evaluator, context, inputs: list, weight_scale: float,
@@ -173,12 +180,38 @@ class ResidueLinear:
                     part = _limb(words, limb, bits)
                     exact = np.empty((len(rows), part.shape[1]))
                     for block, low, high in zip(self.blocks, bounds[:-1], bounds[1:]):
-                        np.matmul(block.weight, part[block.cols], out=exact[low:high])  # |sums| < 2^52: exact
+                        (cols, weight), *rest = block.parts
+                        np.matmul(weight, part[cols], out=exact[low:high])  # |sums| < 2^52: exact
+                        for cols, weight in rest:  # the second half: the sum stays below 2^53, exact
+                            exact[low:high] += weight @ part[cols]
                     sums.append(exact)
-                total = _combine(sums, bits, prime).reshape(len(rows), size, stop - start)
+                total = _combine(sums, bits, prime, self.sum_bits).reshape(len(rows), size, stop - start)
                 for slot, view in enumerate(out_views):
                     view[:, index, start:stop] = total[slot]
         return outputs
+
+
+def _norm(weight: np.ndarray) -> float:
+    """The largest row's L1 norm of a block of integer weights."""
+    return float(np.abs(weight).sum(axis=1).max(initial=1.0))
+
+
+def _bits(norm: float) -> int:
+    return int(min(norm, 2.0**60)).bit_length()
+
+
+def _limbs(bits: int) -> int:
+    """Limbs a 60-bit prime takes at ``bits`` per limb (an unusable width counts as many)."""
+    return -(-60 // bits) if bits >= MIN_LIMB_BITS else 1 << 30
+
+
+def _halves(block: _Block) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """A one-part block's columns in two halves (a block already halved is returned as it is)."""
+    if len(block.parts) != 1 or len(block.parts[0][0]) < 2:
+        return block.parts
+    cols, weight = block.parts[0]
+    middle = len(cols) // 2
+    return ((cols[:middle], weight[:, :middle]), (cols[middle:], weight[:, middle:]))
 
 
 def _limb(words: np.ndarray, limb: int, bits: int) -> np.ndarray:
@@ -188,16 +221,16 @@ def _limb(words: np.ndarray, limb: int, bits: int) -> np.ndarray:
     return part.astype(np.float64)
 
 
-def _combine(sums: list[np.ndarray], bits: int, prime: int) -> np.ndarray:
+def _combine(sums: list[np.ndarray], bits: int, prime: int, sum_bits: int = FLOAT_EXACT_BITS) -> np.ndarray:
     """Σ_l sums[l] · 2^(l·bits) mod prime, in [0, prime) as int64; each ``sums[l]`` float64
-    integers below 2^52 in magnitude. Horner from the top limb in int64: with L the prime's bit
+    integers below 2^sum_bits in magnitude. Horner from the top limb in int64: with L the prime's bit
     length and δ = 2^L − prime, v·2^bits = h·2^L + r·2^bits ≡ h·δ + r·2^bits (h = v >> (L − bits),
     an arithmetic shift, so negative sums need no care); reduced only where the next step could
     leave int64, and at the end — by two conditional subtractions where the bounds allow (60-bit
     primes, two limbs), else through a float quotient."""
     length = prime.bit_length()
     delta = (1 << length) - prime
-    exact_bound = 1 << FLOAT_EXACT_BITS
+    exact_bound = 1 << sum_bits
     total = sums[-1].astype(np.int64)
     low, high = -exact_bound, exact_bound  # low < total < high
     for exact in reversed(sums[:-1]):
