@@ -111,6 +111,7 @@ class ModelAuditSummary(_Open):
 class HESummary(_Open):
     enabled: bool
     agreement: float | None
+    accuracy: float | None = None  # under encryption: the batched run over the whole test split
     samples: int
     ms_per_sample: float | None
     single_sample_ms: float | None

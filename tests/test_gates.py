@@ -71,7 +71,7 @@ def test_a_gate_whose_stage_is_switched_off_is_skipped_not_failed():
     metrics = {k: v for k, v in GOOD.items() if k != "he.agreement"}
     assert not all_passed(evaluate_gates(metrics, GatesConfig()))  # missing while on: fails
     he = next(v for v in evaluate_gates(metrics, GatesConfig(), frozenset({"he"})) if v.name == "he")
-    assert he.passed and [c.level for c in he.checks] == ["skipped"] * 3
+    assert he.passed and [c.level for c in he.checks] == ["skipped"] * 4
     from kdsec.config import load_config
     from kdsec.gates import switched_off_gates
     assert switched_off_gates(load_config(None, ["encrypt.he.enabled=false"])) == {"he"}

@@ -368,8 +368,9 @@ def test_conv_student_ships_without_homomorphic_inference_when_he_is_off(in_stor
     skipped, not failed; its variants include static int8 on oneDNN kernels, measured on one
     sample and on a batch."""
     summary = _flow("student.arch=student_cnn", "encrypt.he.enabled=false")
-    assert summary.he.model_dump() == {"enabled": False, "agreement": None, "samples": 0, "ms_per_sample": None,
-                             "single_sample_ms": None, "host_had_secret_key": False, "runs": []}
+    assert summary.he.model_dump() == {"enabled": False, "agreement": None, "accuracy": None, "samples": 0,
+                                       "ms_per_sample": None, "single_sample_ms": None,
+                                       "host_had_secret_key": False, "runs": []}
     he_check = summary.gates["he"].checks[0]
     assert he_check.level == "skipped" and he_check.value is None
     assert summary.verdict == "pass" and summary.promoted
