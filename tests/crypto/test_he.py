@@ -346,7 +346,7 @@ def test_batched_chunks_on_two_host_processes_decrypt_like_one(caplog):
 def test_auto_host_workers_are_one_per_core_at_most_one_per_chunk(monkeypatch):
     import os
 
-    from kdsec.crypto.he.encrypted_input import host_workers
+    from kdsec.crypto.he.batched import host_workers
 
     for cores, chunks, expected in ((2, 5, 2), (1, 5, 1), (8, 5, 5), (8, 20, 8)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(range(cores)))

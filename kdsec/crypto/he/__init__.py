@@ -17,7 +17,8 @@
 Encryption parameters come from the layout's multiplicative depth (``plan_params``).
 """
 
-from kdsec.crypto.he.encrypted_input import (BatchedServer, DiagonalPlan, DiagonalServer, GridPlan, SingleServer,
+from kdsec.crypto.he.batched import BatchedServer
+from kdsec.crypto.he.encrypted_input import (DiagonalPlan, DiagonalServer, GridPlan, SingleServer,
                                              run_encrypted_input, single_plan)
 from kdsec.crypto.he.encrypted_model import (EncryptedModel, EncryptedModelHost, encrypted_model_depth,
                                              encrypted_model_steps, run_encrypted_model)

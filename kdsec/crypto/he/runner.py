@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.encrypted_input import BatchedServer, GridPlan, run_encrypted_input, single_params, single_plan
+from kdsec.crypto.he.batched import BatchedServer
+from kdsec.crypto.he.encrypted_input import GridPlan, run_encrypted_input, single_params, single_plan
 from kdsec.crypto.he.encrypted_model import (block_size, encrypted_model_ciphertexts, encrypted_model_depth,
                                              encrypted_model_steps, run_encrypted_model)
 from kdsec.crypto.he.program import Op, he_params, he_program, largest_ring, model_structure
