@@ -121,3 +121,27 @@ def test_wide_rows_run_in_two_halves_when_that_saves_a_limb():
     for row, ciphertext in produced.items():
         expected = _seal_sum(holder.public, inputs, layer.integers[row], 2.0**15)
         assert np.array_equal(residues(ciphertext), residues(expected))
+
+
+def test_another_seal_layout_falls_back_to_seals_loop_with_the_same_logits(monkeypatch):
+    """Where residues() cannot read the ciphertexts (another SEAL build), the paired chain runs the
+    same integer weights through SEAL's per-weight products: the same decrypted logits."""
+    import kdsec.crypto.he.residue as residue_module
+    from kdsec.config import HEConfig
+    from kdsec.crypto.he import LinearOp, SquareOp, plaintext_forward, run_encrypted_input
+
+    rng = np.random.default_rng(5)
+    ops = [LinearOp(rng.normal(size=(6, 8)) * 0.3, rng.normal(size=6)), SquareOp(),
+           LinearOp(rng.normal(size=(3, 6)) * 0.3, rng.normal(size=3))]
+    inputs = rng.uniform(-1, 1, size=(32, 8))
+    config = HEConfig(host_workers=1)
+    fast, run = run_encrypted_input(ops, inputs, config, "batched")
+    assert run.weight_scale_bits == 15
+
+    def unreadable(ciphertext):
+        raise LayoutError("SEAL's ciphertext layout is not the one this module reads")
+
+    monkeypatch.setattr(residue_module, "residues", unreadable)
+    slow, _ = run_encrypted_input(ops, inputs, config, "batched")
+    np.testing.assert_allclose(slow, fast, atol=1e-4)
+    np.testing.assert_allclose(slow, plaintext_forward(ops, inputs), atol=1e-3)

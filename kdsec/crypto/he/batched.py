@@ -127,8 +127,8 @@ class BatchedServer:
                 produced = layer.apply(self.public.evaluator, self.public.context, inputs, weight_scale, consume=True)
                 self.public.counts["multiply_plain"] += int(np.count_nonzero(layer.integers))
             except LayoutError:  # another SEAL build: the same products, one SEAL call per weight
-                produced = {k: total for k in range(len(rows))
-                            if (total := self._weighted_sum(inputs, layer.integers[k], weight_scale)) is not None}
+                produced = {k: total for k in range(len(rows)) if (total := self._weighted_sum(
+                    inputs, layer.integers[k] / weight_scale, weight_scale)) is not None}
             results = {int(rows[k]): ciphertext for k, ciphertext in produced.items()}
         out: list = [None] * len(op.bias)
         for row in rows:
@@ -143,32 +143,25 @@ class BatchedServer:
             out[row] = self.public.add_plain(ciphertext, float(bias[row]))
         return out
 
-    def _weighted_sum(self, inputs: list, integers: np.ndarray, weight_scale: float):
-        """Σ integers[j]/weight_scale · inputs[j] by SEAL, weights encoded at ``weight_scale``."""
+    def _weighted_sum(self, ciphertexts: list, weights, scale: float):
+        """Σ weight·ciphertext by SEAL, one product per weight encoded at ``scale`` (None if every
+        weight is zero at that scale: SEAL refuses an all-zero product)."""
         total = None
-        for value, integer in zip(inputs, integers):
-            if integer == 0:
+        for value, weight in zip(ciphertexts, weights):
+            if abs(weight) * scale < 0.5:
                 continue
-            plain = self.public.encode(float(integer) / weight_scale, value.parms_id(), weight_scale)
-            term = self.public.multiply_encoded(value, plain)
+            term = self.public.multiply_encoded(value, self.public.encode(float(weight), value.parms_id(), scale))
             total = term if total is None else self.public.add_inplace(total, term)
         return total
 
     def _neuron(self, values: list, row: np.ndarray, bias: float, scale_bits: int | None = None):
         """bias + Σ weight·value, rescaled; with ``scale_bits`` the weights are encoded at
         2^scale_bits and the sum is not rescaled (it stays at scale Δ·2^scale_bits)."""
-        total, constant = None, bias
         scale = self.public.params.scale if scale_bits is None else float(2**scale_bits)
-        for value, weight in zip(values, row):
-            if weight == 0.0 or value is None:
-                continue
-            if isinstance(value, float):
-                constant += value * weight
-                continue
-            if abs(weight) * scale < 0.5:  # zero once encoded at this scale (SEAL refuses an all-zero product)
-                continue
-            term = self.public.multiply_encoded(value, self.public.encode(float(weight), value.parms_id(), scale))
-            total = term if total is None else self.public.add_inplace(total, term)
+        kept = [(value, weight) for value, weight in zip(values, row) if weight != 0.0 and value is not None]
+        constant = bias + sum(value * weight for value, weight in kept if isinstance(value, float))
+        cipher = [(value, weight) for value, weight in kept if not isinstance(value, float)]
+        total = self._weighted_sum([v for v, _ in cipher], [w for _, w in cipher], scale)
         if total is None:
             return constant
         total = self.public.relinearize(total)
