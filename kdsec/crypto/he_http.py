@@ -48,10 +48,11 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he import (BatchedServer, DiagonalPlan, DiagonalServer, GridPlan, SingleServer, model_structure,
-                             he_ops, single_plan)
+from kdsec.crypto.he import (BatchedServer, DiagonalPlan, DiagonalServer, GatherPlan, GatherServer, GridPlan,
+                             SingleServer, model_structure, he_ops, single_plan)
+from kdsec.crypto.he.gather import GATHER_INPUT_BITS, GATHER_WEIGHT_SCALE_BITS
 from kdsec.crypto.he.program import alternates, batched_params
-from kdsec.crypto.seal import HEParams, KeyHolder, PublicContext, plan_params
+from kdsec.crypto.seal import HEParams, KeyHolder, PublicContext, plan_paired, plan_params
 from kdsec.errors import KdsecError
 
 MIB = 1 << 20
@@ -115,13 +116,19 @@ class HEHost:
     def __init__(self, ops, max_sessions: int = MAX_SESSIONS, max_session_bytes: int = MAX_SESSION_BYTES,
                  idle_timeout: float = IDLE_TIMEOUT, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.ops = ops
-        # The single-sample layout: the grid where it fits the largest secure ring, else the
-        # diagonal plan (conv students), as the pipeline chooses it.
-        single = single_plan(ops, HEConfig())
-        self._single = SingleServer if isinstance(single, GridPlan) else DiagonalServer
-        # Diagonal sessions hold their encoded diagonals: counted with the session's keys.
-        self._single_plaintext_bytes = None if isinstance(single, GridPlan) else DiagonalServer.encoded_bytes
+        # The single-sample layout as the pipeline chooses it: the grid where it fits the largest
+        # secure ring, else the gather layout (conv students alternating Linear and x²), else diagonals.
+        single = self._single_layout = single_plan(ops, HEConfig())
+        self._single = {GridPlan: SingleServer, GatherPlan: lambda public, ops: GatherServer(public, ops, single),
+                        DiagonalPlan: DiagonalServer}[type(single)]
+        # Gather and diagonal sessions hold their encoded weights: counted with the session's keys.
+        self._single_plaintext_bytes = {GridPlan: None, GatherPlan: GatherServer.encoded_bytes,
+                                        DiagonalPlan: DiagonalServer.encoded_bytes}[type(single)]
+        self._single_chain = (f"the paired chain at weight_scale_bits {GATHER_WEIGHT_SCALE_BITS} on exactly "
+                              f"{single.ring_slots} slots" if isinstance(single, GatherPlan)
+                              else "no last_scale_bits or weight_scale_bits")
         layout = ({"layout": "grid", "rows": single.rows, "cols": single.cols} if isinstance(single, GridPlan)
+                  else single.as_dict() | {"ciphertexts": single.ciphertexts} if isinstance(single, GatherPlan)
                   else {"layout": "diagonal"})
         # Structure, depths and layouts only: nothing here reveals a weight. The batched path's
         # parameters follow from the structure (``batched_params``: paired where it alternates).
@@ -186,7 +193,7 @@ class HEHost:
             raise HostError(f"this context allows depth {params.program_depth} with {params.slots} slots; the model "
                             f"needs depth {self.plan['batched']['depth']} (batched) or depth "
                             f"{self.plan['single']['depth']}, {self.plan['single']['min_slots']} slots, the plan's "
-                            "rotation steps and no last_scale_bits or weight_scale_bits (single)")
+                            f"rotation steps and {self._single_chain} (single)")
         needed = params.resident_bytes(rotation_keys)
         if "single" in paths and self._single_plaintext_bytes:
             needed += self._single_plaintext_bytes(self.ops, params)
@@ -213,6 +220,9 @@ class HEHost:
         if path == "batched":  # a paired chain (weight_scale_bits) only for a program that alternates Linear and x²
             paired_ok = params.weight_scale_bits is None or alternates(self.plan["structure"])
             depth = params.program_depth if paired_ok else -1
+        elif isinstance(self._single_layout, GatherPlan):  # its paired chain, on the ring it is laid out for
+            gather = params.weight_scale_bits == GATHER_WEIGHT_SCALE_BITS and params.slots == plan["ring_slots"]
+            depth = params.program_depth if gather else -1
         else:
             depth = params.depth if params.last_scale_bits is None and params.weight_scale_bits is None else -1
         return (depth >= plan["depth"] and params.slots >= plan["min_slots"]
@@ -242,10 +252,11 @@ class HEHost:
         try:
             server = session.servers.get(path)
             if server is None:
-                extra = ", no last_scale_bits or weight_scale_bits" if path == "single" else ""
+                extra = f", {self._single_chain}" if path == "single" else ""
                 raise HostError(f"this session's context does not fit the {path} path (needs depth "
                                 f"{self.plan[path]['depth']}, {self.plan[path]['min_slots']} slots{extra})")
-            expected = len(self.plan["batched"]["required_inputs"]) if path == "batched" else 1
+            expected = (len(self.plan["batched"]["required_inputs"]) if path == "batched"
+                        else self.plan["single"].get("ciphertexts", 1))
             with session.lock:
                 public = server.public
                 ciphertexts = public.load_ciphertexts(body, expected)
@@ -454,9 +465,16 @@ class HEHttpClient:
         step = self.plan[path]
         if "paired" not in step.get("chains", ["classic"]):  # an older host, or a program that does not alternate
             config = config.model_copy(update={"batched_chain": "classic"})
-        params = (batched_params(self.plan["structure"], config) if path == "batched" else
-                  plan_params(step["depth"], config.scale_bits, config.integer_bits, config.poly_modulus_degree,
-                              step["min_slots"]))
+        if path == "batched":
+            params = batched_params(self.plan["structure"], config)
+        elif step.get("layout") == "gather":  # its paired chain, on the ring the host laid it out for
+            params = plan_paired(len(self.plan["structure"]) // 2, GATHER_WEIGHT_SCALE_BITS, config.integer_bits,
+                                 2 * int(step["ring_slots"]), GATHER_INPUT_BITS)
+            if params is None:
+                raise KdsecError(f"no paired chain fits the host's gather layout on {step['ring_slots']} slots")
+        else:
+            params = plan_params(step["depth"], config.scale_bits, config.integer_bits, config.poly_modulus_degree,
+                                 step["min_slots"])
         self.holder = KeyHolder(params, tuple(step["rotation_steps"]))
         self.session: str | None = json.loads(
             self._request("POST", "/sessions", self.holder.public_context()))["session"]
@@ -508,11 +526,13 @@ class HEHttpClient:
                 reply = self._infer([features[:, index] for index in self.plan["batched"]["required_inputs"]])
                 return np.stack([self.holder.decrypt(ct)[: len(features)] for ct in reply], axis=1)
             single = self.plan["single"]
+            layout = single.get("layout", "grid")
             encode = (GridPlan(single["rows"], single["cols"], tuple(single["rotation_steps"])).encode_input
-                      if single.get("layout", "grid") == "grid" else DiagonalPlan.encode_input)
+                      if layout == "grid" else GatherPlan.from_dict(single).encode_input if layout == "gather"
+                      else DiagonalPlan.encode_input)
             rows = []
             for sample in features:
-                (reply,) = self._infer([encode(sample)])
+                (reply,) = self._infer(list(np.atleast_2d(encode(sample))))
                 rows.append(self.holder.decrypt(reply)[single["output_slots"]])
             return np.stack(rows)
 

@@ -161,15 +161,15 @@ def plan_params(depth: int, scale_bits: int, integer_bits: int, poly_modulus_deg
                       f"128-bit security bound of {MAX_MODULUS_BITS[ring]} bits for poly_modulus_degree {ring}; {hint}")
 
 
-def plan_paired(squares: int, weight_scale_bits: int, integer_bits: int,
-                poly_modulus_degree: int | str = "auto") -> HEParams | None:
+def plan_paired(squares: int, weight_scale_bits: int, integer_bits: int, poly_modulus_degree: int | str = "auto",
+                min_input_bits: int = MIN_PAIRED_INPUT_BITS) -> HEParams | None:
     """The batched path's paired chain for a program Linear (x² Linear) × ``squares``: ``squares``
     + 2 primes of P bits (the decryption prime, one per x², the key-switching prime), P the
     largest that fits the ring (at most 60). Inputs are encoded at Δ = 2^(P − 2·w), weights at
     2^w (w = ``weight_scale_bits``): the first Linear takes Δ to Δ·2^w; each x² and the Linear
     after it take Δ·2^w to (Δ·2^w)²·2^w, whose rescale by a P-bit prime gives Δ·2^w back. The
     last Linear's sums end in the decryption prime (|values| < 2^(w − 1)). The smallest ring
-    where Δ keeps MIN_PAIRED_INPUT_BITS, or None (no ring does, or
+    where Δ keeps ``min_input_bits`` (MIN_PAIRED_INPUT_BITS), or None (no ring does, or
     the integer part would not fit)."""
     if squares < 1 or weight_scale_bits - 1 < integer_bits:
         return None
@@ -177,7 +177,7 @@ def plan_paired(squares: int, weight_scale_bits: int, integer_bits: int,
     for ring in rings:
         prime = min(MAX_PRIME_BITS, MAX_MODULUS_BITS[ring] // (squares + 2))
         scale = prime - 2 * weight_scale_bits
-        if scale >= MIN_PAIRED_INPUT_BITS:
+        if scale >= min_input_bits:
             return HEParams(ring, (prime,) * (squares + 2), scale, None, weight_scale_bits)
     return None
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdsec.crypto.he import GridPlan, he_ops, he_program, plaintext_forward
+from kdsec.crypto.he import GatherServer, GridPlan, LinearOp, SquareOp, he_ops, he_program, plaintext_forward
 from kdsec.crypto.he_http import HEHost, HEHttpClient, make_server
 from kdsec.config import HEConfig
 from kdsec.crypto.he.program import batched_params
@@ -154,12 +154,38 @@ def test_parallel_clients_each_get_their_own_right_answers(host, digits):
     assert len(checked) == 12 and all(checked)
 
 
-def test_a_conv_student_whose_grid_fits_no_ring_is_served_on_the_diagonal_single_path(digits):
+def test_a_conv_student_whose_grid_fits_no_ring_is_served_on_the_gather_single_path(digits):
     torch.manual_seed(0)
     spec = ModelSpec("he_cnn", (1, 8, 8), 10, {"channels": [8], "kernel": 3, "stride": 1, "padding": 0,
                                                "hidden": []})
     model = build_model(spec).eval()
     _, ops = he_program(model)  # 64 → 288 → 10: a 512 × 64 grid would need 32,768 slots
+    with _serving(ops) as (url, he_host):
+        plan = he_host.plan["single"]
+        # the geometry (which pixels each output reads), never a weight
+        assert plan["layout"] == "gather" and np.shape(plan["columns"]) == (288, 9) and "rows" not in plan
+        assert plan["ciphertexts"] == 2 and plan["weight_scale_bits"] == 20  # 9 windows, 8 blocks of 512 a ciphertext
+        with HEHttpClient(url, path="single") as client:
+            logits = client.predict_logits(digits.x_test[:2])
+            held = he_host.sessions[client.session].memory_bytes
+            params = client.holder.params
+            keys = params.resident_bytes(len(client.holder.public.rotation_steps))
+        # its paired chain: inputs and weights at 2^20, one 60-bit prime for the x²
+        assert params.coeff_mod_bit_sizes == (60, 60, 60) and params.weight_scale_bits == 20
+        assert held == keys + GatherServer.encoded_bytes(ops, params) > keys
+        # a context of the classic chain with the same keys is not served on the gather path
+        classic = KeyHolder(plan_params(3, 30, 14, 8192), tuple(plan["rotation_steps"]))
+        session = _open(url, classic.public_context())
+        status, _, body = _call(url, "POST", f"/infer/{session}?path=single", classic.encrypt_bundle([[0.0]]))
+        assert status == 400 and b"paired chain at weight_scale_bits 20" in body
+    assert _agrees(logits, plaintext_forward(ops, digits.x_test[:2].reshape(2, -1)))
+
+
+def test_a_program_without_a_paired_chain_is_served_on_the_diagonal_single_path(digits):
+    rng = np.random.default_rng(0)
+    first = np.where(rng.random((288, 64)) < 0.15, rng.normal(size=(288, 64)) * 0.3, 0.0)
+    ops = [LinearOp(first, rng.normal(size=288) * 0.1), SquareOp(), SquareOp(),  # x⁴: no paired chain
+           LinearOp(rng.normal(size=(10, 288)) * 0.1, rng.normal(size=10))]
     with _serving(ops) as (url, he_host):
         plan = he_host.plan["single"]
         assert plan["layout"] == "diagonal" and "rows" not in plan
@@ -170,11 +196,11 @@ def test_a_conv_student_whose_grid_fits_no_ring_is_served_on_the_diagonal_single
         # the session's encoded diagonals are counted with its keys, from the shapes only (every
         # diagonal a 288 × 64 and a 10 × 288 layer could have, at the levels they are used)
         params = client.holder.params
-        assert params.coeff_mod_bit_sizes == (44, 30, 30, 30, 44)
-        assert held == keys + (288 + 64 - 1) * params.poly_modulus_degree * 4 * 8 + (
+        assert params.coeff_mod_bit_sizes == (44, 30, 30, 30, 30, 44)
+        assert held == keys + (288 + 64 - 1) * params.poly_modulus_degree * 5 * 8 + (
             10 + 288 - 1) * params.poly_modulus_degree * 2 * 8
         # a batched-only context (no rotation keys) is not charged for diagonals it never gets
-        batched = KeyHolder(plan_params(3, 30, 14))
+        batched = KeyHolder(plan_params(4, 30, 14))
         status, _, body = _call(url, "POST", "/sessions", batched.public_context())
         assert status == 200 and json.loads(body)["memory_bytes"] == batched.params.resident_bytes(0)
     assert _agrees(logits, plaintext_forward(ops, digits.x_test[:2].reshape(2, -1)))

@@ -23,11 +23,12 @@ import numpy as np
 
 from kdsec.config import HEConfig
 from kdsec.crypto.he.batched import BatchedServer, _parallel_hosts, host_workers
-from kdsec.crypto.he.program import (LinearOp, Op, SquareOp, doubling_steps, he_params, largest_ring, linear_ops,
-                                     next_pow2, sample_chunks)
+from kdsec.crypto.he.gather import GatherPlan, GatherServer, gather_params
+from kdsec.crypto.he.program import (LinearOp, Op, SquareOp, alternates, doubling_steps, he_params, largest_ring,
+                                     linear_ops, model_structure, next_pow2, sample_chunks)
 from kdsec.crypto.he.result import HERun, _summarize
 from kdsec.crypto.seal import KeyHolder, PublicContext
-from kdsec.errors import KdsecError
+from kdsec.errors import ConfigError, KdsecError
 from kdsec.fileio import write_atomic
 from kdsec.progress import progress
 
@@ -243,17 +244,38 @@ class DiagonalServer:
         return [value]
 
 
-def single_plan(ops: list[Op], config: HEConfig) -> GridPlan | DiagonalPlan:
-    """The single-sample layout: the grid (one product per layer) where it fits the ring, else the
-    diagonal plan (a product per non-zero diagonal)."""
+SinglePlan = GridPlan | GatherPlan | DiagonalPlan
+
+
+def single_plan(ops: list[Op], config: HEConfig) -> SinglePlan:
+    """The single-sample layout: the grid (one product per layer) where it fits the ring; else,
+    for a program that alternates Linear and x² (conv students), the gather layout (``gather``:
+    the client sends the first layer's windows, later layers by the hybrid diagonal method);
+    else the diagonal plan (a product per non-zero diagonal)."""
     grid = GridPlan.for_ops(ops)
-    return grid if grid.slots <= largest_ring(config) // 2 else DiagonalPlan.for_ops(ops)
+    if grid.slots <= largest_ring(config) // 2:
+        return grid
+    if alternates(model_structure(ops)):
+        try:
+            return GatherPlan.for_ops(ops, gather_params(ops, config).slots)
+        except ConfigError:  # no ring holds its paired chain: the diagonal plan's classic one may
+            pass
+    return DiagonalPlan.for_ops(ops)
 
 
-def single_params(plan: GridPlan | DiagonalPlan, ops: list[Op], config: HEConfig):
-    """The single-sample path's parameters: the usual chain (its plaintexts are vectors, whose
-    encoding error at an unrescaled last layer's small scale would be ~1e-3 per slot)."""
+def single_params(plan: SinglePlan, ops: list[Op], config: HEConfig):
+    """The single-sample path's parameters: the gather layout's paired chain (weights at 2^20), or
+    the usual chain (its plaintexts are vectors, whose encoding error at an unrescaled last
+    layer's small scale would be ~1e-3 per slot)."""
+    if isinstance(plan, GatherPlan):
+        return gather_params(ops, config)
     return he_params(config, plan.depth(ops), plan.slots)
+
+
+def single_server(public: PublicContext, ops: list[Op], plan: SinglePlan):
+    if isinstance(plan, GridPlan):
+        return SingleServer(public, ops)
+    return GatherServer(public, ops, plan) if isinstance(plan, GatherPlan) else DiagonalServer(public, ops)
 
 
 # --- the round trip: client encrypts, host evaluates, client decrypts -------------------------
@@ -279,7 +301,7 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
     if path == "batched":  # built only if the chunks run in this process (not in host processes)
         server = None
     else:
-        server = SingleServer(public, ops) if isinstance(plan, GridPlan) else DiagonalServer(public, ops)
+        server = single_server(public, ops, plan)
     batch = params.slots if path == "batched" else 1
     required = BatchedServer.required_inputs(ops)
     logits, server_seconds, bytes_in, bytes_out = [], 0.0, 0, 0
@@ -317,12 +339,13 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
                       holder.secret_key_in(context_bytes), model_predictions)
 
 
-def _round_trip(holder: KeyHolder, public: PublicContext, server, plan: GridPlan | None, required: list[int],
+def _round_trip(holder: KeyHolder, public: PublicContext, server, plan: SinglePlan | None, required: list[int],
                 ops: list[Op], samples: np.ndarray, wire: bool) -> tuple[np.ndarray, float, int, int]:
     """One ciphertext batch (``plan``: the single-sample layout, None for batched): the client
     encrypts, the host evaluates, the client decrypts. (logits, host seconds, bytes in, bytes out)."""
     features = samples.reshape(len(samples), -1).astype(np.float64)
-    rows = [features[:, index] for index in required] if plan is None else [plan.encode_input(features[0])]
+    rows = [features[:, index] for index in required] if plan is None else list(np.atleast_2d(
+        plan.encode_input(features[0])))
     payload = holder.encrypt_bundle(rows) if wire else None
     encrypted = None if wire else [holder.encrypt(row) for row in rows]
     server_started = time.perf_counter()

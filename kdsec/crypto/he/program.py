@@ -20,7 +20,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -33,10 +33,13 @@ from kdsec.errors import KdsecError
 from kdsec.models.students import Square
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LinearOp:
     weight: np.ndarray  # out × in
     bias: np.ndarray
+    # The first op only: which weights the layers' geometry lets be non-zero (a convolution's
+    # windows), whatever their values: what a client may learn (``gather``), never which are pruned.
+    support: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def he_program(model: nn.Module) -> tuple[Callable[[np.ndarray], np.ndarray], li
     host never touches the full-size input (3072 → 192 ciphertexts for 32×32×3 with pool 4)."""
     layers = _chain(model)
     public = next((i for i, layer in enumerate(layers) if not isinstance(layer.module, PUBLIC)), len(layers))
-    ops = _lower(layers[public:])
+    ops = _with_support(_lower(layers[public:]), layers[public:])
     _check(ops)
     client = [layer for layer in layers[:public] if not isinstance(layer.module, RESHAPES)]
     if not client:
@@ -98,9 +101,39 @@ def he_program(model: nn.Module) -> tuple[Callable[[np.ndarray], np.ndarray], li
 def he_ops(model: nn.Module) -> list[Op]:
     """The model as a sequence of HE operations on its raw (flattened) input, an input pooling
     folded into the first Linear map; or an error naming the first layer that has none."""
-    ops = _lower(_chain(model))
+    layers = _chain(model)
+    ops = _with_support(_lower(layers), layers)
     _check(ops)
     return ops
+
+
+def _with_support(ops: list[Op], layers: list[_Layer]) -> list[Op]:
+    """``ops`` with the first op's structural support: the non-zeros of the same layers lowered
+    with every weight 1 and every bias 0 (a sum of positive terms cannot cancel), so pruned
+    weights stay as private as the others."""
+    if not ops or not isinstance(ops[0], LinearOp):
+        return ops
+    first = []
+    for layer in layers:
+        if isinstance(layer.module, Square):
+            break
+        first.append(_Layer(layer.name, _ones(layer.module), layer.input_shape))
+    (structural, *_) = _lower(first)
+    return [replace(ops[0], support=structural.weight != 0), *ops[1:]]
+
+
+def _ones(module: nn.Module) -> nn.Module:
+    """A float64 copy of an affine layer with every weight 1 and every bias 0 (BatchNorm: the identity)."""
+    if isinstance(module, DynamicQuantLinear):
+        module = nn.Linear(module.in_features, module.out_features)
+    module = _float64(module)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            parameter.fill_(0.0 if name.endswith("bias") else 1.0)
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.running_mean is not None:
+            module.running_mean.zero_()
+            module.running_var.fill_(1.0)
+    return module
 
 
 def _check(ops: list) -> None:
