@@ -111,7 +111,7 @@ def kd_pipeline(config: dict | None = None, config_path: str | None = None,
                              [Path(explanations.figure)], span=clock.span())
 
         metrics = gate_metrics(teacher.test_accuracy, candidate.test_accuracy, audit.candidate, he, at_rest,
-                               audit.extraction, explanations)
+                               audit.extraction, explanations, audit.dp_audits)
         verdicts = evaluate_gates(metrics, cfg.gates, switched_off_gates(cfg), gate_sources(audit.candidate, he))
         track_gates_task(run.run_id, metrics, verdicts)
         registered = register_task(cfg, run.run_id, bundle, candidate, verdicts, {

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdsec.config import load_config
-from kdsec.errors import KdsecError
+from kdsec.errors import ConfigError, KdsecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil, compress, encrypt and audit a student model; promote it only through gates.")
@@ -508,13 +508,24 @@ def report_command(
 
 @app.command("audit")
 def audit_command(
-    model_uri: Annotated[str, typer.Option("--model-uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")],
+    model_uri: Annotated[Optional[str], typer.Option(
+        "--model-uri", help="a registered version (models:/NAME/VERSION or models:/NAME@ALIAS), or with --members "
+        "any MLflow model URI holding one safetensors checkpoint")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        help="with --members: a safetensors checkpoint (a kdsec one names its architecture; else give --arch)")] = None,
+    members: Annotated[Optional[Path], typer.Option(
+        help="the rows of the configured dataset the model trained on (.npy of integers, or text)")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="the architecture of a plain safetensors state dict")] = None,
+    arch_options: Annotated[str, typer.Option(help="its options as JSON, e.g. '{\"hidden\": [32]}'")] = "{}",
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="with --members: the dataset, audit and "
+                                                   "gate settings (default: configs/default.yaml)")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="dotted.key=value, repeatable")] = None,
     out: Annotated[Path, typer.Option(help="where audit.json goes")] = Path("outputs"),
 ) -> None:
-    """Re-audit one registered version alone (membership with reference models, extraction, trust)."""
+    """Audit a model: a registered version alone (its run's config and data), or — with --members —
+    any checkpoint or MLflow model on the configured dataset. Exit 2 when an audit gate fails."""
+    import json
     import time
-
-    from kdsec.review import reaudit
 
     started = time.perf_counter()
 
@@ -522,11 +533,41 @@ def audit_command(
         console.print(f"[dim]{time.perf_counter() - started:6.1f} s[/] {message}", highlight=False)
 
     try:
-        result = reaudit(model_uri, out, step)
+        if members is not None:
+            from kdsec.audit.external import audit_external, load_audited, member_bundle
+
+            if (checkpoint is None) == (model_uri is None):
+                raise ConfigError("give the audited model once: --checkpoint PATH or --model-uri URI")
+            try:
+                options = json.loads(arch_options)
+            except ValueError as exc:
+                raise ConfigError(f"--arch-options is not JSON ({exc})") from None
+            if not isinstance(options, dict):
+                raise ConfigError("--arch-options must be a JSON object")
+            resolved = load_config(config, overrides or [])
+            bundle, rows = member_bundle(resolved, members)
+            step(f"data {bundle.name}: {len(rows)} member rows, {len(bundle.y_holdout)} non-members, "
+                 f"{len(bundle.y_val) + len(bundle.y_test)} population rows")
+            model, spec = load_audited(checkpoint, model_uri, bundle, arch, options)
+            step(f"model: {spec.arch} {spec.options or ''}")
+            result = audit_external(resolved, model, spec, bundle, model_uri or checkpoint.name, out, step)
+        elif model_uri is not None:
+            from kdsec.review import reaudit
+
+            if checkpoint is not None:
+                raise ConfigError("--checkpoint needs --members (the rows it trained on)")
+            result = reaudit(model_uri, out, step)
+        else:
+            raise ConfigError("give --model-uri (a registered version), or --checkpoint/--model-uri with --members")
     except KdsecError as exc:
         raise _fail(str(exc)) from None
+    _print_audit(result)
+
+
+def _print_audit(result: dict) -> None:
     audit = result["audit"]
-    table = Table(title=f"{result['name']} v{result['version']}: membership", title_justify="left")
+    title = f"{result['name']} v{result['version']}" if result["version"] else str(result["name"])
+    table = Table(title=f"{title}: membership", title_justify="left")
     for column in ("attack", "AUC", "AUC 95% CI", f"TPR @ {audit.membership.low_fpr} FPR", "TPR @ 0.001 FPR"):
         table.add_column(column, justify="left" if column == "attack" else "right")
     from kdsec.gates import Metric, worst_attacks

@@ -373,6 +373,10 @@ class AuditConfig(Section):
     extraction_queries: Annotated[int, Field(ge=0)] = 500  # attacker's query budget (0 = skip the attack)
     extraction_source: Literal["population", "noise"] = "population"  # what the attacker queries with
     extraction_decimals: Annotated[int, Field(ge=0, le=6)] = 1  # the "rounded probabilities" defense
+    # The one-run DP audit (Steinke et al. 2023) of a run with student.dp.enabled: canaries (test
+    # images, wrong labels, each in the training set with probability 1/2) in two audit copies of
+    # the student, one with DP-SGD and one without; 0 = off. Capped at the test split's size.
+    dp_canaries: Annotated[int, Field(ge=0, le=100_000)] = 256
 
 
 # The Captum methods kdsec.explain.ATTRIBUTIONS registers (a test checks they are the same).

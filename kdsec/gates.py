@@ -69,6 +69,7 @@ class Gate(StrEnum):
     EXTRACTION = "extraction"
     CALIBRATION = "calibration"
     EXPLANATION = "explanation"
+    DP_AUDIT = "dp_audit"
 
 
 class Metric(StrEnum):
@@ -91,6 +92,8 @@ class Metric(StrEnum):
     EXTRACTION_FIDELITY = "candidate.extraction_fidelity_top1"
     ECE = "candidate.ece"
     EXPLANATION_SPEARMAN = "candidate.explanation_spearman"
+    # 1.0 while the one-run audit's ε lower bound (95 %) stays within the DP student's accountant ε
+    DP_AUDIT_HOLDS = "dp_student.epsilon_within_accountant"
 
 
 # Each at_rest check is the AtRestResult field of the same name (after the "at_rest." prefix).
@@ -116,6 +119,8 @@ GATE_CHECKS = (
     GateCheck(Gate.CALIBRATION, Metric.ECE, "max_ece", "<=", "warn_ece"),
     GateCheck(Gate.EXPLANATION, Metric.EXPLANATION_SPEARMAN, "min_explanation_spearman", ">=",
               "warn_explanation_spearman"),
+    # A refuted DP claim (the lower bound over the accountant's ε) fails; no DP run, no check.
+    GateCheck(Gate.DP_AUDIT, Metric.DP_AUDIT_HOLDS, REQUIRED, ">=", optional=True),
 )
 
 # The gates an audit alone decides (``kdsec audit`` re-runs them on a registered version).
@@ -169,7 +174,7 @@ def he_gate_metrics(he) -> dict[str, float]:
 
 
 def gate_metrics(teacher_accuracy: float, candidate_accuracy: float, candidate_audit, he, at_rest,
-                 extraction: list = (), explanations=None) -> dict[str, float]:
+                 extraction: list = (), explanations=None, dp_audits: list = ()) -> dict[str, float]:
     """Every metric a gate reads, from the run's results (``he``: an ``HEResult``; ``at_rest``: an
     ``AtRestResult``; ``explanations``: an ``ExplainResult``, None when ``explain.enabled`` is
     false). A switched-off stage leaves its metric out: its gate is skipped."""
@@ -180,6 +185,8 @@ def gate_metrics(teacher_accuracy: float, candidate_accuracy: float, candidate_a
         **(he_gate_metrics(he) if he.enabled else {}),
         **{metric: float(getattr(at_rest, metric.removeprefix("at_rest."))) for metric in _AT_REST},
         **({Metric.EXPLANATION_SPEARMAN: explanations.candidate_spearman} if explanations is not None else {}),
+        **({Metric.DP_AUDIT_HOLDS: float(not any(dp.refuted for dp in dp_audits))}
+           if any(dp.accountant_epsilon is not None for dp in dp_audits) else {}),
     }
 
 

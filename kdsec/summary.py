@@ -323,8 +323,9 @@ def teacher_leakage(audits: list[ModelAudit], bundle: DataBundle) -> dict:
     return {"transfer_split_size": int(len(bundle.y_transfer)), "students": rows}
 
 
-def privacy_defense(models: dict[str, TrainedModel], audits: dict[str, ModelAudit]) -> dict:
-    """The DP-SGD student next to the scratch student it replaces: ε spent, accuracy, leakage."""
+def privacy_defense(models: dict[str, TrainedModel], audits: dict[str, ModelAudit], dp_audits: list = ()) -> dict:
+    """The DP-SGD student next to the scratch student it replaces: ε spent, accuracy, leakage;
+    and the one-run audit of its ε (``dp_audits``)."""
     private = models.get(roles.DP_STUDENT)
     if private is None or roles.DP_STUDENT not in audits:
         return {"enabled": False}
@@ -337,7 +338,7 @@ def privacy_defense(models: dict[str, TrainedModel], audits: dict[str, ModelAudi
             "membership_auc_change": audit.membership.auc - baseline.membership.auc,
             "membership_tpr_at_low_fpr": audit.membership.tpr_at_low_fpr,
             "baseline_membership_tpr_at_low_fpr": baseline.membership.tpr_at_low_fpr,
-            "attack": audit.membership.attack}
+            "attack": audit.membership.attack, "dp_audit": [dp.as_dict() for dp in dp_audits]}
 
 
 def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle: DataBundle,
@@ -375,7 +376,7 @@ def build_summary(*, run_id: str, config_digest: str, code_version: str, bundle:
         audit={model_audit.role: asdict(model_audit) for model_audit in audit.audits},
         extraction=[asdict(result) for result in audit.extraction],
         teacher_leakage=teacher_leakage(audit.audits, bundle),
-        privacy_defense=privacy_defense(by_role, audit.by_role),
+        privacy_defense=privacy_defense(by_role, audit.by_role, audit.dp_audits),
         audit_timing={"seconds": audit.seconds, "teacher_train_seconds": audit.teacher_train_seconds,
                       "ratio_to_teacher_training": audit.ratio_to_teacher_training},
         explanations=explanations.as_dict() if explanations is not None else None,

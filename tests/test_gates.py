@@ -18,8 +18,8 @@ GOOD = {
 def test_all_gates_pass_on_good_metrics():
     verdicts = evaluate_gates(GOOD, GatesConfig())
     assert [v.name for v in verdicts] == ["accuracy", "membership", "he", "at_rest", "extraction", "calibration",
-                                          "explanation"]
-    assert all_passed(verdicts)
+                                          "explanation", "dp_audit"]
+    assert all_passed(verdicts)  # dp_audit: no DP run here, so skipped
 
 
 def test_each_gate_fails_alone_and_names_itself():
@@ -30,6 +30,7 @@ def test_each_gate_fails_alone_and_names_itself():
         "at_rest": {"at_rest.tamper_rejected": 0.0},
         "calibration": {"candidate.ece": math.nan},
         "explanation": {"candidate.explanation_spearman": 0.0},
+        "dp_audit": {"dp_student.epsilon_within_accountant": 0.0},  # the one-run audit refuted the DP claim
     }
     for gate, change in breaking.items():
         verdicts = evaluate_gates({**GOOD, **change}, GatesConfig())

@@ -206,6 +206,7 @@ class AuditOutcome:
     seconds: float
     teacher_train_seconds: float
     reference_models: int
+    dp_audits: list = field(default_factory=list)  # DPAudit: the one-run audit of a DP run's claim
 
     @property
     def by_role(self) -> dict[str, ModelAudit]:
@@ -235,6 +236,8 @@ class AuditOutcome:
         for result in self.extraction:
             for metric in ("stolen_accuracy", "fidelity"):
                 rows[f"extraction.{result.defense}.{metric}"] = getattr(result, metric)
+        for dp in self.dp_audits:
+            rows[f"dp_audit.{dp.model}.epsilon_lower"] = dp.epsilon_lower
         return {**rows, "audit_seconds": self.seconds, "audit_to_teacher_train_ratio": self.ratio_to_teacher_training}
 
 
@@ -246,5 +249,10 @@ def audit_pipeline(config: PipelineConfig, bundle: DataBundle, models: dict, ref
     audits = audit_models(models, bundle, config, references, float_sources(models))
     extraction = extraction_audit(config, bundle, models[candidate_role])
     audits.append(replace(next(a for a in audits if a.role == candidate_role), role=roles.CANDIDATE))
+    dp_audits = []
+    if roles.DP_STUDENT in models and config.audit.dp_canaries:
+        from kdsec.audit.dp_audit import dp_canary_audits
+
+        dp_audits = dp_canary_audits(config, bundle)
     return AuditOutcome(audits, extraction, reference_seconds + time.perf_counter() - started, teacher_train_seconds,
-                        config.audit.reference_models)
+                        config.audit.reference_models, dp_audits)

@@ -108,6 +108,12 @@ def prepare_data(config: DataConfig) -> DataBundle:
         rest, test_size=config.val_fraction / left, stratify=raw.labels[rest], random_state=config.seed + 2
     )
     parts = {"train": train, "val": val, "test": test, "holdout": holdout, "transfer": transfer}
+    return assemble(raw, parts, config, _fingerprint(raw.inputs, raw.labels, config))
+
+
+def assemble(raw, parts: dict[str, np.ndarray], config: DataConfig, fingerprint: str) -> DataBundle:
+    """The bundle of ``raw``'s rows ``parts`` (split name → row indices), normalized as ``config`` says."""
+    parts = {"transfer": np.array([], dtype=int), **parts}
     arrays = {}
     for name, idx in parts.items():
         idx = np.sort(idx)
@@ -124,7 +130,7 @@ def prepare_data(config: DataConfig) -> DataBundle:
         name=config.name,
         class_names=raw.class_names,
         input_scale=raw.input_scale,
-        fingerprint=_fingerprint(raw.inputs, raw.labels, config),
+        fingerprint=fingerprint,
         normalization=normalization,
         **arrays,
     )

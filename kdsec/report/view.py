@@ -28,10 +28,11 @@ METRIC_LABELS = {
     "candidate.extraction_fidelity_top1": "Knockoff copy fidelity (top-1 answers)",
     "candidate.ece": "Expected calibration error",
     "candidate.explanation_spearman": "Attribution agreement with the teacher (Spearman)",
+    "dp_student.epsilon_within_accountant": "DP claim not refuted (one-run audit's ε lower bound ≤ accountant ε)",
 }
 GATE_LABELS = {"accuracy": "Accuracy", "membership": "Membership privacy", "he": "Homomorphic inference",
                "at_rest": "Encryption at rest", "extraction": "Model extraction", "calibration": "Calibration",
-               "explanation": "Explanations"}
+               "explanation": "Explanations", "dp_audit": "DP audit"}
 LEVEL_WORDS = {"pass": "pass", "warn": "warn", "fail": "FAIL", "skipped": "skipped"}
 
 

@@ -145,3 +145,52 @@ def test_another_seal_layout_falls_back_to_seals_loop_with_the_same_logits(monke
     slow, _ = run_encrypted_input(ops, inputs, config, "batched")
     np.testing.assert_allclose(slow, fast, atol=1e-4)
     np.testing.assert_allclose(slow, plaintext_forward(ops, inputs), atol=1e-3)
+
+
+def test_features_summed_group_by_group_equal_the_whole_product_word_for_word():
+    """A host sums the first layer a message of features at a time (``accumulate``, each share
+    reduced modulo its prime): the same words as ``apply`` on all the features at once — for a
+    sparse conv (some groups miss whole blocks) and for wide rows in two halves."""
+    rng = np.random.default_rng(7)
+    params = HEParams(8192, (60, 60, 60), 30, None, 15)
+    holder = KeyHolder(params)
+    public = holder.public
+    for weight in (_conv_matrix(1), rng.uniform(0.28, 0.32, size=(3, 100)) * rng.choice([-1, 1], size=(3, 100))):
+        inputs = [holder.encrypt(rng.normal(size=params.slots)) for _ in range(weight.shape[1])]
+        layer = ResidueLinear(weight, 2.0**15)
+        whole = layer.apply(public.evaluator, public.context, inputs, 2.0**15)
+        summed = None
+        for group in np.array_split(np.arange(len(inputs)), 4):
+            summed = layer.accumulate(public.evaluator, public.context, [inputs[i] for i in group], int(group[0]),
+                                      2.0**15, summed)
+        assert set(summed) == set(whole)
+        for row in whole:
+            assert np.array_equal(residues(summed[row]), residues(whole[row])), row
+            assert summed[row].scale == whole[row].scale
+
+
+def test_a_streamed_chunk_gives_the_logits_of_the_whole_chunk():
+    """``BatchedServer.stream``: features fed in uneven groups, the rest of the network after the last."""
+    from kdsec.config import HEConfig
+    from kdsec.crypto.he import BatchedServer, LinearOp, SquareOp, plaintext_forward
+
+    rng = np.random.default_rng(9)
+    ops = [LinearOp(rng.normal(size=(6, 9)) * 0.3 * (rng.random((6, 9)) < 0.7), rng.normal(size=6)), SquareOp(),
+           LinearOp(rng.normal(size=(3, 6)) * 0.3, rng.normal(size=3))]
+    params = BatchedServer.params(ops, HEConfig())
+    holder = KeyHolder(params)
+    x = rng.uniform(-1, 1, size=(16, 9))
+    required = BatchedServer.required_inputs(ops)
+    server = BatchedServer(holder.public, ops)
+    whole = server.infer([holder.encrypt(x[:, i]) for i in required])
+    stream = server.stream()
+    for group in (required[:1], required[1:5], required[5:]):
+        stream.feed([holder.encrypt(x[:, i]) for i in group])
+    streamed = stream.finish()
+    decrypt = lambda cts: np.stack([holder.decrypt(ct)[:16] for ct in cts], axis=1)  # noqa: E731
+    np.testing.assert_allclose(decrypt(streamed), decrypt(whole), atol=1e-4)
+    np.testing.assert_allclose(decrypt(streamed), plaintext_forward(ops, x), atol=1e-3)
+    with pytest.raises(Exception, match=f"expected {len(required)} encrypted input features, got 4"):
+        short = server.stream()
+        short.feed([holder.encrypt(x[:, i]) for i in required[:4]])
+        short.finish()

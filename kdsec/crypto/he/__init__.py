@@ -16,21 +16,32 @@
   ``check_layouts``, whether every configured layout fits (before any encryption).
 
 Encryption parameters come from the layout's multiplicative depth (``plan_params``).
+
+The names below load on first use (PEP 562): a batched host process imports ``batched`` alone,
+without torch (``ops`` holds the operations torch-free), and starts in ~0.4 s instead of ~4 s.
 """
 
-from kdsec.crypto.he.batched import BatchedServer
-from kdsec.crypto.he.encrypted_input import (DiagonalPlan, DiagonalServer, GridPlan, SingleServer,
-                                             run_encrypted_input, single_plan)
-from kdsec.crypto.he.encrypted_model import (EncryptedModel, EncryptedModelHost, encrypted_model_depth,
-                                             encrypted_model_steps, run_encrypted_model)
-from kdsec.crypto.he.gather import GatherPlan, GatherServer
-from kdsec.crypto.he.program import (HE_FRIENDLY_ARCHS, LinearOp, Op, SquareOp, he_ops, he_program,
-                                     model_structure, plaintext_forward)
-from kdsec.crypto.he.result import HEResult, HERun
-from kdsec.crypto.he.runner import check_layouts, encrypted_inference
+import importlib
 
-__all__ = ["HE_FRIENDLY_ARCHS", "BatchedServer", "DiagonalPlan", "DiagonalServer", "EncryptedModel",
-           "EncryptedModelHost", "GatherPlan", "GatherServer", "GridPlan", "HEResult", "HERun", "LinearOp", "Op", "SquareOp", "SingleServer",
-           "check_layouts", "encrypted_inference", "encrypted_model_depth", "encrypted_model_steps", "he_ops",
-           "he_program", "model_structure", "plaintext_forward", "run_encrypted_input", "run_encrypted_model",
-           "single_plan"]
+_EXPORTS = {
+    "BatchedServer": "batched",
+    **dict.fromkeys(("DiagonalPlan", "DiagonalServer", "GridPlan", "SingleServer", "run_encrypted_input",
+                     "single_plan"), "encrypted_input"),
+    **dict.fromkeys(("EncryptedModel", "EncryptedModelHost", "encrypted_model_depth", "encrypted_model_steps",
+                     "run_encrypted_model"), "encrypted_model"),
+    **dict.fromkeys(("GatherPlan", "GatherServer"), "gather"),
+    **dict.fromkeys(("LinearOp", "Op", "SquareOp", "model_structure", "plaintext_forward"), "ops"),
+    **dict.fromkeys(("HE_FRIENDLY_ARCHS", "he_ops", "he_program"), "program"),
+    **dict.fromkeys(("HEResult", "HERun"), "result"),
+    **dict.fromkeys(("check_layouts", "encrypted_inference"), "runner"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.program import LinearOp, Op, SquareOp, alternates, batched_params, model_structure
+from kdsec.crypto.he.ops import LinearOp, Op, SquareOp, alternates, batched_params, model_structure
 from kdsec.crypto.he.residue import LayoutError, ResidueLinear
 from kdsec.crypto.seal import KeyHolder, PublicContext
 from kdsec.errors import KdsecError
@@ -81,7 +81,16 @@ class BatchedServer:
             raise KdsecError(f"expected {len(required)} encrypted input features, got {len(features)}")
         for index, ciphertext in zip(required, features):
             values[index] = ciphertext
-        for index, op in enumerate(self.ops):
+        return self._evaluate(values, 0)
+
+    def stream(self) -> BatchedStream:
+        """A chunk whose features arrive in groups (``BatchedStream``)."""
+        return BatchedStream(self)
+
+    def _evaluate(self, values: list, start: int) -> list:
+        """The ops from ``start`` on, applied to ``values`` (one per input of op ``start``)."""
+        for index in range(start, len(self.ops)):
+            op = self.ops[index]
             if isinstance(op, SquareOp):
                 # paired: x² is not rescaled here; the Linear after it is (fewer values, and the
                 # rescale of (Δ·2^w)²·2^w by its (scale_bits + 2w)-bit prime leaves Δ·2^w, a Linear's own scale)
@@ -113,12 +122,9 @@ class BatchedServer:
         rows = np.flatnonzero(needed)
         weight_scale = float(2**self.public.params.weight_scale_bits)
         columns = np.flatnonzero(cipher)
-        results: dict[int, object] = {}
+        produced: dict[int, object] = {}
         if len(columns):
-            key = (index, np.packbits(cipher).tobytes(), self.public.params.weight_scale_bits)
-            if key not in self._residue:
-                self._residue[key] = ResidueLinear(op.weight[np.ix_(rows, columns)], weight_scale)
-            layer = self._residue[key]
+            layer = self._residue_layer(index, op, cipher, rows)
             inputs = [values[j] for j in columns]
             try:
                 if not layer.usable:
@@ -129,7 +135,21 @@ class BatchedServer:
             except LayoutError:  # another SEAL build: the same products, one SEAL call per weight
                 produced = {k: total for k in range(len(rows)) if (total := self._weighted_sum(
                     inputs, layer.integers[k] / weight_scale, weight_scale)) is not None}
-            results = {int(rows[k]): ciphertext for k, ciphertext in produced.items()}
+        return self._paired_outputs(index, op, rows, produced, bias)
+
+    def _residue_layer(self, index: int, op: LinearOp, cipher: np.ndarray, rows: np.ndarray) -> ResidueLinear:
+        """Op ``index``'s residue layer for ciphertext inputs ``cipher`` (mask) and kept ``rows``, built once."""
+        key = (index, np.packbits(cipher).tobytes(), self.public.params.weight_scale_bits)
+        if key not in self._residue:
+            self._residue[key] = ResidueLinear(op.weight[np.ix_(rows, np.flatnonzero(cipher))],
+                                               float(2**self.public.params.weight_scale_bits))
+        return self._residue[key]
+
+    def _paired_outputs(self, index: int, op: LinearOp, rows: np.ndarray, produced: dict, bias: np.ndarray) -> list:
+        """Op ``index``'s values from its products (``produced``: kept row k → ciphertext): relinearized,
+        rescaled after an x², plus the bias; a row no ciphertext reaches is the constant bias."""
+        weight_scale = float(2**self.public.params.weight_scale_bits)
+        results = {int(rows[k]): ciphertext for k, ciphertext in produced.items()}
         out: list = [None] * len(op.bias)
         for row in rows:
             ciphertext = results.get(int(row))
@@ -168,6 +188,51 @@ class BatchedServer:
         return self.public.add_plain(total if scale_bits is not None else self.public.rescale(total), constant)
 
 
+class BatchedStream:
+    """One chunk's input features as they arrive, in order, in contiguous groups (``feed``): on the
+    paired chain the first Linear's residue products are summed group by group (``ResidueLinear.
+    accumulate``), so a host computes while its client still encrypts the rest; ``finish``
+    evaluates the other ops. Where the residue path does not apply, the groups are kept and
+    ``finish`` evaluates them at once (``BatchedServer.infer``): the same logits either way."""
+
+    def __init__(self, server: BatchedServer) -> None:
+        self.server, self.received, self.kept, self.outputs = server, 0, [], None
+        self.count = int(np.count_nonzero(server.live[0]))
+        self.layer = None
+        if server.paired:
+            ops = server.ops
+            self.rows = np.flatnonzero(server.live[1] if len(ops) > 1 else np.ones(len(ops[0].bias), dtype=bool))
+            layer = server._residue_layer(0, ops[0], server.live[0], self.rows)
+            self.layer = layer if layer.usable else None
+
+    def feed(self, ciphertexts: list) -> None:
+        """The next ``len(ciphertexts)`` required input features (``BatchedServer.required_inputs``)."""
+        if self.received + len(ciphertexts) > self.count:
+            raise KdsecError(f"expected {self.count} encrypted input features, got more")
+        public = self.server.public
+        if self.layer is not None:
+            try:
+                self.outputs = self.layer.accumulate(public.evaluator, public.context, ciphertexts, self.received,
+                                                     float(2**public.params.weight_scale_bits), self.outputs)
+            except LayoutError:
+                if self.outputs is not None:
+                    raise
+                self.layer = None  # another SEAL build: keep the groups, evaluate them at the end
+        if self.layer is None:
+            self.kept.extend(ciphertexts)
+        self.received += len(ciphertexts)
+
+    def finish(self) -> list:
+        if self.received != self.count:
+            raise KdsecError(f"expected {self.count} encrypted input features, got {self.received}")
+        if self.layer is None:
+            return self.server.infer(self.kept)
+        server, op = self.server, self.server.ops[0]
+        server.public.counts["multiply_plain"] += int(np.count_nonzero(self.layer.integers))
+        values = server._paired_outputs(0, op, self.rows, self.outputs or {}, op.bias)
+        return server._evaluate(values, 1)
+
+
 # --- batched chunks on several host processes ------------------------------------------------
 
 
@@ -175,82 +240,121 @@ def host_workers(config: HEConfig, chunks: int) -> int:
     """Host processes for ``chunks`` ciphertext batches: ``encrypt.he.host_workers``, 0 = one per
     core this process may run on; never more than the chunks. Each holds one chunk's ciphertexts
     (784 features of 8,192 samples at N=16384: ~300 MiB in as seeded ciphertexts, ~1.5 GiB while
-    evaluated). On 2 cores, CryptoNets' network (trained, 14,000 real MNIST samples, 2 chunks):
-    two hosts 1.43 / 1.48 / 1.46 ms/sample, one host beside the client 1.52 / 1.69 / 1.49
-    (alternating runs; the hosts start while the client encrypts, which they share a core with)."""
+    evaluated) and imports no torch (~50 MiB and 0.4 s to start, not ~830 MiB and 4 s). On 2 cores,
+    CryptoNets' network (trained, 14,000 real MNIST samples, 2 chunks), features sent in GROUPS
+    messages against one (the same code otherwise), alternating runs: 1.71 / 1.55 / 1.66 against
+    2.29 / 2.05 / 1.81 ms/sample; this shared machine's figures drift ±20 % within minutes."""
     wanted = config.host_workers or len(os.sched_getaffinity(0))  # the cores this process may use
     return max(1, min(wanted, chunks))
 
 
-_HOST: dict = {}  # per worker process: the public context and server of the run it serves
+GROUPS = 4  # messages a chunk's features travel in: a host starts on the first while its client encrypts the rest
 
 
-def _host(context_bytes: bytes, ops: list[Op]):
-    """This process's server for the run whose public context is ``context_bytes``, built once.
-    Context and model come with the tasks, not as pool initargs: a spawned worker reads its
-    initargs only after it has imported the parent's main module, and the parent blocks writing
-    them (megabytes) into the pipe all that time, once per worker."""
-    if _HOST.get("context") != context_bytes:
-        import torch
-        from threadpoolctl import threadpool_limits
+class HostDied(KdsecError):
+    """A host process ended without answering (it could not start, or was killed)."""
 
-        # one core per host process: torch's and BLAS's (the residue products) thread pools both,
-        # else two hosts on two cores run four BLAS threads that spin against each other
-        torch.set_num_threads(1)
-        threadpool_limits(1)
+
+def _host_loop(connection) -> None:
+    """A host process: a public context and the model first, then chunks, each as feature groups
+    (ciphertext bytes) closed by "finish", answered with the output ciphertexts' bytes and the
+    seconds spent; None ends it. It never sees a secret key, and imports no torch (``ops``)."""
+    from threadpoolctl import threadpool_limits
+
+    # one core per host process: BLAS's thread pool (the residue products), else two hosts on two
+    # cores run four BLAS threads that spin against each other
+    threadpool_limits(1)
+    try:
+        context_bytes, ops = connection.recv()
         public = PublicContext.deserialize(context_bytes)  # the host gets bytes only: no secret key
-        _HOST.update(context=context_bytes, public=public, server=BatchedServer(public, ops))
-    return _HOST["public"], _HOST["server"]
+        server = BatchedServer(public, ops)
+        connection.send(("ready",))
+        stream, seconds = None, 0.0
+        while (message := connection.recv()) is not None:
+            started = time.perf_counter()
+            if isinstance(message, bytes):
+                stream = stream or server.stream()
+                stream.feed(public.load_ciphertexts(message))
+                seconds += time.perf_counter() - started
+                continue
+            reply = public.dump_ciphertexts(stream.finish())
+            connection.send(("reply", reply, seconds + time.perf_counter() - started))
+            stream, seconds = None, 0.0
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        return
+    except Exception as exc:  # to the client in one line; the process ends
+        connection.send(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"))
 
 
-def _host_ready(context_bytes: bytes, ops: list[Op]) -> None:
-    """Submitted once per worker: every host process starts and loads the context while the
-    client encrypts the first chunk, not after it."""
-    _host(context_bytes, ops)
-
-
-def _host_chunk(context_bytes: bytes, ops: list[Op], payload: bytes) -> tuple[bytes, float]:
-    """A host process's work on one chunk: ciphertext bytes in, ciphertext bytes out."""
-    public, server = _host(context_bytes, ops)
-    started = time.perf_counter()
-    reply = public.dump_ciphertexts(server.infer(public.load_ciphertexts(payload)))
-    return reply, time.perf_counter() - started
+def _answer(connection) -> tuple[bytes, float]:
+    """The next reply from a host (past its "ready"), or HostDied / its error."""
+    while True:
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):
+            raise HostDied("an HE host process ended without answering") from None
+        if message[0] == "reply":
+            return message[1], message[2]
+        if message[0] == "error":
+            raise KdsecError(f"HE host process: {message[1]}")
 
 
 def _parallel_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], required: list[int],
                     inputs: np.ndarray, chunks: list[slice], workers: int, advance, finished: list) -> list:
-    """The batched round trip with ``workers`` host processes: the client encrypts the next chunk
-    while the hosts evaluate earlier ones (at most ``workers`` + 1 chunks in flight — one waits
-    encrypted for the next free host — so memory stays that many chunks' ciphertexts), then
-    decrypts each reply in order."""
-    from concurrent.futures import ProcessPoolExecutor
+    """The batched round trip with ``workers`` host processes: each chunk goes to one host in
+    ``GROUPS`` messages of its features, so the host sums the first layer's products while the
+    client encrypts the next group; chunks go to the hosts in turn (a host's previous reply is
+    collected before it gets another chunk: at most ``workers`` chunks in flight, so memory stays
+    that many chunks' ciphertexts); the client decrypts each reply."""
     from multiprocessing import get_context
 
+    context = get_context("spawn")  # the pipeline runs tasks in threads: a forked copy could deadlock
+    hosts = []
     results: list = [None] * len(chunks)
-    pending: dict = {}
+    busy: dict[int, tuple[int, int]] = {}  # host → (chunk, bytes sent)
+    groups = [group for group in np.array_split(np.asarray(required), min(GROUPS, len(required))) if len(group)]
 
-    def collect(index: int) -> None:
-        future, sent = pending.pop(index)
-        reply, seconds = future.result()
+    def collect(host: int) -> None:
+        index, sent = busy.pop(host)
+        reply, seconds = _answer(hosts[host][1])
         outputs = holder.public.load_ciphertexts(reply)
         count = chunks[index].stop - chunks[index].start
         results[index] = (np.stack([holder.decrypt(ct)[:count] for ct in outputs], axis=1), seconds, sent, len(reply))
         finished.append(index)
         advance(f"{chunks[index].stop}/{len(inputs)} samples")
 
-    # spawn: the pipeline runs tasks in threads, and a forked copy of a threaded process can deadlock
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
     try:
-        for _ in range(workers):  # the pool starts a process per submit while none is idle
-            pool.submit(_host_ready, context_bytes, ops)
+        for _ in range(workers):  # they start (and load the context) while the client encrypts
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_host_loop, args=(theirs,), daemon=True)
+            process.start()
+            theirs.close()
+            hosts.append((process, ours))
+            ours.send((context_bytes, ops))
         for index, chunk in enumerate(chunks):
-            if len(pending) > workers:  # one chunk queued ahead: the client encrypts while every host is busy
-                collect(min(pending))
+            host = index % workers
+            if host in busy:
+                collect(host)
             features = inputs[chunk].reshape(chunk.stop - chunk.start, -1).astype(np.float64)
-            payload = holder.encrypt_bundle([features[:, i] for i in required])
-            pending[index] = (pool.submit(_host_chunk, context_bytes, ops, payload), len(payload))
-        while pending:
-            collect(min(pending))
+            sent = 0
+            for group in groups:
+                payload = holder.encrypt_bundle([features[:, i] for i in group])
+                hosts[host][1].send(payload)
+                sent += len(payload)
+            hosts[host][1].send("finish")
+            busy[host] = (index, sent)
+        for host in sorted(busy, key=lambda h: busy[h][0]):
+            collect(host)
+    except (BrokenPipeError, ConnectionResetError) as error:
+        raise HostDied("an HE host process ended without answering") from error
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for process, connection in hosts:
+            try:
+                connection.send(None)
+            except OSError:
+                pass
+            connection.close()
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
     return results

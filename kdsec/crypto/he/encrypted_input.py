@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.batched import BatchedServer, _parallel_hosts, host_workers
+from kdsec.crypto.he.batched import BatchedServer, HostDied, _parallel_hosts, host_workers
 from kdsec.crypto.he.gather import GatherPlan, GatherServer, gather_params
 from kdsec.crypto.he.program import (LinearOp, Op, SquareOp, alternates, doubling_steps, he_params, largest_ring,
                                      linear_ops, model_structure, next_pow2, sample_chunks)
@@ -312,13 +312,11 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
         results = []
         # host processes beside the client: batched chunks only (the single path is one sample a round trip)
         if path == "batched" and wire and workers > 1:
-            from concurrent.futures.process import BrokenProcessPool
-
             finished: list = []
             try:
                 results = _parallel_hosts(holder, context_bytes, ops, required, inputs, chunks, workers, advance,
                                           finished)
-            except BrokenProcessPool as error:
+            except HostDied as error:
                 if finished:  # a host died mid-run (e.g. out of memory): not something to redo here
                     raise KdsecError(f"an HE host process died after {len(finished)} of {len(chunks)} chunks; "
                                      "lower encrypt.he.host_workers (or set it to 1)") from error

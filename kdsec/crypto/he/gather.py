@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.program import LinearOp, Op, SquareOp, alternates, doubling_steps, linear_ops, model_structure, \
-    next_pow2
+from kdsec.crypto.he.program import (LinearOp, Op, alternates, doubling_steps, linear_ops, model_structure,
+                                     next_pow2)
 from kdsec.crypto.seal import MAX_MODULUS_BITS, HEParams, PublicContext, plan_paired
 from kdsec.errors import ConfigError, KdsecError
 

@@ -112,6 +112,7 @@ class ResidueLinear:
         else:
             self.limb_bits, self.sum_bits = FLOAT_EXACT_BITS - whole, FLOAT_EXACT_BITS
         self.blocks = blocks
+        self._groups: dict[tuple[int, int], list[_Block]] = {}  # ``accumulate``'s blocks per column group
 
     @property
     def usable(self) -> bool:
@@ -145,50 +146,104 @@ class ResidueLinear:
         garbage afterwards. Returns {row: ciphertext}."""
         if not self.blocks:  # every weight is zero
             return {}
+        self._check(inputs)
+        views = [residues(ct) for ct in inputs]  # every view is made (and checked) before anything is changed
+        reusable = list(inputs) if consume else []
+        outputs = self._outputs(evaluator, inputs[0], weight_scale, reusable)
+        self._products(context, inputs[0], views, self.blocks, outputs, add=False)
+        return outputs
+
+    def accumulate(self, evaluator, context, inputs: list, first: int, weight_scale: float,
+                   outputs: dict[int, object] | None) -> dict[int, object]:
+        """The share of columns [first, first + len(inputs)) — a contiguous group of the layer's
+        inputs, as a client sends them a message at a time — added into ``outputs`` (None for the
+        first group: made here). Every share is reduced modulo its prime before it is added, so
+        the sum over all groups is exactly what ``apply`` returns for all the inputs at once."""
+        if not self.blocks:
+            return {}
+        self._check(inputs)
+        key = (first, len(inputs))
+        if key not in self._groups:  # the blocks this group reaches, each cut to the group's columns
+            groups = []
+            for block in self.blocks:
+                parts = tuple((cols[a:b] - first, weight[:, a:b]) for cols, weight in block.parts
+                              for a, b in [np.searchsorted(cols, [first, first + len(inputs)])] if b > a)
+                if parts:
+                    groups.append(_Block(block.rows, parts))
+            self._groups[key] = groups
+        views = [residues(ct) for ct in inputs]  # checked before anything is made or changed
+        if outputs is None:
+            outputs = self._outputs(evaluator, inputs[0], weight_scale, [])
+            for out in outputs.values():  # rows a group never reaches stay zero
+                residues(out)[:] = 0
+        if self._groups[key]:
+            self._products(context, inputs[0], views, self._groups[key], outputs, add=True)
+        return outputs
+
+    @staticmethod
+    def _check(inputs: list) -> None:
         first = inputs[0]
         parms_id, size, scale = first.parms_id(), first.size(), first.scale
         if any(ct.parms_id() != parms_id or ct.size() != size or ct.scale != scale for ct in inputs):
             raise ValueError("the residue path needs every input at one level, size and scale")
-        primes = moduli(context, parms_id)
-        n = first.poly_modulus_degree()
-        views = [residues(ct) for ct in inputs]
-        rows = np.concatenate([block.rows for block in self.blocks])  # block order: each block's rows contiguous
-        reusable = list(inputs) if consume else []
+
+    def _outputs(self, evaluator, template, weight_scale: float, reusable: list) -> dict[int, object]:
+        """A ciphertext per row at ``template``'s level and size (its memory from ``reusable``
+        where there is some), at scale template's × ``weight_scale``; contents to be overwritten."""
         outputs: dict[int, object] = {}
-        out_views = []
-        for row in rows:  # every view is made (and checked) before anything is changed
+        scale = template.scale
+        for row in np.concatenate([block.rows for block in self.blocks]):  # block order
             if reusable:
                 out = reusable.pop()
             else:
                 out = seal.Ciphertext()
-                evaluator.negate(first, out)  # right level, size and NTT form; overwritten below
+                evaluator.negate(template, out)  # right level, size and NTT form; overwritten below
             outputs[int(row)] = out
-            out_views.append(residues(out))
         for out in outputs.values():
             out.scale = scale * weight_scale
-        bounds = np.cumsum([0] + [len(block.rows) for block in self.blocks])
-        step = max(64, min(n, COLUMN_BYTES // (8 * size * max(len(inputs), len(rows))) // 64 * 64))
+        return outputs
+
+    def _products(self, context, first, views: list, blocks: list[_Block], outputs: dict[int, object],
+                  add: bool) -> None:
+        """Each output row's Σ over ``blocks`` (columns index ``views``, the inputs' residues; ``first``
+        one of the inputs) written into ``outputs`` (``add``: added modulo each prime to what is there)."""
+        primes = moduli(context, first.parms_id())
+        n, size = first.poly_modulus_degree(), first.size()
+        inputs = views
+        out_views = [residues(outputs[int(row)]) for block in blocks for row in block.rows]  # block order
+        rows = len(out_views)
+        bounds = np.cumsum([0] + [len(block.rows) for block in blocks])
+        step = max(64, min(n, COLUMN_BYTES // (8 * size * max(len(inputs), rows)) // 64 * 64))
         for index, prime in enumerate(primes):
             # narrower limbs where δ = 2^L − prime is wide, so that _combine's steps stay in int64
             bits = min(self.limb_bits, 60 - ((1 << prime.bit_length()) - prime).bit_length())
             limbs = -(-prime.bit_length() // bits)
+            wide = np.uint64(prime)
             for start in range(0, n, step):
                 stop = min(n, start + step)
                 words = np.stack([view[:, index, start:stop] for view in views]).reshape(len(inputs), -1).view(np.int64)
                 sums = []
                 for limb in range(limbs):
                     part = _limb(words, limb, bits)
-                    exact = np.empty((len(rows), part.shape[1]))
-                    for block, low, high in zip(self.blocks, bounds[:-1], bounds[1:]):
-                        (cols, weight), *rest = block.parts
-                        np.matmul(weight, part[cols], out=exact[low:high])  # |sums| < 2^52: exact
-                        for cols, weight in rest:  # the second half: the sum stays below 2^53, exact
-                            exact[low:high] += weight @ part[cols]
+                    exact = np.empty((rows, part.shape[1]))
+                    for block, low, high in zip(blocks, bounds[:-1], bounds[1:]):
+                        parts = [(cols, weight) for cols, weight in block.parts if len(cols)]
+                        if parts:
+                            (cols, weight), *rest = parts
+                            np.matmul(weight, part[cols], out=exact[low:high])  # |sums| < 2^52: exact
+                            for cols, weight in rest:  # the second half: the sum stays below 2^53, exact
+                                exact[low:high] += weight @ part[cols]
+                        else:
+                            exact[low:high] = 0.0
                     sums.append(exact)
-                total = _combine(sums, bits, prime, self.sum_bits).reshape(len(rows), size, stop - start)
+                total = _combine(sums, bits, prime, self.sum_bits).reshape(rows, size, stop - start)
                 for slot, view in enumerate(out_views):
-                    view[:, index, start:stop] = total[slot]
-        return outputs
+                    if add:  # both in [0, prime): the sum is below 2^61, one subtraction reduces it
+                        target = view[:, index, start:stop]
+                        target += total[slot].view(np.uint64)
+                        np.subtract(target, wide, out=target, where=target >= wide)
+                    else:
+                        view[:, index, start:stop] = total[slot]
 
 
 def _norm(weight: np.ndarray) -> float:

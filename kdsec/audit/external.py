@@ -1,0 +1,213 @@
+"""Auditing a model kdsec did not train: a safetensors checkpoint in a catalog architecture (or an
+MLflow model URI holding one) and an index file naming the rows of the configured dataset it
+trained on. The same attacks, reference models and gates as the pipeline's audit.
+
+The rows come from ``data.name`` as kdsec loads it (``data.max_samples`` applied), numbered from
+0. Members are the listed rows; the rest is split at random (``seed``) into the audited
+non-members (half) and the population the reference models learn from (validation and test:
+accuracy, calibration and temperature scaling are measured there), so no audited sample ever
+trained a reference model. The reference models are the checkpoint's architecture trained with
+the config's ``student.train`` recipe: give the recipe the model was trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdsec import cache, roles
+from kdsec.config import PipelineConfig
+from kdsec.data import DATASETS, DataBundle
+from kdsec.data.bundle import _fingerprint, assemble
+from kdsec.errors import ConfigError, DataError, IntegrityError, KdsecError
+from kdsec.fileio import read_bounded, strict_json, write_atomic
+from kdsec.models import ModelSpec, build_model, load_checkpoint
+
+MAX_INDEX_BYTES = 64 << 20
+MAX_CHECKPOINT_BYTES = 4 << 30
+MIN_MEMBERS, MIN_OTHERS = 10, 40  # members to audit; rows left for non-members and the population
+
+
+def read_members(path: Path, rows: int) -> np.ndarray:
+    """The row indices ``path`` lists (``.npy`` of integers, read without pickle, or text: integers
+    separated by whitespace or commas), checked against a dataset of ``rows`` rows: sorted."""
+    data = read_bounded(path, MAX_INDEX_BYTES, "index file", error=DataError)
+    what = f"index file '{path}'"
+    if path.suffix == ".npy":
+        try:
+            values = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{what} is not a readable .npy array ({str(exc).splitlines()[0][:100]})") from None
+        if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+            raise DataError(f"{what} must hold one row of integers (row indices), not a {values.dtype} array of "
+                            f"shape {values.shape}")
+        values = values.astype(np.int64)
+    else:
+        tokens = [token for token in re.split(r"[\s,]+", data.decode("utf-8", "replace")) if token]
+        bad = next((token for token in tokens if not re.fullmatch(r"-?\d{1,18}", token)), None)
+        if bad is not None:
+            raise DataError(f"{what}: {bad[:20]!r} is not a row index (integers, one per line or comma-separated)")
+        values = np.array([int(token) for token in tokens], dtype=np.int64)
+    if not len(values):
+        raise DataError(f"{what} lists no rows")
+    outside = values[(values < 0) | (values >= rows)]
+    if len(outside):
+        raise DataError(f"{what}: row {int(outside[0])} is outside the dataset's rows 0..{rows - 1} "
+                        "(is it the index file of another dataset, or of data.max_samples set differently?)")
+    unique, counts = np.unique(values, return_counts=True)
+    if (counts > 1).any():
+        raise DataError(f"{what}: row {int(unique[counts > 1][0])} is listed {int(counts.max())} times")
+    if len(unique) < MIN_MEMBERS or rows - len(unique) < MIN_OTHERS:
+        raise DataError(f"{what} lists {len(unique)} of the dataset's {rows} rows; an audit needs at least "
+                        f"{MIN_MEMBERS} members and {MIN_OTHERS} rows the model never saw")
+    return unique
+
+
+def member_bundle(config: PipelineConfig, members_path: Path) -> tuple[DataBundle, np.ndarray]:
+    """The configured dataset split around the rows ``members_path`` lists (see the module doc)."""
+    raw = DATASETS.get(config.data.name)(config.data)
+    members = read_members(members_path, len(raw.labels))
+    others = np.setdiff1d(np.arange(len(raw.labels)), members)
+    np.random.default_rng(config.seed).shuffle(others)
+    holdout, population = others[: len(others) // 2], others[len(others) // 2:]
+    val, test = population[: len(population) // 4], population[len(population) // 4:]
+    digest = hashlib.sha256(_fingerprint(raw.inputs, raw.labels, config.data).encode())
+    digest.update(members.tobytes())
+    bundle = assemble(raw, {"train": members, "val": val, "test": test, "holdout": holdout}, config.data,
+                      digest.hexdigest()[:16])
+    return bundle, members
+
+
+def _checkpoint_in(folder: Path, uri: str) -> Path:
+    found = [path for path in folder.rglob("*.safetensors") if path.is_file() and not path.is_symlink()]
+    if len(found) != 1:
+        raise KdsecError(f"'{uri}' holds {len(found)} safetensors files; the audit needs exactly one checkpoint")
+    return found[0]
+
+
+def load_audited(checkpoint: Path | None, model_uri: str | None, bundle: DataBundle, arch: str | None = None,
+                 options: dict | None = None) -> tuple[nn.Module, ModelSpec]:
+    """The audited model: a kdsec safetensors checkpoint (its header names the architecture), or a
+    plain safetensors state dict of ``arch`` (``options``); from a file or an MLflow model URI.
+    Anything that does not fit the dataset is a one-line error."""
+    if model_uri is not None:
+        from kdsec import tracking
+
+        tracking.connect()
+        with tempfile.TemporaryDirectory() as scratch:
+            if model_uri.startswith("models:/"):
+                name, version = tracking.resolve_version(model_uri)
+                path = tracking.download_version_checkpoint(name, version, Path(scratch))
+            else:
+                import mlflow
+                from mlflow.exceptions import MlflowException
+
+                try:
+                    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=scratch))
+                except (MlflowException, OSError) as exc:
+                    raise KdsecError(f"the MLflow URI '{model_uri[:200]}' does not resolve: "
+                                     f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
+                path = folder if folder.is_file() else _checkpoint_in(folder, model_uri)
+            return _load(path, bundle, arch, options)
+    return _load(checkpoint, bundle, arch, options)
+
+
+def _load(path: Path, bundle: DataBundle, arch: str | None, options: dict | None) -> tuple[nn.Module, ModelSpec]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    from kdsec.compress.quantize import load_weights
+
+    data = read_bounded(path, MAX_CHECKPOINT_BYTES, "checkpoint", error=IntegrityError)
+    try:
+        state = load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise IntegrityError(f"'{path.name}' is not a safetensors checkpoint ({str(exc)[:120]})") from None
+    expected = (tuple(bundle.input_shape), bundle.num_classes)
+    if arch is None:
+        try:
+            model, spec, _ = load_weights(path)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{exc}; for a plain state dict give its architecture (--arch)") from None
+        except (RuntimeError, ValueError, KeyError) as exc:
+            detail = str(exc).split("\n\t", 1)[-1].splitlines()[0][:160]
+            raise IntegrityError(f"'{path.name}' does not load as the architecture its header names ({detail})") from None
+    else:
+        spec = ModelSpec(arch, expected[0], expected[1], dict(options or {}))
+        try:
+            model = build_model(spec)
+        except (KdsecError, TypeError, ValueError) as exc:
+            raise ConfigError(f"--arch {arch}: {str(exc).splitlines()[0][:200]}") from None
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            detail = str(exc).split("\n\t", 1)[-1].splitlines()[0][:200]
+            raise IntegrityError(f"'{path.name}' is not a {arch} checkpoint with these options: {detail}") from None
+    if (tuple(spec.input_shape), spec.num_classes) != expected:
+        raise IntegrityError(f"'{path.name}' is a {spec.arch} for inputs {tuple(spec.input_shape)} and "
+                             f"{spec.num_classes} classes; data '{bundle.name}' has {expected[0]} and {expected[1]}")
+    return model.eval(), spec
+
+
+def reference_models(config: PipelineConfig, bundle: DataBundle, spec: ModelSpec,
+                     step: Callable[[str], None]) -> list[nn.Module]:
+    """``audit.reference_models`` models of ``spec`` on seeded halves of the population, cached."""
+    from kdsec.audit.reference import audit_samples, reference_masks, train_references
+
+    count, train = config.audit.reference_models, config.student.train
+    paths = [cache.reference_checkpoint(bundle.fingerprint, spec, train, index, config.seed,
+                                        config.tracking.cache_dir) for index in range(count)]
+    missing = [index for index, path in enumerate(paths) if not path.is_file()]
+    step(f"reference models: {count - len(missing)}/{count} cached, {len(missing)} to train")
+    if missing:
+        samples = audit_samples(bundle, config.seed)
+        masks = reference_masks(count, len(samples.y_population), config.seed)
+        train_references(spec, train, samples.x_population, samples.y_population, masks[missing],
+                         [config.seed * 1000 + index for index in missing], [paths[i] for i in missing])
+    return [load_checkpoint(path)[0] for path in paths]
+
+
+def audit_external(config: PipelineConfig, model: nn.Module, spec: ModelSpec, bundle: DataBundle, label: str,
+                   out_root: Path, step: Callable[[str], None] = lambda message: None) -> dict:
+    """Audit ``model`` (trained on ``bundle``'s train split) as the pipeline audits a candidate:
+    membership (LOSS, RMIA, LiRA), calibration, per-class accuracy, FGSM, extraction; the audit
+    gates; ``audit.json`` under ``out_root``."""
+    from kdsec.audit.reference import audit_samples, signals
+    from kdsec.audit.run import audit_model, extraction_audit
+    from kdsec.compress.quantize import DynamicQuantLinear, dequantized_copy
+    from kdsec.gates import AUDIT_GATES, audit_gate_metrics, evaluate_gates, worst_attacks
+
+    torch.manual_seed(config.seed)
+    references = reference_models(config, bundle, spec, step) if config.audit.reference_models else []
+    samples = audit_samples(bundle, config.seed)
+    int8 = any(isinstance(module, DynamicQuantLinear) for module in model.modules())
+    surrogate = dequantized_copy(model, spec) if int8 else None
+    step("membership attacks (" + ("LOSS, RMIA, LiRA" if references else "LOSS") + "), calibration, robustness")
+    audit = audit_model(roles.CANDIDATE, model, bundle, config, samples,
+                        signals(references, samples) if references else None, surrogate)
+    step(f"knockoff extraction ({config.audit.extraction_queries} queries)")
+    extraction = extraction_audit(config, bundle, model)
+    verdicts = [v for v in evaluate_gates(audit_gate_metrics(audit, extraction), config.gates,
+                                          sources=worst_attacks(audit.attacks)) if v.name in AUDIT_GATES]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:60] or "model"
+    folder = out_root / f"audit-{safe}-{stamp}"
+    folder.mkdir(parents=True, exist_ok=True)
+    document = {"model": label, "architecture": spec.arch, "data": bundle.name,
+                "data_fingerprint": bundle.fingerprint, "members": int(len(bundle.y_train)),
+                "non_members_audited": int(len(samples.y_non_members)), "time": stamp,
+                "audit": asdict(audit), "extraction": [asdict(r) for r in extraction],
+                "gates": {verdict.name: verdict.as_dict() for verdict in verdicts}}
+    write_atomic(folder / "audit.json", strict_json(document))
+    return {"path": folder / "audit.json", "audit": audit, "extraction": extraction, "verdicts": verdicts,
+            "name": label, "version": None}
