@@ -12,7 +12,7 @@ export MLFLOW_ENABLE_TELEMETRY := false
 # A first start of the temporary Prefect server (database migrations) can pass the 20 s default.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: run prefect-stop prefect-status test bench bench-gates bench-he bench-audit bench-compress bench-explain bench-full bench-he-conv sync uv clean mlflow-ui prefect-ui \
+.PHONY: run prefect-stop prefect-status test bench bench-gates bench-he bench-audit bench-dp-audit bench-compress bench-explain bench-full bench-he-conv sync uv clean mlflow-ui prefect-ui \
 	stack-up stack-down stack-status stack-test screenshots
 
 uv:
@@ -61,6 +61,10 @@ bench-full: sync
 # ARGS="--dataset fashion_mnist --data-root <folder with FashionMNIST/raw>" for the real files.
 bench-he-conv: sync
 	$(UV) run --frozen python benchmarks/he_conv.py $(ARGS)
+
+# The one-run DP audit (canaries in a DP-SGD and a plain copy of the student): ε lower bounds.
+bench-dp-audit: sync
+	$(UV) run --frozen python benchmarks/dp_audit.py $(ARGS)
 
 bench-audit: sync
 	$(UV) sync --frozen --quiet --group bench

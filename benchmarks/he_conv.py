@@ -179,7 +179,7 @@ def run_he(model, bundle, config, samples: int, single_samples: int = 0):
     accuracy = float((logits.argmax(1) == labels).mean())
     latency = "-"
     if single_samples:
-        try:  # the single-sample path (grid or diagonal layout), where it fits a ring
+        try:  # the single-sample path (grid, gather or diagonal layout), where it fits a ring
             check_single_layout(ops, config.encrypt.he)
             _, single = run_encrypted_input(ops, preprocess(inputs[:single_samples]), config.encrypt.he, "single")
             latency = (f"{single.ms_per_sample:,.0f} ms (N={single.poly_modulus_degree}, {single_samples} timed, "

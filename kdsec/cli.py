@@ -534,7 +534,7 @@ def audit_command(
 
     try:
         if members is not None:
-            from kdsec.audit.external import audit_external, load_audited, member_bundle
+            from kdsec.review import audit_any
 
             if (checkpoint is None) == (model_uri is None):
                 raise ConfigError("give the audited model once: --checkpoint PATH or --model-uri URI")
@@ -544,13 +544,8 @@ def audit_command(
                 raise ConfigError(f"--arch-options is not JSON ({exc})") from None
             if not isinstance(options, dict):
                 raise ConfigError("--arch-options must be a JSON object")
-            resolved = load_config(config, overrides or [])
-            bundle, rows = member_bundle(resolved, members)
-            step(f"data {bundle.name}: {len(rows)} member rows, {len(bundle.y_holdout)} non-members, "
-                 f"{len(bundle.y_val) + len(bundle.y_test)} population rows")
-            model, spec = load_audited(checkpoint, model_uri, bundle, arch, options)
-            step(f"model: {spec.arch} {spec.options or ''}")
-            result = audit_external(resolved, model, spec, bundle, model_uri or checkpoint.name, out, step)
+            result = audit_any(load_config(config, overrides or []), members, checkpoint, model_uri, arch, options,
+                               out, step)
         elif model_uri is not None:
             from kdsec.review import reaudit
 

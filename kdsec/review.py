@@ -127,3 +127,54 @@ def reaudit(model_uri: str, out_root: Path, step: Callable[[str], None] = lambda
         "reaudit.verdict": "pass" if all(v.passed for v in verdicts) else "fail"})
     return {"path": folder / "audit.json", "audit": audit, "extraction": extraction, "verdicts": verdicts,
             "name": name, "version": version}
+
+
+def audit_any(config, members: Path, checkpoint: Path | None, model_uri: str | None, arch: str | None,
+              options: dict, out_root: Path, step: Callable[[str], None] = lambda message: None) -> dict:
+    """Audit a model kdsec did not train (``kdsec audit --members``): a safetensors file or an
+    MLflow model URI, on the rows of ``config``'s dataset that ``members`` lists; the audit
+    gates; ``audit.json`` under ``out_root``. See ``kdsec.audit.external``."""
+    import re
+
+    from kdsec.audit.external import audit_external, checkpoint_in, load_audited, member_bundle
+    from kdsec.errors import KdsecError
+    from kdsec.gates import AUDIT_GATES, audit_gate_metrics, evaluate_gates, worst_attacks
+
+    bundle, rows = member_bundle(config, members)
+    step(f"data {bundle.name}: {len(rows)} member rows, {len(bundle.y_holdout)} non-members, "
+         f"{len(bundle.y_val) + len(bundle.y_test)} population rows")
+    if model_uri is None:
+        model, spec = load_audited(checkpoint, bundle, arch, options)
+    else:
+        tracking.connect()
+        with tempfile.TemporaryDirectory() as scratch:
+            if model_uri.startswith("models:/"):
+                name, version = tracking.resolve_version(model_uri)
+                path = tracking.download_version_checkpoint(name, version, Path(scratch))
+            else:
+                import mlflow
+                from mlflow.exceptions import MlflowException
+
+                try:
+                    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=scratch))
+                except (MlflowException, OSError) as exc:
+                    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                    raise KdsecError(f"the MLflow URI '{model_uri[:200]}' does not resolve: {reason}") from None
+                path = folder if folder.is_file() else checkpoint_in(folder, model_uri)
+            model, spec = load_audited(path, bundle, arch, options)
+    step(f"model: {spec.arch} {spec.options or ''}")
+    audit, extraction, non_members = audit_external(config, model, spec, bundle, step)
+    verdicts = [v for v in evaluate_gates(audit_gate_metrics(audit, extraction), config.gates,
+                                          sources=worst_attacks(audit.attacks)) if v.name in AUDIT_GATES]
+    label = model_uri or checkpoint.name
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    folder = out_root / f"audit-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)[:60] or 'model'}-{stamp}"
+    folder.mkdir(parents=True, exist_ok=True)
+    document = {"model": label, "architecture": spec.arch, "data": bundle.name,
+                "data_fingerprint": bundle.fingerprint, "members": int(len(rows)),
+                "non_members_audited": int(non_members), "time": stamp, "audit": asdict(audit),
+                "extraction": [asdict(r) for r in extraction],
+                "gates": {verdict.name: verdict.as_dict() for verdict in verdicts}}
+    write_atomic(folder / "audit.json", strict_json(document))
+    return {"path": folder / "audit.json", "audit": audit, "extraction": extraction, "verdicts": verdicts,
+            "name": label, "version": None}

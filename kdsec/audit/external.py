@@ -15,10 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-import tempfile
 from collections.abc import Callable
-from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +27,7 @@ from kdsec.config import PipelineConfig
 from kdsec.data import DATASETS, DataBundle
 from kdsec.data.bundle import _fingerprint, assemble
 from kdsec.errors import ConfigError, DataError, IntegrityError, KdsecError
-from kdsec.fileio import read_bounded, strict_json, write_atomic
+from kdsec.fileio import read_bounded
 from kdsec.models import ModelSpec, build_model, load_checkpoint
 
 MAX_INDEX_BYTES = 64 << 20
@@ -88,41 +85,19 @@ def member_bundle(config: PipelineConfig, members_path: Path) -> tuple[DataBundl
     return bundle, members
 
 
-def _checkpoint_in(folder: Path, uri: str) -> Path:
+def checkpoint_in(folder: Path, uri: str) -> Path:
+    """The one safetensors file under ``folder`` (what an MLflow URI downloaded to)."""
     found = [path for path in folder.rglob("*.safetensors") if path.is_file() and not path.is_symlink()]
     if len(found) != 1:
         raise KdsecError(f"'{uri}' holds {len(found)} safetensors files; the audit needs exactly one checkpoint")
     return found[0]
 
 
-def load_audited(checkpoint: Path | None, model_uri: str | None, bundle: DataBundle, arch: str | None = None,
+def load_audited(path: Path, bundle: DataBundle, arch: str | None = None,
                  options: dict | None = None) -> tuple[nn.Module, ModelSpec]:
-    """The audited model: a kdsec safetensors checkpoint (its header names the architecture), or a
-    plain safetensors state dict of ``arch`` (``options``); from a file or an MLflow model URI.
-    Anything that does not fit the dataset is a one-line error."""
-    if model_uri is not None:
-        from kdsec import tracking
-
-        tracking.connect()
-        with tempfile.TemporaryDirectory() as scratch:
-            if model_uri.startswith("models:/"):
-                name, version = tracking.resolve_version(model_uri)
-                path = tracking.download_version_checkpoint(name, version, Path(scratch))
-            else:
-                import mlflow
-                from mlflow.exceptions import MlflowException
-
-                try:
-                    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=scratch))
-                except (MlflowException, OSError) as exc:
-                    raise KdsecError(f"the MLflow URI '{model_uri[:200]}' does not resolve: "
-                                     f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
-                path = folder if folder.is_file() else _checkpoint_in(folder, model_uri)
-            return _load(path, bundle, arch, options)
-    return _load(checkpoint, bundle, arch, options)
-
-
-def _load(path: Path, bundle: DataBundle, arch: str | None, options: dict | None) -> tuple[nn.Module, ModelSpec]:
+    """The audited model from a safetensors file: a kdsec checkpoint (its header names the
+    architecture), or a plain state dict of ``arch`` (``options``). Anything that does not fit the
+    dataset is a one-line error."""
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
@@ -177,15 +152,14 @@ def reference_models(config: PipelineConfig, bundle: DataBundle, spec: ModelSpec
     return [load_checkpoint(path)[0] for path in paths]
 
 
-def audit_external(config: PipelineConfig, model: nn.Module, spec: ModelSpec, bundle: DataBundle, label: str,
-                   out_root: Path, step: Callable[[str], None] = lambda message: None) -> dict:
+def audit_external(config: PipelineConfig, model: nn.Module, spec: ModelSpec, bundle: DataBundle,
+                   step: Callable[[str], None] = lambda message: None) -> tuple:
     """Audit ``model`` (trained on ``bundle``'s train split) as the pipeline audits a candidate:
-    membership (LOSS, RMIA, LiRA), calibration, per-class accuracy, FGSM, extraction; the audit
-    gates; ``audit.json`` under ``out_root``."""
+    membership (LOSS, RMIA, LiRA), calibration, per-class accuracy, FGSM, extraction. Returns
+    (``ModelAudit``, extraction results, the audited non-members' count)."""
     from kdsec.audit.reference import audit_samples, signals
     from kdsec.audit.run import audit_model, extraction_audit
     from kdsec.compress.quantize import DynamicQuantLinear, dequantized_copy
-    from kdsec.gates import AUDIT_GATES, audit_gate_metrics, evaluate_gates, worst_attacks
 
     torch.manual_seed(config.seed)
     references = reference_models(config, bundle, spec, step) if config.audit.reference_models else []
@@ -196,18 +170,4 @@ def audit_external(config: PipelineConfig, model: nn.Module, spec: ModelSpec, bu
     audit = audit_model(roles.CANDIDATE, model, bundle, config, samples,
                         signals(references, samples) if references else None, surrogate)
     step(f"knockoff extraction ({config.audit.extraction_queries} queries)")
-    extraction = extraction_audit(config, bundle, model)
-    verdicts = [v for v in evaluate_gates(audit_gate_metrics(audit, extraction), config.gates,
-                                          sources=worst_attacks(audit.attacks)) if v.name in AUDIT_GATES]
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:60] or "model"
-    folder = out_root / f"audit-{safe}-{stamp}"
-    folder.mkdir(parents=True, exist_ok=True)
-    document = {"model": label, "architecture": spec.arch, "data": bundle.name,
-                "data_fingerprint": bundle.fingerprint, "members": int(len(bundle.y_train)),
-                "non_members_audited": int(len(samples.y_non_members)), "time": stamp,
-                "audit": asdict(audit), "extraction": [asdict(r) for r in extraction],
-                "gates": {verdict.name: verdict.as_dict() for verdict in verdicts}}
-    write_atomic(folder / "audit.json", strict_json(document))
-    return {"path": folder / "audit.json", "audit": audit, "extraction": extraction, "verdicts": verdicts,
-            "name": label, "version": None}
+    return audit, extraction_audit(config, bundle, model), len(samples.y_non_members)

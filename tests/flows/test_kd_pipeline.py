@@ -61,7 +61,8 @@ def test_passing_run_promotes_champion(in_store):
     summary = _flow()
     assert summary.verdict == "pass" and summary.promoted and summary.failed_gates == []
     assert set(summary.gates) == {"accuracy", "membership", "he", "at_rest", "extraction", "calibration",
-                                  "explanation"}
+                                  "explanation", "dp_audit"}
+    assert summary.gates["dp_audit"].checks[0].level == "skipped"  # no DP student in this run
     assert summary.data.splits == {"train": 897, "val": 180, "test": 360, "holdout": 360, "transfer": 0}
     assert summary.models["teacher"].test_accuracy > 0.9
     assert summary.he.agreement >= 0.99 and summary.he.samples == 128
@@ -278,6 +279,13 @@ def test_approval_required_waits_for_a_reviewer(in_store):
     assert all("privacy" not in written[role] for role in written if role != "dp_student")
     report = Path(summary.report.markdown).read_text()
     assert "Teacher leakage through the students" in report and f"ε = {defense['epsilon']:.2f}" in report
+    # the one-run DP audit: two canary copies (DP-SGD, plain), the DP claim checked by its gate
+    private, plain = defense["dp_audit"]
+    assert (private["model"], plain["model"]) == ("dp_student", "non_dp_student")
+    assert private["canaries"] == 256 and private["guesses"] == 128 and plain["accountant_epsilon"] is None
+    assert not private["refuted"] and private["epsilon_lower"] <= private["accountant_epsilon"]
+    assert summary.gates["dp_audit"].verdict == "pass" and summary.gates["dp_audit"].checks[0].level == "pass"
+    assert "One-run DP audit" in report and "non_dp_student" in report
     assert str(client.get_model_version_by_alias("kdsec-student", "candidate").version) == version
     assert str(client.get_model_version_by_alias("kdsec-student", "champion").version) == champion
     assert client.get_model_version("kdsec-student", version).tags["review.status"] == "pending"
