@@ -68,7 +68,7 @@ bench-dp-audit: sync
 
 bench-audit: sync
 	$(UV) sync --frozen --quiet --group bench
-	$(UV) run --frozen --group bench python benchmarks/audit_toolkits.py
+	$(UV) run --frozen --group bench python benchmarks/audit_toolkits.py $(ARGS)
 
 # The team stack on loopback: PostgreSQL, Prefect server, MLflow server (basic-auth), a worker.
 stack-up: sync

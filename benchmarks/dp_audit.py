@@ -52,7 +52,8 @@ def main() -> None:
                    "seconds"):
         table.add_column(column)
     for audit in audits:
-        claim = "-" if audit.accountant_epsilon is None else ("REFUTED" if audit.refuted else "holds")
+        claim = "-" if audit.accountant_epsilon is None else (
+            f"{audit.claim} (ε̂ ≤ {audit.ceiling:.2f} at most)" if audit.claim == "inconclusive" else audit.claim)
         table.add_row(audit.model, f"{audit.canaries} ({audit.included})", f"{audit.correct} / {audit.guesses}",
                       f"{audit.epsilon_lower:.2f}",
                       "-" if audit.accountant_epsilon is None else f"{audit.accountant_epsilon:.2f}", claim,

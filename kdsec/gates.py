@@ -185,8 +185,9 @@ def gate_metrics(teacher_accuracy: float, candidate_accuracy: float, candidate_a
         **(he_gate_metrics(he) if he.enabled else {}),
         **{metric: float(getattr(at_rest, metric.removeprefix("at_rest."))) for metric in _AT_REST},
         **({Metric.EXPLANATION_SPEARMAN: explanations.candidate_spearman} if explanations is not None else {}),
+        # only an audit that could refute the claim decides (a refuted one always fails)
         **({Metric.DP_AUDIT_HOLDS: float(not any(dp.refuted for dp in dp_audits))}
-           if any(dp.accountant_epsilon is not None for dp in dp_audits) else {}),
+           if any(dp.conclusive or dp.refuted for dp in dp_audits) else {}),
     }
 
 

@@ -7,9 +7,8 @@ Everything reads from the MLflow registry and the kd-pipeline run that produced 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path

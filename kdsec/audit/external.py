@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,8 +44,11 @@ def read_members(path: Path, rows: int) -> np.ndarray:
     if path.suffix == ".npy":
         try:
             values = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise DataError(f"{what} is not a readable .npy array ({str(exc).splitlines()[0][:100]})") from None
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+            raise DataError(f"{what} is not a readable .npy array ({reason})") from None
+        if not isinstance(values, np.ndarray):
+            raise DataError(f"{what} is an .npz archive, not one .npy array of row indices")
         if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
             raise DataError(f"{what} must hold one row of integers (row indices), not a {values.dtype} array of "
                             f"shape {values.shape}")
@@ -95,42 +99,61 @@ def checkpoint_in(folder: Path, uri: str) -> Path:
 
 def load_audited(path: Path, bundle: DataBundle, arch: str | None = None,
                  options: dict | None = None) -> tuple[nn.Module, ModelSpec]:
-    """The audited model from a safetensors file: a kdsec checkpoint (its header names the
-    architecture), or a plain state dict of ``arch`` (``options``). Anything that does not fit the
-    dataset is a one-line error."""
+    """The audited model from a safetensors file (read once, bounded): a kdsec checkpoint (its
+    header names the architecture), or a plain state dict of ``arch`` (``options``). The
+    architecture is first built on torch's meta device (no memory) and its tensor names and
+    shapes compared with the file's, so a header naming a huge model costs nothing. Anything that
+    does not fit the dataset or the file is a one-line error."""
+    import json
+
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
-
-    from kdsec.compress.quantize import load_weights
 
     data = read_bounded(path, MAX_CHECKPOINT_BYTES, "checkpoint", error=IntegrityError)
     try:
         state = load_safetensors(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
+        length = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + length]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, RuntimeError, AttributeError) as exc:
         raise IntegrityError(f"'{path.name}' is not a safetensors checkpoint ({str(exc)[:120]})") from None
     expected = (tuple(bundle.input_shape), bundle.num_classes)
     if arch is None:
+        if "kdsec.spec" not in metadata:
+            raise IntegrityError(f"'{path.name}' names no architecture (no kdsec.spec in its header); for a plain "
+                                 "state dict give it (--arch)")
         try:
-            model, spec, _ = load_weights(path)
-        except IntegrityError as exc:
-            raise IntegrityError(f"{exc}; for a plain state dict give its architecture (--arch)") from None
-        except (RuntimeError, ValueError, KeyError) as exc:
-            detail = str(exc).split("\n\t", 1)[-1].splitlines()[0][:160]
-            raise IntegrityError(f"'{path.name}' does not load as the architecture its header names ({detail})") from None
+            spec = ModelSpec.from_json(metadata["kdsec.spec"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"'{path.name}' has an unreadable kdsec.spec header ({exc})") from None
+        where = "the architecture its header names"
     else:
-        spec = ModelSpec(arch, expected[0], expected[1], dict(options or {}))
-        try:
-            model = build_model(spec)
-        except (KdsecError, TypeError, ValueError) as exc:
-            raise ConfigError(f"--arch {arch}: {str(exc).splitlines()[0][:200]}") from None
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            detail = str(exc).split("\n\t", 1)[-1].splitlines()[0][:200]
-            raise IntegrityError(f"'{path.name}' is not a {arch} checkpoint with these options: {detail}") from None
+        spec, where = ModelSpec(arch, expected[0], expected[1], dict(options or {})), f"a {arch} with these options"
     if (tuple(spec.input_shape), spec.num_classes) != expected:
         raise IntegrityError(f"'{path.name}' is a {spec.arch} for inputs {tuple(spec.input_shape)} and "
                              f"{spec.num_classes} classes; data '{bundle.name}' has {expected[0]} and {expected[1]}")
+    if "kdsec.int8" in metadata or "kdsec.int8_static" in metadata:  # kdsec's own quantized formats
+        from kdsec.compress.quantize import load_weights
+
+        try:
+            model, spec, _ = load_weights(path)
+        except (KdsecError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"'{path.name}' does not load as {where} ({str(exc).splitlines()[0][:160]})") from None
+        return model.eval(), spec
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(spec)
+    except (KdsecError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{spec.arch} {spec.options}: {str(exc).splitlines()[0][:200]}") from None
+    shapes = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+    found = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    if shapes != found:
+        missing, extra = sorted(set(shapes) - set(found)), sorted(set(found) - set(shapes))
+        wrong = [name for name in shapes if name in found and shapes[name] != found[name]]
+        detail = (f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}" if extra else
+                  f"{wrong[0]!r} is {found[wrong[0]]}, expected {shapes[wrong[0]]}")
+        raise IntegrityError(f"'{path.name}' does not load as {where}: {detail}")
+    model = build_model(spec)
+    model.load_state_dict(state)
     return model.eval(), spec
 
 

@@ -468,8 +468,9 @@ class HEHttpClient:
         if path == "batched":
             params = batched_params(self.plan["structure"], config)
         elif step.get("layout") == "gather":  # its paired chain, on the ring the host laid it out for
+            ring = GatherPlan.from_dict(step, self.plan["structure"][0][2]).ring_slots * 2  # checked first
             params = plan_paired(len(self.plan["structure"]) // 2, GATHER_WEIGHT_SCALE_BITS, config.integer_bits,
-                                 2 * int(step["ring_slots"]), GATHER_INPUT_BITS)
+                                 ring, GATHER_INPUT_BITS)
             if params is None:
                 raise KdsecError(f"no paired chain fits the host's gather layout on {step['ring_slots']} slots")
         else:
@@ -528,7 +529,8 @@ class HEHttpClient:
             single = self.plan["single"]
             layout = single.get("layout", "grid")
             encode = (GridPlan(single["rows"], single["cols"], tuple(single["rotation_steps"])).encode_input
-                      if layout == "grid" else GatherPlan.from_dict(single).encode_input if layout == "gather"
+                      if layout == "grid" else GatherPlan.from_dict(single, self.plan["structure"][0][2]).encode_input
+                      if layout == "gather"
                       else DiagonalPlan.encode_input)
             rows = []
             for sample in features:

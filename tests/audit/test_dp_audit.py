@@ -64,7 +64,8 @@ def test_without_dp_the_audit_has_power_and_dp_sgd_keeps_its_claim(digits, canar
     def private(x, y):
         torch.manual_seed(0)
         model = build_model(SPEC)
-        fitted = fit_private(model, x, y, digits.x_val, digits.y_val, DPConfig(enabled=True, target_epsilon=4.0,
+        # ε = 2: below the ceiling of 128 guesses (ε̂ ≤ 3.74 even if all are right), so the audit can refute it
+        fitted = fit_private(model, x, y, digits.x_val, digits.y_val, DPConfig(enabled=True, target_epsilon=2.0,
                                                                               epochs=30))
         return fitted.epsilon, model
 
@@ -72,6 +73,7 @@ def test_without_dp_the_audit_has_power_and_dp_sgd_keeps_its_claim(digits, canar
     print(f"DP-SGD (accountant ε {dp.accountant_epsilon:.2f}): {dp.correct}/{dp.guesses} right, "
           f"ε̂ {dp.epsilon_lower:.2f}")
     assert dp.epsilon_lower <= dp.accountant_epsilon and not dp.refuted
+    assert dp.ceiling == pytest.approx(3.736, abs=1e-3) and dp.conclusive and dp.claim == "holds"
     config = load_config(None, [])
     metrics = gate_metrics(1.0, 1.0, _Audit(), _HE(), _AtRest(), dp_audits=[dp, plain])
     assert metrics[Metric.DP_AUDIT_HOLDS] == 1.0
@@ -85,6 +87,14 @@ def test_without_dp_the_audit_has_power_and_dp_sgd_keeps_its_claim(digits, canar
     verdicts = {v.name: v for v in evaluate_gates(gate_metrics(1.0, 1.0, _Audit(), _HE(), _AtRest(),
                                                                dp_audits=[lying]), config.gates)}
     assert not verdicts[Gate.DP_AUDIT].passed
+    # a claim no outcome of 128 guesses could refute (ε = 8 over the 3.74 ceiling): inconclusive, skipped
+    from dataclasses import replace
+
+    loose = replace(dp, accountant_epsilon=8.0)
+    assert loose.claim == "inconclusive" and not loose.conclusive
+    verdicts = {v.name: v for v in evaluate_gates(gate_metrics(1.0, 1.0, _Audit(), _HE(), _AtRest(),
+                                                               dp_audits=[loose, plain]), config.gates)}
+    assert verdicts[Gate.DP_AUDIT].checks[0].level == "skipped"
     # no DP run: the gate has nothing to check and is skipped, not failed
     verdicts = {v.name: v for v in evaluate_gates(gate_metrics(1.0, 1.0, _Audit(), _HE(), _AtRest()), config.gates)}
     assert verdicts[Gate.DP_AUDIT].passed and verdicts[Gate.DP_AUDIT].checks[0].level == "skipped"

@@ -130,6 +130,11 @@ def test_an_index_file_that_does_not_match_the_dataset_is_one_line(canaries, wor
 def test_a_float_array_index_a_foreign_architecture_and_an_unresolvable_uri_are_one_line(canaries, workdir):
     folder, made = canaries
     np.save(workdir / "rows.npy", made["memorizing"][1].astype(np.float64))
+    import io
+
+    archive = io.BytesIO()
+    np.savez(archive, rows=made["memorizing"][1])
+    (workdir / "archive.npy").write_bytes(archive.getvalue())  # an .npz under an .npy name
     mnist = save_checkpoint(build_model(ModelSpec("he_mlp", (1, 28, 28), 10, {"hidden": [64]})), SPEC,
                             workdir / "spec-lies.safetensors")  # weights of a 784-input model, header of a 64-input one
     wide = save_checkpoint(build_model(ModelSpec("he_mlp", (1, 28, 28), 10, {"hidden": [64]})),
@@ -142,7 +147,9 @@ def test_a_float_array_index_a_foreign_architecture_and_an_unresolvable_uri_are_
         (["--checkpoint", str(wide), "--members", str(folder / "memorizing.npy")],
          r"is a he_mlp for inputs \(1, 28, 28\) and 10 classes; data 'digits' has \(1, 8, 8\)"),
         (["--checkpoint", str(folder / "memorizing.safetensors"), "--members", str(folder / "memorizing.npy"),
-          "--arch", "student_cnn"], "is not a student_cnn checkpoint with these options"),
+          "--arch", "student_cnn"], "does not load as a student_cnn with these options: missing"),
+        (["--checkpoint", str(folder / "memorizing.safetensors"), "--members", str(workdir / "archive.npy")],
+         r"is an \.npz archive, not one \.npy array"),
         (["--model-uri", "runs:/0123456789abcdef0123456789abcdef/model", "--members",
           str(folder / "memorizing.npy")], "does not resolve"),
         (["--checkpoint", str(folder / "memorizing.safetensors")], "--checkpoint/--model-uri with --members"),

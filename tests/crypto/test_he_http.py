@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdsec.crypto.he import GatherServer, GridPlan, LinearOp, SquareOp, he_ops, he_program, plaintext_forward
+from kdsec.crypto.he import GatherPlan, GatherServer, GridPlan, LinearOp, SquareOp, he_ops, he_program, plaintext_forward
 from kdsec.crypto.he_http import HEHost, HEHttpClient, make_server
 from kdsec.config import HEConfig
 from kdsec.crypto.he.program import batched_params
@@ -179,6 +179,26 @@ def test_a_conv_student_whose_grid_fits_no_ring_is_served_on_the_gather_single_p
         status, _, body = _call(url, "POST", f"/infer/{session}?path=single", classic.encrypt_bundle([[0.0]]))
         assert status == 400 and b"paired chain at weight_scale_bits 20" in body
     assert _agrees(logits, plaintext_forward(ops, digits.x_test[:2].reshape(2, -1)))
+
+
+def test_a_malformed_gather_plan_is_refused_before_the_client_packs_anything():
+    """A host's /plan is untrusted: its gather fields are checked, each fault one line."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("he_cnn", (1, 8, 8), 10, {"channels": [8], "kernel": 3, "stride": 1, "padding": 0,
+                                                           "hidden": []})).eval()
+    plan = HEHost(he_program(model)[1]).plan["single"]
+    assert GatherPlan.from_dict(plan, 64).columns.shape == (288, 9)
+    for change, message in [({"ring_slots": 3000}, "powers of two of a secure ring"),
+                            ({"ring_slots": 1 << 20, "block": 1 << 20}, "powers of two of a secure ring"),
+                            ({"columns": [[0, 1], [2]]}, "inhomogeneous"),  # ragged
+                            ({"columns": [[70]]}, r"input indices in \[-1, 64\)"),
+                            ({"columns": [[0] * 5000] * 1000}, "columns must hold 1 to"),
+                            ({"hybrids": [[512, 1024, 4]]}, "each hybrid"),
+                            ({"weight_scale_bits": 30}, "weight_scale_bits must be 20"),
+                            ({"columns": None}, "malformed")]:
+        with pytest.raises(KdsecError, match=message) as caught:
+            GatherPlan.from_dict({**plan, **change}, 64)
+        assert "\n" not in str(caught.value)
 
 
 def test_a_program_without_a_paired_chain_is_served_on_the_diagonal_single_path(digits):

@@ -280,10 +280,20 @@ def _host_loop(connection) -> None:
             reply = public.dump_ciphertexts(stream.finish())
             connection.send(("reply", reply, seconds + time.perf_counter() - started))
             stream, seconds = None, 0.0
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+    except (EOFError, BrokenPipeError, ConnectionResetError, KeyboardInterrupt):
         return
     except Exception as exc:  # to the client in one line; the process ends
-        connection.send(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"))
+        try:
+            connection.send(("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"))
+        except OSError:
+            pass
+
+
+def _hand_over(connection, message) -> None:
+    try:
+        connection.send(message)
+    except OSError:  # the host died before reading it: the first group's send says so
+        pass
 
 
 def _answer(connection) -> tuple[bytes, float]:
@@ -323,22 +333,30 @@ def _parallel_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requ
         finished.append(index)
         advance(f"{chunks[index].stop}/{len(inputs)} samples")
 
+    import threading
+
+    handshakes = []  # the context and model go to each host from a thread: a send blocks until that host reads it
     try:
         for _ in range(workers):  # they start (and load the context) while the client encrypts
             ours, theirs = context.Pipe()
-            process = context.Process(target=_host_loop, args=(theirs,), daemon=True)
-            process.start()
-            theirs.close()
+            try:
+                process = context.Process(target=_host_loop, args=(theirs,), daemon=True)
+                process.start()
+            finally:
+                theirs.close()
             hosts.append((process, ours))
-            ours.send((context_bytes, ops))
+            handshakes.append(threading.Thread(target=_hand_over, args=(ours, (context_bytes, ops)), daemon=True))
+            handshakes[-1].start()
         for index, chunk in enumerate(chunks):
             host = index % workers
             if host in busy:
                 collect(host)
             features = inputs[chunk].reshape(chunk.stop - chunk.start, -1).astype(np.float64)
             sent = 0
-            for group in groups:
+            for number, group in enumerate(groups):
                 payload = holder.encrypt_bundle([features[:, i] for i in group])
+                if number == 0:
+                    handshakes[host].join()  # one writer at a time on a pipe
                 hosts[host][1].send(payload)
                 sent += len(payload)
             hosts[host][1].send("finish")
@@ -346,6 +364,14 @@ def _parallel_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requ
         for host in sorted(busy, key=lambda h: busy[h][0]):
             collect(host)
     except (BrokenPipeError, ConnectionResetError) as error:
+        for _, connection in hosts:  # a host that failed said why before it went
+            try:
+                while connection.poll(0):
+                    message = connection.recv()
+                    if message[0] == "error":
+                        raise KdsecError(f"HE host process: {message[1]}") from None
+            except (EOFError, OSError):
+                continue
         raise HostDied("an HE host process ended without answering") from error
     finally:
         for process, connection in hosts:
@@ -357,4 +383,5 @@ def _parallel_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requ
             process.join(timeout=10)
             if process.is_alive():
                 process.terminate()
+                process.join(timeout=5)
     return results

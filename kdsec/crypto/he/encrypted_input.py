@@ -307,7 +307,7 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
     logits, server_seconds, bytes_in, bytes_out = [], 0.0, 0, 0
     started = time.perf_counter()
     chunks = list(sample_chunks(len(inputs), batch))
-    workers = host_workers(config, len(chunks)) if path == "batched" and wire else 1
+    workers = host_workers(config, len(chunks)) if path == "batched" and wire and required else 1
     with progress(f"HE encrypted input ({path})", len(chunks)) as advance:
         results = []
         # host processes beside the client: batched chunks only (the single path is one sample a round trip)

@@ -11,7 +11,7 @@ conv students): the *gather* layout (after LoLa, Brutzkus et al. 2019), on the p
   m' = pow2(m) and a period p ≥ n, m' (a multiple of the input's), its m' extended diagonals
   d_k[j] = W[j mod m', (j + k) mod p] give z = Σ_k d_k ⊙ rot(v, k), and summing z's p/m' chunks
   (log2 rotations) leaves y = Wv in slots [0, m), periodic in m'. Baby-step giant-step: √m'
-  rotations of v, √m' of the partial sums. So a 100 × 720 layer is 128 products and ~25
+  rotations of v, √m' of the partial sums. So a 100 × 845 layer is 128 products and ~25
   rotations, not the ~1,600 diagonals of the diagonal layout.
 - **The paired chain** (``seal.plan_paired``): the inputs at 2^20 and the weights at
   2^``GATHER_WEIGHT_SCALE_BITS`` (20: a weight *vector*'s encoding error is ~2^-15 of a unit,
@@ -41,8 +41,9 @@ MAX_GATHER_VALUES = 1 << 22  # the first layer's outputs × the inputs each read
 
 def first_support(op: LinearOp) -> np.ndarray:
     """Which of the first Linear's weights its geometry allows (``LinearOp.support``, e.g. a
-    convolution's windows) — else, lowered without it, the weights that are non-zero."""
-    return op.weight != 0 if op.support is None else op.support
+    convolution's windows) — else, for ops made without it, every weight: a plan never says which
+    weights are zero (pruned)."""
+    return np.ones(op.weight.shape, dtype=bool) if op.support is None else op.support
 
 
 def gather_columns(support: np.ndarray) -> np.ndarray:
@@ -131,10 +132,30 @@ class GatherPlan:
                 "weight_scale_bits": GATHER_WEIGHT_SCALE_BITS}
 
     @classmethod
-    def from_dict(cls, raw: dict) -> GatherPlan:
-        columns = np.asarray(raw["columns"], dtype=np.int64)
-        return cls(int(raw["ring_slots"]), columns.reshape(len(columns), -1), int(raw["block"]),
-                   tuple(_Hybrid(*map(int, h)) for h in raw["hybrids"]))
+    def from_dict(cls, raw: dict, inputs: int) -> GatherPlan:
+        """The plan a host sent (``as_dict``), checked before the client packs anything by it:
+        ``inputs`` is the first layer's input count (from the plan's structure)."""
+        def pow2(value) -> bool:
+            return isinstance(value, int) and value > 0 and value & (value - 1) == 0
+
+        try:
+            ring_slots, block, hybrids = raw["ring_slots"], raw["block"], [tuple(h) for h in raw["hybrids"]]
+            if not (pow2(ring_slots) and 2 * ring_slots in MAX_MODULUS_BITS and pow2(block) and block <= ring_slots):
+                raise ValueError("ring_slots and block must be powers of two of a secure ring")
+            if any(len(h) != 3 or not (pow2(h[0]) and pow2(h[1]) and isinstance(h[2], int))
+                   or not h[1] <= h[0] <= ring_slots or not 1 <= h[2] <= h[1] for h in hybrids):
+                raise ValueError("each hybrid must be (period, rows: powers of two within the ring; baby ≤ rows)")
+            if raw.get("weight_scale_bits") != GATHER_WEIGHT_SCALE_BITS:
+                raise ValueError(f"weight_scale_bits must be {GATHER_WEIGHT_SCALE_BITS}")
+            count = sum(len(row) for row in raw["columns"])
+            if not raw["columns"] or count > MAX_GATHER_VALUES:
+                raise ValueError(f"columns must hold 1 to {MAX_GATHER_VALUES} values")
+            columns = np.asarray(raw["columns"], dtype=np.int64)
+            if columns.ndim != 2 or len(columns) > block or columns.min() < -1 or columns.max() >= inputs:
+                raise ValueError(f"columns must be a table of input indices in [-1, {inputs})")
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise KdsecError(f"the host's gather plan is malformed: {str(exc).splitlines()[0][:120]}") from None
+        return cls(ring_slots, columns, block, tuple(_Hybrid(*h) for h in hybrids))
 
     def encode_input(self, sample: np.ndarray) -> np.ndarray:
         """``ciphertexts`` × ring_slots: ciphertext c, block b holds u_{cR+b}[i] = x[column(i, cR+b)]."""

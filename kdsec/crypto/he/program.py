@@ -34,8 +34,6 @@ from kdsec.errors import KdsecError
 from kdsec.models.students import Square
 
 
-
-
 # Students whose every layer has a homomorphic form (affine layers and x²).
 HE_FRIENDLY_ARCHS = ("he_mlp", "he_cnn")
 

@@ -172,6 +172,11 @@ class ResidueLinear:
                     groups.append(_Block(block.rows, parts))
             self._groups[key] = groups
         views = [residues(ct) for ct in inputs]  # checked before anything is made or changed
+        if outputs:
+            out, first_input = next(iter(outputs.values())), inputs[0]
+            if out.parms_id() != first_input.parms_id() or out.size() != first_input.size() \
+                    or out.scale != first_input.scale * weight_scale:
+                raise ValueError("every group must be at the level, size and scale of the first")
         if outputs is None:
             outputs = self._outputs(evaluator, inputs[0], weight_scale, [])
             for out in outputs.values():  # rows a group never reaches stay zero
