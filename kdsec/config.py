@@ -375,7 +375,8 @@ class AuditConfig(Section):
     extraction_decimals: Annotated[int, Field(ge=0, le=6)] = 1  # the "rounded probabilities" defense
     # The one-run DP audit (Steinke et al. 2023) of a run with student.dp.enabled: canaries (test
     # images, wrong labels, each in the training set with probability 1/2) in two audit copies of
-    # the student, one with DP-SGD and one without; 0 = off. Capped at the test split's size.
+    # the student, one with DP-SGD and one without; 0 = off. Capped at the test split's size. m canaries
+    # (m/2 guesses) can refute at most ε ≈ ln(m/6): 256 → 3.74; a larger accountant ε is "inconclusive".
     dp_canaries: Annotated[int, Field(ge=0, le=100_000)] = 256
 
 
