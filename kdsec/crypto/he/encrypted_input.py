@@ -24,8 +24,8 @@ import numpy as np
 from kdsec.config import HEConfig
 from kdsec.crypto.he.batched import BatchedServer, HostDied, _parallel_hosts, host_workers
 from kdsec.crypto.he.gather import GatherPlan, GatherServer, gather_params
-from kdsec.crypto.he.program import (LinearOp, Op, SquareOp, alternates, doubling_steps, he_params, largest_ring,
-                                     linear_ops, model_structure, next_pow2, sample_chunks)
+from kdsec.crypto.he.ops import (LinearOp, Op, SquareOp, alternates, baby_giant_sum, doubling_steps, he_params,
+                                 largest_ring, linear_ops, model_structure, next_pow2, sample_chunks)
 from kdsec.crypto.he.result import HERun, _summarize
 from kdsec.crypto.seal import KeyHolder, PublicContext
 from kdsec.errors import ConfigError, KdsecError
@@ -227,19 +227,7 @@ class DiagonalServer:
                 value = public.square(value)
                 continue
             groups, bias = self.layers[linear]
-            babies = {0: value}
-            for baby in sorted({j for terms in groups.values() for j, _ in terms} - {0}):
-                babies[baby] = public.rotate(value, baby)
-            total = None
-            for giant, terms in groups.items():
-                part = None
-                for baby, plain in terms:
-                    term = public.multiply_encoded(babies[baby], plain)
-                    part = term if part is None else public.add_inplace(part, term)
-                if giant:
-                    part = public.rotate(part, giant)
-                total = part if total is None else public.add_inplace(total, part)
-            value = public.add_plain(public.rescale(total), bias)
+            value = public.add_plain(public.rescale(baby_giant_sum(public, value, groups)), bias)
             linear += 1
         return [value]
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.program import (LinearOp, Op, alternates, doubling_steps, linear_ops, model_structure,
-                                     next_pow2)
+from kdsec.crypto.he.ops import (LinearOp, Op, alternates, baby_giant_sum, doubling_steps, linear_ops,
+                                 model_structure, next_pow2)
 from kdsec.crypto.seal import MAX_MODULUS_BITS, HEParams, PublicContext, plan_paired
 from kdsec.errors import ConfigError, KdsecError
 
@@ -257,6 +257,11 @@ class GatherServer:
         count = [plan.ciphertexts] + [h.rows for h in plan.hybrids]
         return sum(n * params.poly_modulus_degree * (primes - max(0, level - 1)) * 8 for level, n in enumerate(count))
 
+    def _rescale(self, ciphertext):
+        self.public.evaluator.rescale_to_next_inplace(ciphertext)
+        ciphertext.scale = self.linear_scale
+        return ciphertext
+
     def infer(self, ciphertexts: list) -> list:
         plan, public = self.plan, self.public
         if len(ciphertexts) != plan.ciphertexts:
@@ -273,21 +278,9 @@ class GatherServer:
                                  self.first_bias)
         for (groups, bias), hybrid in zip(self.layers, plan.hybrids):
             value = public.square(value, rescale=False)  # relinearized, not rescaled: (Δ·2^w)²
-            babies = {0: value}
-            for baby in sorted({j for terms in groups.values() for j, _ in terms} - {0}):
-                babies[baby] = public.rotate(value, baby)
-            total = None
-            for giant, terms in groups.items():
-                part = None
-                for baby, plain in terms:
-                    term = public.multiply_encoded(babies[baby], plain)
-                    part = term if part is None else public.add_inplace(part, term)
-                # (Δ·2^w)²·2^w rescaled by a (scale + 2w)-bit prime: Δ·2^w, before the (cheaper) rotation
-                public.evaluator.rescale_to_next_inplace(part)
-                part.scale = self.linear_scale
-                if giant:
-                    part = public.rotate(part, giant)
-                total = part if total is None else public.add_inplace(total, part)
+            # each giant's partial sum, (Δ·2^w)²·2^w, rescaled by a (scale + 2w)-bit prime to Δ·2^w
+            # before its (then cheaper) rotation
+            total = baby_giant_sum(public, value, groups, self._rescale)
             if total is None:
                 raise KdsecError("every weight of a layer is zero")
             value = public.add_plain(public.rotate_and_sum(total, hybrid.fold), bias)

@@ -94,3 +94,25 @@ def largest_ring(config: HEConfig) -> int:
 def sample_chunks(count: int, size: int):
     for start in range(0, count, size):
         yield slice(start, min(start + size, count))
+
+
+def baby_giant_sum(public, value, groups: dict, before_rotation=None):
+    """Σ over giant steps g of rot(Σ_j plain ⊙ rot(value, j), g): ``groups`` maps each giant step to
+    its (baby step j, plaintext pre-rotated by −g) terms, so the babies are rotated once each and
+    every giant once. ``before_rotation`` (e.g. a rescale) is applied to each giant's partial sum
+    before its rotation. None where ``groups`` is empty."""
+    babies = {0: value}
+    for baby in sorted({j for terms in groups.values() for j, _ in terms} - {0}):
+        babies[baby] = public.rotate(value, baby)
+    total = None
+    for giant, terms in groups.items():
+        part = None
+        for baby, plain in terms:
+            term = public.multiply_encoded(babies[baby], plain)
+            part = term if part is None else public.add_inplace(part, term)
+        if before_rotation is not None:
+            part = before_rotation(part)
+        if giant:
+            part = public.rotate(part, giant)
+        total = part if total is None else public.add_inplace(total, part)
+    return total

@@ -231,15 +231,11 @@ class ResidueLinear:
                 for limb in range(limbs):
                     part = _limb(words, limb, bits)
                     exact = np.empty((rows, part.shape[1]))
-                    for block, low, high in zip(blocks, bounds[:-1], bounds[1:]):
-                        parts = [(cols, weight) for cols, weight in block.parts if len(cols)]
-                        if parts:
-                            (cols, weight), *rest = parts
-                            np.matmul(weight, part[cols], out=exact[low:high])  # |sums| < 2^52: exact
-                            for cols, weight in rest:  # the second half: the sum stays below 2^53, exact
-                                exact[low:high] += weight @ part[cols]
-                        else:
-                            exact[low:high] = 0.0
+                    for block, low, high in zip(blocks, bounds[:-1], bounds[1:]):  # no block has an empty part
+                        (cols, weight), *rest = block.parts
+                        np.matmul(weight, part[cols], out=exact[low:high])  # |sums| < 2^52: exact
+                        for cols, weight in rest:  # the second half: the sum stays below 2^53, exact
+                            exact[low:high] += weight @ part[cols]
                     sums.append(exact)
                 total = _combine(sums, bits, prime, self.sum_bits).reshape(rows, size, stop - start)
                 for slot, view in enumerate(out_views):
