@@ -13,11 +13,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 from prefect import flow, get_run_logger
 
 from kdsec import cache, roles, tracking
-from kdsec.audit.run import reference_plan
+from kdsec.audit.run import reference_jobs
 from kdsec.cache import code_version
 from kdsec.compress.candidates import compression_metrics, load_variant, select_candidate
 from kdsec.config import PipelineConfig, config_from_dict, load_config
@@ -220,19 +219,17 @@ def _cache_counts(cache_hits: dict) -> dict:
 
 def _references(config: PipelineConfig, bundle, cache_hits: dict) -> dict[str, list[str]]:
     """K reference models per architecture group, cached like the teacher by files named by their
-    key (same data + architecture + training + code → same models). ``audit.parallel_references``
-    tasks run at once, one torch thread each; each task trains its share of a group's models
-    together (one vectorized step for all of them), so every core has an even share of each group."""
+    key (same data + architecture + training + code → same models), as ``reference_jobs`` tasks,
+    ``audit.parallel_references`` at once with an even share of the cores each."""
     width = max(1, config.audit.parallel_references)
-    shares = [[int(i) for i in chunk] for chunk in np.array_split(np.arange(config.audit.reference_models), width)]
-    jobs = [(group, share) for group in reference_plan(config, bundle) for share in shares if share]
+    jobs = reference_jobs(config, bundle, width)
     counts = cache_hits.setdefault("references", {"hit": 0, "total": 0})
     references: dict[str, list[str]] = {}
-    with torch_threads(parallel_share(width)):  # one torch thread per training at once: no oversubscription
-        for start in range(0, len(jobs), width):
-            wave = [(group, train_references_task.submit(config, bundle, group, share))
-                    for group, share in jobs[start:start + width]]
-            for group, future in wave:
+    for start in range(0, len(jobs), width):
+        wave = jobs[start:start + width]
+        with torch_threads(parallel_share(len(wave))):  # one torch thread per training at once: no oversubscription
+            futures = [(group, train_references_task.submit(config, bundle, group, share)) for group, share in wave]
+            for group, future in futures:
                 paths, hits = future.result()
                 references.setdefault(group, []).extend(paths)
                 counts["total"] += len(paths)
