@@ -1,4 +1,5 @@
-"""Our membership attacks next to the Adversarial Robustness Toolbox's on the same targets.
+"""Our membership attacks next to the Adversarial Robustness Toolbox's and ML Privacy Meter's on
+the same targets (Privacy Meter's population and reference attacks: ``privacy_meter_peer.py``).
 
 Targets: a config's teacher, scratch student, KD student and compressed candidate (digits by
 default; the real MNIST or Fashion-MNIST with --config configs/mnist.yaml --data-root <folder>).
@@ -8,7 +9,8 @@ an adversary stronger than ours (LOSS needs nothing; RMIA and LiRA need only pop
 ART is cross-fitted (trained on one half, scored on the other, then swapped), so every attack
 scores every audited sample and all columns see the same samples — except ART's label-only
 decision-boundary attack (HopSkipJump distances, hundreds of queries a sample), which runs on
---boundary-samples members and as many non-members. Every result: AUC and TPR at 1 % and 0.1 %
+--boundary-samples members and as many non-members (ours are scored on that subset too, and the
+verdict compares it with ours on the same samples). Every result: AUC and TPR at 1 % and 0.1 %
 FPR with bootstrap 95 % intervals; RMIA with 1, 2, 4 and 8 reference models.
 
     uv run --group bench python benchmarks/audit_toolkits.py   (or: make bench-audit)
@@ -36,6 +38,8 @@ from kdsec.config import load_config
 from kdsec.data import prepare_data
 from kdsec.models import load_checkpoint
 from kdsec.train import predict_logits
+
+from privacy_meter_peer import privacy_meter_attacks  # benchmarks/ is the script's folder: on sys.path
 
 
 def art_attacks(model: nn.Module, samples, train_half: np.ndarray, test_half: np.ndarray, seed: int) -> dict:
@@ -109,9 +113,8 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
     overrides = [*args.set, *([f"data.root={args.data_root}"] if args.data_root else [])]
-    config = load_config(args.config, overrides)
-    if config.audit.reference_models < 8:  # RMIA with 1, 2, 4 and 8 references
-        config = load_config(args.config, [*overrides, "audit.reference_models=8"])
+    # RMIA with 1, 2, 4 and 8 references, on the teacher too
+    config = load_config(args.config, [*overrides, "audit.reference_models=8", "audit.teacher_reference_models=8"])
     bundle = prepare_data(config.data)
     folder = Path(tempfile.mkdtemp(prefix="kdsec-toolkits-"))
     with console.status("training the teacher, students and candidate"):
@@ -127,11 +130,13 @@ def main() -> None:
     order = np.random.default_rng(config.seed).permutation(count)
     train_half, test_half = np.sort(order[: count // 2]), np.sort(order[count // 2:])
     boundary = min(args.boundary_samples, count // 2)
-    reference = {}
+    BOUNDARY = f"ART label-only boundary ({boundary} + {boundary})"
+    reference, reference_models = {}, {}
     with console.status(f"{config.audit.reference_models} reference models per architecture (cached)"):
         for group in ("teacher", "student"):
             paths, _ = audit_run.reference_checkpoints(config, bundle, group)
-            reference[group] = signals([load_checkpoint(path)[0] for path in paths], samples)
+            reference_models[group] = [load_checkpoint(path)[0] for path in paths]
+            reference[group] = signals(reference_models[group], samples)
     masks = reference_masks(config.audit.reference_models, len(samples.y_population), config.seed)
     kind = "real" if args.data_root or bundle.name == "digits" else "SYNTHETIC"
 
@@ -140,7 +145,8 @@ def main() -> None:
 
     verdicts = {}
     for role, model in targets.items():
-        ref = reference["teacher" if role == "teacher" else "student"]
+        group = "teacher" if role == "teacher" else "student"
+        ref = reference[group]
         target = signals(model, samples)
         ours = {"ours LOSS": (-per_sample_loss(model, samples.x_members, samples.y_members),
                               -per_sample_loss(model, samples.x_non_members, samples.y_non_members))}
@@ -158,10 +164,19 @@ def main() -> None:
                     member[half], non_member[half] = scored_m, scored_n
                 art[name] = (member, non_member)
             if boundary:
-                art[f"ART label-only boundary ({boundary} + {boundary})"] = label_only_boundary(
-                    model, samples, train_half[:boundary], test_half[:boundary], bundle.num_classes)
+                np.random.seed(config.seed)  # HopSkipJump draws from numpy's global generator
+                art[BOUNDARY] = label_only_boundary(model, samples, train_half[:boundary], test_half[:boundary],
+                                                    bundle.num_classes)
+        # The boundary attack scores a subset only: ours are scored on that subset too, to compare
+        # on the same samples (TPR at 1 % FPR over 100 non-members hangs on one or two of them).
+        subset = test_half[:boundary]
+        on_subset = {f"{name} ({boundary} + {boundary})": (m[subset], n[subset]) for name, (m, n) in ours.items()
+                     if boundary}
         results = {name: score_attack(m, n, config.audit.low_fpr, name, bootstrap=config.audit.bootstrap,
-                                      seed=config.seed) for name, (m, n) in {**ours, **art}.items()}
+                                      seed=config.seed) for name, (m, n) in {**ours, **art, **on_subset}.items()}
+        with console.status(f"Privacy Meter attacks on {role}"):
+            results.update(privacy_meter_attacks(model, reference_models[group], samples, config.audit.low_fpr,
+                                                 config.audit.bootstrap, config.seed))
         accuracy = float((predict_logits(model.cpu(), bundle.x_test).argmax(1) == bundle.y_test).mean())
         table = Table(title=f"{role} on {bundle.name} ({kind}; test accuracy {accuracy:.4f}): {count:,} members vs "
                             f"{count:,} non-members; ART cross-fitted on halves; 95 % bootstrap intervals")
@@ -173,19 +188,26 @@ def main() -> None:
                           f"{r.tpr_at_0_1_fpr:.4f}")
         console.print(table)
 
-        def strongest(prefix: str):
-            return max((r for name, r in results.items() if name.startswith(prefix)),
-                       key=lambda r: (r.tpr_at_low_fpr, r.auc))
+        def strongest(prefix: str, subset: bool = False):
+            return max((r for name, r in results.items()
+                        if name.startswith(prefix) and name.endswith(f"({boundary} + {boundary})") == subset),
+                       key=lambda r: (r.tpr_at_low_fpr, r.auc), default=None)
 
-        best_ours, best_art = strongest("ours"), strongest("ART")
-        verdicts[role] = (best_ours, best_art, (best_ours.tpr_at_low_fpr, best_ours.auc) >= (
-            best_art.tpr_at_low_fpr, best_art.auc))
+        def key(result):
+            return (result.tpr_at_low_fpr, result.auc)
+
+        best = [strongest(prefix) for prefix in ("ours", "ART", "Privacy Meter")]
+        holds = all(key(best[0]) >= key(peer) for peer in best[1:])
+        if BOUNDARY in results:  # against ours on the same samples
+            holds &= key(strongest("ours", subset=True)) >= key(results[BOUNDARY])
+            if key(results[BOUNDARY]) > key(best[1]):
+                best[1] = results[BOUNDARY]
+        verdicts[role] = (*best, holds)
     summary = Table(title=f"strongest attack per target (by TPR @ {config.audit.low_fpr:g} FPR, then AUC), {bundle.name}")
-    for column in ("target", "ours", "ART", "ours ≥ ART"):
+    for column in ("target", "ours", "ART", "Privacy Meter", "ours ≥ both"):
         summary.add_column(column)
-    for role, (ours_r, art_r, holds) in verdicts.items():
-        summary.add_row(role, f"{ours_r.attack}: AUC {ours_r.auc:.3f}, TPR {ours_r.tpr_at_low_fpr:.4f}",
-                        f"{art_r.attack}: AUC {art_r.auc:.3f}, TPR {art_r.tpr_at_low_fpr:.4f}",
+    for role, (*best, holds) in verdicts.items():
+        summary.add_row(role, *(f"{r.attack}: AUC {r.auc:.3f}, TPR {r.tpr_at_low_fpr:.4f}" for r in best),
                         "yes" if holds else "NO")
     console.print(summary)
 
