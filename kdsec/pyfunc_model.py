@@ -1,7 +1,10 @@
 """The MLflow pyfunc wrapper a user loads with ``mlflow.pyfunc.load_model``.
 
-It takes what scikit-learn's digits give — rows of raw pixel values (0–16), as a numpy array
-or a DataFrame — and returns class labels.
+It takes rows of raw pixel values (0–16 for digits, 0–255 for 8-bit images) as a numpy array or
+a DataFrame of any integer or float dtype (uint8 images, int64 from JSON, float32 or float64), and
+returns class labels. The model checks its input itself (numeric, row width, pixel range): its
+MLflow signature declares the output only, since MLflow's input enforcement would refuse every
+dtype but the one declared.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ class StudentModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         values = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
+        if values.dtype.kind not in "iuf":  # any integer or float width: uint8 images, int64 JSON, float32 arrays
+            raise ValueError(f"pixel values must be integers or floats; got {values.dtype} values")
+        values = values.astype(np.float64, copy=False)
         features = math.prod(self.spec.input_shape)
         values = values.reshape(len(values), -1)
         if values.shape[1] != features:

@@ -355,13 +355,14 @@ def log_dict_artifact(payload: dict, name: str, run_id: str) -> None:
 def log_student_model(checkpoint: Path, checkpoint_format: str, input_scale: float, class_names: list[str],
                       normalization=None, example=None) -> str:
     """Log the candidate, in the active run, as a pyfunc model that predicts labels from raw
-    pixels, with its input/output signature and ``example`` (a few rows of raw pixels) as the
-    input example; return its URI."""
-    signature = None
-    if example is not None:
-        from mlflow.models import infer_signature
+    pixels, with its output signature and ``example`` (a few rows of raw pixels) as the input
+    example; return its URI."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
-        signature = infer_signature(np.asarray(example, dtype=np.float64), np.zeros(len(example), dtype=np.int64))
+    # The output only: an input schema would make MLflow refuse any dtype but the declared one
+    # (float32, uint8 and int64 arrays for a float64 schema); the model checks its input itself.
+    signature = ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]))
     with tempfile.TemporaryDirectory() as scratch:
         serving = Path(scratch) / "serving.json"
         write_atomic(serving, json.dumps({"format": checkpoint_format, "input_scale": input_scale,
