@@ -24,8 +24,8 @@ def main() -> None:
 
     from kdsec.compress.quantize import load_weights
     from kdsec.config import HEConfig
-    from kdsec.crypto.he.encrypted_input import run_encrypted_input
-    from kdsec.crypto.he.program import he_program
+    from kdsec.he.encrypted_input import run_encrypted_input
+    from kdsec.he.program import he_program
 
     model, _, _ = load_weights(args.run / args.checkpoint)
     with np.load(args.run / "splits.npz") as splits:

@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from full_size import write_files  # noqa: E402  (the same synthetic full-size files)
 from kdsec.config import load_config  # noqa: E402
-from kdsec.crypto.he import he_program, run_encrypted_input  # noqa: E402
-from kdsec.crypto.he.runner import check_single_layout  # noqa: E402
+from kdsec.he import he_program, run_encrypted_input  # noqa: E402
+from kdsec.he.runner import check_single_layout  # noqa: E402
 from kdsec.errors import ConfigError  # noqa: E402
 from kdsec.data import prepare_data  # noqa: E402
 from kdsec.trainers import distill_student, store_teacher_signals, train_scratch_student, train_teacher  # noqa: E402

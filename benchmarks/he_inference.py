@@ -24,7 +24,7 @@ from rich.table import Table
 
 from kdsec.compress import global_magnitude_prune
 from kdsec.config import HEConfig, PipelineConfig
-from kdsec.crypto.he import he_ops, plaintext_forward, run_encrypted_input, run_encrypted_model
+from kdsec.he import he_ops, plaintext_forward, run_encrypted_input, run_encrypted_model
 from kdsec.data import prepare_data
 from kdsec.distill import OfflineDistiller
 from kdsec.models import load_checkpoint

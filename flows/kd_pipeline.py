@@ -21,7 +21,7 @@ from kdsec.cache import code_version
 from kdsec.compress.candidates import compression_metrics, load_variant, select_candidate
 from kdsec.config import PipelineConfig, config_from_dict, load_config
 from kdsec.crypto.package import AtRestResult
-from kdsec.crypto.he import HEResult
+from kdsec.he import HEResult
 from kdsec.device import parallel_share, torch_threads
 from kdsec.distill import signals_key
 from kdsec.errors import KdsecError

@@ -11,7 +11,7 @@ def preflight(config: PipelineConfig) -> None:
     structured pruning, homomorphic inference, an HE layout that does not fit), a malformed or
     exposed encryption key: each is a one-line ``KdsecError`` now, not after training."""
     from kdsec.compress.structured import SUPPORTED as STRUCTURED_ARCHS
-    from kdsec.crypto.he import HE_FRIENDLY_ARCHS
+    from kdsec.he import HE_FRIENDLY_ARCHS
     from kdsec.crypto.keys import load_or_create_signer, local_key_provider
     from kdsec.data import DATASETS, DECLARED_SHAPES
     from kdsec.distill import LOSSES
@@ -44,7 +44,7 @@ def _check_he_layouts(config: PipelineConfig, input_shape: tuple[int, ...], num_
     import torch
 
     from kdsec.compress.structured import structured_prune
-    from kdsec.crypto.he import check_layouts, he_program
+    from kdsec.he import check_layouts, he_program
     from kdsec.models import ModelSpec, build_model
     from kdsec.sweep import scaled_student
 

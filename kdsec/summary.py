@@ -24,7 +24,7 @@ from kdsec.gates import CheckResult, Metric, membership_worst_case
 if TYPE_CHECKING:  # the model above is read without torch; only building a summary needs these
     from kdsec.audit.run import AuditOutcome, ModelAudit
     from kdsec.compress.measure import VariantMetrics
-    from kdsec.crypto.he import HEResult
+    from kdsec.he import HEResult
     from kdsec.crypto.package import AtRestResult
     from kdsec.data import DataBundle
     from kdsec.explain import ExplainResult

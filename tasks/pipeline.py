@@ -15,9 +15,10 @@ from kdsec.audit.run import AuditOutcome, audit_pipeline, reference_checkpoints
 from kdsec.compress.candidates import compress_student
 from kdsec.compress.measure import VariantMetrics
 from kdsec.config import PipelineConfig
-from kdsec.crypto.he import HEResult
+from kdsec.he import HEResult
 from kdsec.crypto.package import AtRestResult
-from kdsec.crypto.protect import homomorphic_inference, package_metadata, protect_at_rest
+from kdsec.he.stage import homomorphic_inference
+from kdsec.crypto.protect import package_metadata, protect_at_rest
 from kdsec.data import DataBundle, prepare_data
 from kdsec.explain import ExplainResult, explain_models
 from kdsec.sweep import MemberResult, SweepMember

@@ -134,7 +134,7 @@ AT_REST_PROVEN = SimpleNamespace(roundtrip_exact=True, tamper_rejected=True, wro
 
 
 def _he_run(mode: str, path: str, agreement: float = 1.0, with_model: float = 1.0, secret: bool = False):
-    from kdsec.crypto.he.result import HERun
+    from kdsec.he.result import HERun
 
     return HERun(mode=mode, path=path, samples=100, agreement=agreement, agreement_with_model=with_model,
                  max_abs_logit_error=1e-3, ms_per_sample=1.0, server_ms_per_sample=0.5, ciphertext_bytes_in=1,
@@ -143,7 +143,7 @@ def _he_run(mode: str, path: str, agreement: float = 1.0, with_model: float = 1.
 
 
 def _he(*runs):
-    from kdsec.crypto.he.result import HEResult
+    from kdsec.he.result import HEResult
 
     return HEResult(list(runs))
 

@@ -1,15 +1,14 @@
-"""The candidate protected for shipping: a signed, envelope-encrypted package at rest, and its
-encrypted (CKKS) inference measured against plaintext."""
+"""The candidate protected for shipping: a signed, envelope-encrypted package at rest (its
+encrypted inference is ``kdsec.he.stage``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from kdsec.compress.candidates import load_variant, variant_format
+from kdsec.compress.candidates import variant_format
 from kdsec.compress.measure import VariantMetrics
 from kdsec.config import PipelineConfig
-from kdsec.crypto.he import HEResult, encrypted_inference
 from kdsec.crypto.keys import load_or_create_signer, local_key_provider
 from kdsec.crypto.package import AtRestResult, protect_and_verify
 from kdsec.data import DataBundle
@@ -33,18 +32,3 @@ def package_metadata(bundle: DataBundle, candidate: VariantMetrics) -> dict:
     return {"input_scale": bundle.input_scale, "normalization": bundle.normalization,
             "class_names": list(bundle.class_names), "data_fingerprint": bundle.fingerprint,
             "test_accuracy": candidate.test_accuracy}
-
-
-def homomorphic_inference(config: PipelineConfig, bundle: DataBundle, candidate: VariantMetrics,
-                          package_dir: Path | None = None) -> HEResult:
-    """Encrypted inference of the candidate on the test split (``encrypt.he.max_samples`` of it)
-    in every mode the config enables; empty when HE is switched off."""
-    if not config.encrypt.he.enabled:
-        return HEResult(runs=[])
-    inputs = bundle.x_test
-    if config.encrypt.he.max_samples:
-        inputs = inputs[: config.encrypt.he.max_samples]
-    # accuracy under encryption only over the whole split: a capped sample would gate on its noise
-    labels = bundle.y_test if len(inputs) == len(bundle.y_test) else None
-    return encrypted_inference(load_variant(candidate), inputs, config.encrypt.he,
-                               package_dir if config.encrypt.he.log_packages else None, labels)

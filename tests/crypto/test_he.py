@@ -8,9 +8,11 @@ import torch
 from kdsec.compress import global_magnitude_prune, load_weights, quantize_dynamic_int8, save_int8
 from kdsec.compress.quantize import DynamicQuantLinear
 from kdsec.config import DataConfig, HEConfig, load_config
-from kdsec.crypto.he import (HE_FRIENDLY_ARCHS, BatchedServer, EncryptedModel, GridPlan, LinearOp, he_ops,
+from kdsec.he import (HE_FRIENDLY_ARCHS, BatchedServer, EncryptedModel, GridPlan, LinearOp, he_ops,
                              SquareOp, plaintext_forward, run_encrypted_input, run_encrypted_model, encrypted_inference)
-from kdsec.crypto.seal import HEParams, KeyHolder, ParamsHeader, PublicContext, plan_params, scratch
+from kdsec.he.params import HEParams, plan_params
+from kdsec.he.seal import KeyHolder, PublicContext, scratch
+from kdsec.he.bundle import ParamsHeader
 from kdsec.errors import ConfigError, IntegrityError, KdsecError
 from kdsec.models import ModelSpec, build_model, save_checkpoint
 from kdsec.train import fit, seed_everything
@@ -185,7 +187,7 @@ def test_a_lowering_bug_agrees_with_its_own_program_but_fails_the_he_gate(studen
     computes: only the comparison with the shipped model's own predictions sees a lowering that
     differs from the model (here the last layer's rows permuted, as a wrong fold could)."""
     from kdsec.config import GatesConfig
-    from kdsec.crypto.he import runner
+    from kdsec.he import runner
     from kdsec.gates import evaluate_gates, he_gate_metrics
 
     lower = runner.he_program
@@ -325,7 +327,7 @@ def test_the_pipeline_entry_on_a_trained_candidate_passes_the_default_gate(defau
 def test_batched_chunks_on_two_host_processes_decrypt_like_one(caplog):
     """More samples than one ciphertext holds: two spawned host processes (public context bytes
     only) evaluate the chunks while the client encrypts; same logits as one host, same order."""
-    from kdsec.crypto.he import SquareOp, plaintext_forward
+    from kdsec.he import SquareOp, plaintext_forward
 
     rng = np.random.default_rng(0)
     ops = [LinearOp(rng.normal(size=(3, 4)), rng.normal(size=3)), SquareOp(),
@@ -346,7 +348,7 @@ def test_batched_chunks_on_two_host_processes_decrypt_like_one(caplog):
 def test_auto_host_workers_are_one_per_core_at_most_one_per_chunk(monkeypatch):
     import os
 
-    from kdsec.crypto.he.batched import host_workers
+    from kdsec.he.batched import host_workers
 
     for cores, chunks, expected in ((2, 5, 2), (1, 5, 1), (8, 5, 5), (8, 20, 8)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
@@ -357,7 +359,7 @@ def test_auto_host_workers_are_one_per_core_at_most_one_per_chunk(monkeypatch):
 def test_encrypted_model_stops_at_its_time_budget_and_reports_the_samples_it_ran(caplog):
     """Over encrypt.he.max_mode_seconds the encrypted model stops after the current chunk: the run
     reports the samples evaluated (agreement over them), and the log says how many of how many."""
-    from kdsec.crypto.he import SquareOp
+    from kdsec.he import SquareOp
 
     rng = np.random.default_rng(1)
     ops = [LinearOp(rng.normal(size=(3, 4)), rng.normal(size=3)), SquareOp(),

@@ -13,9 +13,9 @@ from kdsec import trainers
 from kdsec.compress import candidates, global_magnitude_prune, quantize_dynamic_int8, save_int8, structured_prune
 from kdsec.compress.quantize import load_int8
 from kdsec.config import DEFAULT_CONFIG, CompressConfig, HEConfig, TrainConfig, load_config
-from kdsec.crypto.he import (LinearOp, SquareOp, check_layouts, encrypted_inference, he_ops, he_program,
+from kdsec.he import (LinearOp, SquareOp, check_layouts, encrypted_inference, he_ops, he_program,
                              plaintext_forward, run_encrypted_input)
-from kdsec.crypto.he.encrypted_input import DiagonalPlan, GatherPlan, GridPlan, single_plan
+from kdsec.he.encrypted_input import DiagonalPlan, GatherPlan, GridPlan, single_plan
 from kdsec.data import DECLARED_SHAPES
 from kdsec.distill.features import resolve_tap
 from kdsec.errors import ConfigError, KdsecError
@@ -258,7 +258,7 @@ def test_a_single_sample_layout_too_large_for_any_ring_is_refused_before_encrypt
     def no_keys(*args, **kwargs):
         raise AssertionError("keys were made before the layout was checked")
 
-    monkeypatch.setattr("kdsec.crypto.he.encrypted_input.KeyHolder", no_keys)
+    monkeypatch.setattr("kdsec.he.encrypted_input.KeyHolder", no_keys)
     with pytest.raises(ConfigError, match=r"single-sample path needs 32768 slots for this student but "
                                           r"poly_modulus_degree 32768 has 16384; set encrypt\.he\.latency_samples=0") as caught:
         check_layouts(ops, HEConfig(modes=["encrypted_input"]))
@@ -360,13 +360,13 @@ def test_feature_losses_find_the_he_cnn_maps_and_hint():
 def test_a_candidate_whose_single_sample_layout_does_not_fit_skips_that_path_only(monkeypatch, caplog):
     """Preflight checks the smallest candidate; a larger chosen one whose single-sample layout does
     not fit is still encrypted (batched), the single path skipped with a warning: nothing trained is lost."""
-    monkeypatch.setattr("kdsec.crypto.he.runner.MAX_ROTATIONS", 2)  # the digits he_cnn's plan needs more
+    monkeypatch.setattr("kdsec.he.runner.MAX_ROTATIONS", 2)  # the digits he_cnn's plan needs more
     model = build_model(ModelSpec("he_cnn", (1, 8, 8), 10, {"hidden": []})).eval()
     with caplog.at_level("WARNING", logger="kdsec"):
         result = encrypted_inference(model, np.random.default_rng(0).uniform(0, 1, (16, 1, 8, 8)).astype(np.float32),
                                      HEConfig(modes=["encrypted_input"], latency_samples=4))
     assert [(run.mode, run.path) for run in result.runs] == [("encrypted_input", "batched")]
     assert "single-sample path skipped for this candidate" in caplog.text
-    monkeypatch.setattr("kdsec.crypto.he.runner.MAX_ROTATIONS", 0)  # now nothing with rotations fits...
+    monkeypatch.setattr("kdsec.he.runner.MAX_ROTATIONS", 0)  # now nothing with rotations fits...
     with pytest.raises(ConfigError):  # ...and an encrypted model needs rotations: still an error
         encrypted_inference(model, np.zeros((4, 1, 8, 8), np.float32), HEConfig(latency_samples=4))

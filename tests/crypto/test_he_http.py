@@ -18,12 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from kdsec.crypto.he import GatherPlan, GatherServer, GridPlan, LinearOp, SquareOp, he_ops, he_program, plaintext_forward
-from kdsec.crypto.he_http import HEHost, HEHttpClient, make_server
+from kdsec.he import GatherPlan, GatherServer, GridPlan, LinearOp, SquareOp, he_ops, he_program, plaintext_forward
+from kdsec.he.host import HEHost
+from kdsec.he.client import HEHttpClient
+from kdsec.he.server import make_server
 from kdsec.config import HEConfig
-from kdsec.crypto.he.program import batched_params
-from kdsec.crypto.seal import (BUNDLE_MAGIC, SEAL_HEADER, ZSTD_MAGIC, KeyHolder, PublicContext, pack, plan_params,
-                               scratch, unpack)
+from kdsec.he.program import batched_params
+from kdsec.he.params import BUNDLE_MAGIC, SEAL_HEADER, ZSTD_MAGIC, plan_params
+from kdsec.he.seal import KeyHolder, PublicContext, scratch
+from kdsec.he.bundle import pack, unpack
 from kdsec.errors import IntegrityError, KdsecError
 from kdsec.models import ModelSpec, build_model, save_checkpoint
 
@@ -37,7 +40,7 @@ def host(tmp_path_factory):
     checkpoint = save_checkpoint(model, spec, folder / "student.safetensors")
     with open(folder / "host.stderr", "w") as stderr:  # a file, not a pipe: a full pipe would stall the host
         # Eight request slots: the concurrency tests put eight requests in flight at once.
-        process = subprocess.Popen([sys.executable, "-m", "kdsec.crypto.he_http", "--model", str(checkpoint),
+        process = subprocess.Popen([sys.executable, "-m", "kdsec.he.server", "--model", str(checkpoint),
                                     "--port", "0", "--max-in-flight", "8"], stdout=subprocess.PIPE, stderr=stderr,
                                    text=True)
     line = process.stdout.readline()

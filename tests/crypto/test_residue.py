@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from kdsec.crypto.he.residue import LayoutError, ResidueLinear, residues
-from kdsec.crypto.seal import HEParams, KeyHolder, ParamsHeader, plan_paired
+from kdsec.he.residue import LayoutError, ResidueLinear, residues
+from kdsec.he.params import HEParams, plan_paired
+from kdsec.he.seal import KeyHolder
+from kdsec.he.bundle import ParamsHeader
 
 
 def _seal_sum(public, inputs, integers, weight_scale):
@@ -92,7 +94,7 @@ def test_limb_sums_recombine_exactly_modulo_every_prime_size(ring):
     widths from 4 to 50 (capped the way ``apply`` caps them) and sums of both signs at ±2^52."""
     import tenseal.sealapi as seal
 
-    from kdsec.crypto.he.residue import _combine
+    from kdsec.he.residue import _combine
 
     rng = np.random.default_rng(ring)
     primes = [m.value() for m in seal.CoeffModulus.Create(ring, [30, 44, 50, 60])]
@@ -126,9 +128,9 @@ def test_wide_rows_run_in_two_halves_when_that_saves_a_limb():
 def test_another_seal_layout_falls_back_to_seals_loop_with_the_same_logits(monkeypatch):
     """Where residues() cannot read the ciphertexts (another SEAL build), the paired chain runs the
     same integer weights through SEAL's per-weight products: the same decrypted logits."""
-    import kdsec.crypto.he.residue as residue_module
+    import kdsec.he.residue as residue_module
     from kdsec.config import HEConfig
-    from kdsec.crypto.he import LinearOp, SquareOp, plaintext_forward, run_encrypted_input
+    from kdsec.he import LinearOp, SquareOp, plaintext_forward, run_encrypted_input
 
     rng = np.random.default_rng(5)
     ops = [LinearOp(rng.normal(size=(6, 8)) * 0.3, rng.normal(size=6)), SquareOp(),
@@ -172,7 +174,7 @@ def test_features_summed_group_by_group_equal_the_whole_product_word_for_word():
 def test_a_streamed_chunk_gives_the_logits_of_the_whole_chunk():
     """``BatchedServer.stream``: features fed in uneven groups, the rest of the network after the last."""
     from kdsec.config import HEConfig
-    from kdsec.crypto.he import BatchedServer, LinearOp, SquareOp, plaintext_forward
+    from kdsec.he import BatchedServer, LinearOp, SquareOp, plaintext_forward
 
     rng = np.random.default_rng(9)
     ops = [LinearOp(rng.normal(size=(6, 9)) * 0.3 * (rng.random((6, 9)) < 0.7), rng.normal(size=6)), SquareOp(),

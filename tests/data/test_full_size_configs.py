@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kdsec.config import DEFAULT_CONFIG, DataConfig, load_config
-from kdsec.crypto.he.program import HE_FRIENDLY_ARCHS, he_program
+from kdsec.he.program import HE_FRIENDLY_ARCHS, he_program
 from kdsec.data import prepare_data
 from kdsec.models import ModelSpec, build_model
 from tests.vision_fixtures import varied_digit_images, write_cifar10, write_mnist

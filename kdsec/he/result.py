@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from kdsec.crypto.he.program import plaintext_forward
-from kdsec.crypto.seal import HEParams
+from kdsec.he.program import plaintext_forward
+from kdsec.he.params import HEParams
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,12 @@
 
 Encryption parameters come from the layout's multiplicative depth (``plan_params``).
 
+Below them: ``params`` (secure moduli, chain layouts), ``bundle`` (the strict wire format of
+contexts and ciphertexts) and ``seal`` (``KeyHolder``, the only owner of a secret key, and
+``PublicContext``, what travels). Over HTTP: ``host`` (``HEHost``: sessions and their bounds),
+``server`` (``make_server``, ``python -m kdsec.he.server``) and ``client`` (``HEHttpClient``).
+``stage`` is the pipeline's homomorphic stage. At-rest crypto stays in ``kdsec.crypto``.
+
 The names below load on first use (PEP 562): a batched host process imports ``batched`` alone,
 without torch (``ops`` holds the operations torch-free), and starts in ~0.4 s instead of ~4 s.
 """

@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.batched import BatchedServer
-from kdsec.crypto.he.encrypted_input import GridPlan, run_encrypted_input, single_params, single_plan
-from kdsec.crypto.he.encrypted_model import (block_size, encrypted_model_ciphertexts, encrypted_model_depth,
+from kdsec.he.batched import BatchedServer
+from kdsec.he.encrypted_input import GridPlan, run_encrypted_input, single_params, single_plan
+from kdsec.he.encrypted_model import (block_size, encrypted_model_ciphertexts, encrypted_model_depth,
                                              encrypted_model_steps, run_encrypted_model)
-from kdsec.crypto.he.program import Op, he_params, he_program, largest_ring, model_structure
-from kdsec.crypto.he.result import HEResult, HERun
-from kdsec.crypto.seal import MAX_ROTATIONS
+from kdsec.he.program import Op, he_params, he_program, largest_ring, model_structure
+from kdsec.he.result import HEResult, HERun
+from kdsec.he.params import MAX_ROTATIONS
 from kdsec.errors import ConfigError
 from kdsec.fileio import write_atomic
 

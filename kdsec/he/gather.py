@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.ops import (LinearOp, Op, alternates, baby_giant_sum, doubling_steps, linear_ops,
+from kdsec.he.ops import (LinearOp, Op, alternates, baby_giant_sum, doubling_steps, linear_ops,
                                  model_structure, next_pow2)
-from kdsec.crypto.seal import MAX_MODULUS_BITS, HEParams, PublicContext, plan_paired
+from kdsec.he.params import MAX_MODULUS_BITS, HEParams, plan_paired
+from kdsec.he.seal import PublicContext
 from kdsec.errors import ConfigError, KdsecError
 
 GATHER_WEIGHT_SCALE_BITS = 20  # weights and inputs at 2^20: 60-bit primes, the product back at 2^40 after each

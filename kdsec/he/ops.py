@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.seal import MAX_MODULUS_BITS, HEParams, plan_paired, plan_params
+from kdsec.he.params import MAX_MODULUS_BITS, HEParams, plan_paired, plan_params
 
 
 @dataclass(frozen=True, eq=False)

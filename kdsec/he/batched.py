@@ -19,9 +19,9 @@ import time
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.ops import LinearOp, Op, SquareOp, alternates, batched_params, model_structure
-from kdsec.crypto.he.residue import LayoutError, ResidueLinear
-from kdsec.crypto.seal import KeyHolder, PublicContext
+from kdsec.he.ops import LinearOp, Op, SquareOp, alternates, batched_params, model_structure
+from kdsec.he.residue import LayoutError, ResidueLinear
+from kdsec.he.seal import KeyHolder, PublicContext
 from kdsec.errors import KdsecError
 
 # --- encrypted input, batched ----------------------------------------------------------------

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.program import (Op, SquareOp, doubling_steps, he_params, linear_ops, model_structure, next_pow2,
+from kdsec.he.program import (Op, SquareOp, doubling_steps, he_params, linear_ops, model_structure, next_pow2,
                                      sample_chunks)
-from kdsec.crypto.he.result import HERun, _summarize
-from kdsec.crypto.seal import KeyHolder, PublicContext, pack, scratch, unpack
+from kdsec.he.result import HERun, _summarize
+from kdsec.he.seal import KeyHolder, PublicContext, scratch
+from kdsec.he.bundle import pack, unpack
 from kdsec.fileio import write_atomic
 from kdsec.progress import progress
 

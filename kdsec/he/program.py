@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from kdsec.compress.quantize import DynamicQuantLinear
-from kdsec.crypto.he.ops import (LinearOp, Op, SquareOp, alternates, batched_params, doubling_steps,  # noqa: F401
+from kdsec.he.ops import (LinearOp, Op, SquareOp, alternates, batched_params, doubling_steps,  # noqa: F401
                                  he_params, largest_ring, linear_ops, model_structure, next_pow2,
                                  plaintext_forward, sample_chunks)
 from kdsec.errors import KdsecError

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from kdsec.config import HEConfig
-from kdsec.crypto.he.batched import BatchedServer, HostDied, _parallel_hosts, host_workers
-from kdsec.crypto.he.gather import GatherPlan, GatherServer, gather_params
-from kdsec.crypto.he.ops import (LinearOp, Op, SquareOp, alternates, baby_giant_sum, doubling_steps, he_params,
+from kdsec.he.batched import BatchedServer, HostDied, _parallel_hosts, host_workers
+from kdsec.he.gather import GatherPlan, GatherServer, gather_params
+from kdsec.he.ops import (LinearOp, Op, SquareOp, alternates, baby_giant_sum, doubling_steps, he_params,
                                  largest_ring, linear_ops, model_structure, next_pow2, sample_chunks)
-from kdsec.crypto.he.result import HERun, _summarize
-from kdsec.crypto.seal import KeyHolder, PublicContext
+from kdsec.he.result import HERun, _summarize
+from kdsec.he.seal import KeyHolder, PublicContext
 from kdsec.errors import ConfigError, KdsecError
 from kdsec.fileio import write_atomic
 from kdsec.progress import progress

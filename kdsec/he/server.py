@@ -1,0 +1,243 @@
+"""The HE host over HTTP: ``make_server`` (routes, bounds, one-line JSON errors) and the
+``python -m kdsec.he.server`` entry point. See ``kdsec.he.host`` for the endpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+from kdsec.errors import KdsecError
+from kdsec.he import he_ops
+from kdsec.he.host import (
+    CONTENT_LENGTH,
+    IDLE_TIMEOUT,
+    MAX_BODY,
+    MAX_IN_FLIGHT,
+    MAX_SESSION_BYTES,
+    MAX_SESSIONS,
+    MIB,
+    MIN_UPLOAD_RATE,
+    READ_TIMEOUT,
+    SESSION_ID,
+    HEHost,
+    HostBusy,
+    HostError,
+    LengthRequired,
+    NotFound,
+    TooLarge,
+    _one_line,
+    log,
+)
+
+
+def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_timeout: float = READ_TIMEOUT,
+                max_body: int = MAX_BODY) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        # socketserver sets this on the connection: a read or write stalled this long raises TimeoutError.
+        timeout = read_timeout
+        server_version = "kdsec-he"
+        sys_version = ""
+
+        def log_message(self, *args) -> None:  # request lines would go to stderr; keep the console quiet
+            pass
+
+        def _reply(self, status: int, body: bytes, content_type: str = "application/octet-stream",
+                   headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _json(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+            self._reply(status, json.dumps(payload).encode(), "application/json", headers)
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """Every error, the stdlib's own (bad request line, oversized headers) included: one line of JSON."""
+            # An unparsable request line leaves the version at HTTP/0.9, which would send the body
+            # without a status line; nobody speaks 0.9, so answer in 1.0.
+            self.request_version = "HTTP/1.0" if self.request_version == "HTTP/0.9" else self.request_version
+            self.close_connection = True
+            self._json(code, {"error": _one_line(message or self.responses.get(code, ("error",))[0])})
+
+        def _refuse(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+            # Read what is left of a refused body first: closing on unread bytes resets the
+            # connection, and the client would see that instead of this answer.
+            if not self.body_read:
+                try:
+                    self._read(self._length(), keep=False)
+                except HostError:
+                    pass  # no usable length: nothing to drain
+            self.close_connection = True
+            self._json(status, {"error": _one_line(message)}, headers)
+
+        def do_GET(self) -> None:
+            self._handle()
+
+        do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = do_GET
+
+        def _handle(self) -> None:
+            self.body_read = self.command not in ("POST", "PUT", "PATCH", "DELETE")
+            try:
+                try:
+                    self._route()
+                except HostBusy as exc:
+                    self._refuse(exc.status, str(exc), {"Retry-After": str(exc.retry_after)})
+                except HostError as exc:
+                    self._refuse(exc.status, str(exc))
+                except KdsecError as exc:  # ConfigError, IntegrityError: the request's bytes are at fault
+                    self._refuse(400, str(exc))
+                except TimeoutError:
+                    self._refuse(408, "the request body stalled or arrived too slowly: resend it")
+                except Exception:
+                    log.exception("HE host: unexpected error on %s %s", self.command, self.path[:200])
+                    self._refuse(500, "internal error on the HE host (logged there)")
+            except OSError:  # the client went away or stopped reading: nobody is left to answer
+                self.close_connection = True
+
+        def _route(self) -> None:
+            url = urlparse(self.path)
+            match url.path.strip("/").split("/"):
+                case ["plan"]:
+                    methods = {"GET": lambda: self._json(200, host.plan)}
+                case ["sessions"]:
+                    methods = {"POST": self._open}
+                case ["sessions", session_id]:
+                    methods = {"DELETE": lambda: self._close(session_id)}
+                case ["infer", session_id]:
+                    methods = {"POST": lambda: self._infer(session_id, parse_qs(url.query).get("path", ["batched"])[0])}
+                case _:
+                    raise NotFound("not found: the routes are GET /plan, POST /sessions, "
+                                   "DELETE /sessions/<id>, POST /infer/<id>?path=batched|single")
+            if self.command not in methods:
+                return self._refuse(405, f"method {self.command} not allowed here (allowed: {', '.join(methods)})",
+                                    {"Allow": ", ".join(methods)})
+            methods[self.command]()
+
+        def _open(self) -> None:
+            with self._body() as body:
+                session_id, memory_bytes = host.open_session(body)
+            self._json(200, {"session": session_id, "memory_bytes": memory_bytes})
+
+        def _close(self, session_id: str) -> None:
+            host.close_session(self._session_id(session_id))
+            self._json(200, {"closed": session_id})
+
+        def _infer(self, session_id: str, path: str) -> None:
+            if path not in ("batched", "single"):
+                raise HostError(f"unknown path '{path[:40]}' (batched or single)")
+            session_id = self._session_id(session_id)
+            with self._body() as body:
+                reply = host.infer(session_id, path, body)
+            self._reply(200, reply)
+
+        @staticmethod
+        def _session_id(session_id: str) -> str:
+            if not SESSION_ID.fullmatch(session_id):
+                raise NotFound(f"unknown session '{session_id[:40]}': open a new session (POST /sessions)")
+            return session_id
+
+        def _length(self) -> int:
+            if "Transfer-Encoding" in self.headers:
+                raise LengthRequired("send the body with a Content-Length, not a Transfer-Encoding")
+            raw = self.headers.get("Content-Length")
+            if raw is None:
+                raise LengthRequired("a Content-Length is required")
+            if not CONTENT_LENGTH.fullmatch(raw.strip()):
+                raise HostError(f"Content-Length must be a non-negative integer, got '{raw[:40]}'")
+            length = int(raw)
+            if length == 0:
+                raise HostError("empty body: send a kdsec HE bundle")
+            if length > max_body:
+                raise TooLarge(f"body of {length} bytes is over the host's limit of {max_body} bytes")
+            return length
+
+        @contextmanager
+        def _body(self) -> Iterator[bytes]:
+            """The body, read and used within one of ``max_in_flight`` work slots (none free: 503)."""
+            length = self._length()
+            if not host.in_flight.acquire(blocking=False):
+                raise HostBusy("host busy: every request slot is in use; retry shortly", 1)
+            try:
+                yield self._read(length, keep=True)
+            finally:
+                host.in_flight.release()
+
+        def _read(self, length: int, keep: bool) -> bytes:
+            """``length`` body bytes (dropped unless ``keep``), each read within the timeout and all of
+            them at ``MIN_UPLOAD_RATE`` on average."""
+            self.body_read = True  # even if it stalls: a refusal must not wait for it again
+            deadline = time.monotonic() + self.timeout + length / MIN_UPLOAD_RATE
+            chunks, left = [], length
+            while left:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(min(self.timeout, remaining))
+                chunk = self.rfile.read1(min(left, MIB))
+                if not chunk:
+                    raise ConnectionError("the client closed the connection mid-body")
+                left -= len(chunk)
+                if keep:
+                    chunks.append(chunk)
+            self.connection.settimeout(self.timeout)
+            return b"".join(chunks)
+
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 64  # the listen backlog: the stdlib's 5 drops bursts of concurrent clients
+
+    return Server((address, port), Handler)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from kdsec.compress import load_weights
+
+    parser = argparse.ArgumentParser(description="Serve encrypted-input inference for a kdsec HE student.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", required=True, type=Path, help="a kdsec checkpoint (float or int8)")
+    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS, help="sessions open at once")
+    parser.add_argument("--max-session-mib", type=float, default=MAX_SESSION_BYTES / MIB,
+                        help="estimated memory of all open sessions, MiB (a batched session of a small student "
+                             "is ~15 MiB, a single-path one ~75, a conv student's diagonal single path ~730)")
+    parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
+                        help="seconds after its last request before a session expires")
+    parser.add_argument("--max-in-flight", type=int, default=MAX_IN_FLIGHT,
+                        help="requests read or evaluated at once; more get 503")
+    parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
+                        help="seconds a socket read may stall before the request gets 408")
+    parser.add_argument("--max-body-mib", type=float, default=MAX_BODY / MIB, help="largest request body, MiB")
+    args = parser.parse_args(argv)
+    bounds = {"--max-sessions": args.max_sessions, "--max-session-mib": args.max_session_mib,
+              "--idle-timeout": args.idle_timeout, "--max-in-flight": args.max_in_flight,
+              "--read-timeout": args.read_timeout, "--max-body-mib": args.max_body_mib}
+    try:
+        for flag, value in bounds.items():
+            if not value > 0:
+                raise KdsecError(f"{flag} must be positive, got {value}")
+        host = HEHost(he_ops(load_weights(args.model)[0]), args.max_sessions, int(args.max_session_mib * MIB),
+                      args.idle_timeout, args.max_in_flight)
+        server = make_server(host, args.port, args.host, args.read_timeout, int(args.max_body_mib * MIB))
+    except (KdsecError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"kdsec HE host listening on http://{args.host}:{server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
