@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # kdsec's parts, top to bottom (as the README lists them); one row may import itself and below.
 LAYERS = [
-    {"cli"}, {"review"}, {"report"}, {"summary"}, {"tracking"}, {"pyfunc_model", "pyfunc_entry"}, {"mlflow_auth"},
+    {"cli", "he_cli"}, {"review"}, {"report"}, {"summary"}, {"tracking"}, {"pyfunc_model", "pyfunc_entry"}, {"mlflow_auth"},
     {"preflight"}, {"gates"}, {"explain"}, {"audit"}, {"he"}, {"crypto"}, {"compress"}, {"trainers"}, {"sweep"}, {"cache"},
     {"distill"}, {"dp_sgd"}, {"train"}, {"models"}, {"data"},
     {"config", "roles", "catalog", "fileio", "errors", "device", "progress"},

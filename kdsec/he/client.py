@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import ssl
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -32,13 +35,30 @@ class HEHttpClient:
 
     ``close()`` (or leaving the ``with`` block) ends the host's session and frees its memory. A
     503 (host busy or full) is retried after its Retry-After while that fits in ``busy_wait`` seconds.
+
+    ``token`` (default: the ``KDSEC_HE_TOKEN`` variable) is the client's bearer token. An
+    ``https://`` host is verified against ``cafile`` (or the system's CAs) and its hostname; the
+    token is never sent over plain HTTP to anything but a loopback address.
     """
 
     def __init__(self, url: str, config: HEConfig = HEConfig(), path: str = "batched",
-                 busy_wait: float = 30.0) -> None:
+                 busy_wait: float = 30.0, token: str | None = None, cafile: str | None = None) -> None:
         self.url, self.path, self.busy_wait = url.rstrip("/"), path, busy_wait
+        self.token = token if token is not None else os.environ.get("KDSEC_HE_TOKEN") or None
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise KdsecError(f"HE host URL must be http(s)://host:port, got '{url[:200]}'")
+        if self.token and parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise KdsecError(f"refusing to send a token to {parts.hostname} over plain HTTP: use https://")
+        self._tls = ssl.create_default_context(cafile=cafile) if parts.scheme == "https" else None
         self._lock = threading.Lock()
         self.plan = json.loads(self._request("GET", "/plan"))
+        self.client: str | None = None
+        if self.plan.get("auth") == "bearer" or self.token:
+            if not self.token:
+                raise KdsecError("this host requires a client token: pass token= or set KDSEC_HE_TOKEN "
+                                 "(kdsec he-token create makes one)")
+            self.client = json.loads(self._request("GET", "/whoami"))["client"]  # before any large upload
         step = self.plan[path]
         if "paired" not in step.get("chains", ["classic"]):  # an older host, or a program that does not alternate
             config = config.model_copy(update={"batched_chain": "classic"})
@@ -73,14 +93,15 @@ class HEHttpClient:
     def _request(self, method: str, route: str, body: bytes | None = None) -> bytes:
         give_up = time.monotonic() + self.busy_wait
         while True:
-            request = urllib.request.Request(self.url + route, data=body, method=method)
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+            request = urllib.request.Request(self.url + route, data=body, method=method, headers=headers)
             try:
-                with urllib.request.urlopen(request, timeout=300) as response:
+                with urllib.request.urlopen(request, timeout=300, context=self._tls) as response:
                     return response.read()
             except urllib.error.HTTPError as exc:
                 retry = exc.headers.get("Retry-After", "")
                 wait = int(retry) if retry.isdigit() else None
-                if exc.code == 503 and wait is not None and time.monotonic() + wait <= give_up:
+                if exc.code in (429, 503) and wait is not None and time.monotonic() + wait <= give_up:
                     time.sleep(wait)
                     continue
                 try:

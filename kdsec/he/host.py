@@ -32,7 +32,9 @@ import re
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from kdsec.config import HEConfig
@@ -65,6 +67,7 @@ MIN_UPLOAD_RATE = 256 * 1024  # bytes/s on average: a trickling client holds a s
 REMEMBERED_CLOSED = 4096  # ids of ended sessions kept to answer 410 instead of 404
 SESSION_ID = re.compile(r"[0-9a-f]{16}")
 CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")
+ANONYMOUS = "anonymous"  # every client of a host that authenticates nobody (--no-auth)
 log = logging.getLogger(__name__)
 
 
@@ -102,11 +105,32 @@ class HostBusy(HostError):
         self.retry_after = retry_after
 
 
+class ClientLimit(HostBusy):
+    """One client over its own share (sessions, memory, requests in flight, query budget)."""
+
+    status = 429
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """What one client (one token's name) may hold, so that no client locks another out: open
+    sessions and their estimated bytes, requests in flight, and samples answered per ``window``
+    seconds (``budget``; None: no budget). A batched request is charged the samples its ring can
+    hold (the host cannot see how many the client packed), a single-path request one."""
+
+    sessions: int = 4
+    session_bytes: int = 512 * MIB
+    in_flight: int = 2
+    budget: int | None = None
+    window: float = 86400.0
+
+
 @dataclass
 class _Session:
     servers: dict[str, BatchedServer | SingleServer | DiagonalServer]
     memory_bytes: int
     last_used: float
+    client: str = ANONYMOUS
     users: int = 0  # requests holding it now: a session in use never expires
     # One evaluation at a time: the evaluator's PublicContext.counts is mutated during evaluation.
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -116,8 +140,9 @@ class HEHost:
     """The model, its plan and the open sessions, within the given bounds."""
 
     def __init__(self, ops, max_sessions: int = MAX_SESSIONS, max_session_bytes: int = MAX_SESSION_BYTES,
-                 idle_timeout: float = IDLE_TIMEOUT, max_in_flight: int = MAX_IN_FLIGHT) -> None:
-        self.ops = ops
+                 idle_timeout: float = IDLE_TIMEOUT, max_in_flight: int = MAX_IN_FLIGHT,
+                 clients: ClientLimits = ClientLimits()) -> None:
+        self.ops, self.clients = ops, clients
         # The single-sample layout as the pipeline chooses it: the grid where it fits the largest
         # secure ring, else the gather layout (conv students alternating Linear and x²), else diagonals.
         single = self._single_layout = single_plan(ops, HEConfig())
@@ -148,6 +173,10 @@ class HEHost:
         self.sessions: dict[str, _Session] = {}
         self.ended: OrderedDict[str, str] = OrderedDict()  # session id → why it ended
         self.pending_sessions = self.pending_bytes = 0  # admitted, still being deserialized
+        self.pending_by: Counter[str] = Counter()  # per client: sessions admitted, still being deserialized
+        self.pending_bytes_by: Counter[str] = Counter()
+        self.in_flight_by: Counter[str] = Counter()  # per client: requests holding a work slot
+        self.answered: dict[str, deque[tuple[float, int]]] = {}  # per client: (when, samples) in the window
         self.lock = threading.Lock()
 
     @property
@@ -169,26 +198,43 @@ class HEHost:
                 if not session.users and now - session.last_used > self.idle_timeout:
                     self._end(session_id, f"expired after {self.idle_timeout:g} s idle")
 
-    def _admit(self, needed: int) -> None:
-        """Reserve room for a session of ``needed`` bytes, or say when to retry. Under ``self.lock``."""
-        if needed > self.max_session_bytes:
+    def _retry_after(self, sessions) -> int:
+        now = time.monotonic()
+        idle = [session.last_used + self.idle_timeout - now for session in sessions if not session.users]
+        return max(1, math.ceil(min(idle))) if idle else max(1, math.ceil(self.idle_timeout))
+
+    def _admit(self, needed: int, client: str) -> None:
+        """Reserve room for a session of ``needed`` bytes for ``client`` (within its own share
+        first, then the host's), or say when to retry. Under ``self.lock``."""
+        share = self.clients
+        if needed > min(self.max_session_bytes, share.session_bytes):
             raise HostError(f"this context needs ~{needed / MIB:.0f} MiB, over the host's whole session budget "
-                            f"of {self.max_session_bytes / MIB:.0f} MiB: use smaller parameters")
+                            f"of {min(self.max_session_bytes, share.session_bytes) / MIB:.0f} MiB (per client): "
+                            "use smaller parameters")
+        own = [session for session in self.sessions.values() if session.client == client]
+        own_count = len(own) + self.pending_by[client]
+        own_bytes = sum(session.memory_bytes for session in own) + self.pending_bytes_by[client]
+        if own_count >= share.sessions or own_bytes + needed > share.session_bytes:
+            what = (f"{own_count} of {share.sessions} sessions" if own_count >= share.sessions else
+                    f"{own_bytes / MIB:.0f} of {share.session_bytes / MIB:.0f} MiB of sessions, this one needs "
+                    f"{needed / MIB:.0f}")
+            raise ClientLimit(f"client '{client}' holds {what}: close one (DELETE /sessions/<id>) or wait for "
+                              "it to expire", self._retry_after(own))
         count = len(self.sessions) + self.pending_sessions
         used = self.session_bytes + self.pending_bytes
         if count < self.max_sessions and used + needed <= self.max_session_bytes:
             self.pending_sessions, self.pending_bytes = self.pending_sessions + 1, self.pending_bytes + needed
+            self.pending_by[client] += 1
+            self.pending_bytes_by[client] += needed
             return
-        now = time.monotonic()
-        idle = [session.last_used + self.idle_timeout - now for session in self.sessions.values() if not session.users]
-        retry = max(1, math.ceil(min(idle))) if idle else max(1, math.ceil(self.idle_timeout))
+        retry = self._retry_after(self.sessions.values())
         what = (f"{count} of {self.max_sessions} sessions open" if count >= self.max_sessions else
                 f"{used / MIB:.0f} of {self.max_session_bytes / MIB:.0f} MiB of sessions held, "
                 f"this one needs {needed / MIB:.0f}")
         raise HostBusy(f"host full ({what}): retry later or close an unused session", retry)
 
-    def open_session(self, body: bytes) -> tuple[str, int]:
-        """A new session for a public context: its id and estimated memory."""
+    def open_session(self, body: bytes, client: str = ANONYMOUS) -> tuple[str, int]:
+        """A new session of ``client`` for a public context: its id and estimated memory."""
         params, rotation_keys, steps = PublicContext.declared(body)
         paths = [path for path in ("batched", "single") if self._fits(params, steps, path)]
         if not paths:
@@ -201,17 +247,19 @@ class HEHost:
             needed += self._single_plaintext_bytes(self.ops, params)
         self.expire()
         with self.lock:
-            self._admit(needed)
+            self._admit(needed, client)
         try:
             public = PublicContext.deserialize(body)
             servers = {path: (BatchedServer(public, self.ops, self._residue_layers) if path == "batched"
                               else self._single(public, self.ops)) for path in paths}
             session_id = secrets.token_hex(8)
             with self.lock:
-                self.sessions[session_id] = _Session(servers, needed, time.monotonic())
+                self.sessions[session_id] = _Session(servers, needed, time.monotonic(), client)
         finally:
             with self.lock:
                 self.pending_sessions, self.pending_bytes = self.pending_sessions - 1, self.pending_bytes - needed
+                self.pending_by[client] -= 1
+                self.pending_bytes_by[client] -= needed
         return session_id, needed
 
     def _fits(self, params: HEParams, steps: tuple[int, ...], path: str) -> bool:
@@ -230,16 +278,19 @@ class HEHost:
         return (depth >= plan["depth"] and params.slots >= plan["min_slots"]
                 and set(plan["rotation_steps"]) <= set(steps))
 
-    def close_session(self, session_id: str) -> None:
-        with self.lock:
-            if session_id in self.sessions:
-                self._end(session_id, "closed")
-            elif session_id not in self.ended:
-                raise NotFound(f"unknown session '{session_id}'")
-
-    def _use(self, session_id: str) -> _Session:
+    def close_session(self, session_id: str, client: str = ANONYMOUS) -> None:
         with self.lock:
             session = self.sessions.get(session_id)
+            if session is not None and session.client == client:
+                self._end(session_id, "closed")
+            elif session is not None or session_id not in self.ended:  # another client's: not there for this one
+                raise NotFound(f"unknown session '{session_id}'")
+
+    def _use(self, session_id: str, client: str) -> _Session:
+        with self.lock:
+            session = self.sessions.get(session_id)
+            if session is not None and session.client != client:
+                raise NotFound(f"unknown session '{session_id}': open a new session (POST /sessions)")
             if session is None:
                 if session_id in self.ended:
                     raise SessionGone(f"session '{session_id}' {self.ended[session_id]}: open a new session "
@@ -248,9 +299,63 @@ class HEHost:
             session.users += 1
             return session
 
-    def infer(self, session_id: str, path: str, body: bytes) -> bytes:
+    @contextmanager
+    def work_slot(self, client: str = ANONYMOUS) -> Iterator[None]:
+        """One of the host's ``max_in_flight`` work slots, within the client's own share
+        (``ClientLimits.in_flight``): 429 over the client's share, 503 when the host is busy."""
+        with self.lock:
+            if self.in_flight_by[client] >= self.clients.in_flight:
+                raise ClientLimit(f"client '{client}' has {self.in_flight_by[client]} requests in flight, its "
+                                  f"limit: wait for one to finish", 1)
+            if not self.in_flight.acquire(blocking=False):
+                raise HostBusy("host busy: every request slot is in use; retry shortly", 1)
+            self.in_flight_by[client] += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.in_flight_by[client] -= 1
+            self.in_flight.release()
+
+    def _charge(self, client: str, samples: int) -> None:
+        """Count ``samples`` against the client's budget, or refuse with when it has room again."""
+        budget = self.clients.budget
+        if budget is None:
+            return
+        now = time.monotonic()
+        with self.lock:
+            spent = self.answered.setdefault(client, deque())
+            while spent and spent[0][0] <= now - self.clients.window:
+                spent.popleft()
+            used = sum(samples for _, samples in spent)
+            if used + samples > budget:
+                if samples > budget:
+                    raise ClientLimit(f"a request of {samples} samples is over client '{client}''s whole budget of "
+                                      f"{budget} per {self.clients.window:g} s: use the single path or ask for a "
+                                      "larger budget", math.ceil(self.clients.window))
+                # the oldest answers that must leave the window before this request fits
+                freed, retry = used + samples - budget, self.clients.window
+                for when, count in spent:
+                    freed -= count
+                    if freed <= 0:
+                        retry = when + self.clients.window - now
+                        break
+                raise ClientLimit(f"client '{client}' has had {used} of its {budget} samples per "
+                                  f"{self.clients.window:g} s (this request: {samples})", max(1, math.ceil(retry)))
+            spent.append((now, samples))
+
+    def _refund(self, client: str, samples: int) -> None:
+        with self.lock:
+            spent = self.answered.get(client)
+            if spent and self.clients.budget is not None:
+                for index in range(len(spent) - 1, -1, -1):
+                    if spent[index][1] == samples:
+                        del spent[index]
+                        break
+
+    def infer(self, session_id: str, path: str, body: bytes, client: str = ANONYMOUS) -> bytes:
         self.expire()
-        session = self._use(session_id)
+        session = self._use(session_id, client)
         try:
             server = session.servers.get(path)
             if server is None:
@@ -266,12 +371,18 @@ class HEHost:
                 if any(ct.size() != 2 or ct.parms_id() != fresh or ct.scale != public.params.scale
                        for ct in ciphertexts):
                     raise HostError("send freshly encrypted ciphertexts: two parts, top level, scale 2^scale_bits")
+                samples = public.params.slots if path == "batched" else 1
+                self._charge(client, samples)
                 try:
                     outputs = server.infer(ciphertexts)
+                    return public.dump_ciphertexts(outputs)
                 except (ValueError, RuntimeError) as exc:  # SEAL refusing what this client's parameters ask
+                    self._refund(client, samples)
                     reason = _one_line(str(exc))[:200]
                     raise HostError(f"these parameters cannot evaluate the model: {reason}") from None
-                return public.dump_ciphertexts(outputs)
+                except BaseException:
+                    self._refund(client, samples)
+                    raise
         finally:
             with self.lock:
                 session.users -= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 import time
 from collections.abc import Iterator
@@ -15,7 +16,8 @@ from urllib.parse import parse_qs, urlparse
 
 from kdsec.errors import KdsecError
 from kdsec.he import he_ops
-from kdsec.he.host import (
+from kdsec.he.tokens import AuthError, Authenticator, TokenStore, budget_from_audit
+from kdsec.he.host import (ANONYMOUS, ClientLimits, 
     CONTENT_LENGTH,
     IDLE_TIMEOUT,
     MAX_BODY,
@@ -37,8 +39,28 @@ from kdsec.he.host import (
 )
 
 
+AUTH_DRAIN = 1 << 20  # body bytes read from a client refused for its credential before closing
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context for ``cert`` (PEM chain) and ``key``: TLS 1.2 or later, Python's defaults."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise KdsecError(f"cannot load the TLS certificate {cert} and key {key}: {exc}") from None
+    return context
+
+
 def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_timeout: float = READ_TIMEOUT,
-                max_body: int = MAX_BODY) -> ThreadingHTTPServer:
+                max_body: int = MAX_BODY, auth: Authenticator | None = None,
+                tls: ssl.SSLContext | None = None) -> ThreadingHTTPServer:
+    """The host on ``address:port``. With ``auth`` every route but ``/health`` and ``/plan`` needs a
+    client token (``kdsec.he.tokens``), and each client gets its own share (``ClientLimits``);
+    without it every client is one, ``anonymous``. With ``tls`` (``tls_context``) it speaks HTTPS
+    only: each connection's handshake runs in its own thread, within ``read_timeout``."""
+
     class Handler(BaseHTTPRequestHandler):
         # socketserver sets this on the connection: a read or write stalled this long raises TimeoutError.
         timeout = read_timeout
@@ -70,10 +92,14 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
             self.close_connection = True
             self._json(code, {"error": _one_line(message or self.responses.get(code, ("error",))[0])})
 
-        def _refuse(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        def _refuse(self, status: int, message: str, headers: dict[str, str] | None = None,
+                    drain_up_to: int | None = None) -> None:
             # Read what is left of a refused body first: closing on unread bytes resets the
-            # connection, and the client would see that instead of this answer.
-            if not self.body_read:
+            # connection, and the client would see that instead of this answer. Not for a client
+            # without a credential beyond ``drain_up_to`` bytes: it gets the close.
+            length = self.headers.get("Content-Length", "") if self.headers else ""
+            small = drain_up_to is None or (CONTENT_LENGTH.fullmatch(length.strip()) and int(length) <= drain_up_to)
+            if not self.body_read and small:
                 try:
                     self._read(self._length(), keep=False)
                 except HostError:
@@ -91,7 +117,10 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
             try:
                 try:
                     self._route()
-                except HostBusy as exc:
+                except AuthError as exc:
+                    challenge = {"WWW-Authenticate": 'Bearer realm="kdsec-he"'} if exc.status == 401 else {}
+                    self._refuse(exc.status, str(exc), challenge, drain_up_to=AUTH_DRAIN)
+                except HostBusy as exc:  # 503 host-wide, 429 this client's share
                     self._refuse(exc.status, str(exc), {"Retry-After": str(exc.retry_after)})
                 except HostError as exc:
                     self._refuse(exc.status, str(exc))
@@ -108,8 +137,13 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
         def _route(self) -> None:
             url = urlparse(self.path)
             match url.path.strip("/").split("/"):
-                case ["plan"]:
-                    methods = {"GET": lambda: self._json(200, host.plan)}
+                case ["health"]:
+                    methods = {"GET": lambda: self._json(200, {"status": "ok"})}
+                case ["plan"]:  # with how clients authenticate, so that one without a token learns it first
+                    methods = {"GET": lambda: self._json(200, {**host.plan, "auth": "none" if auth is None else "bearer"})}
+                case ["whoami"]:  # a credential checked before a large upload (a refused body is not read)
+                    methods = {"GET": lambda: self._json(200, {"client": self.client,
+                                                               "host": None if auth is None else auth.host_id})}
                 case ["sessions"]:
                     methods = {"POST": self._open}
                 case ["sessions", session_id]:
@@ -117,20 +151,23 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
                 case ["infer", session_id]:
                     methods = {"POST": lambda: self._infer(session_id, parse_qs(url.query).get("path", ["batched"])[0])}
                 case _:
-                    raise NotFound("not found: the routes are GET /plan, POST /sessions, "
+                    raise NotFound("not found: the routes are GET /health, GET /plan, GET /whoami, POST /sessions, "
                                    "DELETE /sessions/<id>, POST /infer/<id>?path=batched|single")
             if self.command not in methods:
                 return self._refuse(405, f"method {self.command} not allowed here (allowed: {', '.join(methods)})",
                                     {"Allow": ", ".join(methods)})
+            # Health and the plan are public (a client plans its keys from it); the rest needs a token.
+            self.client = ANONYMOUS if auth is None or url.path.strip("/") in ("health", "plan") else \
+                auth.client(self.headers.get("Authorization"))
             methods[self.command]()
 
         def _open(self) -> None:
             with self._body() as body:
-                session_id, memory_bytes = host.open_session(body)
+                session_id, memory_bytes = host.open_session(body, self.client)
             self._json(200, {"session": session_id, "memory_bytes": memory_bytes})
 
         def _close(self, session_id: str) -> None:
-            host.close_session(self._session_id(session_id))
+            host.close_session(self._session_id(session_id), self.client)
             self._json(200, {"closed": session_id})
 
         def _infer(self, session_id: str, path: str) -> None:
@@ -138,7 +175,7 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
                 raise HostError(f"unknown path '{path[:40]}' (batched or single)")
             session_id = self._session_id(session_id)
             with self._body() as body:
-                reply = host.infer(session_id, path, body)
+                reply = host.infer(session_id, path, body, self.client)
             self._reply(200, reply)
 
         @staticmethod
@@ -164,14 +201,10 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
 
         @contextmanager
         def _body(self) -> Iterator[bytes]:
-            """The body, read and used within one of ``max_in_flight`` work slots (none free: 503)."""
+            """The body, read and used within one of the host's work slots (``HEHost.work_slot``)."""
             length = self._length()
-            if not host.in_flight.acquire(blocking=False):
-                raise HostBusy("host busy: every request slot is in use; retry shortly", 1)
-            try:
+            with host.work_slot(self.client):
                 yield self._read(length, keep=True)
-            finally:
-                host.in_flight.release()
 
         def _read(self, length: int, keep: bool) -> bytes:
             """``length`` body bytes (dropped unless ``keep``), each read within the timeout and all of
@@ -185,8 +218,9 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
                     raise TimeoutError
                 self.connection.settimeout(min(self.timeout, remaining))
                 chunk = self.rfile.read1(min(left, MIB))
-                if not chunk:
-                    raise ConnectionError("the client closed the connection mid-body")
+                if not chunk:  # a client fault: 400 (sent if the client still reads), never a 500
+                    raise HostError(f"the body ended after {length - left} of its {length} bytes "
+                                    "(Content-Length): send the whole body")
                 left -= len(chunk)
                 if keep:
                     chunks.append(chunk)
@@ -195,6 +229,19 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
 
     class Server(ThreadingHTTPServer):
         request_queue_size = 64  # the listen backlog: the stdlib's 5 drops bursts of concurrent clients
+
+        def finish_request(self, request, client_address) -> None:  # in the connection's own thread
+            if tls is None:
+                return super().finish_request(request, client_address)
+            request.settimeout(read_timeout)  # a client that stalls its handshake holds this thread only
+            try:
+                wrapped = tls.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError):  # plain HTTP, a bad handshake, a timeout: nothing to answer
+                return None
+            try:
+                super().finish_request(wrapped, client_address)
+            finally:
+                wrapped.close()
 
     return Server((address, port), Handler)
 
@@ -218,21 +265,53 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
                         help="seconds a socket read may stall before the request gets 408")
     parser.add_argument("--max-body-mib", type=float, default=MAX_BODY / MIB, help="largest request body, MiB")
+    who = parser.add_argument_group("clients (kdsec he-token makes their tokens)")
+    who.add_argument("--tokens", type=Path, help="the token store (hashes only); required unless --no-auth")
+    who.add_argument("--host-id", default="he-host", help="this host's name: a token made for another is refused")
+    who.add_argument("--no-auth", action="store_true", help="serve anyone, as one client (loopback tests only)")
+    who.add_argument("--client-sessions", type=int, default=ClientLimits.sessions, help="sessions per client")
+    who.add_argument("--client-session-mib", type=float, default=ClientLimits.session_bytes / MIB,
+                     help="estimated session memory per client, MiB")
+    who.add_argument("--client-in-flight", type=int, default=ClientLimits.in_flight, help="requests per client at once")
+    who.add_argument("--audit", type=Path, help="the served model's audit.json: the query budget defaults to the "
+                                                "queries its extraction audit measured (probabilities interface)")
+    who.add_argument("--query-budget", type=int, help="samples answered per client per --budget-window (a batched "
+                                                      "request counts its ring's slots); default: from --audit")
+    who.add_argument("--budget-window", type=float, default=ClientLimits.window, help="seconds")
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve HTTPS")
+    tls.add_argument("--tls-key", type=Path, help="its PEM private key")
     args = parser.parse_args(argv)
     bounds = {"--max-sessions": args.max_sessions, "--max-session-mib": args.max_session_mib,
               "--idle-timeout": args.idle_timeout, "--max-in-flight": args.max_in_flight,
-              "--read-timeout": args.read_timeout, "--max-body-mib": args.max_body_mib}
+              "--read-timeout": args.read_timeout, "--max-body-mib": args.max_body_mib,
+              "--client-sessions": args.client_sessions, "--client-session-mib": args.client_session_mib,
+              "--client-in-flight": args.client_in_flight, "--budget-window": args.budget_window,
+              **({"--query-budget": args.query_budget} if args.query_budget is not None else {})}
     try:
         for flag, value in bounds.items():
             if not value > 0:
                 raise KdsecError(f"{flag} must be positive, got {value}")
+        if args.no_auth == bool(args.tokens):
+            raise KdsecError("give --tokens (a store made by kdsec he-token create) or, for a loopback test, --no-auth")
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise KdsecError("--tls-cert and --tls-key come together")
+        budget = args.query_budget if args.query_budget is not None else \
+            budget_from_audit(args.audit) if args.audit else None
+        auth = None if args.no_auth else Authenticator(TokenStore(args.tokens), args.host_id)
+        limits = ClientLimits(args.client_sessions, int(args.client_session_mib * MIB), args.client_in_flight,
+                              budget, args.budget_window)
         host = HEHost(he_ops(load_weights(args.model)[0]), args.max_sessions, int(args.max_session_mib * MIB),
-                      args.idle_timeout, args.max_in_flight)
-        server = make_server(host, args.port, args.host, args.read_timeout, int(args.max_body_mib * MIB))
+                      args.idle_timeout, args.max_in_flight, limits)
+        server = make_server(host, args.port, args.host, args.read_timeout, int(args.max_body_mib * MIB), auth,
+                             tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None)
     except (KdsecError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(f"kdsec HE host listening on http://{args.host}:{server.server_address[1]}", flush=True)
+    scheme = "https" if args.tls_cert else "http"
+    print(f"kdsec HE host listening on {scheme}://{args.host}:{server.server_address[1]} "
+          f"({'no authentication' if auth is None else f'host id {args.host_id}'}; query budget "
+          f"{'none' if budget is None else f'{budget} samples per client per {args.budget_window:g} s'})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

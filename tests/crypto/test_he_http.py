@@ -3,6 +3,7 @@ stays up, bounded and answering in one line whatever its clients send."""
 
 import http.client
 import json
+import os
 import random
 import socket
 import struct
@@ -21,6 +22,7 @@ import torch
 from kdsec.he import GatherPlan, GatherServer, GridPlan, LinearOp, SquareOp, he_ops, he_program, plaintext_forward
 from kdsec.he.host import HEHost
 from kdsec.he.client import HEHttpClient
+from kdsec.he.tokens import TokenStore
 from kdsec.he.server import make_server
 from kdsec.config import HEConfig
 from kdsec.he.program import batched_params
@@ -38,14 +40,23 @@ def host(tmp_path_factory):
     model = build_model(spec)
     folder = tmp_path_factory.mktemp("host")
     checkpoint = save_checkpoint(model, spec, folder / "student.safetensors")
+    # One client token, as a team provisions it; every request below carries it (``_call``, and
+    # HEHttpClient through KDSEC_HE_TOKEN). The identity tests are in test_he_identity.py.
+    token, _ = TokenStore(folder / "tokens.json").create("tests", "test-host")
     with open(folder / "host.stderr", "w") as stderr:  # a file, not a pipe: a full pipe would stall the host
-        # Eight request slots: the concurrency tests put eight requests in flight at once.
+        # Eight request slots (and eight per client, the one client here): the concurrency tests
+        # put eight requests in flight at once.
         process = subprocess.Popen([sys.executable, "-m", "kdsec.he.server", "--model", str(checkpoint),
-                                    "--port", "0", "--max-in-flight", "8"], stdout=subprocess.PIPE, stderr=stderr,
-                                   text=True)
+                                    "--port", "0", "--max-in-flight", "8", "--client-in-flight", "8",
+                                    "--client-sessions", "16", "--tokens", str(folder / "tokens.json"),
+                                    "--host-id", "test-host"], stdout=subprocess.PIPE, stderr=stderr, text=True)
     line = process.stdout.readline()
     assert "listening on" in line, (folder / "host.stderr").read_text()
-    yield line.rsplit(" ", 1)[1].strip(), he_ops(model)
+    url = line.split("listening on ", 1)[1].split(" ", 1)[0]
+    TOKENS[url] = token
+    os.environ["KDSEC_HE_TOKEN"] = token
+    yield url, he_ops(model)
+    del os.environ["KDSEC_HE_TOKEN"]
     process.terminate()
     process.wait(timeout=10)
     assert "Traceback" not in (folder / "host.stderr").read_text()  # no request ever hit an unexpected error
@@ -60,13 +71,16 @@ def holders(host):
                             tuple(plan[path]["rotation_steps"])) for path in ("batched", "single")}
 
 
+TOKENS: dict[str, str] = {}  # host URL → the client token its requests carry
+
+
 def _call(url: str, method: str, route: str, body: bytes | None = None,
           headers: dict[str, str] | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
     parts = urlparse(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     try:  # by hand: http.client would add a Content-Length of its own
         connection.putrequest(method, route, skip_accept_encoding=True)
-        headers = headers or {}
+        headers = {**({"Authorization": f"Bearer {TOKENS[url]}"} if url in TOKENS else {}), **(headers or {})}
         for name, value in headers.items():
             connection.putheader(name, value)
         if body is not None and "Content-Length" not in headers:
