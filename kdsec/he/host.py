@@ -1,27 +1,36 @@
 """Encrypted-input inference over HTTP: a host that holds the plaintext model and only public
-contexts, and the client (key holder) that talks to it.
+contexts (``HEHost`` here, ``kdsec.he.server`` on the wire), and the client (key holder,
+``kdsec.he.client``) that talks to it.
 
-Endpoints (bodies are kdsec HE bundles, see ``kdsec.he.seal.pack``)::
+Endpoints (bodies are kdsec HE bundles, see ``kdsec.he.bundle.pack``)::
 
-    GET    /plan                 layer shapes, depth and rotation steps per path (no weights)
+    GET    /health               {"status": "ok"}                                   (no token)
+    GET    /plan                 layer shapes, depth and rotation steps per path, how clients
+                                 authenticate (no weights)                           (no token)
+    GET    /whoami               the token's client and this host's id
     POST   /sessions             body: a public context → {"session": id, "memory_bytes": estimate}
     DELETE /sessions/<id>        close a session and free its keys
     POST   /infer/<id>?path=P    body: ciphertexts → ciphertexts (P: batched | single)
 
 Every error is one line of JSON, ``{"error": "..."}``: 400 malformed input (bad bundle, wrong
-parameters, wrong count), 404 unknown route or session, 405 wrong method, 408 body too slow,
-410 session expired or closed (open a new one), 411/413 missing or oversized body, 503 host full
-or busy (with Retry-After), 500 anything unexpected (logged on the host, never sent).
+parameters, wrong count, a body cut short), 401 no or a wrong token (with WWW-Authenticate), 403 a
+revoked or expired token or one for another host, 404 unknown route or session (another client's
+sessions are unknown to this one), 405 wrong method, 408 body too slow, 410 session expired or
+closed (open a new one), 411/413 missing or oversized body, 429 over this client's share (with
+Retry-After), 503 host full or busy (with Retry-After), 500 anything unexpected (logged on the
+host, never sent).
 
 The host never receives, stores or could use a secret key: ``PublicContext.deserialize``
 accepts exactly a public key, relinearization keys and the declared rotation keys.
 
 Bounds: open sessions (count and estimated bytes, ``HEParams.resident_bytes``), idle expiry,
-requests in flight, body size, and a read timeout per socket read plus a minimum upload rate.
-We keep the stdlib ``ThreadingHTTPServer`` (no new dependency): with these bounds a thread per
-connection is cheap next to one CKKS evaluation, and SEAL holds the GIL, so an async server would
-not evaluate more at once. Connections themselves are not counted: one waiting for its headers
-holds a thread (never a work slot) until ``read_timeout`` passes between bytes.
+requests in flight, body size, and a read timeout per socket read plus a minimum upload rate;
+per client (``ClientLimits``): sessions, their bytes, requests in flight and samples answered
+per window. We keep the stdlib ``ThreadingHTTPServer`` (HTTP/1.1): tests show it handles what
+uvicorn would (keep-alive, pipelining, slow senders, chunked bodies: ``test_he_http_protocol``),
+a thread per connection is cheap next to one CKKS evaluation, and SEAL holds the GIL, so an async
+server would not evaluate more at once. Connections themselves are not counted: one waiting for
+its headers holds a thread (never a work slot) until ``read_timeout`` passes between bytes.
 """
 
 from __future__ import annotations

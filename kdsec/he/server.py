@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import ssl
 import sys
 import time
@@ -39,6 +40,8 @@ from kdsec.he.host import (ANONYMOUS, ClientLimits,
 )
 
 
+CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]{1,10}")
+MAX_TRAILERS = 32
 AUTH_DRAIN = 1 << 20  # body bytes read from a client refused for its credential before closing
 
 
@@ -62,6 +65,9 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
     only: each connection's handshake runs in its own thread, within ``read_timeout``."""
 
     class Handler(BaseHTTPRequestHandler):
+        # Keep-alive and pipelining (a connection's requests read in turn from its buffer); idle
+        # connections close after ``read_timeout``; a refusal always closes.
+        protocol_version = "HTTP/1.1"
         # socketserver sets this on the connection: a read or write stalled this long raises TimeoutError.
         timeout = read_timeout
         server_version = "kdsec-he"
@@ -184,12 +190,19 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
                 raise NotFound(f"unknown session '{session_id[:40]}': open a new session (POST /sessions)")
             return session_id
 
-        def _length(self) -> int:
+        def _length(self) -> int | None:
+            """The body's Content-Length, or None for a chunked body."""
             if "Transfer-Encoding" in self.headers:
-                raise LengthRequired("send the body with a Content-Length, not a Transfer-Encoding")
+                if "Content-Length" in self.headers:  # the framing a request-smuggling attack plays on
+                    raise HostError("a body with both a Transfer-Encoding and a Content-Length is ambiguous: send one")
+                codings = [coding.strip().lower() for value in self.headers.get_all("Transfer-Encoding")
+                           for coding in value.split(",")]
+                if codings != ["chunked"]:
+                    raise HostError(f"Transfer-Encoding must be chunked alone, got '{', '.join(codings)[:60]}'")
+                return None
             raw = self.headers.get("Content-Length")
             if raw is None:
-                raise LengthRequired("a Content-Length is required")
+                raise LengthRequired("a Content-Length (or Transfer-Encoding: chunked) is required")
             if not CONTENT_LENGTH.fullmatch(raw.strip()):
                 raise HostError(f"Content-Length must be a non-negative integer, got '{raw[:40]}'")
             length = int(raw)
@@ -206,25 +219,72 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
             with host.work_slot(self.client):
                 yield self._read(length, keep=True)
 
-        def _read(self, length: int, keep: bool) -> bytes:
-            """``length`` body bytes (dropped unless ``keep``), each read within the timeout and all of
-            them at ``MIN_UPLOAD_RATE`` on average."""
+        def _read(self, length: int | None, keep: bool) -> bytes:
+            """The body (dropped unless ``keep``): ``length`` bytes, or chunked when None. Each read
+            within the timeout, all of it at ``MIN_UPLOAD_RATE`` on average."""
             self.body_read = True  # even if it stalls: a refusal must not wait for it again
-            deadline = time.monotonic() + self.timeout + length / MIN_UPLOAD_RATE
+            started = time.monotonic()
+            try:
+                if length is not None:
+                    return b"".join(self._exact(length, keep, started, 0))
+                return self._chunked(keep, started)
+            finally:
+                self.connection.settimeout(self.timeout)
+
+        def _wait(self, started: float, total: int) -> None:
+            """Set the socket's timeout for the next read: none left once ``total`` bytes are overdue."""
+            remaining = started + self.timeout + total / MIN_UPLOAD_RATE - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.connection.settimeout(min(self.timeout, remaining))
+
+        def _exact(self, length: int, keep: bool, started: float, before: int) -> list[bytes]:
             chunks, left = [], length
             while left:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                self.connection.settimeout(min(self.timeout, remaining))
+                self._wait(started, before + length)
                 chunk = self.rfile.read1(min(left, MIB))
                 if not chunk:  # a client fault: 400 (sent if the client still reads), never a 500
                     raise HostError(f"the body ended after {length - left} of its {length} bytes "
-                                    "(Content-Length): send the whole body")
+                                    f"({'a chunk' if before or length != left else 'Content-Length'}): "
+                                    "send the whole body")
                 left -= len(chunk)
                 if keep:
                     chunks.append(chunk)
-            self.connection.settimeout(self.timeout)
+            return chunks
+
+        def _line(self, limit: int, started: float, total: int, what: str) -> bytes:
+            self._wait(started, total)
+            raw = self.rfile.readline(limit + 2)
+            if not raw.endswith(b"\n"):
+                if len(raw) <= limit:
+                    raise HostError(f"the chunked body ended in its {what}")
+                raise HostError("a chunk's data must be followed by CRLF" if what == "chunk end"
+                                else f"a chunked body's {what} is over {limit} bytes")
+            return raw.rstrip(b"\r\n")
+
+        def _chunked(self, keep: bool, started: float) -> bytes:
+            """A chunked body (RFC 9112 §7.1): sizes in hex (extensions ignored), at most ``max_body``
+            bytes in all, then at most ``MAX_TRAILERS`` trailer lines, which are dropped."""
+            chunks, total = [], 0
+            while True:
+                size = self._line(80, started, total, "chunk size").split(b";", 1)[0].strip()
+                if not CHUNK_SIZE.fullmatch(size):
+                    raise HostError(f"malformed chunk size '{size[:20].decode('latin-1')}' (hex digits)")
+                if not (count := int(size, 16)):
+                    break
+                if total + count > max_body:
+                    raise TooLarge(f"chunked body over the host's limit of {max_body} bytes")
+                chunks += self._exact(count, keep, started, total)
+                total += count
+                if self._line(0, started, total, "chunk end"):
+                    raise HostError("a chunk's data must be followed by CRLF")
+            for _ in range(MAX_TRAILERS):
+                if not self._line(8192, started, total, "trailer"):
+                    break
+            else:
+                raise HostError(f"a chunked body has over {MAX_TRAILERS} trailer lines")
+            if not total:
+                raise HostError("empty body: send a kdsec HE bundle")
             return b"".join(chunks)
 
     class Server(ThreadingHTTPServer):

@@ -83,7 +83,7 @@ def _call(url: str, method: str, route: str, body: bytes | None = None,
         headers = {**({"Authorization": f"Bearer {TOKENS[url]}"} if url in TOKENS else {}), **(headers or {})}
         for name, value in headers.items():
             connection.putheader(name, value)
-        if body is not None and "Content-Length" not in headers:
+        if body is not None and "Content-Length" not in headers and "Transfer-Encoding" not in headers:
             connection.putheader("Content-Length", str(len(body)))
         connection.endheaders(body)
         response = connection.getresponse()
@@ -370,7 +370,7 @@ def test_a_stalled_body_holds_nothing_and_gets_408(host, holders):
             assert _call(url, "GET", "/plan")[0] == 200
             assert _open(url, holders["batched"].public_context())  # served while the slow body waits
             answer = _answer(slow, wait=10)
-        assert answer.startswith(b"HTTP/1.0 408") and b"stalled" in answer
+        assert answer.startswith(b"HTTP/1.1 408") and b"stalled" in answer
         assert 0.9 < time.monotonic() - started < 8
 
 
@@ -385,7 +385,7 @@ def test_requests_over_the_in_flight_cap_get_503(host, holders):
             # A client retries a 503 after its Retry-After: by then the stalled body got its 408.
             with HEHttpClient(url) as client:
                 assert client.session
-            assert _answer(slow, wait=10).startswith(b"HTTP/1.0 408")
+            assert _answer(slow, wait=10).startswith(b"HTTP/1.1 408")
 
 
 # --- refusals -----------------------------------------------------------------------------------
@@ -439,7 +439,12 @@ def test_malformed_requests_get_a_one_line_json_4xx(host, holders):
         ("Content-Length -1", "POST", "/sessions", {"Content-Length": "-1"}, None, 400),
         ("empty body", "POST", "/sessions", {"Content-Length": "0"}, None, 400),
         ("no Content-Length", "POST", "/sessions", {}, None, 411),
-        ("chunked", "POST", "/sessions", {"Transfer-Encoding": "chunked"}, None, 411),
+        ("chunked and a length", "POST", "/sessions", {"Transfer-Encoding": "chunked", "Content-Length": "5"},
+         b"0\r\n\r\n", 400),
+        ("gzip", "POST", "/sessions", {"Transfer-Encoding": "gzip, chunked"}, b"0\r\n\r\n", 400),
+        ("chunked, empty", "POST", "/sessions", {"Transfer-Encoding": "chunked"}, b"0\r\n\r\n", 400),
+        ("chunk size not hex", "POST", "/sessions", {"Transfer-Encoding": "chunked"}, b"zz\r\n\r\n", 400),
+        ("chunk without its CRLF", "POST", "/sessions", {"Transfer-Encoding": "chunked"}, b"2\r\nabcd\r\n", 400),
         ("oversized body", "POST", "/sessions", {"Content-Length": "999999999999"}, None, 413),
         ("unknown route", "GET", "/admin", {}, None, 404),
         ("wrong method", "PUT", "/plan", {}, b"x", 405),
@@ -462,7 +467,7 @@ def test_malformed_requests_get_a_one_line_json_4xx(host, holders):
     with socket.create_connection((urlparse(url).hostname, urlparse(url).port)) as raw:
         raw.sendall(b"\x16\x03\x01 / HTTP/1.x\r\n\r\n")
         answer = _answer(raw, wait=10)
-    assert answer.startswith(b"HTTP/1.0 400") and b'{"error": ' in answer
+    assert answer.startswith(b"HTTP/1.1 400") and b'{"error": ' in answer
     assert _call(url, "DELETE", f"/sessions/{session}")[0] == 200
 
 

@@ -21,27 +21,13 @@ import pytest
 import torch
 
 from kdsec.errors import KdsecError
-from kdsec.he import he_ops, plaintext_forward
+from kdsec.he import plaintext_forward
 from kdsec.he.client import HEHttpClient
 from kdsec.he.host import ClientLimits, HEHost
-from kdsec.he.params import plan_params
-from kdsec.he.seal import KeyHolder
 from kdsec.he.server import make_server, tls_context
 from kdsec.he.tokens import TOKEN, Authenticator, TokenStore, budget_from_audit
 from kdsec.models import ModelSpec, build_model, save_checkpoint
 from tests.crypto.test_he_http import _answer, _call, _error
-
-
-@pytest.fixture(scope="module")
-def ops():
-    torch.manual_seed(0)
-    return he_ops(build_model(ModelSpec("he_mlp", (1, 8, 8), 10, {"hidden": [16]})))
-
-
-@pytest.fixture(scope="module")
-def holder(ops):
-    plan = HEHost(ops).plan["batched"]
-    return KeyHolder(plan_params(plan["depth"], 30, 14, "auto", plan["min_slots"]), ())
 
 
 @pytest.fixture
@@ -112,7 +98,7 @@ def test_every_route_but_health_and_plan_needs_a_valid_token_for_this_host(ops, 
         with socket.create_connection((parts.hostname, parts.port)) as raw:
             raw.sendall(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 8388608\r\n\r\n")
             head, _, body = _answer(raw, wait=10).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.0 401") and "a client token is required" in _error(401, body)
+        assert head.startswith(b"HTTP/1.1 401") and "a client token is required" in _error(401, body)
 
 
 def test_a_session_belongs_to_the_client_that_opened_it(ops, holder, tokens):
@@ -162,7 +148,7 @@ def test_a_client_over_its_requests_in_flight_gets_429_and_others_go_on(ops, hol
             status, headers, body = _call(url, "POST", "/sessions", holder.public_context(), _as(issued["alice"]))
             assert status == 429 and "requests in flight" in _error(status, body) and headers["Retry-After"] == "1"
             assert _call(url, "POST", "/sessions", holder.public_context(), _as(issued["bob"]))[0] == 200
-            assert _answer(slow, wait=10).startswith(b"HTTP/1.0 408")
+            assert _answer(slow, wait=10).startswith(b"HTTP/1.1 408")
 
 
 def test_the_query_budget_counts_answered_samples_per_client_and_window(ops, holder, tokens, digits):
@@ -211,7 +197,7 @@ def test_a_truncated_body_then_a_close_is_a_400_never_a_500(ops, tokens):
             client.shutdown(socket.SHUT_WR)  # the body ends here: 10 bytes of the 1000 promised
             answer = _answer(client, wait=10)
         head, _, body = answer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.0 400") or head.startswith(b"HTTP/1.1 400"), head
+        assert head.startswith(b"HTTP/1.1 400"), head
         assert "the body ended after 10 of its 1000 bytes" in _error(400, body)
 
 
