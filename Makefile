@@ -13,7 +13,7 @@ export MLFLOW_ENABLE_TELEMETRY := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 .PHONY: run prefect-stop prefect-status test bench bench-gates bench-he bench-audit bench-dp-audit bench-compress bench-explain bench-full bench-he-conv sync uv clean mlflow-ui prefect-ui \
-	stack-up stack-down stack-status stack-test screenshots
+	stack-up stack-down stack-status stack-test screenshots chromium
 
 uv:
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
@@ -33,7 +33,15 @@ prefect-stop:
 prefect-status:
 	@$(UV) run --frozen python -m flows.local_server status
 
-test: sync
+# The report's layout tests run in Debian's Chromium: installed here where it is missing (as root,
+# or with passwordless sudo), so a fresh machine runs them instead of skipping them.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
+		[ "$$SUDO" != none ] && $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	} || { echo "error: Chromium is missing and could not be installed: apt-get install chromium (as root)"; exit 1; }
+
+test: sync chromium
 	$(UV) run --frozen pytest $(ARGS)
 
 bench: sync
@@ -86,9 +94,7 @@ stack-test: sync
 
 # What a reviewer sees, in a real headless Chromium (Debian's, installed here if missing):
 # the latest run's report and the MLflow UI on the local store, into docs/screenshots/.
-screenshots: sync
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } \
-		|| { echo "error: could not install Chromium (apt-get install chromium, as root)"; exit 1; }
+screenshots: sync chromium
 	$(UV) run --frozen python docs/screenshots.py $(ARGS)
 
 mlflow-ui: sync
