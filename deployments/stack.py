@@ -3,6 +3,7 @@ Prefect server on it, an MLflow tracking server on it (basic-auth with kdsec's r
 artifacts proxied to a served store) and a Prefect process worker.
 
     python deployments/stack.py up       # idempotent; prints the URLs and how to act as a user
+    python deployments/stack.py he-up    # the HE host, once the registry has a champion (he_service.py)
     python deployments/stack.py status
     python deployments/stack.py down     # stops only what it started, by PID
 
@@ -29,6 +30,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+import he_service  # the HE host (deployments/he_service.py); it imports this module back lazily
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the project's environment: prefect, mlflow, kdsec
@@ -467,7 +470,8 @@ def write_user_files(config: dict[str, str], secret: dict[str, str]) -> None:
 
 # --- commands ------------------------------------------------------------------------------------
 
-PORTS = (("postgres", "KDSEC_PG_PORT"), ("prefect-server", "KDSEC_PREFECT_PORT"), ("mlflow-server", "KDSEC_MLFLOW_PORT"))
+PORTS = (("postgres", "KDSEC_PG_PORT"), ("prefect-server", "KDSEC_PREFECT_PORT"), ("mlflow-server", "KDSEC_MLFLOW_PORT"),
+         ("he-host", "KDSEC_HE_PORT"))
 
 
 def up() -> dict[str, str]:
@@ -484,23 +488,29 @@ def up() -> dict[str, str]:
         step(config, secret)
         print(f"  {label}: up ({time.monotonic() - started:.1f} s)", flush=True)
     write_user_files(config, secret)
+    try:  # once the registry has a champion; until then ``he-up`` after the first approval
+        he_service.he_up(config, secret)
+        print(f"  HE host: up ({time.monotonic() - started:.1f} s)", flush=True)
+    except StackError as exc:
+        print(f"  HE host: not started ({exc}); after the first approval: python deployments/stack.py he-up",
+              flush=True)
     return config
 
 
 def down() -> list[str]:
-    stopped = [name for name in ("worker", "mlflow-server", "prefect-server") if stop(name)]
+    stopped = [name for name in ("he-host", "worker", "mlflow-server", "prefect-server") if stop(name)]
     return stopped + (["postgres"] if postgres_down() else [])
 
 
 def status() -> dict[str, str]:
     states = {name: f"running (pid {pid})" if (pid := running(name)) else "stopped"
-              for name in ("prefect-server", "mlflow-server", "worker")}
+              for name in ("prefect-server", "mlflow-server", "worker", "he-host")}
     return {"postgres": "running" if postgres_running() else "stopped", **states}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument("command", choices=("up", "he-up", "down", "status"))
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
@@ -510,7 +520,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"  MLflow:         {where['mlflow']}  (users: {', '.join(users(config))}; passwords in "
                   f"{state_dir() / 'users'})\n  act as a reviewer: source {state_dir() / 'env.sh'} && "
                   f"source {state_dir() / 'users' / (reviewers(config) or ['?'])[0]}.env\n"
+                  f"  HE host:        {he_service.url(config)}  (clients: {', '.join(he_service.clients(config))}; "
+                  f"tokens in {state_dir() / 'users'}/<client>.he.env)\n"
                   f"  stop with: make stack-down")
+        elif args.command == "he-up":
+            config = settings()
+            he_service.he_up(config, stack_secrets(config))
+            print(f"HE host up: {he_service.url(config)} (client tokens in {state_dir() / 'users'}/<client>.he.env)")
         elif args.command == "down":
             stopped = down()
             print(f"stopped: {', '.join(stopped) or 'nothing was running'}")

@@ -20,6 +20,7 @@ from rich.table import Table
 from kdsec.config import load_config
 from kdsec.errors import ConfigError, KdsecError
 from kdsec.he_cli import app as he_token_app
+from kdsec.he_cli import serve as he_serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil, compress, encrypt and audit a student model; promote it only through gates.")
@@ -28,6 +29,7 @@ err = Console(stderr=True)
 
 EXIT_PROMOTED, EXIT_ERROR, EXIT_GATE_FAILED = 0, 1, 2
 app.add_typer(he_token_app, name="he-token")
+app.command("he-serve")(he_serve)
 
 
 def _fail(message: str) -> typer.Exit:

@@ -1,4 +1,5 @@
-"""``kdsec he-token``: the client tokens of an HE host (``kdsec.he.tokens``).
+"""``kdsec he-token``: the client tokens of an HE host (``kdsec.he.tokens``); ``kdsec he-serve``: the
+HE host for a registered version.
 
     kdsec he-token create --client alice [--host-id he-host] [--days 90]   prints the token once
     kdsec he-token list                                                    ids, clients, hosts, states
@@ -22,7 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Client tokens of an HE host: create (shown once), list, revoke. Stored as hashes.")
 console = Console()
 err = Console(stderr=True)
-Store = Annotated[Path, typer.Option("--store", help="the token store the host reads (--tokens)")]
+Store = Annotated[Path, typer.Option("--store", help="the token store the host reads (--token-file)")]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -81,3 +82,43 @@ def revoke(token_id: Annotated[str, typer.Argument(help="the token's id (kdsec h
     except KdsecError as exc:
         raise _fail(str(exc)) from None
     console.print(f"token {record.id} (client '{record.client}') revoked", highlight=False)
+
+
+def serve(
+    model_uri: Annotated[str, typer.Option("--model-uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")],
+    tokens: Annotated[Optional[Path], typer.Option("--token-file", help="the token store (kdsec he-token create)")] = None,
+    host_id: Annotated[str, typer.Option("--host-id", help="this host's name, as its tokens name it")] = "he-host",
+    host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="0 picks a free port")] = 8765,
+    query_budget: Annotated[Optional[int], typer.Option(
+        "--query-budget", help="samples per client per window (default: the version's extraction audit)")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option("--tls-cert", help="PEM certificate chain: serve HTTPS")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option("--tls-key", help="its PEM private key")] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="serve anyone, as one client (loopback tests)")] = False,
+) -> None:
+    """Serve a registered version's encrypted-input inference (the HE host): its weights file only
+    (nothing of the registered model runs), its query budget from the version's extraction audit.
+    Other bounds: python -m kdsec.he.server --help."""
+    import tempfile
+
+    from kdsec import tracking
+    from kdsec.he import server
+
+    tracking.connect()
+    with tempfile.TemporaryDirectory(prefix="kdsec-he-serve-") as scratch:
+        try:
+            name, version = tracking.resolve_version(model_uri)
+            checkpoint = tracking.download_version_checkpoint(name, version, Path(scratch))
+            argv = ["--model", str(checkpoint), "--host-id", host_id, "--host", host, "--port", str(port)]
+            if query_budget is None:
+                run_id = tracking.version_pipeline_run(name, version)
+                argv += ["--audit", str(tracking.download_run_artifact(run_id, "report/audit.json",
+                                                                        Path(scratch) / "report"))]
+        except KdsecError as exc:
+            raise _fail(str(exc)) from None
+        argv += ["--query-budget", str(query_budget)] if query_budget is not None else []
+        argv += ["--token-file", str(tokens)] if tokens else []
+        argv += ["--no-auth"] if no_auth else []
+        argv += ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)] if tls_cert or tls_key else []
+        err.print(f"serving {name} version {version} ({model_uri})", highlight=False)
+        server.main(argv)

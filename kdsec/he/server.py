@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds a socket read may stall before the request gets 408")
     parser.add_argument("--max-body-mib", type=float, default=MAX_BODY / MIB, help="largest request body, MiB")
     who = parser.add_argument_group("clients (kdsec he-token makes their tokens)")
-    who.add_argument("--tokens", type=Path, help="the token store (hashes only); required unless --no-auth")
+    who.add_argument("--token-file", type=Path, help="the token store (hashes only); required unless --no-auth")
     who.add_argument("--host-id", default="he-host", help="this host's name: a token made for another is refused")
     who.add_argument("--no-auth", action="store_true", help="serve anyone, as one client (loopback tests only)")
     who.add_argument("--client-sessions", type=int, default=ClientLimits.sessions, help="sessions per client")
@@ -352,13 +352,13 @@ def main(argv: list[str] | None = None) -> None:
         for flag, value in bounds.items():
             if not value > 0:
                 raise KdsecError(f"{flag} must be positive, got {value}")
-        if args.no_auth == bool(args.tokens):
-            raise KdsecError("give --tokens (a store made by kdsec he-token create) or, for a loopback test, --no-auth")
+        if args.no_auth == bool(args.token_file):
+            raise KdsecError("give --token-file (a store made by kdsec he-token create) or, for a loopback test, --no-auth")
         if bool(args.tls_cert) != bool(args.tls_key):
             raise KdsecError("--tls-cert and --tls-key come together")
         budget = args.query_budget if args.query_budget is not None else \
             budget_from_audit(args.audit) if args.audit else None
-        auth = None if args.no_auth else Authenticator(TokenStore(args.tokens), args.host_id)
+        auth = None if args.no_auth else Authenticator(TokenStore(args.token_file), args.host_id)
         limits = ClientLimits(args.client_sessions, int(args.client_session_mib * MIB), args.client_in_flight,
                               budget, args.budget_window)
         host = HEHost(he_ops(load_weights(args.model)[0]), args.max_sessions, int(args.max_session_mib * MIB),

@@ -48,7 +48,7 @@ def host(tmp_path_factory):
         # put eight requests in flight at once.
         process = subprocess.Popen([sys.executable, "-m", "kdsec.he.server", "--model", str(checkpoint),
                                     "--port", "0", "--max-in-flight", "8", "--client-in-flight", "8",
-                                    "--client-sessions", "16", "--tokens", str(folder / "tokens.json"),
+                                    "--client-sessions", "16", "--token-file", str(folder / "tokens.json"),
                                     "--host-id", "test-host"], stdout=subprocess.PIPE, stderr=stderr, text=True)
     line = process.stdout.readline()
     assert "listening on" in line, (folder / "host.stderr").read_text()

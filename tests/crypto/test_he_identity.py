@@ -253,7 +253,7 @@ def test_the_host_command_requires_tokens_and_reports_its_budget(tmp_path):
     checkpoint = save_checkpoint(build_model(spec), spec, tmp_path / "student.safetensors")
     command = [sys.executable, "-m", "kdsec.he.server", "--model", str(checkpoint), "--port", "0"]
     refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 1 and "give --tokens" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode == 1 and "give --token-file" in refused.stderr and "Traceback" not in refused.stderr
     audit = tmp_path / "audit.json"
     audit.write_text(json.dumps({"extraction": [{"defense": "probabilities", "queries": 500, "fidelity": 0.97}]}))
     cli = [sys.executable, "-m", "kdsec.cli", "he-token", "create", "--client", "ci", "--host-id", "h",
@@ -261,7 +261,7 @@ def test_the_host_command_requires_tokens_and_reports_its_budget(tmp_path):
     made = subprocess.run(cli, capture_output=True, text=True, timeout=120)
     token = made.stdout.strip()
     assert made.returncode == 0 and token.startswith("kdsec-he_") and "shown once" in made.stderr
-    host = subprocess.Popen([*command, "--tokens", str(tmp_path / "tokens.json"), "--host-id", "h",
+    host = subprocess.Popen([*command, "--token-file", str(tmp_path / "tokens.json"), "--host-id", "h",
                              "--audit", str(audit)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = host.stdout.readline()

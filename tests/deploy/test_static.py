@@ -635,3 +635,21 @@ def test_entrypoint_exports_secret_files_as_the_keys_kdsec_reads(tmp_path):
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         "error: the secret KDSEC_MODEL_KEY is empty: export KDSEC_MODEL_KEY before docker compose up "
         "(see docker/compose.yaml)"]
+
+
+def test_the_he_host_serves_the_champion_to_token_holders_as_natively():
+    """Compose's he-host is he_service.py's process: kdsec he-serve on the champion, the stack's host
+    id, a token store (hashes only) as a secret file, the pipeline user's MLflow identity."""
+    import he_service
+
+    service = SERVICES["he-host"]
+    argv = [_interpolate(part, SETTINGS) for part in service["command"]]
+    assert argv[:2] == ["kdsec", "he-serve"]
+    assert _option(argv, "--model-uri") == f"models:/{SETTINGS['KDSEC_REGISTERED_MODEL']}@champion"
+    assert _option(argv, "--host-id") == SETTINGS["KDSEC_HE_HOST_ID"]
+    mount = next(m for m in service["secrets"] if m["source"] == "kdsec_he_tokens")
+    assert _option(argv, "--token-file") == f"/run/secrets/{mount['target']}" and mount["mode"] == 0o400
+    assert COMPOSE["secrets"]["kdsec_he_tokens"] == {"environment": "KDSEC_HE_TOKENS"}
+    assert _interpolate(service["environment"]["MLFLOW_TRACKING_USERNAME"], SETTINGS) == SETTINGS["KDSEC_PIPELINE_USER"]
+    assert service["depends_on"]["mlflow"] == {"condition": "service_healthy"}
+    assert he_service.clients(SETTINGS) and he_service.url(SETTINGS).endswith(SETTINGS["KDSEC_HE_PORT"])

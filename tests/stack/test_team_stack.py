@@ -314,6 +314,64 @@ def test_a_reviewer_reads_the_champion_report_through_the_server(team, tmp_path)
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:")  # served by the tracking server, proxied
 
 
+def test_the_he_host_serves_the_champion_to_token_holders_only(team, tmp_path):
+    """The stack's HE host (he_service.py) on the champion: a client's provisioned token gets an
+    encrypted round trip that agrees with the champion in plaintext; no token is 401, a revoked
+    one 403, and the next provisioning hands out a new one."""
+    import stat
+    import urllib.error
+    import urllib.request
+
+    import he_service
+    import numpy as np
+
+    from kdsec import tracking
+    from kdsec.compress import load_weights
+    from kdsec.config import load_config
+    from kdsec.data import prepare_data
+    from kdsec.he import he_ops, plaintext_forward
+    from kdsec.he.client import HEHttpClient
+
+    stack, config, secret = team
+    started = time.monotonic()
+    he_service.he_up(config, secret)
+    FIGURES["HE host up (s)"] = round(time.monotonic() - started, 1)
+    client_file = stack.state_dir() / "users" / f"{he_service.clients(config)[0]}.he.env"
+    assert stat.S_IMODE(client_file.stat().st_mode) == 0o600
+    values = dict(line.removeprefix("export ").split("=", 1) for line in client_file.read_text().splitlines())
+    url, token = values["KDSEC_HE_URL"], values["KDSEC_HE_TOKEN"]
+    assert token not in he_service.token_store().read_text()  # the store holds hashes only
+    request = urllib.request.Request(f"{url}/sessions", data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 401
+    images = prepare_data(load_config(None, list(FAST)).data).x_test[:3]
+    started = time.monotonic()
+    with HEHttpClient(url, path="single", token=token) as client:  # one sample per request: within the budget
+        logits = client.predict_logits(images)
+    FIGURES["HE single round trip, 3 images (s)"] = round(time.monotonic() - started, 1)
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    try:
+        with _as(stack, secret, "reviewer-b"):
+            mlflow.set_tracking_uri(stack.urls(config)["mlflow"])
+            name, version = tracking.resolve_version(f"models:/{config['KDSEC_REGISTERED_MODEL']}@champion")
+            checkpoint = tracking.download_version_checkpoint(name, version, tmp_path)
+    finally:
+        mlflow.set_tracking_uri(before)
+    plain = plaintext_forward(he_ops(load_weights(checkpoint)[0]), images)
+    assert np.abs(logits - plain).max() < 1e-2 and (logits.argmax(1) == plain.argmax(1)).all()
+    token_id = token.split("_")[1]
+    revoke = _kdsec(stack, config, secret, "reviewer-b", "he-token", "revoke", token_id, "--store",
+                    str(he_service.token_store()))
+    assert revoke.returncode == 0, revoke.stdout + revoke.stderr
+    with pytest.raises(Exception, match=r"\(403\): token [0-9a-f]+ was revoked"):
+        HEHttpClient(url, path="single", token=token)
+    assert he_service.provision_tokens(config) == [he_service.clients(config)[0]]
+    assert token not in client_file.read_text()
+
+
 def test_two_runs_at_once_on_the_server_register_distinct_versions_and_the_later_wins(team):
     stack, config, secret = team
     first = _trigger(config)
