@@ -367,7 +367,7 @@ class AuditConfig(Section):
     reference_models: Annotated[int, Field(ge=0, le=64)] = 8  # K for RMIA/LiRA; 0 = LOSS attack only
     # At most this many of the K for the teacher's own group (None: all K). The teacher never ships
     # and no gate reads its audit; its references are the audit's costliest models (conv nets).
-    teacher_reference_models: Annotated[int, Field(ge=0, le=64)] | None = None
+    teacher_reference_models: Annotated[int, Field(ge=0, le=64)] | None = 4
     parallel_references: Annotated[int, Field(ge=1, le=64)] = 2  # reference-training tasks run at once
     rmia_a: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3  # offline RMIA interpolation (Zarifzadeh et al.)
     rmia_gamma: Annotated[float, Field(gt=0.0)] = 1.0  # likelihood-ratio margin against population samples

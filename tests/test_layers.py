@@ -1,4 +1,4 @@
-"""The layering the README's Layout section draws, enforced: flows → tasks → kdsec, kdsec never
+"""The layering docs/layout.md draws, enforced: flows → tasks → kdsec, kdsec never
 imports Prefect, and inside kdsec each part imports only the parts below it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# kdsec's parts, top to bottom (as the README lists them); one row may import itself and below.
+# kdsec's parts, top to bottom (as docs/layout.md lists them); one row may import itself and below.
 LAYERS = [
     {"cli", "he_cli"}, {"review"}, {"report"}, {"summary"}, {"tracking"}, {"pyfunc_model", "pyfunc_entry"}, {"mlflow_auth"},
     {"preflight"}, {"gates"}, {"explain"}, {"audit"}, {"he"}, {"crypto"}, {"compress"}, {"trainers"}, {"sweep"}, {"cache"},
@@ -39,7 +39,7 @@ def _part(module: str) -> str:
 def test_every_kdsec_part_has_a_place_in_the_layers():
     parts = {path.stem if path.parent.name == "kdsec" else path.parent.name
              for path in (ROOT / "kdsec").glob("*") if path.suffix == ".py" or (path / "__init__.py").is_file()}
-    assert parts - {"__init__"} == set(RANK), "add the new part to LAYERS and to the README's Layout"
+    assert parts - {"__init__"} == set(RANK), "add the new part to LAYERS and to docs/layout.md"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "kdsec").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
