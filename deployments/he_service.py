@@ -57,11 +57,13 @@ def provision_tokens(config: dict[str, str]) -> list[str]:
         path = _client_file(client)
         match = TOKEN.fullmatch(_written_token(path) or "")
         record = records.get(match.group(1)) if match else None
-        if record is not None and record.revoked is None and record.host == host_id and record.client == client:
+        if (record is not None and record.revoked is None and record.host == host_id and record.client == client
+                and (record.expires is None or record.expires > time.time())):
             continue
         token, _ = store.create(client, host_id)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(descriptor, 0o600)  # O_TRUNC keeps an existing file's mode
         with os.fdopen(descriptor, "w") as handle:
             handle.write(f"export KDSEC_HE_URL={url(config)}\nexport KDSEC_HE_TOKEN={token}\n")
         made.append(client)

@@ -488,10 +488,12 @@ def up() -> dict[str, str]:
         step(config, secret)
         print(f"  {label}: up ({time.monotonic() - started:.1f} s)", flush=True)
     write_user_files(config, secret)
+    from kdsec.errors import KdsecError
+
     try:  # once the registry has a champion; until then ``he-up`` after the first approval
         he_service.he_up(config, secret)
         print(f"  HE host: up ({time.monotonic() - started:.1f} s)", flush=True)
-    except StackError as exc:
+    except (StackError, KdsecError) as exc:  # KdsecError: e.g. a client name the token store refuses
         print(f"  HE host: not started ({exc}); after the first approval: python deployments/stack.py he-up",
               flush=True)
     return config

@@ -22,6 +22,11 @@ from kdsec.he.program import batched_params
 from kdsec.he.seal import KeyHolder
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # a 3xx is answered as the error it is
+        return None
+
+
 class HEHttpClient:
     """The key holder's side: fetch the plan, send a public context, encrypt, post, decrypt.
 
@@ -50,7 +55,9 @@ class HEHttpClient:
             raise KdsecError(f"HE host URL must be http(s)://host:port, got '{url[:200]}'")
         if self.token and parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
             raise KdsecError(f"refusing to send a token to {parts.hostname} over plain HTTP: use https://")
-        self._tls = ssl.create_default_context(cafile=cafile) if parts.scheme == "https" else None
+        tls = ssl.create_default_context(cafile=cafile) if parts.scheme == "https" else None
+        # No redirects: urllib would carry the Authorization header to wherever a 3xx points.
+        self._opener = urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=tls))
         self._lock = threading.Lock()
         self.plan = json.loads(self._request("GET", "/plan"))
         self.client: str | None = None
@@ -96,7 +103,7 @@ class HEHttpClient:
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
             request = urllib.request.Request(self.url + route, data=body, method=method, headers=headers)
             try:
-                with urllib.request.urlopen(request, timeout=300, context=self._tls) as response:
+                with self._opener.open(request, timeout=300) as response:
                     return response.read()
             except urllib.error.HTTPError as exc:
                 retry = exc.headers.get("Retry-After", "")

@@ -125,10 +125,11 @@ class ClientLimits:
     """What one client (one token's name) may hold, so that no client locks another out: open
     sessions and their estimated bytes, requests in flight, and samples answered per ``window``
     seconds (``budget``; None: no budget). A batched request is charged the samples its ring can
-    hold (the host cannot see how many the client packed), a single-path request one."""
+    hold (the host cannot see how many the client packed), a single-path request the samples its
+    ring holds at the layout's slot count (one where the layout fills the ring)."""
 
     sessions: int = 4
-    session_bytes: int = 512 * MIB
+    session_bytes: int = 1024 * MIB  # a conv student's diagonal single-path session is ~730 MiB
     in_flight: int = 2
     budget: int | None = None
     window: float = 86400.0
@@ -326,11 +327,26 @@ class HEHost:
                 self.in_flight_by[client] -= 1
             self.in_flight.release()
 
-    def _charge(self, client: str, samples: int) -> None:
-        """Count ``samples`` against the client's budget, or refuse with when it has room again."""
+    def samples(self, params: HEParams, path: str) -> int:
+        """What a request on ``path`` with ``params`` is charged: the samples it could answer."""
+        return params.slots if path == "batched" else max(1, params.slots // self.plan["single"]["min_slots"])
+
+    def check_budget(self, session_id: str, path: str, client: str = ANONYMOUS) -> None:
+        """Before a body is read: refuse (429) a request the client's budget cannot take now."""
+        if self.clients.budget is None:
+            return
+        with self.lock:
+            session = self.sessions.get(session_id)
+            server = session.servers.get(path) if session is not None and session.client == client else None
+        if server is not None:  # else infer() says what is wrong
+            self._refund(client, self._charge(client, self.samples(server.public.params, path)))
+
+    def _charge(self, client: str, samples: int) -> tuple[float, int] | None:
+        """Count ``samples`` against the client's budget (the entry, for ``_refund``), or refuse
+        with when it has room again."""
         budget = self.clients.budget
         if budget is None:
-            return
+            return None
         now = time.monotonic()
         with self.lock:
             spent = self.answered.setdefault(client, deque())
@@ -351,16 +367,20 @@ class HEHost:
                         break
                 raise ClientLimit(f"client '{client}' has had {used} of its {budget} samples per "
                                   f"{self.clients.window:g} s (this request: {samples})", max(1, math.ceil(retry)))
-            spent.append((now, samples))
+            entry = (now, samples)
+            spent.append(entry)
+            return entry
 
-    def _refund(self, client: str, samples: int) -> None:
+    def _refund(self, client: str, entry: tuple[float, int] | None) -> None:
+        """Take back the charge ``entry`` (this request's own, by identity)."""
+        if entry is None:
+            return
         with self.lock:
-            spent = self.answered.get(client)
-            if spent and self.clients.budget is not None:
-                for index in range(len(spent) - 1, -1, -1):
-                    if spent[index][1] == samples:
-                        del spent[index]
-                        break
+            spent = self.answered.get(client, deque())
+            for index, charged in enumerate(spent):
+                if charged is entry:
+                    del spent[index]
+                    break
 
     def infer(self, session_id: str, path: str, body: bytes, client: str = ANONYMOUS) -> bytes:
         self.expire()
@@ -380,17 +400,16 @@ class HEHost:
                 if any(ct.size() != 2 or ct.parms_id() != fresh or ct.scale != public.params.scale
                        for ct in ciphertexts):
                     raise HostError("send freshly encrypted ciphertexts: two parts, top level, scale 2^scale_bits")
-                samples = public.params.slots if path == "batched" else 1
-                self._charge(client, samples)
+                charge = self._charge(client, self.samples(public.params, path))
                 try:
                     outputs = server.infer(ciphertexts)
                     return public.dump_ciphertexts(outputs)
                 except (ValueError, RuntimeError) as exc:  # SEAL refusing what this client's parameters ask
-                    self._refund(client, samples)
+                    self._refund(client, charge)
                     reason = _one_line(str(exc))[:200]
                     raise HostError(f"these parameters cannot evaluate the model: {reason}") from None
                 except BaseException:
-                    self._refund(client, samples)
+                    self._refund(client, charge)
                     raise
         finally:
             with self.lock:

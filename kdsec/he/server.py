@@ -42,6 +42,7 @@ from kdsec.he.host import (ANONYMOUS, ClientLimits,
 
 CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]{1,10}")
 MAX_TRAILERS = 32
+MAX_CHUNKS = 1 << 16  # a 512 MiB body in 8 KiB chunks; tiny chunks would cost a Python loop each
 AUTH_DRAIN = 1 << 20  # body bytes read from a client refused for its credential before closing
 
 
@@ -103,6 +104,8 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
             # Read what is left of a refused body first: closing on unread bytes resets the
             # connection, and the client would see that instead of this answer. Not for a client
             # without a credential beyond ``drain_up_to`` bytes: it gets the close.
+            if drain_up_to is None and auth is not None and not self.authenticated:
+                drain_up_to = AUTH_DRAIN  # a client without a valid credential: never a long drain
             length = self.headers.get("Content-Length", "") if self.headers else ""
             small = drain_up_to is None or (CONTENT_LENGTH.fullmatch(length.strip()) and int(length) <= drain_up_to)
             if not self.body_read and small:
@@ -119,10 +122,16 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
         do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = do_OPTIONS = do_GET
 
         def _handle(self) -> None:
-            self.body_read = self.command not in ("POST", "PUT", "PATCH", "DELETE")
+            # Any request that frames a body has one to read (or the connection closes after the
+            # answer): bytes left unread would otherwise be parsed as the next request.
+            self.body_read = ("Transfer-Encoding" not in self.headers
+                              and self.headers.get("Content-Length", "0").strip() in ("0", ""))
+            self.authenticated = auth is None
             try:
                 try:
                     self._route()
+                    if not self.body_read:
+                        self.close_connection = True
                 except AuthError as exc:
                     challenge = {"WWW-Authenticate": 'Bearer realm="kdsec-he"'} if exc.status == 401 else {}
                     self._refuse(exc.status, str(exc), challenge, drain_up_to=AUTH_DRAIN)
@@ -134,6 +143,8 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
                     self._refuse(400, str(exc))
                 except TimeoutError:
                     self._refuse(408, "the request body stalled or arrived too slowly: resend it")
+                except OSError:  # the client reset, or TLS broke, mid-request: nobody is left to answer
+                    self.close_connection = True
                 except Exception:
                     log.exception("HE host: unexpected error on %s %s", self.command, self.path[:200])
                     self._refuse(500, "internal error on the HE host (logged there)")
@@ -165,6 +176,7 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
             # Health and the plan are public (a client plans its keys from it); the rest needs a token.
             self.client = ANONYMOUS if auth is None or url.path.strip("/") in ("health", "plan") else \
                 auth.client(self.headers.get("Authorization"))
+            self.authenticated = self.authenticated or self.client != ANONYMOUS
             methods[self.command]()
 
         def _open(self) -> None:
@@ -180,6 +192,7 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
             if path not in ("batched", "single"):
                 raise HostError(f"unknown path '{path[:40]}' (batched or single)")
             session_id = self._session_id(session_id)
+            host.check_budget(session_id, path, self.client)  # before the upload, not after it
             with self._body() as body:
                 reply = host.infer(session_id, path, body, self.client)
             self._reply(200, reply)
@@ -200,6 +213,8 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
                 if codings != ["chunked"]:
                     raise HostError(f"Transfer-Encoding must be chunked alone, got '{', '.join(codings)[:60]}'")
                 return None
+            if len(self.headers.get_all("Content-Length") or []) > 1:
+                raise HostError("more than one Content-Length header: send one")
             raw = self.headers.get("Content-Length")
             if raw is None:
                 raise LengthRequired("a Content-Length (or Transfer-Encoding: chunked) is required")
@@ -224,49 +239,55 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
             within the timeout, all of it at ``MIN_UPLOAD_RATE`` on average."""
             self.body_read = True  # even if it stalls: a refusal must not wait for it again
             started = time.monotonic()
+            body = bytearray()
             try:
                 if length is not None:
-                    return b"".join(self._exact(length, keep, started, 0))
-                return self._chunked(keep, started)
+                    self._exact(length, body if keep else None, started, 0)
+                else:
+                    self._chunked(body if keep else None, started)
+                return bytes(body)
             finally:
                 self.connection.settimeout(self.timeout)
 
-        def _wait(self, started: float, total: int) -> None:
-            """Set the socket's timeout for the next read: none left once ``total`` bytes are overdue."""
-            remaining = started + self.timeout + total / MIN_UPLOAD_RATE - time.monotonic()
+        def _wait(self, started: float, received: int) -> None:
+            """Set the socket's timeout for the next read: after ``read_timeout`` of grace the client
+            must have kept up ``MIN_UPLOAD_RATE`` over the ``received`` bytes so far."""
+            remaining = started + self.timeout + received / MIN_UPLOAD_RATE - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
             self.connection.settimeout(min(self.timeout, remaining))
 
-        def _exact(self, length: int, keep: bool, started: float, before: int) -> list[bytes]:
-            chunks, left = [], length
+        def _exact(self, length: int, into: bytearray | None, started: float, before: int) -> None:
+            left = length
             while left:
-                self._wait(started, before + length)
+                self._wait(started, before + length - left)
                 chunk = self.rfile.read1(min(left, MIB))
                 if not chunk:  # a client fault: 400 (sent if the client still reads), never a 500
                     raise HostError(f"the body ended after {length - left} of its {length} bytes "
                                     f"({'a chunk' if before or length != left else 'Content-Length'}): "
                                     "send the whole body")
                 left -= len(chunk)
-                if keep:
-                    chunks.append(chunk)
-            return chunks
+                if into is not None:
+                    into += chunk
 
         def _line(self, limit: int, started: float, total: int, what: str) -> bytes:
             self._wait(started, total)
             raw = self.rfile.readline(limit + 2)
+            if raw.endswith(b"\n") and not raw.endswith(b"\r\n"):
+                raise HostError(f"a chunked body's {what} must end in CRLF")
             if not raw.endswith(b"\n"):
                 if len(raw) <= limit:
                     raise HostError(f"the chunked body ended in its {what}")
                 raise HostError("a chunk's data must be followed by CRLF" if what == "chunk end"
                                 else f"a chunked body's {what} is over {limit} bytes")
-            return raw.rstrip(b"\r\n")
+            return raw[:-2]
 
-        def _chunked(self, keep: bool, started: float) -> bytes:
+        def _chunked(self, into: bytearray | None, started: float) -> None:
             """A chunked body (RFC 9112 §7.1): sizes in hex (extensions ignored), at most ``max_body``
-            bytes in all, then at most ``MAX_TRAILERS`` trailer lines, which are dropped."""
-            chunks, total = [], 0
-            while True:
+            bytes and ``MAX_CHUNKS`` chunks in all, then at most ``MAX_TRAILERS`` trailer lines,
+            which are dropped."""
+            total = 0
+            for _ in range(MAX_CHUNKS + 1):
                 size = self._line(80, started, total, "chunk size").split(b";", 1)[0].strip()
                 if not CHUNK_SIZE.fullmatch(size):
                     raise HostError(f"malformed chunk size '{size[:20].decode('latin-1')}' (hex digits)")
@@ -274,10 +295,12 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
                     break
                 if total + count > max_body:
                     raise TooLarge(f"chunked body over the host's limit of {max_body} bytes")
-                chunks += self._exact(count, keep, started, total)
+                self._exact(count, into, started, total)
                 total += count
                 if self._line(0, started, total, "chunk end"):
                     raise HostError("a chunk's data must be followed by CRLF")
+            else:
+                raise HostError(f"a chunked body of over {MAX_CHUNKS} chunks: send larger chunks")
             for _ in range(MAX_TRAILERS):
                 if not self._line(8192, started, total, "trailer"):
                     break
@@ -285,7 +308,6 @@ def make_server(host: HEHost, port: int = 0, address: str = "127.0.0.1", read_ti
                 raise HostError(f"a chunked body has over {MAX_TRAILERS} trailer lines")
             if not total:
                 raise HostError("empty body: send a kdsec HE bundle")
-            return b"".join(chunks)
 
     class Server(ThreadingHTTPServer):
         request_queue_size = 64  # the listen backlog: the stdlib's 5 drops bursts of concurrent clients
@@ -352,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         for flag, value in bounds.items():
             if not value > 0:
                 raise KdsecError(f"{flag} must be positive, got {value}")
+        if args.no_auth and args.host not in ("127.0.0.1", "::1", "localhost"):
+            raise KdsecError(f"--no-auth serves anyone: only on a loopback address, not {args.host}")
         if args.no_auth == bool(args.token_file):
             raise KdsecError("give --token-file (a store made by kdsec he-token create) or, for a loopback test, --no-auth")
         if bool(args.tls_cert) != bool(args.tls_key):
@@ -361,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
         auth = None if args.no_auth else Authenticator(TokenStore(args.token_file), args.host_id)
         limits = ClientLimits(args.client_sessions, int(args.client_session_mib * MIB), args.client_in_flight,
                               budget, args.budget_window)
+        if auth is None:  # every client is one: its share is the whole host (the budget still applies)
+            limits = ClientLimits(args.max_sessions, int(args.max_session_mib * MIB), args.max_in_flight,
+                                  budget, args.budget_window)
         host = HEHost(he_ops(load_weights(args.model)[0]), args.max_sessions, int(args.max_session_mib * MIB),
                       args.idle_timeout, args.max_in_flight, limits)
         server = make_server(host, args.port, args.host, args.read_timeout, int(args.max_body_mib * MIB), auth,

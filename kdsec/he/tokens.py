@@ -13,14 +13,18 @@ Refusals name at most the id, which authenticates nothing; no refusal or log lin
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -31,6 +35,7 @@ from kdsec.fileio import PRIVATE, write_atomic
 
 TOKEN = re.compile(r"kdsec-he_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 MAX_STORE_BYTES = 8 << 20
+log = logging.getLogger(__name__)
 Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")]
 
 
@@ -81,20 +86,37 @@ class TokenStore:
             raise ConfigError(f"token store {self.path} is over {MAX_STORE_BYTES >> 20} MiB")
         try:
             return TokenFile.model_validate_json(self.path.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot read token store {self.path}: {exc.strerror or exc}") from None
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
             raise ConfigError(f"token store {self.path} is malformed at {where or 'top level'}: {first['msg']}") from None
 
     def _write(self, tokens: TokenFile) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, json.dumps(tokens.model_dump(mode="json"), indent=1), mode=PRIVATE)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Read-modify-write under an exclusive lock (a create beside a revoke loses neither)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.path.with_name(self.path.name + ".lock"),
+                             os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)
 
     def create(self, client: str, host: str, days: float | None = None) -> tuple[str, TokenRecord]:
         """A new token for ``client`` on host ``host``, valid ``days`` (None: until revoked): the
         token (shown once) and its record."""
-        if days is not None and not days > 0:
-            raise ConfigError(f"--days must be positive, got {days}")
+        if days is not None and not 0 < days < 1e6:
+            raise ConfigError(f"--days must be positive (and under a million), got {days}")
+        with self._locked():
+            return self._create(client, host, days)
+
+    def _create(self, client: str, host: str, days: float | None) -> tuple[str, TokenRecord]:
         tokens = self.read()
         ids = {record.id for record in tokens.tokens}
         token_id = secrets.token_hex(6)
@@ -113,6 +135,10 @@ class TokenStore:
         return f"kdsec-he_{token_id}_{secret}", record
 
     def revoke(self, token_id: str) -> TokenRecord:
+        with self._locked():
+            return self._revoke(token_id)
+
+    def _revoke(self, token_id: str) -> TokenRecord:
         tokens = self.read()
         for index, record in enumerate(tokens.tokens):
             if record.id == token_id:
@@ -158,8 +184,9 @@ class Authenticator:
         token_id, secret = match.groups()
         try:
             self._refresh()
-        except ConfigError as exc:  # the store broke while serving: refuse, never fail open
-            raise AuthError(401, f"the host cannot read its token store ({exc})") from None
+        except (ConfigError, OSError) as exc:  # the store broke while serving: refuse, never fail open
+            log.error("HE host: %s", exc)  # the reason stays on the host
+            raise AuthError(401, "the host cannot check tokens now (its token store is unreadable)") from None
         record = self._by_id.get(token_id)
         if record is None or not hmac.compare_digest(record.sha256, _digest(secret)):
             raise AuthError(401, f"unknown or wrong token (id {token_id})")

@@ -111,3 +111,58 @@ def test_an_http_1_0_client_gets_its_close(ops, version):
         connection.sendall(b"GET /health " + version + b"\r\n\r\n")
         answer = _answer(connection, wait=10)
         assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"status": "ok"}')
+
+
+def test_framing_that_could_smuggle_a_request_is_refused_or_closed(ops):
+    with _serving(ops) as (url, _):
+        # A GET with a body: answered, then closed (the body is never read as a next request).
+        with _connect(url) as connection:
+            smuggled = b"GET /plan HTTP/1.1\r\nHost: x\r\n\r\n"
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
+                               + smuggled)
+            answer = _answer(connection, wait=10)
+        assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 200")
+        for name, request, message in [
+            ("two lengths", b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+             "more than one Content-Length"),
+            ("bare LF", b"POST /sessions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\nx\r\n0\r\n\r\n",
+             "must end in CRLF"),
+            ("65,537 chunks", b"POST /sessions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+             + b"1\r\nx\r\n" * 65_537 + b"0\r\n\r\n", "over 65536 chunks"),
+        ]:
+            with _connect(url) as connection:
+                connection.sendall(request)
+                head, _, body = _answer(connection, wait=30).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400"), (name, head)
+            assert message in _error(400, body), name
+
+
+def test_the_client_never_follows_a_redirect_with_its_token():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kdsec.errors import KdsecError
+    from kdsec.he.client import HEHttpClient
+
+    seen = []
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(KdsecError, match=r"GET /plan \(302\)"):
+            HEHttpClient(f"http://127.0.0.1:{server.server_address[1]}", token="kdsec-he_" + "0" * 12 + "_" + "A" * 43)
+        assert len(seen) == 1  # /plan only: the Location was not followed
+    finally:
+        server.shutdown()
+        server.server_close()
