@@ -507,6 +507,8 @@ def down() -> list[str]:
 def status() -> dict[str, str]:
     states = {name: f"running (pid {pid})" if (pid := running(name)) else "stopped"
               for name in ("prefect-server", "mlflow-server", "worker", "he-host")}
+    if states["he-host"] == "stopped":
+        states["he-host"] = "stopped (it starts once the registry has a champion: stack.py he-up)"
     return {"postgres": "running" if postgres_running() else "stopped", **states}
 
 
