@@ -116,14 +116,14 @@ def _batched_infer(url: str, session: str, holder: KeyHolder, ops, inputs: np.nd
 
 
 @contextmanager
-def _serving(ops, read_timeout: float = 30.0, **bounds):
-    """An in-process host with its own bounds."""
+def _serving(ops, read_timeout: float = 30.0, auth=None, tls=None, **bounds):
+    """An in-process host with its own bounds (and, given them, its authenticator and TLS context)."""
     he_host = HEHost(ops, **bounds)
-    server = make_server(he_host, 0, read_timeout=read_timeout)
+    server = make_server(he_host, 0, read_timeout=read_timeout, auth=auth, tls=tls)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", he_host
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}", he_host
     finally:
         server.shutdown()
         server.server_close()

@@ -11,9 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from urllib.parse import urlparse
 
 import numpy as np
@@ -24,10 +22,11 @@ from kdsec.errors import KdsecError
 from kdsec.he import plaintext_forward
 from kdsec.he.client import HEHttpClient
 from kdsec.he.host import ClientLimits, HEHost
-from kdsec.he.server import make_server, tls_context
+from kdsec.he.server import tls_context
 from kdsec.he.tokens import TOKEN, Authenticator, TokenStore, budget_from_audit
 from kdsec.models import ModelSpec, build_model, save_checkpoint
 from tests.crypto.test_he_http import _answer, _call, _error
+from tests.crypto.test_he_http import _serving as serving
 
 
 @pytest.fixture
@@ -36,17 +35,10 @@ def tokens(tmp_path):
     return store, {name: store.create(name, "he-1")[0] for name in ("alice", "bob")}
 
 
-@contextmanager
 def _serving(ops, store: TokenStore | None, limits: ClientLimits = ClientLimits(), tls=None, **bounds):
-    he_host = HEHost(ops, clients=limits, **bounds)
-    server = make_server(he_host, 0, read_timeout=1.0, auth=store and Authenticator(store, "he-1"), tls=tls)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}", he_host
-    finally:
-        server.shutdown()
-        server.server_close()
+    """An in-process host for host id 'he-1', checking ``store``'s tokens."""
+    return serving(ops, read_timeout=1.0, auth=store and Authenticator(store, "he-1"), tls=tls, clients=limits,
+                   **bounds)
 
 
 def _as(token: str) -> dict[str, str]:
