@@ -339,11 +339,11 @@ class HEHost:
             session = self.sessions.get(session_id)
             server = session.servers.get(path) if session is not None and session.client == client else None
         if server is not None:  # else infer() says what is wrong
-            self._refund(client, self._charge(client, self.samples(server.public.params, path)))
+            self._charge(client, self.samples(server.public.params, path), record=False)
 
-    def _charge(self, client: str, samples: int) -> tuple[float, int] | None:
+    def _charge(self, client: str, samples: int, record: bool = True) -> tuple[float, int] | None:
         """Count ``samples`` against the client's budget (the entry, for ``_refund``), or refuse
-        with when it has room again."""
+        with when it has room again; ``record`` false only checks."""
         budget = self.clients.budget
         if budget is None:
             return None
@@ -367,6 +367,8 @@ class HEHost:
                         break
                 raise ClientLimit(f"client '{client}' has had {used} of its {budget} samples per "
                                   f"{self.clients.window:g} s (this request: {samples})", max(1, math.ceil(retry)))
+            if not record:
+                return None
             entry = (now, samples)
             spent.append(entry)
             return entry

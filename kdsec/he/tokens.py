@@ -129,7 +129,8 @@ class TokenStore:
                                  expires=None if days is None else now + days * 86400)
         except ValidationError as exc:
             field = exc.errors()[0]["loc"][0]
-            raise ConfigError(f"{field} must be 1-64 letters, digits or . _ @ - (got {locals()[field]!r})") from None
+            given = {"client": client, "host": host}[field]
+            raise ConfigError(f"{field} must be 1-64 letters, digits or . _ @ - (got {given!r})") from None
         tokens.tokens.append(record)
         self._write(tokens)
         return f"kdsec-he_{token_id}_{secret}", record
