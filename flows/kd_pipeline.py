@@ -33,8 +33,8 @@ from kdsec.summary import Summary, build_summary
 from kdsec.sweep import select_best, sweep_grid
 from kdsec.trainers import TrainedModel
 from tasks.pipeline import (at_rest_task, audit_task, compress_task, distill_task, explain_task, he_task,
-                            prepare_data_task, teacher_signals_task, train_dp_task, train_references_task,
-                            train_scratch_task, train_teacher_task)
+                            prepare_data_task, teacher_signals_task, train_dp_task, train_references_cluster_task,
+                            train_references_task, train_scratch_task, train_teacher_task)
 from tasks.tracking import (claim_request_task, open_run_task, promote_task, publish_audit_task, register_task,
                             report_task, run_trigger, track_data_task, track_gates_task, track_model_task,
                             track_stage_task, track_sweep_task)
@@ -220,11 +220,18 @@ def _cache_counts(cache_hits: dict) -> dict:
 def _references(config: PipelineConfig, bundle, cache_hits: dict) -> dict[str, list[str]]:
     """K reference models per architecture group, cached like the teacher by files named by their
     key (same data + architecture + training + code → same models), as ``reference_jobs`` tasks,
-    ``audit.parallel_references`` at once with an even share of the cores each."""
-    width = max(1, config.audit.parallel_references)
-    jobs = reference_jobs(config, bundle, width)
+    ``audit.parallel_references`` at once with an even share of the cores each; or, with
+    ``compute.dask_address`` set, as tasks on that Dask cluster."""
     counts = cache_hits.setdefault("references", {"hit": 0, "total": 0})
     references: dict[str, list[str]] = {}
+    if config.compute.dask_address:  # the missing ones as tasks on the Dask cluster
+        for group, (paths, hits) in train_references_cluster_task(config, bundle).items():
+            references[group] = paths
+            counts["total"] += len(paths)
+            counts["hit"] += hits
+        return references
+    width = max(1, config.audit.parallel_references)
+    jobs = reference_jobs(config, bundle, width)
     for start in range(0, len(jobs), width):
         wave = jobs[start:start + width]
         with torch_threads(parallel_share(len(wave))):  # one torch thread per training at once: no oversubscription

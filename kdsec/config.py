@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, get_args
 
@@ -301,9 +302,33 @@ class SweepConfig(Section):
     alpha: list[Annotated[float, Field(ge=0.0, le=1.0)]] = []
     loss: list[str] = []
     width: list[PositiveFloat] = []  # multipliers of the configured student's widths
+    # threads, or a local Dask cluster of max_workers processes; with compute.dask_address set the
+    # members run on that cluster whatever this says
     task_runner: Literal["threads", "dask"] = "threads"
     max_workers: Annotated[int, Field(ge=1, le=64)] = 2  # members trained at once (threads or local Dask workers)
-    dask_address: str = ""  # an existing Dask scheduler (e.g. tcp://10.0.0.5:8786); empty = a local cluster
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_address(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "dask_address" in data:
+            raise ValueError("sweep.dask_address moved to compute.dask_address (it now also sends reference "
+                             "models and HE chunks to the cluster)")
+        return data
+
+
+def _dask_address_from_env() -> str:
+    return os.environ.get("KDSEC_DASK_ADDRESS", "")
+
+
+class ComputeConfig(Section):
+    """Where the costliest work runs. Empty ``dask_address``: on this machine (threads and host
+    processes). A scheduler's address (``tcp://host:8786``; default ``KDSEC_DASK_ADDRESS``, which
+    the team stack's Prefect worker sets): the audit's reference models, HE batched chunks and
+    sweep members run as tasks on that Dask cluster, with the same results given the seeds."""
+
+    dask_address: Annotated[str, Field(pattern=r"^$|^(tcp|tls)://[A-Za-z0-9.\-_\[\]:]+:[0-9]{1,5}$")] = Field(
+        default_factory=_dask_address_from_env)
+    connect_timeout: Annotated[float, Field(gt=0.0, le=300.0)] = 10.0  # seconds to reach the scheduler and a worker
 
 
 class CompressConfig(Section):
@@ -479,6 +504,7 @@ class PipelineConfig(Section):
     student: StudentConfig = HEMLPStudentConfig()
     distill: DistillConfig = DistillConfig()
     sweep: SweepConfig = SweepConfig()
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
     compress: CompressConfig = CompressConfig()
     encrypt: EncryptConfig = EncryptConfig()
     audit: AuditConfig = AuditConfig()

@@ -9,7 +9,8 @@ from kdsec.errors import ConfigError
 def preflight(config: PipelineConfig) -> None:
     """Unknown catalog names, a loss or a stage the student cannot take (spatial features,
     structured pruning, homomorphic inference, an HE layout that does not fit), a malformed or
-    exposed encryption key: each is a one-line ``KdsecError`` now, not after training."""
+    exposed encryption key, a Dask cluster (``compute.dask_address``) that does not answer or
+    whose workers lack our packages: each is a one-line ``KdsecError`` now, not after training."""
     from kdsec.compress.structured import SUPPORTED as STRUCTURED_ARCHS
     from kdsec.he import HE_FRIENDLY_ARCHS
     from kdsec.crypto.keys import load_or_create_signer, local_key_provider
@@ -34,6 +35,10 @@ def preflight(config: PipelineConfig) -> None:
         _check_he_layouts(config, *DECLARED_SHAPES[config.data.name])
     local_key_provider(config.encrypt.key_env, config.encrypt.key_file)
     load_or_create_signer(config.encrypt.signing_key_env, config.encrypt.signing_key_file)
+    if config.compute.dask_address:  # reachable, with workers that run our code and packages
+        from kdsec.compute import preflight_cluster
+
+        preflight_cluster(config.compute.dask_address, config.compute.connect_timeout)
 
 
 def _check_he_layouts(config: PipelineConfig, input_shape: tuple[int, ...], num_classes: int) -> None:

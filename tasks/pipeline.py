@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from kdsec import cache
-from kdsec.audit.run import AuditOutcome, audit_pipeline, reference_checkpoints
+from kdsec.audit.run import AuditOutcome, all_reference_checkpoints, audit_pipeline, reference_checkpoints
 from kdsec.compress.candidates import compress_student
 from kdsec.compress.measure import VariantMetrics
 from kdsec.config import PipelineConfig
@@ -73,6 +73,22 @@ def distill_member_task(config: PipelineConfig, bundle: DataBundle, member: Swee
     return distill_member(config, bundle, member, signals, checkpoint, torch_threads)
 
 
+@task(name="distill-member", cache_policy=NO_CACHE)
+def distill_member_bytes_task(config: PipelineConfig, bundle: DataBundle, member: SweepMember,
+                              signals: bytes) -> tuple[TrainedModel, MemberResult, bytes]:
+    """A sweep member on a Dask worker with no shared storage: the teacher signals come as bytes,
+    the checkpoint goes back as bytes (the flow writes it); one torch thread, as a local Dask
+    member has on 2 cores."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kdsec-member-") as folder:
+        signals_path = Path(folder) / "signals.safetensors"
+        signals_path.write_bytes(signals)
+        trained, result = distill_member(config, bundle, member, signals_path,
+                                         Path(folder) / f"{member.name}.safetensors", torch_threads=1)
+        return trained, result, Path(trained.checkpoint).read_bytes()
+
+
 @task(name="compress", cache_policy=NO_CACHE)
 def compress_task(config: PipelineConfig, bundle: DataBundle, student: TrainedModel, out_dir: Path,
                   signals: str) -> list[VariantMetrics]:
@@ -100,6 +116,15 @@ def train_references_task(config: PipelineConfig, bundle: DataBundle, group: str
     each named by its key (data, architecture, training, index, seed, code), the missing ones
     trained together."""
     return reference_checkpoints(config, bundle, group, indices=indices)
+
+
+@task(name="train-references-on-dask", cache_policy=NO_CACHE)
+def train_references_cluster_task(config: PipelineConfig, bundle: DataBundle) -> dict[str, tuple[list[str], int]]:
+    """Every group's reference models (paths, cached count): the cached ones by file, the missing
+    ones trained as tasks on the Dask cluster at ``compute.dask_address``."""
+    from prefect import get_run_logger
+
+    return all_reference_checkpoints(config, bundle, get_run_logger().info)
 
 
 @task(name="audit", cache_policy=NO_CACHE)

@@ -20,6 +20,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("KDSEC_MODEL_KEY", None)
 os.environ.pop("KDSEC_SIGNING_KEY", None)
 os.environ.pop("KDSEC_VERDICT_PUBLIC_KEY", None)
+os.environ.pop("KDSEC_DASK_ADDRESS", None)  # compute.dask_address's default: tests start their own clusters
 
 from kdsec.config import DataConfig, load_config  # noqa: E402
 from kdsec.data import prepare_data  # noqa: E402

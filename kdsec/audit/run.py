@@ -69,9 +69,9 @@ def reference_count(config: PipelineConfig, group: str) -> int:
 
 def reference_jobs(config: PipelineConfig, bundle: DataBundle, width: int) -> list[tuple[str, list[int]]]:
     """(group, indices) training jobs for ``width`` workers. A group that trains together
-    (``can_fit_together``: one vectorized step for all) is one job: small models are bound by
-    Python's per-step overhead, and two threads would share one GIL (8 digits he_mlps: 1.0 s as one
-    job, 1.6 s as two at once). Any other group is split in ``width`` shares run at once, one torch
+    (``can_fit_together``: one vectorized step for each block of ``ENSEMBLE_BLOCK``) is one job,
+    its blocks one after the other: small models are bound by Python's per-step overhead, and two
+    threads would share one GIL (8 digits he_mlps: 1.0 s as one job of 8, 1.6 s as two at once). Any other group is split in ``width`` shares run at once, one torch
     thread each (4 digits teacher CNNs: 2.7 s as two jobs, 5.0 s as one)."""
     jobs = []
     for group, (spec, train) in reference_plan(config, bundle).items():
@@ -90,22 +90,45 @@ def reference_checkpoint(config: PipelineConfig, bundle: DataBundle, group: str,
     return cache.reference_checkpoint(bundle.fingerprint, spec, train, index, config.seed, config.tracking.cache_dir)
 
 
-def train_reference_models(config: PipelineConfig, bundle: DataBundle, group: str, indices: list[int],
-                           checkpoints: list[Path]) -> None:
-    """Reference models ``indices`` of ``group``, each on its seeded half of the population split,
-    trained together (``train_references``) and stored at ``checkpoints`` (``reference_checkpoint``)."""
+ENSEMBLE_BLOCK = 4  # models a group that trains together trains at once, in blocks anchored at multiples of it
+
+
+def reference_units(config: PipelineConfig, bundle: DataBundle, group: str, indices: list[int]) -> list[list[int]]:
+    """The trainings that make references ``indices`` of ``group``, wherever they run: one model
+    each, or, for a group that trains together (``can_fit_together``), the blocks of
+    ``ENSEMBLE_BLOCK`` (clipped to ``reference_count``) that hold them. A vectorized step sums in
+    another order for another number of models, so a model is trained with the same peers here,
+    in another share or on a Dask worker: the same bytes (up to the CPU's instruction set)."""
+    spec, train = reference_plan(config, bundle)[group]
+    with torch.random.fork_rng(devices=[]):  # building a model draws from the global RNG: leave it as it was
+        together = can_fit_together(build_model(spec), train)
+    if not together:
+        return [[int(index)] for index in indices]
+    count = reference_count(config, group)
+    blocks = sorted({int(index) // ENSEMBLE_BLOCK for index in indices})
+    return [list(range(block * ENSEMBLE_BLOCK, min((block + 1) * ENSEMBLE_BLOCK, count))) for block in blocks]
+
+
+def train_reference_models(config: PipelineConfig, bundle: DataBundle, group: str, indices: list[int]) -> None:
+    """Reference models ``indices`` of ``group`` (and the rest of their ``reference_units``),
+    each on its seeded half of the population split, stored at ``reference_checkpoint``."""
     spec, train = reference_plan(config, bundle)[group]
     samples = audit_samples(bundle, config.seed)
     masks = reference_masks(config.audit.reference_models, len(samples.y_population), config.seed)
-    train_references(spec, train, samples.x_population, samples.y_population, masks[indices],
-                     [config.seed * 1000 + index for index in indices], checkpoints)
+    for unit in reference_units(config, bundle, group, indices):
+        train_references(spec, train, samples.x_population, samples.y_population, masks[unit],
+                         [config.seed * 1000 + index for index in unit],
+                         [reference_checkpoint(config, bundle, group, index) for index in unit])
 
 
 def reference_checkpoints(config: PipelineConfig, bundle: DataBundle, group: str,
                           step: Callable[[str], None] | None = None,
                           indices: list[int] | None = None) -> tuple[list[str], int]:
     """References ``indices`` (default: all ``reference_count``) of ``group``: the cached ones, the
-    rest trained now together (``step`` hears of both), and how many were cached."""
+    rest trained now together (``step`` hears of both; on the Dask cluster when
+    ``compute.dask_address`` is set and ``indices`` are all), and how many were cached."""
+    if config.compute.dask_address and indices is None:
+        return all_reference_checkpoints(config, bundle, step, [group])[group]
     indices = list(range(reference_count(config, group))) if indices is None else indices
     total = len(indices)
     paths = [reference_checkpoint(config, bundle, group, index) for index in indices]
@@ -113,10 +136,37 @@ def reference_checkpoints(config: PipelineConfig, bundle: DataBundle, group: str
     if step:
         step(f"reference models ({group}): {total - len(missing)}/{total} cached")
     if missing:
-        train_reference_models(config, bundle, group, *map(list, zip(*missing)))
+        train_reference_models(config, bundle, group, [index for index, _ in missing])
         if step:
             step(f"reference models ({group}): {len(missing)} trained")
     return [str(path) for path in paths], total - len(missing)
+
+
+def all_reference_checkpoints(config: PipelineConfig, bundle: DataBundle, step: Callable[[str], None] | None = None,
+                              groups: list[str] | None = None) -> dict[str, tuple[list[str], int]]:
+    """The references of ``groups`` (default: every group) as ``reference_checkpoints`` gives
+    them, the missing ones trained as tasks on the Dask cluster at ``compute.dask_address``
+    (``kdsec.compute``): the same models, bit for bit, as a local share trains, written to the
+    same cache files here."""
+    from kdsec.compute import train_references_on_cluster
+    from kdsec.fileio import write_atomic
+
+    plan = {group: value for group, value in reference_plan(config, bundle).items() if groups is None or group in groups}
+    wanted = {group: list(range(reference_count(config, group))) for group in plan}
+    paths = {group: {index: reference_checkpoint(config, bundle, group, index) for index in indices}
+             for group, indices in wanted.items()}
+    missing = {group: [index for index, path in paths[group].items() if not path.is_file()] for group in plan}
+    units = [(group, *plan[group], unit) for group, indices in missing.items() if indices
+             for unit in reference_units(config, bundle, group, indices)]
+    if units:
+        samples = audit_samples(bundle, config.seed)
+        masks = reference_masks(config.audit.reference_models, len(samples.y_population), config.seed)
+        trained = train_references_on_cluster(config.compute.dask_address, config.compute.connect_timeout, units,
+                                              samples.x_population, samples.y_population, masks, config.seed, step)
+        for (group, index), blob in trained.items():
+            write_atomic(paths[group][index], blob)
+    return {group: ([str(paths[group][index]) for index in indices], len(indices) - len(missing[group]))
+            for group, indices in wanted.items()}
 
 
 def trained_split(role: str, config: PipelineConfig) -> str:

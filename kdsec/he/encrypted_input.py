@@ -271,10 +271,13 @@ def single_server(public: PublicContext, ops: list[Op], plan: SinglePlan):
 
 def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, path: str = "batched",
                         wire: bool = True, package_dir: Path | None = None,
-                        model_predictions: np.ndarray | None = None) -> tuple[np.ndarray, HERun]:
+                        model_predictions: np.ndarray | None = None,
+                        cluster: tuple[str, float] | None = None) -> tuple[np.ndarray, HERun]:
     """Client encrypts ``inputs`` → host (public context only) evaluates → client decrypts.
     With ``wire``, ciphertexts and context cross as bytes, as they would over a network.
-    ``model_predictions`` (the deployed model's own labels) give ``agreement_with_model``."""
+    ``model_predictions`` (the deployed model's own labels) give ``agreement_with_model``.
+    ``cluster`` (a Dask scheduler's address, connect timeout): the batched chunks are evaluated
+    by tasks on its workers (``kdsec.he.cluster``) instead of host processes here."""
     if path == "batched":
         plan, params = None, BatchedServer.params(ops, config)
         holder = KeyHolder(params)
@@ -298,8 +301,12 @@ def run_encrypted_input(ops: list[Op], inputs: np.ndarray, config: HEConfig, pat
     workers = host_workers(config, len(chunks)) if path == "batched" and wire and required else 1
     with progress(f"HE encrypted input ({path})", len(chunks)) as advance:
         results = []
+        if path == "batched" and wire and required and cluster:
+            from kdsec.he.cluster import cluster_hosts
+
+            results = cluster_hosts(holder, context_bytes, ops, required, inputs, chunks, *cluster, advance)
         # host processes beside the client: batched chunks only (the single path is one sample a round trip)
-        if path == "batched" and wire and workers > 1:
+        elif path == "batched" and wire and workers > 1:
             finished: list = []
             try:
                 results = _parallel_hosts(holder, context_bytes, ops, required, inputs, chunks, workers, advance,

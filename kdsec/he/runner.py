@@ -34,7 +34,8 @@ MAX_ENCRYPTED_MODEL_BYTES = 8 << 30  # encrypted weights and keys the owner buil
 
 
 def encrypted_inference(model: nn.Module, inputs: np.ndarray, config: HEConfig,
-                        package_dir: Path | None = None, labels: np.ndarray | None = None) -> HEResult:
+                        package_dir: Path | None = None, labels: np.ndarray | None = None,
+                        cluster: tuple[str, float] | None = None) -> HEResult:
     """Run each configured mode on ``inputs`` (the single-sample path on the first
     ``config.latency_samples``), compare with plaintext and with the deployed model itself (and,
     given ``labels``, score the decrypted predictions: accuracy under encryption), and write the
@@ -57,7 +58,7 @@ def encrypted_inference(model: nn.Module, inputs: np.ndarray, config: HEConfig,
     for mode in config.modes:
         if mode == "encrypted_input":
             logits, run = run_encrypted_input(ops, inputs, config, "batched", package_dir=package_dir,
-                                              model_predictions=predictions)
+                                              model_predictions=predictions, cluster=cluster)
             if labels is not None:
                 run = replace(run, accuracy=float((logits.argmax(1) == labels[: len(logits)]).mean()))
             runs.append(run)
