@@ -67,10 +67,6 @@ def cluster(address: str, timeout: float = 10.0) -> Iterator:
         client.close()
 
 
-def _probe() -> dict[str, str | None]:
-    return compute_probe.environment()
-
-
 def check_workers(client, address: str) -> dict[str, dict[str, str | None]]:
     """Every worker runs the Python, the package versions and the project code this process
     does, or a one-line ``ComputeError`` naming the worker and what it lacks. Returns each
@@ -79,7 +75,7 @@ def check_workers(client, address: str) -> dict[str, dict[str, str | None]]:
 
     cloudpickle.register_pickle_by_value(compute_probe)  # it must answer where kdsec is missing
     try:
-        found = client.run(_probe, on_error="return")
+        found = client.run(compute_probe.environment, on_error="return")
     finally:
         cloudpickle.unregister_pickle_by_value(compute_probe)
     ours = compute_probe.environment()
@@ -87,16 +83,22 @@ def check_workers(client, address: str) -> dict[str, dict[str, str | None]]:
         if isinstance(theirs, BaseException):
             raise ComputeError(f"Dask worker {worker} at '{address}' could not report its packages: "
                                f"{_first_line(theirs)}")
-        for name, version in ours.items():
-            if theirs.get(name) == version:
-                continue
-            if theirs.get(name) is None:
-                raise ComputeError(f"Dask worker {worker} at '{address}' lacks {name} (this machine has "
-                                   f"{version}); install the project's locked environment there (uv sync --frozen)")
-            what = "code" if name in compute_probe.PROJECT else "version"
-            raise ComputeError(f"Dask worker {worker} at '{address}' has {name} {what} {theirs[name]} where this "
-                               f"machine has {version}; run the same commit and locked environment on every worker")
+        compare_environments(worker, theirs, ours, address)
     return found
+
+
+def compare_environments(worker: str, theirs: dict, ours: dict, address: str) -> None:
+    """A one-line ``ComputeError`` for the first package (or project code) ``worker`` lacks or
+    has in another version than this machine."""
+    for name, version in ours.items():
+        if theirs.get(name) == version:
+            continue
+        if theirs.get(name) is None:
+            raise ComputeError(f"Dask worker {worker} at '{address}' lacks {name} (this machine has "
+                               f"{version}); install the project's locked environment there (uv sync --frozen)")
+        what = "code" if name in compute_probe.PROJECT else "version"
+        raise ComputeError(f"Dask worker {worker} at '{address}' has {name} {what} {theirs[name]} where this "
+                           f"machine has {version}; run the same commit and locked environment on every worker")
 
 
 def preflight_cluster(address: str, timeout: float) -> None:
@@ -148,28 +150,43 @@ def train_reference_share(spec, train, population, masks: np.ndarray, seeds: lis
         return [path.read_bytes() for path in paths]
 
 
+ATTEMPTS = 3  # a unit whose worker died (or whose scattered data died with one) is sent this many times at most
+
+
 def train_references_on_cluster(address: str, timeout: float, units: list[tuple[str, object, object, list[int]]],
                                 x_population: np.ndarray, y_population: np.ndarray, masks: np.ndarray, seed: int,
                                 step=None) -> dict[tuple[str, int], bytes]:
     """Each of ``units`` (group, spec, train, indices: ``reference_units``, one model or one block
     that trains together) as one task on the cluster, the population scattered to every worker
-    once. Returns each (group, index)'s checkpoint bytes."""
+    once. A task the scheduler could not finish (its worker died, and the scattered population
+    with it) is sent again, the population scattered again, up to ``ATTEMPTS`` times. Returns
+    each (group, index)'s checkpoint bytes."""
     done: dict[tuple[str, int], bytes] = {}
     with cluster(address, timeout) as client:
-        population = client.scatter((x_population, y_population), broadcast=True, hash=False)
-        futures = [(group, unit, client.submit(train_reference_share, spec, train, population, masks[unit],
-                                               [seed * 1000 + index for index in unit],
-                                               key=task_key("reference", group), pure=False))
-                   for group, spec, train, unit in units]
+        population = client.scatter([(x_population, y_population)], broadcast=True, hash=False)[0]
+
+        def send(group, spec, train, unit):
+            return client.submit(train_reference_share, spec, train, population, masks[unit],
+                                 [seed * 1000 + index for index in unit], key=task_key("reference", group), pure=False)
+
+        pending = {send(*unit): (unit, 0) for unit in units}
         if step:
-            step(f"reference models: {len(futures)} tasks on {worker_threads(client)} Dask worker threads at {address}")
-        for group, unit, future in futures:
-            try:
-                blobs = future.result()
-            except KdsecError:
-                raise
-            except Exception as error:  # a task that failed on every worker it was given
-                raise ComputeError(f"reference models ({group}) failed on the Dask cluster at '{address}': "
-                                   f"{type(error).__name__}: {_first_line(error)}") from None
-            done.update({(group, index): blob for index, blob in zip(unit, blobs, strict=True)})
+            step(f"reference models: {len(pending)} tasks on {worker_threads(client)} Dask worker threads at {address}")
+        while pending:
+            for future in first_done(list(pending)):
+                (group, spec, train, unit), attempt = pending.pop(future)
+                try:
+                    blobs = future.result()
+                except KdsecError:
+                    raise
+                except Exception as error:  # its worker died, or the population was lost with one
+                    if attempt + 1 >= ATTEMPTS:
+                        raise ComputeError(f"reference models ({group}) failed {ATTEMPTS} times on the Dask cluster "
+                                           f"at '{address}': {type(error).__name__}: {_first_line(error)}") from None
+                    logger.warning("reference models (%s) %s: %s; sent again", group, unit, _first_line(error))
+                    if population.status != "finished":
+                        population = client.scatter([(x_population, y_population)], broadcast=True, hash=False)[0]
+                    pending[send(group, spec, train, unit)] = ((group, spec, train, unit), attempt + 1)
+                    continue
+                done.update({(group, index): blob for index, blob in zip(unit, blobs, strict=True)})
     return done

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -87,14 +89,15 @@ def start_cluster(folder: Path, workers: int = 2, env: dict[str, str] | None = N
         cluster.start_scheduler()
         for index in range(workers):
             cluster.start_worker(f"worker-{index}", env)
-        cluster.wait_for_workers(workers)
+        if workers:
+            cluster.wait_for_workers(workers)
     except BaseException:
         cluster.stop()
         raise
     return cluster
 
 
-class Recorder:
+class Recorder(WorkerPlugin):
     """A worker plugin: the pickled spec of every task the worker runs and every value it holds
     (scattered or computed), collected by ``recorded``."""
 
