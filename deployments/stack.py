@@ -1,6 +1,8 @@
 """The team stack, started natively on loopback: PostgreSQL (a cluster in a project folder), a
 Prefect server on it, an MLflow tracking server on it (basic-auth with kdsec's review rules,
-artifacts proxied to a served store) and a Prefect process worker.
+artifacts proxied to a served store), a Dask scheduler and workers (where the worker's flow runs
+train reference models and evaluate HE chunks: ``compute.dask_address``) and a Prefect process
+worker.
 
     python deployments/stack.py up       # idempotent; prints the URLs and how to act as a user
     python deployments/stack.py he-up    # the HE host, once the registry has a champion (he_service.py)
@@ -427,9 +429,51 @@ def provision(config: dict[str, str], secret: dict[str, str], mlflow_url: str | 
                 auth.assign_role(user, role.id)
 
 
+def dask_address(config: dict[str, str]) -> str:
+    return f"tcp://127.0.0.1:{config['KDSEC_DASK_PORT']}"
+
+
+def dask_workers(config: dict[str, str]) -> list[str]:
+    return [f"dask-worker-{index}" for index in range(int(config["KDSEC_DASK_WORKERS"]))]
+
+
+def dask_up(config: dict[str, str], secret: dict[str, str]) -> None:
+    """A Dask scheduler on loopback and ``KDSEC_DASK_WORKERS`` workers (each under a nanny that
+    restarts it if it dies), all of this environment, so they run the project's code and locked
+    packages; up once the scheduler counts them all."""
+    address, env = dask_address(config), {**base_env(), "PYTHONPATH": str(ROOT)}
+    if running("dask-scheduler") is None:
+        spawn("dask-scheduler", [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
+                                 config["KDSEC_DASK_PORT"], "--no-dashboard"], env, "dask scheduler")
+    for name in dask_workers(config):
+        if running(name) is None:
+            folder = state_dir() / "dask" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            spawn(name, [str(BIN / "dask"), "worker", address, "--name", name, "--nthreads", config["KDSEC_DASK_THREADS"],
+                         "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", config["KDSEC_DASK_MEMORY"],
+                         "--local-directory", str(folder)], env, f"--name {name}")
+    from distributed import Client
+
+    deadline = time.monotonic() + 90
+    while True:
+        for name in ("dask-scheduler", *dask_workers(config)):
+            if running(name) is None:
+                raise StackError(f"{name} exited during start-up; see {_log(name)}: {_tail(name)}")
+        try:
+            with Client(address, timeout=10, set_as_default=False) as client:
+                client.wait_for_workers(len(dask_workers(config)), timeout=max(1.0, deadline - time.monotonic()))
+            return
+        except (OSError, TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise StackError(f"the Dask cluster at {address} did not count {len(dask_workers(config))} workers "
+                                 f"within 90 s ({exc}); see {_log('dask-scheduler')}") from None
+            time.sleep(0.5)
+
+
 def worker_env(config: dict[str, str], secret: dict[str, str]) -> dict[str, str]:
     user = config["KDSEC_PIPELINE_USER"]
     return {**prefect_env(config, "prefect-worker"), "MLFLOW_TRACKING_URI": urls(config)["mlflow"],
+            "KDSEC_DASK_ADDRESS": dask_address(config),  # compute.dask_address of every flow run it starts
             "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": secret[password_key(user)],
             "KDSEC_WORKDIR": str(state_dir() / "work"), "KDSEC_PROJECT_DIR": str(ROOT),
             "KDSEC_SIGNING_KEY": signing_key()[0].read_text()}
@@ -471,7 +515,7 @@ def write_user_files(config: dict[str, str], secret: dict[str, str]) -> None:
 # --- commands ------------------------------------------------------------------------------------
 
 PORTS = (("postgres", "KDSEC_PG_PORT"), ("prefect-server", "KDSEC_PREFECT_PORT"), ("mlflow-server", "KDSEC_MLFLOW_PORT"),
-         ("he-host", "KDSEC_HE_PORT"))
+         ("he-host", "KDSEC_HE_PORT"), ("dask-scheduler", "KDSEC_DASK_PORT"))
 
 
 def up() -> dict[str, str]:
@@ -484,7 +528,7 @@ def up() -> dict[str, str]:
     secret = stack_secrets(config)
     started = time.monotonic()
     for label, step in (("PostgreSQL", postgres_up), ("Prefect server", prefect_up), ("MLflow server", mlflow_up),
-                        ("users and permissions", provision), ("Prefect worker", worker_up)):
+                        ("users and permissions", provision), ("Dask cluster", dask_up), ("Prefect worker", worker_up)):
         step(config, secret)
         print(f"  {label}: up ({time.monotonic() - started:.1f} s)", flush=True)
     write_user_files(config, secret)
@@ -500,13 +544,15 @@ def up() -> dict[str, str]:
 
 
 def down() -> list[str]:
-    stopped = [name for name in ("he-host", "worker", "mlflow-server", "prefect-server") if stop(name)]
+    names = ("he-host", "worker", *dask_workers(settings()), "dask-scheduler", "mlflow-server", "prefect-server")
+    stopped = [name for name in names if stop(name)]
     return stopped + (["postgres"] if postgres_down() else [])
 
 
 def status() -> dict[str, str]:
     states = {name: f"running (pid {pid})" if (pid := running(name)) else "stopped"
-              for name in ("prefect-server", "mlflow-server", "worker", "he-host")}
+              for name in ("prefect-server", "mlflow-server", "dask-scheduler", *dask_workers(settings()), "worker",
+                           "he-host")}
     if states["he-host"] == "stopped":
         states["he-host"] = "stopped (it starts once the registry has a champion: stack.py he-up)"
     return {"postgres": "running" if postgres_running() else "stopped", **states}
@@ -524,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"  MLflow:         {where['mlflow']}  (users: {', '.join(users(config))}; passwords in "
                   f"{state_dir() / 'users'})\n  act as a reviewer: source {state_dir() / 'env.sh'} && "
                   f"source {state_dir() / 'users' / (reviewers(config) or ['?'])[0]}.env\n"
+                  f"  Dask:           {dask_address(config)}  ({len(dask_workers(config))} workers; the worker's "
+                  f"flow runs use it)\n"
                   f"  HE host:        {he_service.url(config)}  (clients: {', '.join(he_service.clients(config))}; "
                   f"tokens in {state_dir() / 'users'}/<client>.he.env)\n"
                   f"  stop with: make stack-down")

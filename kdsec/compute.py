@@ -1,5 +1,6 @@
 """The Dask cluster at ``compute.dask_address``: connecting, checking that its workers can run
-the project's tasks, shipping data once, and the audit's reference models as tasks there.
+the project's tasks, and running tasks there with their shared data shipped once
+(``run_tasks``: the audit's reference models, ``kdsec.audit.run``).
 
 Reference shares, HE chunks (``kdsec.he.cluster``) and sweep members' data go through
 dask.distributed directly, not through Prefect's DaskTaskRunner:
@@ -22,12 +23,8 @@ Workers need no shared storage: tasks get their inputs as scattered data and ret
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-
-import numpy as np
 
 from kdsec import compute_probe
 from kdsec.errors import KdsecError
@@ -132,61 +129,50 @@ def task_key(*parts: object) -> str:
     return "-".join(["kdsec", *(str(part) for part in parts), uuid.uuid4().hex[:12]])
 
 
-# --- the audit's reference models ----------------------------------------------------------------
+# --- tasks with shared data, sent again when a worker dies -----------------------------------------
+
+ATTEMPTS = 3  # a task whose worker died (or whose scattered data died with one) is sent this many times at most
 
 
-def train_reference_share(spec, train, population, masks: np.ndarray, seeds: list[int]) -> list[bytes]:
-    """On a worker: reference models ``seeds`` (``masks``: the population half of each), trained
-    as this process would (``train_references``, one torch thread per task, as a local share on
-    2 cores trains), returned as safetensors bytes; nothing is written on the worker but a
-    temporary folder."""
-    from kdsec.audit.reference import train_references
-    from kdsec.device import torch_threads
-
-    x_population, y_population = population
-    with tempfile.TemporaryDirectory(prefix="kdsec-reference-") as folder, torch_threads(1):
-        paths = [Path(folder) / f"{seed}.safetensors" for seed in seeds]
-        train_references(spec, train, x_population, y_population, masks, list(seeds), paths)
-        return [path.read_bytes() for path in paths]
-
-
-ATTEMPTS = 3  # a unit whose worker died (or whose scattered data died with one) is sent this many times at most
-
-
-def train_references_on_cluster(address: str, timeout: float, units: list[tuple[str, object, object, list[int]]],
-                                x_population: np.ndarray, y_population: np.ndarray, masks: np.ndarray, seed: int,
-                                step=None) -> dict[tuple[str, int], bytes]:
-    """Each of ``units`` (group, spec, train, indices: ``reference_units``, one model or one block
-    that trains together) as one task on the cluster, the population scattered to every worker
-    once. A task the scheduler could not finish (its worker died, and the scattered population
-    with it) is sent again, the population scattered again, up to ``ATTEMPTS`` times. Returns
-    each (group, index)'s checkpoint bytes."""
-    done: dict[tuple[str, int], bytes] = {}
+def run_tasks(address: str, timeout: float, function, shared: object, jobs: list[tuple[str, tuple]],
+              step=None) -> list:
+    """``function(shared, *args)`` for each ``(label, args)`` of ``jobs``, as tasks on the cluster
+    at ``address`` (keys ``kdsec-<label>-…``), ``shared`` scattered to every worker once. A task
+    the scheduler could not finish (its worker died, and maybe the scattered data with it) is
+    sent again, ``shared`` scattered again where it was lost, up to ``ATTEMPTS`` times; an error
+    the task itself raised is raised here. Results in the order of ``jobs``."""
+    results: list = [None] * len(jobs)
     with cluster(address, timeout) as client:
-        population = client.scatter([(x_population, y_population)], broadcast=True, hash=False)[0]
+        data = client.scatter([shared], broadcast=True, hash=False)[0]
 
-        def send(group, spec, train, unit):
-            return client.submit(train_reference_share, spec, train, population, masks[unit],
-                                 [seed * 1000 + index for index in unit], key=task_key("reference", group), pure=False)
+        def send(index: int):
+            label, args = jobs[index]
+            return client.submit(function, data, *args, key=task_key(label), pure=False)
 
-        pending = {send(*unit): (unit, 0) for unit in units}
+        pending = {send(index): (index, 0) for index in range(len(jobs))}
         if step:
-            step(f"reference models: {len(pending)} tasks on {worker_threads(client)} Dask worker threads at {address}")
+            step(f"{len(jobs)} tasks on {worker_threads(client)} Dask worker threads at {address}")
         while pending:
             for future in first_done(list(pending)):
-                (group, spec, train, unit), attempt = pending.pop(future)
+                index, attempt = pending.pop(future)
                 try:
-                    blobs = future.result()
+                    results[index] = future.result()
                 except KdsecError:
                     raise
-                except Exception as error:  # its worker died, or the population was lost with one
-                    if attempt + 1 >= ATTEMPTS:
-                        raise ComputeError(f"reference models ({group}) failed {ATTEMPTS} times on the Dask cluster "
-                                           f"at '{address}': {type(error).__name__}: {_first_line(error)}") from None
-                    logger.warning("reference models (%s) %s: %s; sent again", group, unit, _first_line(error))
-                    if population.status != "finished":
-                        population = client.scatter([(x_population, y_population)], broadcast=True, hash=False)[0]
-                    pending[send(group, spec, train, unit)] = ((group, spec, train, unit), attempt + 1)
-                    continue
-                done.update({(group, index): blob for index, blob in zip(unit, blobs, strict=True)})
-    return done
+                except Exception as error:  # its worker died, or its data was lost with one
+                    label = jobs[index][0]
+                    if attempt + 1 >= ATTEMPTS or not _lost(future):
+                        raise ComputeError(f"task {label} failed on the Dask cluster at '{address}' (attempt "
+                                           f"{attempt + 1}): {type(error).__name__}: {_first_line(error)}") from None
+                    logger.warning("Dask task %s: %s; sent again", label, _first_line(error))
+                    if data.status != "finished":
+                        data = client.scatter([shared], broadcast=True, hash=False)[0]
+                    pending[send(index)] = (index, attempt + 1)
+    return results
+
+
+def _lost(future) -> bool:
+    """Whether a failed future failed for the cluster's sake (its worker died: the scheduler
+    cancelled it), not because its function raised (KilledWorker, a task that took down a
+    worker three times, e.g. out of memory, is not sent a fourth)."""
+    return future.status == "cancelled"

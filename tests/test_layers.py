@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     {"cli", "he_cli"}, {"review"}, {"report"}, {"summary"}, {"tracking"}, {"pyfunc_model", "pyfunc_entry"}, {"mlflow_auth"},
     {"preflight"}, {"gates"}, {"explain"}, {"audit"}, {"he"}, {"crypto"}, {"compress"}, {"trainers"}, {"sweep"}, {"cache"},
-    {"distill"}, {"dp_sgd"}, {"train"}, {"models"}, {"data"},
+    {"distill"}, {"dp_sgd"}, {"train"}, {"models"}, {"data"}, {"compute", "compute_probe"},
     {"config", "roles", "catalog", "fileio", "errors", "device", "progress"},
 ]
 RANK = {part: index for index, row in enumerate(LAYERS) for part in row}

@@ -88,6 +88,22 @@ def train_references(spec: ModelSpec, train: TrainConfig, x_population: np.ndarr
     return [save_checkpoint(model, spec, checkpoint) for model, checkpoint in zip(models, checkpoints, strict=True)]
 
 
+def train_reference_share(population: tuple[np.ndarray, np.ndarray], spec: ModelSpec, train: TrainConfig,
+                          masks: np.ndarray, seeds: list[int]) -> list[bytes]:
+    """On a Dask worker: ``train_references`` on ``population`` (x, y; scattered once to each
+    worker), one torch thread, as a local share on 2 cores trains; the checkpoints come back as
+    safetensors bytes (nothing is kept on the worker)."""
+    import tempfile
+
+    from kdsec.device import torch_threads
+
+    x_population, y_population = population
+    with tempfile.TemporaryDirectory(prefix="kdsec-reference-") as folder, torch_threads(1):
+        paths = [Path(folder) / f"{seed}.safetensors" for seed in seeds]
+        train_references(spec, train, x_population, y_population, masks, list(seeds), paths)
+        return [path.read_bytes() for path in paths]
+
+
 def true_label_probability(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     probabilities = softmax(predict_logits(model.cpu(), inputs).astype(np.float64), axis=1)
     return probabilities[np.arange(len(labels)), labels]

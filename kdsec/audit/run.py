@@ -148,7 +148,8 @@ def all_reference_checkpoints(config: PipelineConfig, bundle: DataBundle, step: 
     them, the missing ones trained as tasks on the Dask cluster at ``compute.dask_address``
     (``kdsec.compute``): the same models, bit for bit, as a local share trains, written to the
     same cache files here."""
-    from kdsec.compute import train_references_on_cluster
+    from kdsec.audit.reference import train_reference_share
+    from kdsec.compute import run_tasks
     from kdsec.fileio import write_atomic
 
     plan = {group: value for group, value in reference_plan(config, bundle).items() if groups is None or group in groups}
@@ -161,10 +162,14 @@ def all_reference_checkpoints(config: PipelineConfig, bundle: DataBundle, step: 
     if units:
         samples = audit_samples(bundle, config.seed)
         masks = reference_masks(config.audit.reference_models, len(samples.y_population), config.seed)
-        trained = train_references_on_cluster(config.compute.dask_address, config.compute.connect_timeout, units,
-                                              samples.x_population, samples.y_population, masks, config.seed, step)
-        for (group, index), blob in trained.items():
-            write_atomic(paths[group][index], blob)
+        jobs = [(f"reference-{group}", (spec, train, masks[unit], [config.seed * 1000 + index for index in unit]))
+                for group, spec, train, unit in units]
+        trained = run_tasks(config.compute.dask_address, config.compute.connect_timeout, train_reference_share,
+                            (samples.x_population, samples.y_population), jobs,
+                            step and (lambda line: step(f"reference models: {line}")))
+        for (group, _, _, unit), blobs in zip(units, trained, strict=True):
+            for index, blob in zip(unit, blobs, strict=True):
+                write_atomic(paths[group][index], blob)
     return {group: ([str(paths[group][index]) for index in indices], len(indices) - len(missing[group]))
             for group, indices in wanted.items()}
 

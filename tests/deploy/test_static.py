@@ -259,7 +259,8 @@ def test_worker_deploys_from_app_and_runs_in_data():
     server_port = _option(SERVICES["prefect-server"]["command"], "--port")
     assert worker["environment"]["PREFECT_API_URL"] == f"http://prefect-server:{server_port}/api"
     assert {name: dep["condition"] for name, dep in worker["depends_on"].items()} == {
-        "prefect-server": "service_healthy", "mlflow": "service_healthy", "provision": "service_completed_successfully"}
+        "prefect-server": "service_healthy", "mlflow": "service_healthy", "provision": "service_completed_successfully",
+        "dask-scheduler": "service_healthy"}
 
 
 # --- secrets -------------------------------------------------------------------------------------
@@ -653,3 +654,28 @@ def test_the_he_host_serves_the_champion_to_token_holders_as_natively():
     assert _interpolate(service["environment"]["MLFLOW_TRACKING_USERNAME"], SETTINGS) == SETTINGS["KDSEC_PIPELINE_USER"]
     assert service["depends_on"]["mlflow"] == {"condition": "service_healthy"}
     assert he_service.clients(SETTINGS) and he_service.url(SETTINGS).endswith(SETTINGS["KDSEC_HE_PORT"])
+
+
+def test_the_dask_cluster_is_the_native_one_and_the_worker_s_runs_use_it(tmp_path, monkeypatch):
+    """Compose's dask-scheduler and dask-worker are stack.py's dask_up(): the same port, threads,
+    memory cap and worker count from stack.env, the same image (code and locked packages), no
+    published port; the Prefect worker's runs get its address as KDSEC_DASK_ADDRESS."""
+    scheduler, worker = SERVICES["dask-scheduler"], SERVICES["dask-worker"]
+    argv = [_interpolate(part, SETTINGS) for part in scheduler["command"]]
+    assert argv[:2] == ["dask", "scheduler"] and _option(argv, "--port") == SETTINGS["KDSEC_DASK_PORT"]
+    assert "ports" not in scheduler and "ports" not in worker  # no authentication on Dask's TCP
+    argv = [_interpolate(part, SETTINGS) for part in worker["command"]]
+    assert argv[:3] == ["dask", "worker", f"tcp://dask-scheduler:{SETTINGS['KDSEC_DASK_PORT']}"]
+    assert _option(argv, "--nthreads") == SETTINGS["KDSEC_DASK_THREADS"]
+    assert _option(argv, "--memory-limit") == SETTINGS["KDSEC_DASK_MEMORY"]
+    assert _interpolate(worker["deploy"]["replicas"], SETTINGS) == SETTINGS["KDSEC_DASK_WORKERS"]
+    for service in (scheduler, worker):
+        assert service["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
+    address = _interpolate(SERVICES["worker"]["environment"]["KDSEC_DASK_ADDRESS"], SETTINGS)
+    assert address == f"tcp://dask-scheduler:{SETTINGS['KDSEC_DASK_PORT']}"
+    assert SERVICES["worker"]["depends_on"]["dask-scheduler"] == {"condition": "service_healthy"}
+    # natively: the same settings on loopback, handed to the Prefect worker's runs
+    monkeypatch.setenv("KDSEC_STACK_DIR", str(tmp_path))
+    native = stack.worker_env(SETTINGS, {stack.password_key(SETTINGS["KDSEC_PIPELINE_USER"]): "x"})
+    assert native["KDSEC_DASK_ADDRESS"] == stack.dask_address(SETTINGS) == f"tcp://127.0.0.1:{SETTINGS['KDSEC_DASK_PORT']}"
+    assert len(stack.dask_workers(SETTINGS)) == int(SETTINGS["KDSEC_DASK_WORKERS"])
