@@ -12,7 +12,7 @@ export MLFLOW_ENABLE_TELEMETRY := false
 # A first start of the temporary Prefect server (database migrations) can pass the 20 s default.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: run prefect-stop prefect-status test bench bench-gates bench-he bench-audit bench-dp-audit bench-compress bench-explain bench-full bench-he-conv sync uv clean mlflow-ui prefect-ui \
+.PHONY: run prefect-stop prefect-status test bench bench-gates bench-he bench-audit bench-dp-audit bench-compress bench-explain bench-full bench-he-conv bench-dask sync uv clean mlflow-ui prefect-ui \
 	stack-up stack-down stack-status stack-test screenshots chromium
 
 uv:
@@ -73,6 +73,11 @@ bench-he-conv: sync
 # The one-run DP audit (canaries in a DP-SGD and a plain copy of the student): ε lower bounds.
 bench-dp-audit: sync
 	$(UV) run --frozen python benchmarks/dp_audit.py $(ARGS)
+
+# compute.dask_address: 16 MNIST reference models and the HE batch of the test split on a native
+# Dask cluster of 1 worker, then 2, as ratios. ARGS="--data-root <folder with MNIST/raw>".
+bench-dask: sync
+	$(UV) run --frozen python benchmarks/dask_scale.py $(ARGS)
 
 bench-audit: sync
 	$(UV) sync --frozen --quiet --group bench

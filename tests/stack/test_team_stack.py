@@ -47,9 +47,10 @@ def team():
 
     folder = Path(tempfile.mkdtemp(prefix="kdsec-stack-test-"))
     saved = {key: os.environ.get(key) for key in ("KDSEC_STACK_DIR", "KDSEC_PG_PORT", "KDSEC_PREFECT_PORT",
-                                                   "KDSEC_MLFLOW_PORT")}
+                                                   "KDSEC_MLFLOW_PORT", "KDSEC_DASK_PORT")}
     os.environ.update(KDSEC_STACK_DIR=str(folder), KDSEC_PG_PORT=str(_free_port()),
-                      KDSEC_PREFECT_PORT=str(_free_port()), KDSEC_MLFLOW_PORT=str(_free_port()))
+                      KDSEC_PREFECT_PORT=str(_free_port()), KDSEC_MLFLOW_PORT=str(_free_port()),
+                      KDSEC_DASK_PORT=str(_free_port()))
     started = time.monotonic()
     try:
         config = stack.up()
@@ -251,6 +252,28 @@ def test_a_run_killed_mid_audit_is_closed_and_the_rerun_survives_an_mlflow_outag
         assert [v.tags["kdsec.launched_by"] for v in versions] == ["kdsec-pipeline"]  # the killed run registered none
         aliases = client.get_model_version(config["KDSEC_REGISTERED_MODEL"], versions[0].version).aliases
     assert aliases == ["candidate"]
+
+
+def test_the_worker_s_runs_train_references_and_evaluate_he_chunks_on_the_stack_s_dask_cluster(team):
+    """The runs above (the killed one trained the references, the rerun found them cached and ran
+    HE) used the stack's Dask cluster: their compute.dask_address is its scheduler, which ran
+    reference and HE-chunk tasks, on the stack's own workers."""
+    from distributed import Client
+
+    stack, config, secret = team
+    address = stack.dask_address(config)
+    with _as(stack, secret, "admin"):
+        runs = _client(stack, config).search_runs([_client(stack, config).get_experiment_by_name(
+            config["KDSEC_EXPERIMENT"]).experiment_id], "tags.`kdsec.pid` != ''")
+    assert runs and {run.data.params.get("compute.dask_address") for run in runs} == {address}
+    with Client(address, timeout=10, set_as_default=False) as client:
+        workers = sorted(info["name"] for info in client.scheduler_info()["workers"].values())
+        prefixes = client.run_on_scheduler(lambda dask_scheduler: {
+            name: sum(prefix.states.values()) + len(prefix.all_durations)
+            for name, prefix in dask_scheduler.task_prefixes.items()})
+    assert workers == stack.dask_workers(config)
+    assert {"kdsec-reference-teacher", "kdsec-reference-student", "kdsec-he-chunk"} <= set(prefixes), prefixes
+    FIGURES["Dask task prefixes"] = sorted(prefixes)
 
 
 def test_only_authenticated_reviewers_move_champion_and_never_their_own_run(team, tmp_path):
