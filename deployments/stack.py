@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import he_service  # the HE host (deployments/he_service.py); it imports this module back lazily
+from dask_service import dask_address, dask_up, dask_workers  # the Dask cluster; it imports this module back lazily
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the project's environment: prefect, mlflow, kdsec
@@ -427,47 +428,6 @@ def provision(config: dict[str, str], secret: dict[str, str], mlflow_url: str | 
         for user in reviewers(config):
             if not any(r.id == role.id for r in auth.list_user_roles(user)):
                 auth.assign_role(user, role.id)
-
-
-def dask_address(config: dict[str, str]) -> str:
-    return f"tcp://127.0.0.1:{config['KDSEC_DASK_PORT']}"
-
-
-def dask_workers(config: dict[str, str]) -> list[str]:
-    return [f"dask-worker-{index}" for index in range(int(config["KDSEC_DASK_WORKERS"]))]
-
-
-def dask_up(config: dict[str, str], secret: dict[str, str]) -> None:
-    """A Dask scheduler on loopback and ``KDSEC_DASK_WORKERS`` workers (each under a nanny that
-    restarts it if it dies), all of this environment, so they run the project's code and locked
-    packages; up once the scheduler counts them all."""
-    address, env = dask_address(config), {**base_env(), "PYTHONPATH": str(ROOT)}
-    if running("dask-scheduler") is None:
-        spawn("dask-scheduler", [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
-                                 config["KDSEC_DASK_PORT"], "--no-dashboard"], env, "dask scheduler")
-    for name in dask_workers(config):
-        if running(name) is None:
-            folder = state_dir() / "dask" / name
-            folder.mkdir(parents=True, exist_ok=True)
-            spawn(name, [str(BIN / "dask"), "worker", address, "--name", name, "--nthreads", config["KDSEC_DASK_THREADS"],
-                         "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", config["KDSEC_DASK_MEMORY"],
-                         "--local-directory", str(folder)], env, f"--name {name}")
-    from distributed import Client
-
-    deadline = time.monotonic() + 90
-    while True:
-        for name in ("dask-scheduler", *dask_workers(config)):
-            if running(name) is None:
-                raise StackError(f"{name} exited during start-up; see {_log(name)}: {_tail(name)}")
-        try:
-            with Client(address, timeout=10, set_as_default=False) as client:
-                client.wait_for_workers(len(dask_workers(config)), timeout=max(1.0, deadline - time.monotonic()))
-            return
-        except (OSError, TimeoutError) as exc:
-            if time.monotonic() > deadline:
-                raise StackError(f"the Dask cluster at {address} did not count {len(dask_workers(config))} workers "
-                                 f"within 90 s ({exc}); see {_log('dask-scheduler')}") from None
-            time.sleep(0.5)
 
 
 def worker_env(config: dict[str, str], secret: dict[str, str]) -> dict[str, str]:

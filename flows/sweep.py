@@ -58,7 +58,7 @@ def kd_sweep(config: PipelineConfig, bundle: DataBundle, signals: dict[str, str]
 def _members_here(config: PipelineConfig, bundle: DataBundle, members: list, signals: dict[str, str],
                   out_dir: Path) -> list[tuple[TrainedModel, MemberResult]]:
     threads = 0
-    if config.sweep.task_runner == "dask" and not config.sweep.dask_address:
+    if config.sweep.task_runner == "dask":  # a local cluster: its worker processes share the cores
         threads = max(1, (os.cpu_count() or 1) // config.sweep.max_workers)
     futures = [distill_member_task.submit(config, bundle, member,
                                           signals[signals_key(member.apply(config).distill)],
