@@ -161,7 +161,7 @@ def run_tasks(address: str, timeout: float, function, shared: object, jobs: list
                     raise
                 except Exception as error:  # its worker died, or its data was lost with one
                     label = jobs[index][0]
-                    if attempt + 1 >= ATTEMPTS or not _lost(future):
+                    if attempt + 1 >= ATTEMPTS or not lost(future):
                         raise ComputeError(f"task {label} failed on the Dask cluster at '{address}' (attempt "
                                            f"{attempt + 1}): {type(error).__name__}: {_first_line(error)}") from None
                     logger.warning("Dask task %s: %s; sent again", label, _first_line(error))
@@ -171,7 +171,7 @@ def run_tasks(address: str, timeout: float, function, shared: object, jobs: list
     return results
 
 
-def _lost(future) -> bool:
+def lost(future) -> bool:
     """Whether a failed future failed for the cluster's sake (its worker died: the scheduler
     cancelled it), not because its function raised (KilledWorker, a task that took down a
     worker three times, e.g. out of memory, is not sent a fourth)."""

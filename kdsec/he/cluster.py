@@ -17,13 +17,12 @@ from collections import OrderedDict
 
 import numpy as np
 
-from kdsec.compute import ComputeError, cluster, first_done, task_key, worker_threads
+from kdsec.compute import ATTEMPTS, ComputeError, cluster, first_done, lost, task_key, worker_threads
 from kdsec.errors import KdsecError
 from kdsec.he.batched import GROUPS, BatchedServer
 from kdsec.he.ops import Op
 from kdsec.he.seal import KeyHolder, PublicContext
 
-ATTEMPTS = 3
 _SERVERS: OrderedDict[str, BatchedServer] = OrderedDict()  # on a worker: context digest → its host, 2 at most
 _SERVERS_LOCK = threading.Lock()
 
@@ -86,7 +85,7 @@ def cluster_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requir
                 except KdsecError:
                     raise
                 except Exception as error:  # its worker died, or its ciphertexts were lost with one
-                    if attempt + 1 >= ATTEMPTS:
+                    if attempt + 1 >= ATTEMPTS or not lost(future):  # as run_tasks: a raised error is not retried
                         raise ComputeError(f"HE chunk {index} failed {ATTEMPTS} times on the Dask cluster at "
                                            f"'{address}': {type(error).__name__}: {str(error)[:200]}") from None
                     send(index, payloads, attempt + 1)
