@@ -109,15 +109,19 @@ def worker_threads(client) -> int:
     return max(1, sum(client.nthreads().values()))
 
 
-def first_done(futures) -> list:
+def first_done(futures, stop=None) -> list:
     """Block until one of the Dask ``futures`` is done (finished, failed or cancelled); the done
-    ones. (``distributed.wait`` needs a default client; ours are never the default.)"""
+    ones. (``distributed.wait`` needs a default client; ours are never the default.) ``stop``:
+    asked each second while none is done; the futures it returns (not done: e.g. their worker
+    left) are returned instead."""
     import threading
 
     ready = threading.Event()
     for future in futures:
         future.add_done_callback(lambda _: ready.set())
     while not (done := [future for future in futures if future.done()]):
+        if stop is not None and (stopped := stop()):
+            return stopped
         ready.wait(1.0)
     return done
 

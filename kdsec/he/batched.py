@@ -313,9 +313,11 @@ def _parallel_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requ
                     inputs: np.ndarray, chunks: list[slice], workers: int, advance, finished: list) -> list:
     """The batched round trip with ``workers`` host processes: each chunk goes to one host in
     ``GROUPS`` messages of its features, so the host sums the first layer's products while the
-    client encrypts the next group; chunks go to the hosts in turn (a host's previous reply is
-    collected before it gets another chunk: at most ``workers`` chunks in flight, so memory stays
-    that many chunks' ciphertexts); the client decrypts each reply."""
+    client encrypts the next group; chunks go to the hosts in waves of one per host, the wave's
+    groups encrypted in turn (group 1 of every chunk, then group 2, ...), so every host starts on
+    its first group while the client encrypts the rest; a host's previous reply is collected
+    before it gets another chunk: at most ``workers`` chunks in flight, so memory stays that many
+    chunks' ciphertexts. The client decrypts each reply."""
     from multiprocessing import get_context
 
     context = get_context("spawn")  # the pipeline runs tasks in threads: a forked copy could deadlock
@@ -347,20 +349,23 @@ def _parallel_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requ
             hosts.append((process, ours))
             handshakes.append(threading.Thread(target=_hand_over, args=(ours, (context_bytes, ops)), daemon=True))
             handshakes[-1].start()
-        for index, chunk in enumerate(chunks):
-            host = index % workers
-            if host in busy:
-                collect(host)
-            features = inputs[chunk].reshape(chunk.stop - chunk.start, -1).astype(np.float64)
-            sent = 0
+        for first in range(0, len(chunks), workers):  # a wave: a chunk per host, their groups in turn
+            wave = range(first, min(first + workers, len(chunks)))
+            features = [inputs[chunks[index]].reshape(-1, inputs[0].size).astype(np.float64) for index in wave]
+            sent = dict.fromkeys(wave, 0)
             for number, group in enumerate(groups):
-                payload = holder.encrypt_bundle([features[:, i] for i in group])
-                if number == 0:
-                    handshakes[host].join()  # one writer at a time on a pipe
-                hosts[host][1].send(payload)
-                sent += len(payload)
-            hosts[host][1].send("finish")
-            busy[host] = (index, sent)
+                for index, values in zip(wave, features, strict=True):
+                    host = index % workers
+                    payload = holder.encrypt_bundle([values[:, i] for i in group])
+                    if number == 0:
+                        if host in busy:  # its last reply first: it cannot read while its reply waits
+                            collect(host)
+                        handshakes[host].join()  # one writer at a time on a pipe
+                    hosts[host][1].send(payload)
+                    sent[index] += len(payload)
+            for index in wave:
+                hosts[index % workers][1].send("finish")
+                busy[index % workers] = (index, sent[index])
         for host in sorted(busy, key=lambda h: busy[h][0]):
             collect(host)
     except (BrokenPipeError, ConnectionResetError) as error:
