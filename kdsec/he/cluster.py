@@ -146,7 +146,9 @@ def cluster_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requir
             if direct[0]:
                 try:
                     return client.scatter([payload], workers=[chunk.target], direct=True, hash=False)[0]
-                except (OSError, TimeoutError) as error:
+                except (OSError, TimeoutError) as error:  # CommClosedError is an OSError
+                    if chunk.target not in client.nthreads():
+                        raise _Gone(chunk.target) from None
                     direct[0] = False
                     logger.warning("HE chunks: this client cannot reach Dask worker %s (%s); sending through "
                                    "the scheduler", chunk.target, type(error).__name__)

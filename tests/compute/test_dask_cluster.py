@@ -158,6 +158,42 @@ def test_a_killed_worker_s_reference_models_are_trained_again_elsewhere(digits, 
         cluster.stop()
 
 
+def test_a_killed_worker_s_he_chunk_is_sent_again_elsewhere(digits, tmp_path, caplog):
+    from distributed import Client
+
+    from kdsec.he import encrypted_input, he_ops
+    from kdsec.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    ops = he_ops(build_model(ModelSpec("he_mlp", (1, 8, 8), 10, {"hidden": [16]})))
+    inputs = np.concatenate([digits.x_test] * 60)[:20000]  # 5 chunks of a 4,096-slot ring
+    config = HEConfig(host_workers=1)
+    local_logits, _ = encrypted_input.run_encrypted_input(ops, inputs, config, "batched")
+    cluster = start_cluster(tmp_path / "dask")
+    try:
+        outcome: dict = {}
+        runner = threading.Thread(target=lambda: outcome.update(zip(("logits", "run"), encrypted_input.run_encrypted_input(
+            ops, inputs, config, "batched", cluster=(cluster.address, 10.0)))))
+        runner.start()
+        with Client(cluster.address, set_as_default=False) as client:
+            victim = next(address for address, info in client.scheduler_info()["workers"].items()
+                          if info["name"] == "worker-0")
+            deadline = time.monotonic() + 120
+            while not any(str(key).startswith("kdsec-he-chunk") for key in client.processing().get(victim, ())):
+                assert time.monotonic() < deadline and runner.is_alive(), "no HE chunk reached worker-0"
+                time.sleep(0.02)
+            cluster.kill("worker-0")  # mid-chunk: its ciphertexts and the chunk's state go with it
+            runner.join(timeout=300)
+            assert not runner.is_alive()
+            assert list(client.scheduler_info()["workers"]) != [victim] and len(client.scheduler_info()["workers"]) == 1
+        assert any("sent again" in record.getMessage() for record in caplog.records if record.name == "kdsec")
+        assert outcome["run"].samples == 20000 and outcome["run"].agreement == 1.0
+        assert np.array_equal(outcome["logits"].argmax(1), local_logits.argmax(1))
+        assert np.abs(outcome["logits"] - local_logits).max() < 1e-3
+    finally:
+        cluster.stop()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
