@@ -133,6 +133,8 @@ def cluster_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requir
                                        f"'{address}': {why[:200]}")
                 logger.warning("HE chunk %d: %s; sent again", chunk.index, why[:200])
             threads = client.nthreads()
+            if not threads:
+                raise ComputeError(f"HE chunk {chunk.index}: no Dask workers left at '{address}'")
             load = dict.fromkeys(threads, 0)
             for other in [*pending.values(), *(other for other in wave if other is not chunk and other.target)]:
                 load[other.target] = load.get(other.target, 0) + 1
