@@ -76,6 +76,12 @@ class _Holders:
         return self.holders[params, args]
 
 
+def _forget_contexts() -> None:
+    from kdsec.he import cluster
+
+    cluster._SERVERS.clear()
+
+
 def he_batch(config_path: str, overrides: list[str], address: str | None, holders: _Holders | None = None):
     """The preset's student (weights do not change the cost) on the whole test split; with
     ``holders``, ciphertexts encrypted beforehand (``_Holders``)."""
@@ -100,6 +106,11 @@ def he_batch(config_path: str, overrides: list[str], address: str | None, holder
         if holders is not None:  # the first run encrypts
             run_encrypted_input(ops, inputs, config.encrypt.he, "batched",
                                 cluster=(address, 30.0) if address else None)
+            if address:  # and the workers load the public context again, as in the other run
+                from kdsec.compute import cluster
+
+                with cluster(address) as client:
+                    client.run(_forget_contexts)
         started = time.perf_counter()
         logits, run = run_encrypted_input(ops, inputs, config.encrypt.he, "batched",
                                           cluster=(address, 30.0) if address else None)
@@ -231,9 +242,11 @@ def main() -> None:
           f"alone); {chunks} chunks:")
     print(f"  1 worker  >= {chunks} x {host:.2f} = {chunks * host:.1f} s (it evaluates every chunk)")
     floor = chunks * (encrypt + host) / cores
-    print(f"  2 workers >= ({chunks} x {encrypt:.2f} + {chunks} x {host:.2f}) / {cores} cores = {floor:.1f} s "
+    print(f"  {max(args.workers)} workers >= ({chunks} x {encrypt:.2f} + {chunks} x {host:.2f}) / {cores} cores = "
+          f"{floor:.1f} s "
           f"(all the work on {cores} cores): {floor / (chunks * host):.2f} x the 1-worker floor")
-    print(f"\nreference checkpoints identical across worker counts: {same}")
+    if not args.he_only:
+        print(f"\nreference checkpoints identical across worker counts: {same}")
     print(f"HE: ciphertext bytes in per chunk {rows[-1][3].ciphertext_bytes_in / max(1, -(-local_run.samples // 8192)):,.0f}, "
           f"out {rows[-1][3].ciphertext_bytes_out:,}; public context {rows[-1][3].public_context_bytes:,} (once per worker)")
     print(f"client peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")

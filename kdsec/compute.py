@@ -17,7 +17,9 @@ DaskTaskRunner, pointed at the same scheduler (``flows.sweep``), their data scat
 
 Workers need no shared storage: tasks get their inputs as scattered data and return bytes
 (checkpoints, ciphertexts) that this process writes. A dead worker's tasks run again elsewhere
-(the scheduler reassigns them; scattered data is on every worker, ``broadcast``).
+(the scheduler reassigns them; scattered data is on every worker, ``broadcast``; ``run_tasks``
+sends again what was cancelled with it). An HE chunk keeps state on its one worker: the client
+sends the whole chunk again to another (``kdsec.he.cluster``).
 """
 
 from __future__ import annotations

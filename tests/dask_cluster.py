@@ -69,17 +69,20 @@ class NativeCluster:
         process.wait(timeout=30)
 
     def stop(self) -> None:
-        for process in [*self.workers.values(), self.scheduler]:
-            if process is not None and process.poll() is None:
-                process.terminate()
-        for process in [*self.workers.values(), self.scheduler]:
-            if process is None:
-                continue
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        """The workers first (a worker closing says goodbye to its scheduler, and waits for it if it
+        is gone already), then the scheduler; SIGKILL for any that has not ended within 20 s."""
+        for group in [list(self.workers.values()), [self.scheduler]]:
+            for process in group:
+                if process is not None and process.poll() is None:
+                    process.terminate()
+            for process in group:
+                if process is None:
+                    continue
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=10)
 
 
 def start_cluster(folder: Path, workers: int = 2, env: dict[str, str] | None = None) -> NativeCluster:

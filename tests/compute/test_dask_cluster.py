@@ -95,12 +95,46 @@ def test_he_chunks_on_the_cluster_agree_and_no_worker_ever_holds_the_secret_key(
         assert not run.host_had_secret_key
         assert sum(map(len, blobs)) > run.ciphertext_bytes_in  # every chunk's ciphertexts were seen
         assert not holders[-1].secret_key_in(*blobs)
+        assert set(chunk_states(client).values()) == {0}  # each chunk's state dropped by its finish
         # the recorder would have seen it: scattered, the secret key is found at once
         client.scatter([scratch().dump(holders[-1]._secret_key)], broadcast=True)
         deadline = time.monotonic() + 10
         while not holders[-1].secret_key_in(*recorded(client)):
             assert time.monotonic() < deadline, "a scattered secret key went unrecorded"
             time.sleep(0.1)
+
+
+def chunk_states(client) -> dict:
+    """Each worker's count of HE chunk states held."""
+    return client.run(lambda: len(__import__("kdsec.he.cluster", fromlist=["_STREAMS"])._STREAMS))
+
+
+def test_a_failed_he_run_leaves_no_chunk_state_on_the_workers(dask_cluster, digits, monkeypatch):
+    from distributed import Client
+
+    from kdsec.he import encrypted_input, he_ops
+    from kdsec.he.seal import KeyHolder
+    from kdsec.models import ModelSpec, build_model
+
+    bundles = []
+
+    class Failing(KeyHolder):  # the client fails after 5 groups: chunks 0 and 1 begun on the workers
+        def encrypt_bundle(self, rows) -> bytes:
+            bundles.append(len(rows))
+            if len(bundles) == 6:
+                raise RuntimeError("the client failed mid-chunk")
+            return super().encrypt_bundle(rows)
+
+    monkeypatch.setattr(encrypted_input, "KeyHolder", Failing)
+    torch.manual_seed(0)
+    ops = he_ops(build_model(ModelSpec("he_mlp", (1, 8, 8), 10, {"hidden": [16]})))
+    inputs = np.concatenate([digits.x_test] * 30)[:9000]
+    with pytest.raises(RuntimeError, match="mid-chunk"):
+        encrypted_input.run_encrypted_input(ops, inputs, HEConfig(host_workers=1), "batched",
+                                            cluster=(dask_cluster.address, 10.0))
+    with Client(dask_cluster.address, set_as_default=False) as client:
+        time.sleep(1.0)  # a group task already queued runs, and begins nothing: its run ended
+        assert set(chunk_states(client).values()) == {0}
 
 
 def test_sweep_members_run_on_the_cluster_from_scattered_data(dask_cluster, digits, tmp_path, monkeypatch):
@@ -172,8 +206,15 @@ def test_a_killed_worker_s_he_chunk_is_sent_again_elsewhere(digits, tmp_path, ca
     cluster = start_cluster(tmp_path / "dask")
     try:
         outcome: dict = {}
-        runner = threading.Thread(target=lambda: outcome.update(zip(("logits", "run"), encrypted_input.run_encrypted_input(
-            ops, inputs, config, "batched", cluster=(cluster.address, 10.0)))))
+
+        def run() -> None:
+            try:
+                outcome["logits"], outcome["run"] = encrypted_input.run_encrypted_input(
+                    ops, inputs, config, "batched", cluster=(cluster.address, 10.0))
+            except Exception as error:  # shown by the test, not lost in the thread
+                outcome["error"] = error
+
+        runner = threading.Thread(target=run)
         runner.start()
         with Client(cluster.address, set_as_default=False) as client:
             victim = next(address for address, info in client.scheduler_info()["workers"].items()
@@ -186,6 +227,7 @@ def test_a_killed_worker_s_he_chunk_is_sent_again_elsewhere(digits, tmp_path, ca
             runner.join(timeout=300)
             assert not runner.is_alive()
             assert list(client.scheduler_info()["workers"]) != [victim] and len(client.scheduler_info()["workers"]) == 1
+        assert "error" not in outcome, outcome.get("error")
         assert any("sent again" in record.getMessage() for record in caplog.records if record.name == "kdsec")
         assert outcome["run"].samples == 20000 and outcome["run"].agreement == 1.0
         assert np.array_equal(outcome["logits"].argmax(1), local_logits.argmax(1))
