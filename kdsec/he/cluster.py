@@ -117,7 +117,7 @@ def drop_streams(run: str) -> int:
     be queued or running). How many there were."""
     with _LOCK:
         _ENDED.append(run)
-        keys = [key for key in _STREAMS if key.startswith(run)]
+        keys = [key for key in _STREAMS if key.startswith(f"{run}-")]
         for key in keys:
             del _STREAMS[key]
     return len(keys)
@@ -161,6 +161,7 @@ def cluster_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requir
 
 def _stream_chunks(client, run: str, digest: str, holder: KeyHolder, context_bytes: bytes, ops: list[Op],
                    groups: list, inputs: np.ndarray, chunks: list[slice], address: str, advance) -> list:
+    """``cluster_hosts``' work on a connected ``client``; this run's keys begin with ``run``."""
     results: list = [None] * len(chunks)
     width = worker_threads(client)
     shared = client.scatter([context_bytes, ops], broadcast=True, hash=False)
