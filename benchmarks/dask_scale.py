@@ -82,14 +82,13 @@ def _forget_contexts() -> None:
     cluster._SERVERS.clear()
 
 
-def he_batch(config_path: str, overrides: list[str], address: str | None, holders: _Holders | None = None):
-    """The preset's student (weights do not change the cost) on the whole test split; with
-    ``holders``, ciphertexts encrypted beforehand (``_Holders``)."""
+def preset_program(config_path: str, overrides: list[str]):
+    """The preset's student (weights do not change the cost) as an HE program, and its whole
+    test split as the program's inputs: (config, ops, inputs)."""
     import torch
 
     from kdsec.config import load_config
     from kdsec.data import prepare_data
-    from kdsec.he.encrypted_input import run_encrypted_input
     from kdsec.he.program import he_program
     from kdsec.models import build_model
     from kdsec.trainers import student_spec
@@ -98,8 +97,16 @@ def he_batch(config_path: str, overrides: list[str], address: str | None, holder
     bundle = prepare_data(config.data)
     torch.manual_seed(0)
     preprocess, ops = he_program(build_model(student_spec(config, bundle)).eval())
-    inputs = preprocess(bundle.x_test)
+    return config, ops, preprocess(bundle.x_test)
+
+
+def he_batch(config_path: str, overrides: list[str], address: str | None, holders: _Holders | None = None):
+    """The HE batch of ``preset_program``; with ``holders``, ciphertexts encrypted beforehand
+    (``_Holders``)."""
     from kdsec.he import encrypted_input
+    from kdsec.he.encrypted_input import run_encrypted_input
+
+    config, ops, inputs = preset_program(config_path, overrides)
 
     plain, encrypted_input.KeyHolder = encrypted_input.KeyHolder, holders or encrypted_input.KeyHolder
     try:
@@ -123,22 +130,12 @@ def he_chunk_costs(config_path: str, overrides: list[str]) -> tuple[int, float, 
     """One full chunk of the test split, on one core here: (chunks in the split, the client's
     seconds to encrypt a chunk, a host's seconds to load and evaluate it). The floor below which
     no worker count goes on this machine rests on these."""
-    import torch
     from threadpoolctl import threadpool_limits
 
-    from kdsec.config import load_config
-    from kdsec.data import prepare_data
-    from kdsec.he.batched import GROUPS, BatchedServer
-    from kdsec.he.program import he_program
+    from kdsec.he.batched import BatchedServer, feature_groups
     from kdsec.he.seal import KeyHolder, PublicContext
-    from kdsec.models import build_model
-    from kdsec.trainers import student_spec
 
-    config = load_config(config_path, overrides)
-    bundle = prepare_data(config.data)
-    torch.manual_seed(0)
-    preprocess, ops = he_program(build_model(student_spec(config, bundle)).eval())
-    inputs = preprocess(bundle.x_test)
+    config, ops, inputs = preset_program(config_path, overrides)
     params = BatchedServer.params(ops, config.encrypt.he)
     required = BatchedServer.required_inputs(ops)
     holder = KeyHolder(params)
@@ -147,7 +144,7 @@ def he_chunk_costs(config_path: str, overrides: list[str]) -> tuple[int, float, 
     with threadpool_limits(1):
         started = time.perf_counter()
         payloads = [holder.encrypt_bundle([features[:, i] for i in group])
-                    for group in np.array_split(np.asarray(required), GROUPS)]
+                    for group in feature_groups(required)]
         encrypt = time.perf_counter() - started
         started = time.perf_counter()
         stream = server.stream()
@@ -247,7 +244,7 @@ def main() -> None:
           f"(all the work on {cores} cores): {floor / (chunks * host):.2f} x the 1-worker floor")
     if not args.he_only:
         print(f"\nreference checkpoints identical across worker counts: {same}")
-    print(f"HE: ciphertext bytes in per chunk {rows[-1][3].ciphertext_bytes_in / max(1, -(-local_run.samples // 8192)):,.0f}, "
+    print(f"HE: ciphertext bytes in per chunk {rows[-1][3].ciphertext_bytes_in / chunks:,.0f}, "
           f"out {rows[-1][3].ciphertext_bytes_out:,}; public context {rows[-1][3].public_context_bytes:,} (once per worker)")
     print(f"client peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 

@@ -251,6 +251,12 @@ def host_workers(config: HEConfig, chunks: int) -> int:
 GROUPS = 4  # messages a chunk's features travel in: a host starts on the first while its client encrypts the rest
 
 
+def feature_groups(required: list[int]) -> list[np.ndarray]:
+    """The required input features (``BatchedServer.required_inputs``) in the ``GROUPS``
+    contiguous groups a chunk travels in, in order."""
+    return [group for group in np.array_split(np.asarray(required), min(GROUPS, len(required))) if len(group)]
+
+
 class HostDied(KdsecError):
     """A host process ended without answering (it could not start, or was killed)."""
 
@@ -324,7 +330,7 @@ def _parallel_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requ
     hosts = []
     results: list = [None] * len(chunks)
     busy: dict[int, tuple[int, int]] = {}  # host → (chunk, bytes sent)
-    groups = [group for group in np.array_split(np.asarray(required), min(GROUPS, len(required))) if len(group)]
+    groups = feature_groups(required)
 
     def collect(host: int) -> None:
         index, sent = busy.pop(host)

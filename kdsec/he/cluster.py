@@ -32,7 +32,7 @@ import numpy as np
 
 from kdsec.compute import ATTEMPTS, ComputeError, cluster, first_done, lost, task_key, worker_threads
 from kdsec.errors import KdsecError
-from kdsec.he.batched import GROUPS, BatchedServer, BatchedStream
+from kdsec.he.batched import BatchedServer, BatchedStream, feature_groups
 from kdsec.he.ops import Op
 from kdsec.he.seal import KeyHolder, PublicContext
 
@@ -146,7 +146,7 @@ def cluster_hosts(holder: KeyHolder, context_bytes: bytes, ops: list[Op], requir
     """The batched round trip with the cluster's workers as hosts; per chunk (logits, host
     seconds, bytes sent, bytes received), in chunk order."""
     digest = hashlib.sha256(context_bytes).hexdigest()
-    groups = [group for group in np.array_split(np.asarray(required), min(GROUPS, len(required))) if len(group)]
+    groups = feature_groups(required)
     run = task_key("he-chunk")  # the stem of this run's task keys and chunk states
     with cluster(address, timeout) as client:
         try:
